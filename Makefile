@@ -1,0 +1,47 @@
+# Two commands set everything up on a fresh machine (Python 3.11):
+#   make demo   virtualenv + install + the main job on the bundled flights, local runner
+#   make test   virtualenv + emulators (started by the test fixtures) + the whole suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BQ_VENV ?= .venv-bqemu
+OUT ?= out/demo
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.installed
+BQ_STAMP := $(BQ_VENV)/.installed
+
+.PHONY: demo test test-fast lint bench clean venv bqemulator
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt -c constraints.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+# The BigQuery emulator lives in its own virtualenv: its dependencies would move Beam's.
+bqemulator: $(BQ_STAMP)
+
+$(BQ_STAMP): scripts/setup_bqemulator.sh
+	PYTHON=$(PYTHON) bash scripts/setup_bqemulator.sh $(BQ_VENV)
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/skewless prepare --output_dir $(OUT)
+
+test: $(STAMP) $(BQ_STAMP)
+	BQ_EMULATOR_VENV=$(abspath $(BQ_VENV)) $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/prepare.py
+
+clean:
+	rm -rf $(VENV) $(BQ_VENV) out .pytest_cache
