@@ -1,0 +1,86 @@
+"""Shared wiring for the job modules: option parsing with a complete --help, runner defaults."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+    WorkerOptions,
+)
+
+BEAM_OPTION_GROUPS = (StandardOptions, GoogleCloudOptions, WorkerOptions, DirectOptions, SetupOptions)
+LOCAL_BATCH_RUNNER = "FnApiRunner"
+
+
+def help_parser(prog: str, description: str, job_options: type[PipelineOptions]) -> argparse.ArgumentParser:
+    """An argparse parser listing the job's own options and the usual Beam options, for --help."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Any other Apache Beam pipeline option is accepted and passed to the runner.",
+    )
+    job_options._add_argparse_args(parser.add_argument_group("job options"))
+    for group in BEAM_OPTION_GROUPS:
+        try:
+            group._add_argparse_args(parser.add_argument_group(f"Beam {group.__name__}"))
+        except (argparse.ArgumentError, TypeError, AttributeError):
+            continue  # an option group that cannot render in plain argparse; still accepted
+    return parser
+
+
+def parse_options(
+    job_options: type[PipelineOptions],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    default_runner: str | None = LOCAL_BATCH_RUNNER,
+) -> PipelineOptions:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        help_parser(prog, description, job_options).print_help()
+        raise SystemExit(0)
+    options = PipelineOptions(argv)
+    job = options.view_as(job_options)
+    missing = [
+        a.dest for a in _required_actions(job_options) if getattr(job, a.dest, None) in (None, "")
+    ]
+    if missing:
+        raise SystemExit(f"{prog}: missing required option(s): " + ", ".join(f"--{m}" for m in missing))
+    std = options.view_as(StandardOptions)
+    if std.runner is None and default_runner:
+        # The DirectRunner first tries to download the Prism binary, which fails offline.
+        std.runner = default_runner
+    return options
+
+
+def _required_actions(job_options: type[PipelineOptions]):
+    parser = argparse.ArgumentParser(add_help=False)
+    job_options._add_argparse_args(parser)
+    return [a for a in parser._actions if getattr(a, "required", False)]
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def metric_counters(result, namespace: str = "skewless") -> dict[str, int]:
+    """Committed (or attempted) counter values of a finished pipeline, by name."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    out: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + int(value or 0)
+    return out

@@ -1,0 +1,306 @@
+"""The prepare job (batch): raw events -> point-in-time-correct examples -> tf.Transform -> TFRecords."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+from apache_beam.pvalue import TaggedOutput
+
+from beam_pipelines.common import configure_logging, metric_counters, parse_options
+from beam_pipelines.io.files import ReadRawFiles, check_input
+from beam_pipelines.io.sinks import WriteDeadLetters, WriteFeaturesParquet, WriteTFRecords
+from transforms.aggregations import AsOfJoin, ComputeAggregates
+from transforms.example_schema import (
+    examples_to_record_batch,
+    features_arrow_schema,
+    tft_tensor_adapter_config,
+    to_tft_record_batch,
+)
+from transforms.featureset import FeatureSet, load_feature_set
+from transforms.validation import ValidateRecords, to_epoch_ms
+
+LOG = logging.getLogger("skewless.prepare")
+DESCRIPTION = (
+    "Batch job: read raw events (files or BigQuery), validate them, compute point-in-time-correct "
+    "windowed aggregates, analyze and apply the tf.Transform preprocessing_fn, and write "
+    "features/ (Parquet), train/ and eval/ (gzip TFRecords), transform/, dead_letters/ and "
+    "summary.json under --output_dir."
+)
+
+
+class PrepareOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_dir", help="Local or gs:// directory for every output (required)."
+        )
+        parser.add_argument(
+            "--input",
+            help="Local or gs:// path or glob of CSV (.csv, .csv.gz, .zip), Parquet or JSON-lines "
+            "files. Default: the bundled input of the feature set (all 336,776 NYC flights of 2013).",
+        )
+        parser.add_argument(
+            "--input_format", choices=("csv", "parquet", "jsonl"), help="Override format detection."
+        )
+        parser.add_argument(
+            "--bigquery_table", help="Read this table (project.dataset.table) instead of files."
+        )
+        parser.add_argument(
+            "--bigquery_query",
+            help="Read the result of this GoogleSQL query; reference values as @name parameters.",
+        )
+        parser.add_argument(
+            "--bigquery_query_param",
+            action="append",
+            default=[],
+            help="A query parameter NAME=TYPE:VALUE (e.g. origin=STRING:JFK); repeatable.",
+        )
+        parser.add_argument(
+            "--bigquery_project", help="Project that runs the query/read session (default --project)."
+        )
+        parser.add_argument("--bigquery_endpoint", help="BigQuery REST endpoint override (emulators).")
+        parser.add_argument(
+            "--bigquery_storage_endpoint", help="BigQuery Storage Read gRPC host:port (emulators)."
+        )
+        parser.add_argument(
+            "--feature_set",
+            default="flights",
+            help="The feature set: 'flights' (bundled) or package.module:NAME.",
+        )
+        parser.add_argument(
+            "--eval_start",
+            help="Time split: examples with event time at or after this ISO-8601 instant go to "
+            "eval/. Default: the feature set's default_eval_start (flights: 2013-11-01), else a "
+            "hashed split.",
+        )
+        parser.add_argument(
+            "--eval_fraction",
+            type=float,
+            help="Hashed split: this fraction of examples (by a stable hash of the example key) "
+            "goes to eval/. Overrides the time split.",
+        )
+
+
+@dataclass(frozen=True)
+class Split:
+    """A deterministic train/eval split: by event time, or by a stable hash of the example key."""
+
+    eval_start_ms: int | None = None
+    eval_fraction: float | None = None
+    key_fields: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, fs: FeatureSet, eval_start: str | None, eval_fraction: float | None):
+        key_fields = tuple(fs.extra.get("example_key", ())) or tuple(
+            f.name for f in fs.example_fields if f.name != fs.label
+        )
+        if eval_fraction is not None:
+            if not 0.0 <= eval_fraction <= 1.0:
+                raise ValueError(f"--eval_fraction must be in [0, 1], got {eval_fraction}")
+            return cls(eval_fraction=eval_fraction, key_fields=key_fields)
+        eval_start = eval_start or fs.extra.get("default_eval_start")
+        if eval_start:
+            return cls(eval_start_ms=to_epoch_ms(eval_start), key_fields=key_fields)
+        return cls(eval_fraction=0.2, key_fields=key_fields)
+
+    def is_eval(self, fs: FeatureSet, batch: pa.RecordBatch) -> pa.Array:
+        if self.eval_start_ms is not None:
+            times = batch.column(fs.event_time).cast(pa.int64())
+            return pc.greater_equal(times, self.eval_start_ms)
+        cols = [batch.column(k).to_pylist() for k in self.key_fields]
+        threshold = int(self.eval_fraction * 10_000)
+        # crc32 of the key: the same example lands in the same split in every run and process.
+        return pa.array(
+            [zlib.crc32(repr(key).encode()) % 10_000 < threshold for key in zip(*cols, strict=True)]
+        )
+
+    def describe(self) -> dict:
+        if self.eval_start_ms is not None:
+            start = dt.datetime.fromtimestamp(self.eval_start_ms / 1000, dt.UTC).isoformat()
+            return {"mode": "time", "eval_start": start}
+        return {"mode": "hash", "eval_fraction": self.eval_fraction, "key": list(self.key_fields)}
+
+
+class _SplitBatch(beam.DoFn):
+    def __init__(self, fs: FeatureSet, split: Split):
+        self.fs = fs
+        self.split = split
+
+    def process(self, batch: pa.RecordBatch):
+        is_eval = self.split.is_eval(self.fs, batch)
+        train = batch.filter(pc.invert(is_eval))
+        evaluation = batch.filter(is_eval)
+        if train.num_rows:
+            yield train
+        if evaluation.num_rows:
+            yield TaggedOutput("eval", evaluation)
+
+
+class BuildExamples(beam.PTransform):
+    """Typed events -> flat RecordBatches of examples with their as-of aggregates.
+
+    The heart of prepare and of batch scoring: the same aggregate transform as the streaming
+    job, then the point-in-time join, then columnar batches for the writers and tf.Transform.
+    """
+
+    def __init__(self, fs: FeatureSet, batch_size: int = 8192):
+        super().__init__()
+        self.fs = fs
+        self.batch_size = batch_size
+
+    def expand(self, events):
+        fs = self.fs
+        blocks = events | "Aggregate" >> ComputeAggregates(fs)
+        examples = events | "Examples" >> beam.Filter(lambda e, label: e.get(label) is not None, fs.label)
+        return (
+            (examples, blocks)
+            | "AsOfJoin" >> AsOfJoin(fs)
+            | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
+            | "ToArrow" >> beam.Map(lambda rows: examples_to_record_batch(fs, rows))
+        )
+
+
+def read_source(opts: PrepareOptions, fs: FeatureSet) -> beam.PTransform:
+    """The raw-record source named by the options (files by default, or BigQuery)."""
+    if opts.bigquery_table or opts.bigquery_query:
+        from beam_pipelines.io.bigquery import ReadFromBigQueryStorage, parse_query_parameter
+
+        if opts.input:
+            raise ValueError("give --input or --bigquery_table/--bigquery_query, not both")
+        return ReadFromBigQueryStorage(
+            table=opts.bigquery_table,
+            query=opts.bigquery_query,
+            query_parameters=[parse_query_parameter(p) for p in opts.bigquery_query_param],
+            project=opts.bigquery_project or opts.view_as(GoogleCloudOptions).project,
+            bigquery_endpoint=opts.bigquery_endpoint,
+            storage_endpoint=opts.bigquery_storage_endpoint,
+        )
+    pattern = opts.input or _default_input(fs)
+    check_input(pattern, opts.input_format)
+    return ReadRawFiles(pattern, opts.input_format)
+
+
+def _default_input(fs: FeatureSet) -> str:
+    default = fs.extra.get("default_input")
+    if default is None:
+        raise ValueError(f"feature set {fs.name!r} has no bundled input: pass --input")
+    return default() if callable(default) else default
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    fs: FeatureSet,
+    output_dir: str,
+    source: beam.PTransform,
+    split: Split,
+    temp_dir: str,
+) -> None:
+    """Wire the prepare job. `source` yields raw elements; every output lands under output_dir."""
+    raw = p | "Read" >> source
+    events, dead = raw | "Validate" >> ValidateRecords(fs)
+    _ = dead | "DeadLetters" >> WriteDeadLetters(os.path.join(output_dir, "dead_letters", "part"))
+
+    examples = events | "BuildExamples" >> BuildExamples(fs)
+    _ = examples | "WriteFeatures" >> WriteFeaturesParquet(
+        os.path.join(output_dir, "features", "part"), features_arrow_schema(fs)
+    )
+    splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, split)).with_outputs("eval", main="train")
+    adapter = tft_tensor_adapter_config(fs)
+    with tft_beam.Context(temp_dir=temp_dir):
+        train = splits.train | "TrainToTFT" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
+        evaluation = splits.eval | "EvalToTFT" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
+        (train_out, _), transform_fn = (
+            train,
+            adapter,
+        ) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+            fs.preprocessing_fn, output_record_batches=True
+        )
+        eval_out, _ = ((evaluation, adapter), transform_fn) | "TransformEval" >> tft_beam.TransformDataset(
+            output_record_batches=True
+        )
+        _ = transform_fn | "WriteTransform" >> tft_beam.WriteTransformFn(
+            os.path.join(output_dir, "transform")
+        )
+    _ = train_out | "WriteTrain" >> WriteTFRecords(os.path.join(output_dir, "train", "part"), "examples_train")
+    _ = eval_out | "WriteEval" >> WriteTFRecords(os.path.join(output_dir, "eval", "part"), "examples_eval")
+
+
+def summarize(counters: dict[str, int], **extra) -> dict:
+    return {
+        "records_read": counters.get("records_read", 0),
+        "records_valid": counters.get("records_valid", 0),
+        "records_rejected": counters.get("records_rejected", 0),
+        "records_not_events": counters.get("records_not_events", 0),
+        "examples": counters.get("examples_joined", 0),
+        "examples_train": counters.get("examples_train", 0),
+        "examples_eval": counters.get("examples_eval", 0),
+        "aggregate_cells": counters.get("aggregate_cells", 0),
+        **extra,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ("apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl", "pyarrow")
+    return {n: version(n) for n in names}
+
+
+def run(argv: Sequence[str] | None = None) -> dict | None:
+    """Parse options, build and run the prepare job; write and return summary.json."""
+    configure_logging()
+    options = parse_options(PrepareOptions, argv, prog="skewless prepare", description=DESCRIPTION)
+    opts = options.view_as(PrepareOptions)
+    if not opts.output_dir:
+        raise SystemExit("skewless prepare: --output_dir is required")
+    fs = load_feature_set(opts.feature_set)
+    split = Split.from_options(fs, opts.eval_start, opts.eval_fraction)
+    source = read_source(opts, fs)
+    input_desc = (
+        {"bigquery_table": opts.bigquery_table}
+        if opts.bigquery_table
+        else {"bigquery_query": opts.bigquery_query}
+        if opts.bigquery_query
+        else {"input": opts.input or _default_input(fs)}
+    )
+    temp_dir = os.path.join(opts.output_dir, "tmp")
+    started = time.monotonic()
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, fs, opts.output_dir, source, split, temp_dir)
+    result = p.run()
+    result.wait_until_finish()
+    if options.view_as(StandardOptions).runner == "DataflowRunner" and "dry_run" in str(argv):
+        return None
+    summary = summarize(
+        metric_counters(result),
+        feature_set=fs.name,
+        split=split.describe(),
+        elapsed_seconds=round(time.monotonic() - started, 2),
+        versions=library_versions(),
+        **input_desc,
+    )
+    if not FileSystems.exists(opts.output_dir):
+        FileSystems.mkdirs(opts.output_dir)
+    with FileSystems.create(os.path.join(opts.output_dir, "summary.json")) as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    LOG.info("prepare finished: %s", json.dumps(summary))
+    if FileSystems.exists(temp_dir):
+        FileSystems.delete([temp_dir])
+    return summary
+
+
+if __name__ == "__main__":
+    run()

