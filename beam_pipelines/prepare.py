@@ -16,19 +16,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+)
 from apache_beam.pvalue import TaggedOutput
 
 from beam_pipelines.common import configure_logging, metric_counters, parse_options
 from beam_pipelines.io.files import ReadRawFiles, check_input
 from beam_pipelines.io.sinks import WriteDeadLetters, WriteFeaturesParquet, WriteTFRecords
-from transforms.aggregations import AsOfJoin, ComputeAggregates
 from transforms.example_schema import (
-    examples_to_record_batch,
     features_arrow_schema,
     tft_tensor_adapter_config,
     to_tft_record_batch,
 )
+from transforms.examples import BuildExamples
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.validation import ValidateRecords, to_epoch_ms
 
@@ -147,30 +150,6 @@ class _SplitBatch(beam.DoFn):
             yield train
         if evaluation.num_rows:
             yield TaggedOutput("eval", evaluation)
-
-
-class BuildExamples(beam.PTransform):
-    """Typed events -> flat RecordBatches of examples with their as-of aggregates.
-
-    The heart of prepare and of batch scoring: the same aggregate transform as the streaming
-    job, then the point-in-time join, then columnar batches for the writers and tf.Transform.
-    """
-
-    def __init__(self, fs: FeatureSet, batch_size: int = 8192):
-        super().__init__()
-        self.fs = fs
-        self.batch_size = batch_size
-
-    def expand(self, events):
-        fs = self.fs
-        blocks = events | "Aggregate" >> ComputeAggregates(fs)
-        examples = events | "Examples" >> beam.Filter(lambda e, label: e.get(label) is not None, fs.label)
-        return (
-            (examples, blocks)
-            | "AsOfJoin" >> AsOfJoin(fs)
-            | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
-            | "ToArrow" >> beam.Map(lambda rows: examples_to_record_batch(fs, rows))
-        )
 
 
 def read_source(opts: PrepareOptions, fs: FeatureSet) -> beam.PTransform:

@@ -7,10 +7,10 @@ import zipfile
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.io import fileio
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
