@@ -226,7 +226,7 @@ def summarize(counters: dict[str, int], **extra) -> dict:
         "examples": counters.get("examples_joined", 0),
         "examples_train": counters.get("examples_train", 0),
         "examples_eval": counters.get("examples_eval", 0),
-        "aggregate_cells": counters.get("aggregate_cells", 0),
+        "aggregate_blocks": counters.get("aggregate_blocks", 0),
         **extra,
     }
 

@@ -21,14 +21,17 @@ its output computes every aggregate for every window end W of the block.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.featureset import FeatureSet, WindowedAggregate, as_of_window_end
+from transforms.example_schema import example_fields_record_batch, with_aggregate_columns
+from transforms.featureset import FeatureSet, as_of_window_end
 
 NAMESPACE = "skewless"
 BATCH_BLOCK_S = 86_400
@@ -40,13 +43,58 @@ class CellKey(NamedTuple):
     window_end_ms: int
 
 
-class AggregateBlock(NamedTuple):
-    """The aggregates of one entity for every non-empty window end W in one block."""
+class AggregateBlock:
+    """One entity's per-bucket partial aggregates for the window ends W of one block.
 
-    key_name: str
-    key_value: str
-    block_end_ms: int
-    cells: dict  # W (epoch ms) -> {aggregate name: value}
+    `cell(W)` computes the aggregates of one window end on demand (the batch join needs only
+    the W its examples ask for); `cells` computes every non-empty W of the block (the Bigtable
+    cells of the streaming job and the backfill of the parity tests).
+    """
+
+    __slots__ = ("key_name", "key_value", "block_end_ms", "block_ms", "buckets", "spec", "_memo")
+
+    def __init__(self, key_name, key_value, block_end_ms, block_ms, buckets, spec):
+        self.key_name = key_name
+        self.key_value = key_value
+        self.block_end_ms = block_end_ms
+        self.block_ms = block_ms
+        self.buckets = buckets  # bucket start (ms) -> slot, see BucketAccumulatorFn
+        self.spec = spec  # _KeySpec of the entity key
+        self._memo = {}
+
+    def __reduce__(self):
+        return (
+            AggregateBlock,
+            (self.key_name, self.key_value, self.block_end_ms, self.block_ms, self.buckets, self.spec),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"AggregateBlock({self.key_name}={self.key_value!r}, block_end={self.block_end_ms}, "
+            f"{len(self.buckets)} buckets)"
+        )
+
+    def window_ends(self) -> range:
+        period = self.spec.period_ms
+        return range(self.block_end_ms - self.block_ms + period, self.block_end_ms + 1, period)
+
+    def cell(self, w: int) -> dict | None:
+        """{aggregate: value} for the window ending at w, or None if its largest window is empty."""
+        memo = self._memo
+        if w in memo:
+            return memo[w]
+        out = memo[w] = _cell(self.spec, self.buckets, w)
+        return out
+
+    @property
+    def cells(self) -> dict:
+        """{W: {aggregate: value}} for every W of the block whose largest window is non-empty."""
+        out = {}
+        for w in self.window_ends():
+            values = self.cell(w)
+            if values is not None:
+                out[w] = values
+        return out
 
 
 def row_key(key_name: str, key_value: Any, window_end_ms: int) -> str:
@@ -62,26 +110,43 @@ def parse_row_key(key: str | bytes) -> CellKey:
     return CellKey(name, value, int(end))
 
 
-@dataclass(frozen=True)
-class _KeyPlan:
-    """For one entity key: which value fields its aggregates read, and the largest window."""
+class _AggSpec(NamedTuple):
+    name: str
+    combiner: str
+    size_ms: int
+    field_index: int  # which value field of the slot (see BucketAccumulatorFn)
+    default: float
+
+
+class _KeySpec(NamedTuple):
+    """For one entity key: the value fields its aggregates read, the period, the largest window."""
 
     key_name: str
-    aggregates: tuple[WindowedAggregate, ...]
     value_fields: tuple[str, ...]
-    max_size_ms: int
     period_ms: int
+    max_size_ms: int
+    aggregates: tuple[_AggSpec, ...]
 
 
-def _key_plans(fs: FeatureSet) -> tuple[_KeyPlan, ...]:
-    plans = []
+def key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
+    specs = []
     for key in fs.aggregate_keys:
         aggs = fs.aggregates_for(key)
         fields = tuple(dict.fromkeys(a.value for a in aggs if a.value is not None))
-        plans.append(
-            _KeyPlan(key, aggs, fields, max(a.size_ms for a in aggs), aggs[0].period_ms)
+        agg_specs = tuple(
+            _AggSpec(
+                a.name,
+                a.combiner,
+                a.size_ms,
+                fields.index(a.value) if a.value is not None else 0,
+                0 if a.combiner == "count" else a.default,
+            )
+            for a in aggs
         )
-    return tuple(plans)
+        specs.append(
+            _KeySpec(key, fields, aggs[0].period_ms, max(a.size_ms for a in aggs), agg_specs)
+        )
+    return tuple(specs)
 
 
 def entity_value(value: Any) -> str | None:
@@ -94,35 +159,41 @@ def entity_value(value: Any) -> str | None:
 
 
 class _ToBlockContributions(beam.DoFn):
-    """Event -> ((key name, key value, block end), (bucket, values)) for each block it feeds."""
+    """Event -> ((key name, key value, block end), (bucket, values)) for each block it feeds.
 
-    def __init__(self, fs: FeatureSet, block_ms: int):
+    In streaming the element is stamped just before its block end, so that the fixed window
+    [block end - B, block end) fires when the watermark passes the block's last window end.
+    """
+
+    def __init__(self, fs: FeatureSet, block_ms: int, timestamped: bool):
         self.fs = fs
         self.block_ms = block_ms
+        self.timestamped = timestamped
 
     def setup(self) -> None:
-        self._plans = _key_plans(self.fs)
+        self._specs = key_specs(self.fs)
         self._null_keys = Metrics.counter(NAMESPACE, "aggregate_events_without_key")
 
     def process(self, event: dict) -> Iterator:
         t = event[self.fs.event_time]
         block = self.block_ms
-        for plan in self._plans:
-            key_value = entity_value(event.get(plan.key_name))
+        for spec in self._specs:
+            key_value = entity_value(event.get(spec.key_name))
             if key_value is None:
                 self._null_keys.inc()
                 continue
-            period = plan.period_ms
+            period = spec.period_ms
             bucket = (t // period) * period
-            values = tuple(event.get(f) for f in plan.value_fields)
+            values = tuple(event.get(f) for f in spec.value_fields)
             # This bucket feeds windows ending in [bucket + P, bucket + S]: those blocks.
             first_block = -(-(bucket + period) // block) * block
-            last_block = -(-(bucket + plan.max_size_ms) // block) * block
+            last_block = -(-(bucket + spec.max_size_ms) // block) * block
             for block_end in range(first_block, last_block + 1, block):
-                yield window.TimestampedValue(
-                    ((plan.key_name, key_value, block_end), (bucket, values)),
-                    (block_end - 1) / 1000.0,
-                )
+                element = ((spec.key_name, key_value, block_end), (bucket, values))
+                if self.timestamped:
+                    yield window.TimestampedValue(element, (block_end - 1) / 1000.0)
+                else:
+                    yield element
 
 
 class BucketAccumulatorFn(beam.CombineFn):
@@ -172,11 +243,24 @@ class BucketAccumulatorFn(beam.CombineFn):
         return acc
 
 
-def aggregate_value(agg: WindowedAggregate, slots: list[list], field_index: int) -> float:
-    """One aggregate over the bucket slots of one window; the declared default if empty."""
+def _cell(spec: _KeySpec, buckets: dict, w: int) -> dict | None:
+    """The aggregates of the window ending at w from per-bucket slots; None if all empty."""
+    period = spec.period_ms
+    # Slots of the largest window, newest first, so each smaller window is a prefix.
+    slots = [buckets.get(b) for b in range(w - period, w - spec.max_size_ms - 1, -period)]
+    if not any(slots):
+        return None
+    values = {}
+    for agg in spec.aggregates:
+        window_slots = [s for s in slots[: agg.size_ms // period] if s is not None]
+        values[agg.name] = _combine(agg, window_slots)
+    return values
+
+
+def _combine(agg: _AggSpec, slots: list) -> float:
     if agg.combiner == "count":
         return sum(s[0] for s in slots)
-    i = 1 + 4 * field_index
+    i = 1 + 4 * agg.field_index
     n = sum(s[i] for s in slots)
     if n == 0:
         return agg.default
@@ -189,37 +273,21 @@ def aggregate_value(agg: WindowedAggregate, slots: list[list], field_index: int)
     return float(max(s[i + 3] for s in slots if s[i + 3] is not None))
 
 
-def cells_of_block(plan: _KeyPlan, block_end: int, block_ms: int, buckets: dict) -> dict:
-    """{W: {aggregate: value}} for every W of the block whose largest window is non-empty."""
-    period = plan.period_ms
-    field_index = {f: i for i, f in enumerate(plan.value_fields)}
-    cells = {}
-    for w in range(block_end - block_ms + period, block_end + 1, period):
-        if not any(b in buckets for b in range(w - plan.max_size_ms, w, period)):
-            continue
-        values = {}
-        for agg in plan.aggregates:
-            slots = [buckets[b] for b in range(w - agg.size_ms, w, period) if b in buckets]
-            values[agg.name] = aggregate_value(agg, slots, field_index.get(agg.value, 0))
-        cells[w] = values
-    return cells
-
-
 class _ToBlocks(beam.DoFn):
     def __init__(self, fs: FeatureSet, block_ms: int):
         self.fs = fs
         self.block_ms = block_ms
 
     def setup(self) -> None:
-        self._plans = {p.key_name: p for p in _key_plans(self.fs)}
-        self._cells = Metrics.counter(NAMESPACE, "aggregate_cells")
+        self._specs = {spec.key_name: spec for spec in key_specs(self.fs)}
+        self._blocks = Metrics.counter(NAMESPACE, "aggregate_blocks")
 
     def process(self, element: tuple) -> Iterator[AggregateBlock]:
         (key_name, key_value, block_end), buckets = element
-        cells = cells_of_block(self._plans[key_name], block_end, self.block_ms, buckets)
-        if cells:
-            self._cells.inc(len(cells))
-            yield AggregateBlock(key_name, key_value, block_end, cells)
+        self._blocks.inc()
+        yield AggregateBlock(
+            key_name, key_value, block_end, self.block_ms, buckets, self._specs[key_name]
+        )
 
 
 class ComputeAggregates(beam.PTransform):
@@ -253,21 +321,22 @@ class ComputeAggregates(beam.PTransform):
         self.allowed_lateness_s = allowed_lateness_s
 
     def expand(self, events):
+        contributions = events | "ToBlockContributions" >> beam.ParDo(
+            _ToBlockContributions(self.fs, self.block_ms, timestamped=self.streaming)
+        )
         if self.streaming:
-            windowing = beam.WindowInto(
+            contributions = contributions | "WindowByBlock" >> beam.WindowInto(
                 window.FixedWindows(self.block_ms / 1000.0),
                 trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                 accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
                 allowed_lateness=self.allowed_lateness_s,
             )
-        else:
-            windowing = beam.WindowInto(window.FixedWindows(self.block_ms / 1000.0))
+        # In batch the block end is in the key and every element is in the global window:
+        # grouping by key alone is exact, and the per-element window bookkeeping is skipped.
         return (
-            events
-            | "ToBlockContributions" >> beam.ParDo(_ToBlockContributions(self.fs, self.block_ms))
-            | "WindowByBlock" >> windowing
+            contributions
             | "CombineBuckets" >> beam.CombinePerKey(BucketAccumulatorFn())
-            | "ToCells" >> beam.ParDo(_ToBlocks(self.fs, self.block_ms))
+            | "ToBlocks" >> beam.ParDo(_ToBlocks(self.fs, self.block_ms))
         )
 
 
@@ -285,39 +354,86 @@ def attach_aggregates(fs: FeatureSet, event: dict, lookup) -> dict:
     """
     w = as_of_window_end(event[fs.event_time], fs.period_ms, fs.serving_delay_ms)
     out = dict(event)
-    for key_name in fs.aggregate_keys:
-        key_value = entity_value(event.get(key_name))
-        cell = lookup(CellKey(key_name, key_value, w)) if key_value is not None else None
-        for agg in fs.aggregates_for(key_name):
-            if cell is not None and agg.name in cell:
-                out[agg.name] = cell[agg.name]
-            else:
-                out[agg.name] = 0 if agg.combiner == "count" else agg.default
+    for spec in key_specs(fs):
+        key_value = entity_value(event.get(spec.key_name))
+        cell = lookup(CellKey(spec.key_name, key_value, w)) if key_value is not None else None
+        for agg in spec.aggregates:
+            out[agg.name] = agg.default if cell is None or agg.name not in cell else cell[agg.name]
     return out
 
 
+class _ExamplesToBlockBatches(beam.DoFn):
+    """Example dicts -> (block end, RecordBatch of example fields), buffered per bundle.
+
+    Columnar batches cross the shuffle far cheaper than one pickled dict per example.
+    """
+
+    def __init__(self, fs: FeatureSet, block_ms: int, max_buffered: int = 50_000):
+        self.fs = fs
+        self.block_ms = block_ms
+        self.max_buffered = max_buffered
+
+    def start_bundle(self) -> None:
+        self._buffer: dict[int, list[dict]] = {}
+        self._buffered = 0
+
+    def process(self, event: dict) -> Iterator:
+        fs = self.fs
+        w = as_of_window_end(event[fs.event_time], fs.period_ms, fs.serving_delay_ms)
+        block_end = -(-w // self.block_ms) * self.block_ms
+        self._buffer.setdefault(block_end, []).append(event)
+        self._buffered += 1
+        if self._buffered >= self.max_buffered:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator:
+        for key_and_batch in self._flush():
+            yield WindowedValue(key_and_batch, MIN_TIMESTAMP, [window.GlobalWindow()])
+
+    def _flush(self) -> Iterator[tuple[int, object]]:
+        buffer, self._buffer, self._buffered = self._buffer, {}, 0
+        for block_end, rows in buffer.items():
+            yield block_end, example_fields_record_batch(self.fs, rows)
+
+
 class _JoinBlock(beam.DoFn):
+    """One block: its examples (RecordBatches) + every entity's AggregateBlock -> a flat batch."""
+
     def __init__(self, fs: FeatureSet):
         self.fs = fs
 
     def setup(self) -> None:
         self._examples = Metrics.counter(NAMESPACE, "examples_joined")
+        self._specs = key_specs(self.fs)
 
-    def process(self, element: tuple) -> Iterator[dict]:
+    def process(self, element: tuple) -> Iterator:
         _, grouped = element
-        cells = {}
-        for block in grouped["aggregates"]:
-            for w, values in block.cells.items():
-                cells[(block.key_name, block.key_value, w)] = values
-        n = 0
-        for event in grouped["examples"]:
-            n += 1
-            yield attach_aggregates(self.fs, event, cells.get)
-        self._examples.inc(n)
+        batches = [b for b in grouped["examples"] if b.num_rows]
+        if not batches:
+            return
+        fs = self.fs
+        table = pa.Table.from_batches(batches)
+        blocks = {(b.key_name, b.key_value): b for b in grouped["aggregates"]}
+        times = table.column(fs.event_time).cast(pa.int64()).to_numpy()
+        window_ends = (
+            (times - fs.serving_delay_ms) // fs.period_ms * fs.period_ms
+        ).tolist()  # the as-of rule, vectorised: same arithmetic as as_of_window_end
+        columns = {}
+        for spec in self._specs:
+            keys = table.column(spec.key_name).to_pylist()
+            cells = []
+            for key, w in zip(keys, window_ends, strict=True):
+                block = blocks.get((spec.key_name, entity_value(key)))
+                cells.append(block.cell(w) if block is not None else None)
+            for agg in spec.aggregates:
+                columns[agg.name] = [agg.default if c is None else c[agg.name] for c in cells]
+        joined = with_aggregate_columns(fs, table, columns)
+        self._examples.inc(joined.num_rows)
+        yield from joined.to_batches()
 
 
 class AsOfJoin(beam.PTransform):
-    """Batch point-in-time join: each example gets the aggregates of its window end W.
+    """Batch point-in-time join: examples -> flat RecordBatches with the aggregates of W(t).
 
     Examples and aggregate blocks meet by block end, so one group holds a day of examples
     and the cells they can need; no example ever sees a window ending after W <= t - D.
@@ -332,13 +448,9 @@ class AsOfJoin(beam.PTransform):
 
     def expand(self, inputs):
         examples, blocks = inputs
-        fs, block_ms = self.fs, self.block_ms
-
-        def example_block(event: dict) -> tuple[int, dict]:
-            w = as_of_window_end(event[fs.event_time], fs.period_ms, fs.serving_delay_ms)
-            return -(-w // block_ms) * block_ms, event
-
-        keyed_examples = examples | "KeyExamplesByBlock" >> beam.Map(example_block)
+        keyed_examples = examples | "ExamplesByBlock" >> beam.ParDo(
+            _ExamplesToBlockBatches(self.fs, self.block_ms)
+        )
         keyed_blocks = (
             blocks
             | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
@@ -347,5 +459,5 @@ class AsOfJoin(beam.PTransform):
         return (
             {"examples": keyed_examples, "aggregates": keyed_blocks}
             | "GroupByBlock" >> beam.CoGroupByKey()
-            | "Attach" >> beam.ParDo(_JoinBlock(fs))
+            | "Attach" >> beam.ParDo(_JoinBlock(self.fs))
         )

@@ -54,6 +54,28 @@ def examples_to_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.Rec
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+def example_fields_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.RecordBatch:
+    """Example dicts -> RecordBatch of the declared example fields only (no aggregates yet)."""
+    arrays, fields = [], []
+    for col in fs.example_fields:
+        values = [e.get(col.name) for e in examples]
+        if col.type == "timestamp":
+            arrays.append(pa.array(values, type=pa.int64()).cast(_ARROW["timestamp"]))
+        else:
+            arrays.append(pa.array(values, type=_ARROW[col.type]))
+        fields.append(pa.field(col.name, _ARROW[col.type], nullable=col.nullable))
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def with_aggregate_columns(fs: FeatureSet, table: pa.Table, columns: dict) -> pa.Table:
+    """Example-field table + {aggregate: values} -> table of the features/ schema."""
+    schema = features_arrow_schema(fs)
+    arrays = [table.column(f.name) for f in fs.example_fields]
+    for agg in fs.aggregates:
+        arrays.append(pa.array(columns[agg.name], type=schema.field(agg.name).type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def tft_feature_spec(fs: FeatureSet) -> dict:
     """Raw feature spec of the preprocessing_fn: required -> dense scalar, nullable -> sparse."""
     spec = {}

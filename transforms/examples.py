@@ -5,7 +5,6 @@ from __future__ import annotations
 import apache_beam as beam
 
 from transforms.aggregations import AsOfJoin, ComputeAggregates
-from transforms.example_schema import examples_to_record_batch
 from transforms.featureset import FeatureSet
 
 
@@ -16,18 +15,12 @@ class BuildExamples(beam.PTransform):
     job, then the point-in-time join, then columnar batches for the writers and tf.Transform.
     """
 
-    def __init__(self, fs: FeatureSet, batch_size: int = 8192):
+    def __init__(self, fs: FeatureSet):
         super().__init__()
         self.fs = fs
-        self.batch_size = batch_size
 
     def expand(self, events):
         fs = self.fs
         blocks = events | "Aggregate" >> ComputeAggregates(fs)
         examples = events | "Examples" >> beam.Filter(lambda e, label: e.get(label) is not None, fs.label)
-        return (
-            (examples, blocks)
-            | "AsOfJoin" >> AsOfJoin(fs)
-            | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
-            | "ToArrow" >> beam.Map(lambda rows: examples_to_record_batch(fs, rows))
-        )
+        return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs)

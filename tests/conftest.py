@@ -1,0 +1,1 @@
+from tests.fixtures_bigquery import bq_emulator  # noqa: F401
