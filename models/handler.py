@@ -1,0 +1,195 @@
+"""RunInference model handler for skewless SavedModels: raw examples in, delay probabilities out.
+
+An element is either a `pyarrow.RecordBatch` of examples (batch scoring: thousands of rows) or
+one example as a dict (streaming scoring). Columns are the model's raw serving inputs, i.e. the
+example columns of the feature set minus the label; extra columns (keys, label) are ignored.
+`run_inference` turns the whole RunInference batch into one NumPy array per input, calls the
+serving signature once, and slices the probabilities once per element: no per-row tensors.
+
+For (key, example) elements wrap it in `KeyedModelHandler`; batch sizes count examples, not
+elements, in both cases (`example_count`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from models.model import PRESENT_SUFFIX
+from models.versions import OUTPUT, SIGNATURE, ModelVersion, resolve
+
+Example = pa.RecordBatch | Mapping[str, Any]
+
+_NUMPY = {"string": object, "int64": np.int64, "float32": np.float32}
+_ARROW = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32()}
+_FILL = {"string": "", "int64": 0, "float32": 0.0}
+
+
+class InputError(ValueError):
+    """An example does not fit the model's serving inputs (missing column, wrong type)."""
+
+
+def example_count(element: Any) -> int:
+    """Examples in one element (also for KeyedModelHandler's (key, example) pairs)."""
+    if isinstance(element, tuple) and len(element) == 2:
+        element = element[1]
+    return element.num_rows if isinstance(element, pa.RecordBatch) else 1
+
+
+def arrow_to_feed(batch: pa.RecordBatch | pa.Table, inputs: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Columns of a batch -> {signature input: 1-D NumPy array}; InputError if one does not fit."""
+    feed = {}
+    names = batch.schema.names
+    for spec in inputs:
+        name, dtype = spec["name"], spec["dtype"]
+        if name not in names:
+            raise InputError(f"missing feature {name!r}")
+        column = batch.column(name)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        try:
+            if pa.types.is_timestamp(column.type):
+                column = column.cast(pa.int64())
+            values = column.cast(_ARROW[dtype])
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(f"feature {name!r} of type {column.type} is not {dtype}: {exc}") from None
+        if values.null_count:
+            if not spec["nullable"]:
+                raise InputError(f"required feature {name!r} is null in {values.null_count} example(s)")
+            feed[name + PRESENT_SUFFIX] = values.is_valid().to_numpy(zero_copy_only=False)
+            values = pc.fill_null(values, _FILL[dtype])
+        elif spec["nullable"]:
+            feed[name + PRESENT_SUFFIX] = np.ones(len(values), dtype=bool)
+        feed[name] = values.to_numpy(zero_copy_only=False)
+    return feed
+
+
+def rows_to_feed(rows: Sequence[Mapping[str, Any]], inputs: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Example dicts (timestamps as epoch ms) -> {signature input: 1-D NumPy array}."""
+    feed = {}
+    for spec in inputs:
+        name, dtype = spec["name"], spec["dtype"]
+        try:
+            values = [row[name] for row in rows]
+        except KeyError:
+            raise InputError(f"missing feature {name!r}") from None
+        except TypeError:
+            raise InputError("an example is not a mapping of feature names to values") from None
+        present = np.array([v is not None for v in values], dtype=bool)
+        if not present.all():
+            if not spec["nullable"]:
+                raise InputError(f"required feature {name!r} is null")
+            values = [v if v is not None else _FILL[dtype] for v in values]
+        if spec["nullable"]:
+            feed[name + PRESENT_SUFFIX] = present
+        try:
+            if dtype == "string":
+                if not all(isinstance(v, (str, bytes)) for v in values):
+                    raise TypeError("not a string")
+                feed[name] = np.array(values, dtype=object)
+            else:
+                if any(isinstance(v, (str, bytes)) for v in values):
+                    raise TypeError("a string")
+                feed[name] = np.asarray(values, dtype=_NUMPY[dtype])
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"feature {name!r} is not {dtype}: {exc}") from None
+    return feed
+
+
+def to_feed(element: Example, inputs: Sequence[dict]) -> dict[str, np.ndarray]:
+    if isinstance(element, (pa.RecordBatch, pa.Table)):
+        return arrow_to_feed(element, inputs)
+    if isinstance(element, Mapping):
+        return rows_to_feed([element], inputs)
+    raise InputError(f"an example is a {type(element).__name__}, expected a RecordBatch or a dict")
+
+
+class LoadedModel(NamedTuple):
+    module: Any  # keeps the loaded SavedModel (and its variables) alive
+    signature: Any
+    version: int
+
+
+def predict(model: LoadedModel, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One call of the serving signature on whole arrays -> probabilities, float32 array."""
+    import tensorflow as tf
+
+    tensors = {k: tf.constant(v) for k, v in feed.items()}
+    return model.signature(**tensors)[OUTPUT].numpy()
+
+
+class SkewlessModelHandler(ModelHandler[Example, PredictionResult, LoadedModel]):
+    """Loads one numbered version of a skewless model and scores raw examples with it.
+
+    The version is resolved and checked when the handler is built (a missing or corrupt
+    model fails the launch, not a worker); TensorFlow loads it only in `load_model`, on the
+    worker. `model_id` of every PredictionResult is the version number as text. For a
+    RecordBatch element `inference` is an array of probabilities; for a dict a float.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        model_version: int | None = None,
+        *,
+        min_batch_size: int = 1,
+        max_batch_size: int = 8192,
+        max_batch_duration_secs: int | None = None,
+    ):
+        if min_batch_size < 1 or max_batch_size < min_batch_size:
+            raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}")
+        super().__init__(
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            max_batch_duration_secs=max_batch_duration_secs,
+            element_size_fn=example_count,
+        )
+        self.model_version: ModelVersion = resolve(model_dir, model_version)
+        self.inputs = list(self.model_version.serving_inputs)
+
+    @property
+    def version(self) -> int:
+        return self.model_version.version
+
+    def load_model(self) -> LoadedModel:
+        import tensorflow as tf
+
+        module = tf.saved_model.load(self.model_version.path)
+        return LoadedModel(module, module.signatures[SIGNATURE], self.model_version.version)
+
+    def run_inference(
+        self,
+        batch: Sequence[Example],
+        model: LoadedModel,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        feeds = [to_feed(e, self.inputs) for e in batch]
+        if len(feeds) == 1:
+            feed = feeds[0]
+        else:
+            feed = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        probabilities = predict(model, feed)
+        return self._split(batch, probabilities, str(model.version))
+
+    @staticmethod
+    def _split(batch: Sequence[Example], probabilities: np.ndarray, model_id: str) -> Iterator[PredictionResult]:
+        start = 0
+        for element in batch:
+            if isinstance(element, (pa.RecordBatch, pa.Table)):
+                end = start + element.num_rows
+                yield PredictionResult(element, probabilities[start:end], model_id)
+            else:
+                end = start + 1
+                yield PredictionResult(element, float(probabilities[start]), model_id)
+            start = end
+
+    def get_num_bytes(self, batch: Sequence[Example]) -> int:
+        return sum(e.nbytes if isinstance(e, (pa.RecordBatch, pa.Table)) else 64 * len(e) for e in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "skewless_inference"
