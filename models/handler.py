@@ -13,7 +13,7 @@ elements, in both cases (`example_count`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -109,10 +109,16 @@ def to_feed(element: Example, inputs: Sequence[dict]) -> dict[str, np.ndarray]:
     raise InputError(f"an example is a {type(element).__name__}, expected a RecordBatch or a dict")
 
 
-class LoadedModel(NamedTuple):
-    module: Any  # keeps the loaded SavedModel (and its variables) alive
-    signature: Any
-    version: int
+class LoadedModel:
+    """A loaded version: the SavedModel (kept alive for its variables) and its signature.
+
+    A plain class: Beam's shared-model cache holds it through a weak reference.
+    """
+
+    def __init__(self, module: Any, signature: Any, version: int):
+        self.module = module
+        self.signature = signature
+        self.version = version
 
 
 def predict(model: LoadedModel, feed: Mapping[str, np.ndarray]) -> np.ndarray:
