@@ -6,9 +6,18 @@ import importlib
 import sys
 
 JOBS = {
-    "prepare": ("beam_pipelines.prepare", "batch: raw events -> training data (TFRecords + transform)"),
-    "aggregate": ("beam_pipelines.aggregate", "streaming: Pub/Sub events -> windowed aggregates in Bigtable"),
-    "bigtable-setup": ("beam_pipelines.bigtable_setup", "create the Bigtable table and column family"),
+    "prepare": (
+        "beam_pipelines.prepare",
+        "batch: raw events -> training data (TFRecords + transform)",
+    ),
+    "aggregate": (
+        "beam_pipelines.aggregate",
+        "streaming: Pub/Sub events -> windowed aggregates in Bigtable",
+    ),
+    "bigtable-setup": (
+        "beam_pipelines.bigtable_setup",
+        "create the Bigtable table and column family",
+    ),
     "replay": ("beam_pipelines.replay", "publish events (default: bundled flights) to Pub/Sub"),
     "train": ("models.train", "train a model on prepared data; export it with its transform graph"),
     "score": ("beam_pipelines.score", "batch or streaming scoring with RunInference"),

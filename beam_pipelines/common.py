@@ -16,11 +16,19 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-BEAM_OPTION_GROUPS = (StandardOptions, GoogleCloudOptions, WorkerOptions, DirectOptions, SetupOptions)
+BEAM_OPTION_GROUPS = (
+    StandardOptions,
+    GoogleCloudOptions,
+    WorkerOptions,
+    DirectOptions,
+    SetupOptions,
+)
 LOCAL_BATCH_RUNNER = "FnApiRunner"
 
 
-def help_parser(prog: str, description: str, job_options: type[PipelineOptions]) -> argparse.ArgumentParser:
+def help_parser(
+    prog: str, description: str, job_options: type[PipelineOptions]
+) -> argparse.ArgumentParser:
     """An argparse parser listing the job's own options and the usual Beam options, for --help."""
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -55,7 +63,9 @@ def parse_options(
         a.dest for a in _required_actions(job_options) if getattr(job, a.dest, None) in (None, "")
     ]
     if missing:
-        raise SystemExit(f"{prog}: missing required option(s): " + ", ".join(f"--{m}" for m in missing))
+        raise SystemExit(
+            f"{prog}: missing required option(s): " + ", ".join(f"--{m}" for m in missing)
+        )
     std = options.view_as(StandardOptions)
     if std.runner is None and default_runner:
         # The DirectRunner first tries to download the Prism binary, which fails offline.
@@ -70,7 +80,9 @@ def _required_actions(job_options: type[PipelineOptions]):
 
 
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -72,9 +72,12 @@ class PrepareOptions(PipelineOptions):
             help="A query parameter NAME=TYPE:VALUE (e.g. origin=STRING:JFK); repeatable.",
         )
         parser.add_argument(
-            "--bigquery_project", help="Project that runs the query/read session (default --project)."
+            "--bigquery_project",
+            help="Project that runs the query/read session (default --project).",
         )
-        parser.add_argument("--bigquery_endpoint", help="BigQuery REST endpoint override (emulators).")
+        parser.add_argument(
+            "--bigquery_endpoint", help="BigQuery REST endpoint override (emulators)."
+        )
         parser.add_argument(
             "--bigquery_storage_endpoint", help="BigQuery Storage Read gRPC host:port (emulators)."
         )
@@ -196,7 +199,9 @@ def build_pipeline(
     _ = examples | "WriteFeatures" >> WriteFeaturesParquet(
         os.path.join(output_dir, "features", "part"), features_arrow_schema(fs)
     )
-    splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, split)).with_outputs("eval", main="train")
+    splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, split)).with_outputs(
+        "eval", main="train"
+    )
     adapter = tft_tensor_adapter_config(fs)
     with tft_beam.Context(temp_dir=temp_dir):
         train = splits.train | "TrainToTFT" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
@@ -207,14 +212,19 @@ def build_pipeline(
         ) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
             fs.preprocessing_fn, output_record_batches=True
         )
-        eval_out, _ = ((evaluation, adapter), transform_fn) | "TransformEval" >> tft_beam.TransformDataset(
-            output_record_batches=True
-        )
+        eval_out, _ = (
+            (evaluation, adapter),
+            transform_fn,
+        ) | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True)
         _ = transform_fn | "WriteTransform" >> tft_beam.WriteTransformFn(
             os.path.join(output_dir, "transform")
         )
-    _ = train_out | "WriteTrain" >> WriteTFRecords(os.path.join(output_dir, "train", "part"), "examples_train")
-    _ = eval_out | "WriteEval" >> WriteTFRecords(os.path.join(output_dir, "eval", "part"), "examples_eval")
+    _ = train_out | "WriteTrain" >> WriteTFRecords(
+        os.path.join(output_dir, "train", "part"), "examples_train"
+    )
+    _ = eval_out | "WriteEval" >> WriteTFRecords(
+        os.path.join(output_dir, "eval", "part"), "examples_eval"
+    )
 
 
 def summarize(counters: dict[str, int], **extra) -> dict:

@@ -18,7 +18,7 @@ CSV_COLUMNS = (
 
 @functools.lru_cache(maxsize=1)
 def _all_rows() -> tuple[dict, ...]:
-    table = read_csv_table(_read_bytes(bundled_flights_path()))
+    table, _ = read_csv_table(_read_bytes(bundled_flights_path()))
     rows = []
     for row in table.to_pylist():
         row["time_hour"] = row["time_hour"].strftime("%Y-%m-%dT%H:%M:%SZ")

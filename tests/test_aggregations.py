@@ -11,7 +11,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from tests.flights_data import real_flights
-from transforms.aggregations import ComputeAggregates, explode_cells, row_key, parse_row_key
+from transforms.aggregations import ComputeAggregates, explode_cells, parse_row_key, row_key
 from transforms.examples import BuildExamples
 from transforms.featureset import as_of_window_end
 from transforms.flights import FLIGHTS

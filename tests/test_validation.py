@@ -8,8 +8,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.flights_data import real_flights
-from transforms.validation import InvalidRecord, RecordValidator, ValidateRecords, to_epoch_ms
 from transforms.flights import FLIGHTS
+from transforms.validation import InvalidRecord, RecordValidator, ValidateRecords, to_epoch_ms
 
 GOOD = {
     "year": 2013, "month": 1, "day": 1, "dep_time": 517, "sched_dep_time": 515, "dep_delay": 2.0,

@@ -19,7 +19,13 @@ _ARROW = {
     "timestamp": pa.timestamp("ms", tz="UTC"),
 }
 # tf.Transform sees timestamps as int64 epoch ms, floats as float32, strings as bytes.
-_TF = {"string": tf.string, "int": tf.int64, "float": tf.float32, "bool": tf.int64, "timestamp": tf.int64}
+_TF = {
+    "string": tf.string,
+    "int": tf.int64,
+    "float": tf.float32,
+    "bool": tf.int64,
+    "timestamp": tf.int64,
+}
 _TF_ARROW_VALUES = {
     "string": pa.large_binary(),
     "int": pa.int64(),
@@ -38,7 +44,9 @@ def example_columns(fs: FeatureSet) -> list[Field]:
 
 
 def features_arrow_schema(fs: FeatureSet) -> pa.Schema:
-    return pa.schema([pa.field(c.name, _ARROW[c.type], nullable=c.nullable) for c in example_columns(fs)])
+    return pa.schema(
+        [pa.field(c.name, _ARROW[c.type], nullable=c.nullable) for c in example_columns(fs)]
+    )
 
 
 def examples_to_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.RecordBatch:
@@ -81,7 +89,9 @@ def tft_feature_spec(fs: FeatureSet) -> dict:
     spec = {}
     for col in example_columns(fs):
         dtype = _TF[col.type]
-        spec[col.name] = tf.io.VarLenFeature(dtype) if col.nullable else tf.io.FixedLenFeature([], dtype)
+        spec[col.name] = (
+            tf.io.VarLenFeature(dtype) if col.nullable else tf.io.FixedLenFeature([], dtype)
+        )
     return spec
 
 
@@ -90,7 +100,9 @@ def tft_schema(fs: FeatureSet):
 
 
 def tft_arrow_schema(fs: FeatureSet) -> pa.Schema:
-    return pa.schema([pa.field(c.name, pa.large_list(_TF_ARROW_VALUES[c.type])) for c in example_columns(fs)])
+    return pa.schema(
+        [pa.field(c.name, pa.large_list(_TF_ARROW_VALUES[c.type])) for c in example_columns(fs)]
+    )
 
 
 def tft_tensor_adapter_config(fs: FeatureSet) -> tensor_adapter.TensorAdapterConfig:
@@ -110,7 +122,9 @@ def to_tft_record_batch(fs: FeatureSet, flat: pa.RecordBatch) -> pa.RecordBatch:
         if values.null_count:
             valid = values.is_valid()
             lengths = pa.compute.cast(valid, pa.int64())
-            offsets = pa.concat_arrays([pa.array([0], pa.int64()), pa.compute.cumulative_sum(lengths)])
+            offsets = pa.concat_arrays(
+                [pa.array([0], pa.int64()), pa.compute.cumulative_sum(lengths)]
+            )
             values = pa.compute.filter(values, valid)
         else:
             offsets = pa.array(range(len(values) + 1), pa.int64())

@@ -22,5 +22,7 @@ class BuildExamples(beam.PTransform):
     def expand(self, events):
         fs = self.fs
         blocks = events | "Aggregate" >> ComputeAggregates(fs)
-        examples = events | "Examples" >> beam.Filter(lambda e, label: e.get(label) is not None, fs.label)
+        examples = events | "Examples" >> beam.Filter(
+            lambda e, label: e.get(label) is not None, fs.label
+        )
         return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs)

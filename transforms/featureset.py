@@ -130,12 +130,18 @@ class FeatureSet:
         _check_unique("aggregate", [a.name for a in self.aggregates])
         for agg in self.aggregates:
             if agg.key not in self.keys:
-                raise FeatureSetError(f"aggregate {agg.name!r}: key {agg.key!r} is not an entity key")
+                raise FeatureSetError(
+                    f"aggregate {agg.name!r}: key {agg.key!r} is not an entity key"
+                )
             if agg.value is not None:
                 if agg.value not in known:
-                    raise FeatureSetError(f"aggregate {agg.name!r}: unknown value field {agg.value!r}")
+                    raise FeatureSetError(
+                        f"aggregate {agg.name!r}: unknown value field {agg.value!r}"
+                    )
                 if known[agg.value].type not in ("int", "float", "bool"):
-                    raise FeatureSetError(f"aggregate {agg.name!r}: value {agg.value!r} is not numeric")
+                    raise FeatureSetError(
+                        f"aggregate {agg.name!r}: value {agg.value!r} is not numeric"
+                    )
             if agg.name in known:
                 raise FeatureSetError(f"aggregate {agg.name!r} has the name of a field")
         for f in self.example_fields:
@@ -215,8 +221,12 @@ def load_feature_set(spec: str) -> FeatureSet:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise FeatureSetError(f"feature set {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise FeatureSetError(
+            f"feature set {spec!r}: cannot import {module_name!r}: {exc}"
+        ) from exc
     fs = getattr(module, attr, None)
     if not isinstance(fs, FeatureSet):
-        raise FeatureSetError(f"feature set {spec!r}: {attr!r} is not a FeatureSet in {module_name}")
+        raise FeatureSetError(
+            f"feature set {spec!r}: {attr!r} is not a FeatureSet in {module_name}"
+        )
     return fs

@@ -7,9 +7,11 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
@@ -38,6 +40,8 @@ def dead_letter(stage: str, reason: str, record: Any, feature_set: str = "") -> 
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, UnparseableRow):
+        return value.text
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, dict):
@@ -234,17 +238,37 @@ def parse_json_payload(payload: str | bytes) -> Any:
         raise InvalidRecord(f"not JSON: {exc}") from None
 
 
+class UnparseableRow(NamedTuple):
+    """A row a source could not even split into fields (e.g. a CSV line with too many columns)."""
+
+    text: str
+    reason: str
+
+
 def iter_raw_records(element: Any) -> Iterator[tuple[str, Any]]:
     """Flatten what a source emits (RecordBatch, dict, JSON text) into (stage, raw) pairs."""
-    if isinstance(element, (dict, str, bytes)):
-        yield ("parse" if isinstance(element, (str, bytes)) else "validate"), element
+    if isinstance(element, (dict, str, bytes, UnparseableRow)):
+        yield ("validate" if isinstance(element, dict) else "parse"), element
         return
-    to_pylist = getattr(element, "to_pylist", None)
-    if to_pylist is None:
-        yield "validate", element
+    if isinstance(element, pa.RecordBatch):
+        yield from (("validate", row) for row in _batch_rows(element))
         return
-    for row in to_pylist():
-        yield "validate", row
+    yield "validate", element
+
+
+def _batch_rows(batch: pa.RecordBatch) -> list[dict]:
+    # Timestamp columns become epoch seconds: converting them to datetime objects row by
+    # row costs more than all the validation (to_epoch_ms takes numbers as epoch seconds).
+    columns = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if pa.types.is_timestamp(column.type):
+            column = pc.divide(
+                column.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).cast(pa.float64()),
+                1000.0,
+            )
+        columns[name] = column.to_pylist()
+    names = list(columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 class ValidateRecordsFn(beam.DoFn):
@@ -271,6 +295,8 @@ class ValidateRecordsFn(beam.DoFn):
             read += 1
             try:
                 record = raw
+                if isinstance(raw, UnparseableRow):
+                    raise InvalidRecord(raw.reason)
                 if stage == "parse":
                     record = parse_json_payload(raw)
                     stage = "validate"
@@ -305,9 +331,9 @@ class ValidateRecords(beam.PTransform):
         self.fs = fs
 
     def expand(self, pcoll):
-        results = pcoll | "ValidateAndDerive" >> beam.ParDo(ValidateRecordsFn(self.fs)).with_outputs(
-            DEAD, main=VALID
-        )
+        results = pcoll | "ValidateAndDerive" >> beam.ParDo(
+            ValidateRecordsFn(self.fs)
+        ).with_outputs(DEAD, main=VALID)
         return results[VALID], results[DEAD]
 
 

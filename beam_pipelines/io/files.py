@@ -15,6 +15,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms.validation import UnparseableRow
+
 NAMESPACE = "skewless"
 FORMATS = ("csv", "parquet", "jsonl")
 BATCH_ROWS = 20_000
@@ -35,7 +37,9 @@ def detect_format(path: str) -> str:
         return "parquet"
     if name.endswith((".json", ".jsonl", ".ndjson")):
         return "jsonl"
-    raise InputError(f"cannot tell the format of {path!r}: use --input_format {{{','.join(FORMATS)}}}")
+    raise InputError(
+        f"cannot tell the format of {path!r}: use --input_format {{{','.join(FORMATS)}}}"
+    )
 
 
 def check_input(pattern: str, input_format: str | None = None) -> list[str]:
@@ -67,21 +71,34 @@ def _read_bytes(path: str) -> bytes:
     return data
 
 
-def read_csv_table(data: bytes) -> pa.Table:
+def read_csv_table(data: bytes) -> tuple[pa.Table, list[UnparseableRow]]:
     """Typed read first (fast); if a column does not parse as its inferred type, read all as text.
 
     The text fallback keeps every row: the record validator then rejects the bad values one
-    record at a time, with the reason, instead of the whole file failing.
+    record at a time, with the reason, instead of the whole file failing. Lines that do not
+    even have the header's number of fields come back as UnparseableRow (dead letters).
     """
+    bad: list[UnparseableRow] = []
+
+    def skip(row) -> str:
+        bad.append(
+            UnparseableRow(
+                row.text,
+                f"CSV line {row.number}: expected {row.expected_columns} fields, got {row.actual_columns}",
+            )
+        )
+        return "skip"
+
+    parse = pacsv.ParseOptions(invalid_row_handler=skip)
     convert = pacsv.ConvertOptions(strings_can_be_null=True)
     try:
-        return pacsv.read_csv(io.BytesIO(data), convert_options=convert)
+        return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert), bad
     except pa.ArrowInvalid:
-        header = _header(data)
+        bad.clear()
         text = pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in header}, strings_can_be_null=True
+            column_types={name: pa.string() for name in _header(data)}, strings_can_be_null=True
         )
-        return pacsv.read_csv(io.BytesIO(data), convert_options=text)
+        return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=text), bad
 
 
 def _header(data: bytes) -> list[str]:
@@ -111,7 +128,9 @@ class _ReadFile(beam.DoFn):
         data = _read_bytes(path)
         self._bytes.inc(len(data))
         if fmt == "csv":
-            yield from read_csv_table(data).to_batches(max_chunksize=self.batch_rows)
+            table, unparseable = read_csv_table(data)
+            yield from table.to_batches(max_chunksize=self.batch_rows)
+            yield from unparseable
             return
         for line in data.decode("utf-8", errors="replace").splitlines():
             if line.strip():
