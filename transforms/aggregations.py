@@ -32,6 +32,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.example_schema import example_fields_record_batch, with_aggregate_columns
 from transforms.featureset import FeatureSet, as_of_window_end
+from transforms.lateness import DEFAULT_GRACE_S, LatenessGate
 
 NAMESPACE = "skewless"
 BATCH_BLOCK_S = 86_400
@@ -65,7 +66,14 @@ class AggregateBlock:
     def __reduce__(self):
         return (
             AggregateBlock,
-            (self.key_name, self.key_value, self.block_end_ms, self.block_ms, self.buckets, self.spec),
+            (
+                self.key_name,
+                self.key_value,
+                self.block_end_ms,
+                self.block_ms,
+                self.buckets,
+                self.spec,
+            ),
         )
 
     def __repr__(self) -> str:
@@ -233,9 +241,13 @@ class BucketAccumulatorFn(beam.CombineFn):
                 for i in range(1, len(slot), 4):
                     mine[i] += slot[i]
                     mine[i + 1] += slot[i + 1]
-                    if slot[i + 2] is not None and (mine[i + 2] is None or slot[i + 2] < mine[i + 2]):
+                    if slot[i + 2] is not None and (
+                        mine[i + 2] is None or slot[i + 2] < mine[i + 2]
+                    ):
                         mine[i + 2] = slot[i + 2]
-                    if slot[i + 3] is not None and (mine[i + 3] is None or slot[i + 3] > mine[i + 3]):
+                    if slot[i + 3] is not None and (
+                        mine[i + 3] is None or slot[i + 3] > mine[i + 3]
+                    ):
                         mine[i + 3] = slot[i + 3]
         return out
 
@@ -296,7 +308,8 @@ class ComputeAggregates(beam.PTransform):
     The same transform serves batch and streaming; `block_s` only trades element count
     against latency (see the module docstring). In streaming, each pane fires when the
     watermark passes the block end, late events re-fire it with accumulated values until
-    `allowed_lateness_s`, and events later than that are dropped by the window.
+    `allowed_lateness_s`, and updates later than that are dropped and counted by the
+    lateness gate (transforms/lateness.py).
     """
 
     def __init__(
@@ -312,7 +325,9 @@ class ComputeAggregates(beam.PTransform):
             raise ValueError(f"feature set {fs.name!r} declares no aggregates")
         period_s = fs.aggregates[0].period_s
         if block_s is None:
-            block_s = period_s if streaming else max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
+            block_s = (
+                period_s if streaming else max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
+            )
         if block_s % period_s:
             raise ValueError(f"block size {block_s}s must be a multiple of the period {period_s}s")
         self.fs = fs
@@ -325,18 +340,32 @@ class ComputeAggregates(beam.PTransform):
             _ToBlockContributions(self.fs, self.block_ms, timestamped=self.streaming)
         )
         if self.streaming:
-            contributions = contributions | "WindowByBlock" >> beam.WindowInto(
-                window.FixedWindows(self.block_ms / 1000.0),
-                trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
-                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-                allowed_lateness=self.allowed_lateness_s,
-            )
+            contributions = self._streaming_windows(contributions)
         # In batch the block end is in the key and every element is in the global window:
         # grouping by key alone is exact, and the per-element window bookkeeping is skipped.
         return (
             contributions
             | "CombineBuckets" >> beam.CombinePerKey(BucketAccumulatorFn())
             | "ToBlocks" >> beam.ParDo(_ToBlocks(self.fs, self.block_ms))
+        )
+
+    def _streaming_windows(self, contributions):
+        """Gate out (and count) updates later than the allowed lateness, then window by block.
+
+        The combine's windows allow L + the gate's grace: the gate alone decides what is too
+        late (see transforms/lateness.py), so the combine must never drop what it admitted.
+        """
+        return (
+            contributions
+            | "LatenessGate"
+            >> LatenessGate(self.fs, self.block_ms, self.allowed_lateness_s, DEFAULT_GRACE_S)
+            | "WindowByBlock"
+            >> beam.WindowInto(
+                window.FixedWindows(self.block_ms / 1000.0),
+                trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                allowed_lateness=self.allowed_lateness_s + DEFAULT_GRACE_S,
+            )
         )
 
 

@@ -1,0 +1,120 @@
+"""Shared helpers of the aggregate-job tests: a toy feature set, pane collection, real flight slices."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_pipelines.local_runner import fix_direct_runner_metrics
+from transforms.aggregations import ComputeAggregates, explode_cells
+from transforms.featureset import FeatureSet, Field, WindowedAggregate
+from transforms.validation import RecordValidator
+
+TOY = FeatureSet(
+    name="toy",
+    schema=(
+        Field("k", "string", nullable=False),
+        Field("v", "float"),
+        Field("t", "timestamp", nullable=False),
+    ),
+    event_time="t",
+    keys=("k",),
+    aggregates=(
+        WindowedAggregate("n_2m", "k", "count", 120, 60),
+        WindowedAggregate("mean_v_2m", "k", "mean", 120, 60, "v", -1.0),
+        WindowedAggregate("n_1m", "k", "count", 60, 60),
+    ),
+    label="v",
+    example_fields=(),
+    preprocessing_fn=lambda inputs: dict(inputs),
+    unexpected_fields="reject",
+)
+
+
+def toy(k: str, v: float | None, t_s: float) -> dict:
+    """A typed toy event (event time in epoch ms)."""
+    return {"k": k, "v": v, "t": int(t_s * 1000)}
+
+
+def streaming_options(**extra) -> PipelineOptions:
+    fix_direct_runner_metrics()
+    return PipelineOptions(runner="BundleBasedDirectRunner", streaming=True, **extra)
+
+
+_PANES: dict[str, list] = defaultdict(list)
+_LOCK = threading.Lock()
+
+
+class _Record(beam.DoFn):
+    """Keeps every fired cell with its pane (index, timing) in this process, under `run_id`."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def process(self, cell, pane_info=beam.DoFn.PaneInfoParam):
+        key, values = cell
+        with _LOCK:
+            _PANES[self.run_id].append((tuple(key), dict(values), pane_info.index, pane_info.timing))
+
+
+class CollectPanes(beam.PTransform):
+    """AggregateBlocks -> recorded (cell key, values, pane index, timing); read with `panes()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.run_id = uuid.uuid4().hex
+
+    def expand(self, blocks):
+        return (
+            blocks
+            | "Explode" >> beam.FlatMap(explode_cells)
+            | "Record" >> beam.ParDo(_Record(self.run_id))
+        )
+
+    def panes(self) -> list:
+        with _LOCK:
+            return list(_PANES[self.run_id])
+
+    def final_cells(self) -> dict:
+        """(key name, key value, W) -> values of the pane with the highest index."""
+        best: dict = {}
+        for key, values, index, _ in self.panes():
+            if key not in best or index > best[key][0]:
+                best[key] = (index, values)
+        return {k: v for k, (_, v) in best.items()}
+
+
+def batch_cells(fs: FeatureSet, events: Iterable[dict]) -> dict:
+    """The batch backfill of the contract: ComputeAggregates(fs) in batch, then explode_cells."""
+    collect = CollectPanes()
+    with beam.Pipeline(options=PipelineOptions(runner="FnApiRunner")) as p:
+        _ = p | beam.Create(list(events)) | ComputeAggregates(fs) | collect
+    return {k: v for k, v, _, _ in collect.panes()}
+
+
+def flights_raw_slice(start: str, end: str) -> list[dict]:
+    """Raw bundled flight records (dicts of the raw schema) whose time_hour is in [start, end)."""
+    import pyarrow.compute as pc
+
+    from beam_pipelines.io.files import _read_bytes, read_csv_table
+    from transforms.flights import bundled_flights_path
+
+    table = read_csv_table(_read_bytes(bundled_flights_path()))
+    hours = pc.cast(table.column("time_hour"), "string")
+    mask = pc.and_(pc.greater_equal(hours, start), pc.less(hours, end))
+    return table.filter(mask).to_pylist()
+
+
+def typed_events(fs: FeatureSet, raws: Iterable[dict]) -> list[dict]:
+    validator = RecordValidator(fs)
+    out = []
+    for raw in raws:
+        event = validator.validate(dict(raw))
+        if event is not None:
+            out.append(event)
+    return out
