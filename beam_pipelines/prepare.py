@@ -76,6 +76,11 @@ class PrepareOptions(PipelineOptions):
             help="Project that runs the query/read session (default --project).",
         )
         parser.add_argument(
+            "--bigquery_temp_dataset",
+            help="project.dataset where a query writes its result table (expires after a day). "
+            "Default: BigQuery's anonymous result table. Needed on the BigQuery emulator.",
+        )
+        parser.add_argument(
             "--bigquery_endpoint", help="BigQuery REST endpoint override (emulators)."
         )
         parser.add_argument(
@@ -169,6 +174,7 @@ def read_source(opts: PrepareOptions, fs: FeatureSet) -> beam.PTransform:
             project=opts.bigquery_project or opts.view_as(GoogleCloudOptions).project,
             bigquery_endpoint=opts.bigquery_endpoint,
             storage_endpoint=opts.bigquery_storage_endpoint,
+            temp_dataset=opts.bigquery_temp_dataset,
         )
     pattern = opts.input or _default_input(fs)
     check_input(pattern, opts.input_format)

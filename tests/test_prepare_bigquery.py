@@ -1,0 +1,73 @@
+"""prepare reading BigQuery (table and parameterized query) through the Storage Read API emulator."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from beam_pipelines import prepare
+from tests.flights_data import real_flights, write_csv
+
+pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
+
+SORT = ["carrier", "flight", "origin", "scheduled_departure"]
+
+
+def flights_table(rows):
+    table = pa.Table.from_pylist(rows)
+    time_hour = pa.array(
+        [r["time_hour"] for r in rows], pa.string()
+    ).cast(pa.timestamp("s", tz="UTC"))
+    return table.set_column(table.schema.get_field_index("time_hour"), "time_hour", time_hour)
+
+
+def emulator_args(bq):
+    return [
+        "--bigquery_endpoint", bq.rest_endpoint,
+        "--bigquery_storage_endpoint", bq.grpc_endpoint,
+        "--bigquery_project", bq.project,
+    ]  # fmt: skip
+
+
+def features(out):
+    return pq.read_table(out / "features").sort_by([(k, "ascending") for k in SORT]).to_pylist()
+
+
+def test_prepare_from_a_bigquery_table_equals_prepare_from_files(bq_emulator, tmp_path):
+    rows = real_flights(6, 1)
+    dataset = bq_emulator.create_dataset()
+    table = bq_emulator.create_table(dataset, "flights", flights_table(rows))
+    from_bq = prepare.run(
+        ["--bigquery_table", table, "--output_dir", str(tmp_path / "bq"), *emulator_args(bq_emulator)]
+    )
+    csv = write_csv(tmp_path / "flights.csv", rows)
+    from_files = prepare.run(["--input", str(csv), "--output_dir", str(tmp_path / "files")])
+    for key in ("records_read", "records_valid", "records_not_events", "examples"):
+        assert from_bq[key] == from_files[key], key
+    assert from_bq["bigquery_table"] == table
+    assert features(tmp_path / "bq") == features(tmp_path / "files")
+
+
+def test_prepare_from_a_parameterized_query(bq_emulator, tmp_path):
+    rows = real_flights(6, 2)
+    dataset = bq_emulator.create_dataset()
+    table = bq_emulator.create_table(dataset, "flights", flights_table(rows))
+    hostile = "JFK' OR '1'='1"
+    query = f"SELECT * FROM `{table}` WHERE origin = @origin OR origin = @hostile"
+    summary = prepare.run(
+        [
+            "--bigquery_query", query,
+            "--bigquery_query_param", "origin=STRING:JFK",
+            "--bigquery_query_param", f"hostile=STRING:{hostile}",
+            "--bigquery_temp_dataset", f"{bq_emulator.project}.{dataset}",
+            "--output_dir", str(tmp_path / "q"),
+            *emulator_args(bq_emulator),
+        ]
+    )  # fmt: skip
+    assert summary["records_read"] == sum(1 for r in rows if r["origin"] == "JFK")
+    assert {r["origin"] for r in features(tmp_path / "q")} == {"JFK"}
+
+
+def test_bad_table_name_is_a_clear_error_before_the_pipeline(tmp_path):
+    with pytest.raises(ValueError, match="table"):
+        prepare.run(["--bigquery_table", "not a table", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
