@@ -1,0 +1,174 @@
+"""The trainer: export parity (raw features in == transform + Keras by hand), versions, metrics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from models import train, versions
+from models.handler import SkewlessModelHandler, arrow_to_feed, predict
+from models.metrics import fit_logistic_1d, log_loss, roc_auc
+from tests.flights_data import real_flights, write_csv
+
+EVAL_START = "2013-01-06T00:00:00Z"
+_CACHE: dict = {}
+
+
+def prepared_and_trained(tmp_path_factory) -> dict:
+    """A week of real flights, prepared (eval from Jan 6) and trained once per test session."""
+    if not _CACHE:
+        from beam_pipelines import prepare
+
+        root = tmp_path_factory.mktemp("trained")
+        rows = real_flights(1, 1, days=7)
+        csv_path = write_csv(root / "flights.csv", rows)
+        prepared = root / "prepared"
+        prepare.run(["--input", str(csv_path), "--output_dir", str(prepared), "--eval_start", EVAL_START])
+        model_dir = root / "models"
+        result = train.run(
+            ["--prepared_dir", str(prepared), "--model_dir", str(model_dir), "--epochs", "2", "--seed", "7"]
+        )
+        _CACHE.update(root=root, rows=rows, csv=csv_path, prepared=prepared, model_dir=model_dir, result=result)
+    return _CACHE
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return prepared_and_trained(tmp_path_factory)
+
+
+def _eval_features(prepared: Path, limit: int = 600):
+    table = pq.read_table(prepared / "features")
+    start_ms = 1357430400000  # EVAL_START
+    table = table.filter(pc.greater_equal(table.column("event_time").cast("int64"), start_ms))
+    return table.slice(0, limit).combine_chunks()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_exported_model_equals_transform_graph_plus_keras_by_hand(trained):
+    path = Path(trained["result"]["path"])
+    handler = SkewlessModelHandler(str(trained["model_dir"]))
+    served = predict(handler.load_model(), arrow_to_feed(_eval_features(trained["prepared"]), handler.inputs))
+
+    raw = _eval_features(trained["prepared"])
+    spec = {i["name"]: i for i in handler.inputs}
+    raw_tensors = {}
+    for name, i in spec.items():
+        values = raw.column(name)
+        if pa.types.is_timestamp(values.type):
+            values = values.cast("int64")
+        raw_tensors[name] = tf.constant(values.to_numpy(zero_copy_only=False), dtype=tf.as_dtype(i["dtype"]))
+    tft_output = tft.TFTransformOutput(str(trained["prepared"] / "transform"))
+    transformed = tft_output.transform_raw_features(raw_tensors, drop_unused_features=True)
+    model = keras.models.load_model(path / versions.KERAS_FILE)
+    by_hand = np.asarray(model({k: transformed[k] for k in model.input}, training=False)).reshape(-1)
+
+    assert served.shape == (raw.num_rows,)
+    np.testing.assert_allclose(served, by_hand, rtol=0, atol=1e-6)
+    assert 0.0 < served.min() and served.max() < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_version_holds_metrics_and_metadata(trained):
+    result = trained["result"]
+    path = Path(result["path"])
+    assert path.name == str(result["version"]) and result["version"] >= 1
+    metrics = json.loads((path / versions.METRICS_FILE).read_text())
+    for block in (metrics["model"], metrics["baselines"]["majority"], metrics["baselines"]["dep_delay_rule"]):
+        assert {"auc", "log_loss", "accuracy"} <= block.keys()
+    assert metrics["baselines"]["majority"]["auc"] == 0.5
+    assert metrics["beats_dep_delay_rule"] == (
+        metrics["model"]["auc"] > metrics["baselines"]["dep_delay_rule"]["auc"]
+    )
+    # Same examples through the exported signature (raw) and the Keras model (transformed).
+    assert metrics["serving_signature_eval_auc"] == pytest.approx(metrics["model"]["auc"], abs=1e-5)
+
+    meta = json.loads((path / versions.MODEL_FILE).read_text())
+    assert meta["feature_set"] == "flights"
+    assert meta["transform_fingerprint"] == train.transform_fingerprint(str(trained["prepared"] / "transform"))
+    assert meta["training_data"]["train"]["last"] < "2013-01-06T00:00:00+00:00"
+    assert meta["training_data"]["eval"]["first"] >= "2013-01-06T00:00:00+00:00"
+    assert meta["versions"]["tensorflow"] == tf.__version__
+    assert "label" not in {i["name"] for i in meta["serving_inputs"]}
+    assert meta["transformed_features"]["categorical"]["carrier_id"] == (
+        tft.TFTransformOutput(str(trained["prepared"] / "transform")).vocabulary_size_by_name("carrier") + 1
+    )
+    assert not [p for p in os.listdir(trained["model_dir"]) if p.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_next_run_takes_the_next_number_and_a_worse_model_can_fail_the_run(trained, tmp_path):
+    model_dir = tmp_path / "models"
+    shutil.copytree(Path(trained["result"]["path"]), model_dir / "3")
+    args = ["--prepared_dir", str(trained["prepared"]), "--model_dir", str(model_dir), "--epochs", "1"]
+    # A learning rate of ~0 leaves the model at its random start: worse than the dep_delay rule.
+    weak = [*args, "--learning_rate", "1e-12", "--hidden_units", "4"]
+    result = train.run(weak)
+    assert result["version"] == 4 and not result["beats_dep_delay_rule"]
+    assert json.loads((model_dir / "4" / versions.METRICS_FILE).read_text())["beats_dep_delay_rule"] is False
+    with pytest.raises(SystemExit) as exc:
+        train.run([*weak, "--fail_if_worse_than_baseline"])
+    assert exc.value.code == train.EXIT_WORSE_THAN_BASELINE
+    assert versions.list_versions(str(model_dir)) == [3, 4]  # nothing published
+    assert len(os.listdir(model_dir / "rejected")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resolve_picks_the_highest_version_and_explains_bad_dirs(trained, tmp_path):
+    source = Path(trained["result"]["path"])
+    with pytest.raises(versions.ModelDirError, match="does not exist"):
+        versions.resolve(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(versions.ModelDirError, match="no numbered model version"):
+        versions.resolve(str(tmp_path / "empty"))
+    base = tmp_path / "models"
+    shutil.copytree(source, base / "2")
+    shutil.copytree(source, base / "10")
+    (base / ".tmp-abc").mkdir()
+    assert versions.resolve(str(base)).version == 10  # numeric, not lexicographic
+    assert versions.resolve(str(base), 2).version == 2
+    with pytest.raises(versions.ModelDirError, match=r"version 5 not found .*\[2, 10\]"):
+        versions.resolve(str(base), 5)
+    (base / "10" / "saved_model.pb").write_bytes(b"\x0a\xff garbage")
+    with pytest.raises(versions.ModelDirError, match="corrupt: saved_model.pb does not parse"):
+        versions.resolve(str(base))
+    (base / "2" / versions.MODEL_FILE).unlink()
+    with pytest.raises(versions.ModelDirError, match="model.json is missing"):
+        versions.resolve(str(base), 2)
+    with pytest.raises(versions.ModelDirError, match="single SavedModel"):
+        versions.resolve(str(source))
+
+
+def test_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + labels, 1)  # rounding makes ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
+    assert roc_auc(labels, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert np.isnan(roc_auc(np.ones(5), np.arange(5)))
+    assert log_loss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
+
+
+def test_logistic_baseline_recovers_known_coefficients():
+    rng = np.random.default_rng(1)
+    x = rng.normal(10, 30, 20000)
+    y = rng.random(20000) < 1 / (1 + np.exp(-(-2.0 + 0.1 * x)))
+    a, b = fit_logistic_1d(x, y)
+    assert a == pytest.approx(-2.0, abs=0.15) and b == pytest.approx(0.1, abs=0.01)
