@@ -182,13 +182,22 @@ class _FailedInferences(beam.DoFn):
         self._failed = Metrics.counter(NAMESPACE, "inference_failures")
 
     def process(self, failure) -> Iterator[dict]:
-        batch, exc = failure
-        reason = f"{type(exc).__name__}: {exc}"
+        batch, error = failure
+        reason = _reason(error)
         for element in batch:
             rows = _rows(element)
             self._failed.inc(len(rows))
             for row in rows:
                 yield dead_letter("inference", reason, row)
+
+
+def _reason(error) -> str:
+    """RunInference reports (exception type, repr, traceback lines); keep 'Type: message'."""
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    if isinstance(error, tuple) and len(error) == 3 and error[2]:
+        return str(error[2][-1]).strip()
+    return str(error)
 
 
 class ScoreExamples(beam.PTransform):
