@@ -176,3 +176,18 @@ def test_predictions_to_bigquery_table(trained, bq_emulator, tmp_path):
     fields = {f.name: f.field_type for f in client.get_table(table).schema}
     assert fields["probability"] == "FLOAT" or fields["probability"] == "FLOAT64"
     assert {r["model_version"] for r in rows} == {trained["result"]["version"]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_report_checks_scores_against_training_and_draws_the_chart(trained, scored, tmp_path):
+    from models.report import format_report, report
+
+    out, summary, _ = scored
+    chart = tmp_path / "report.png"
+    r = report(str(trained["model_dir"]), str(out), str(trained["prepared"]), str(chart))
+    assert r["counts"]["examples_scored"] == summary["examples_scored"] == r["predictions"]
+    # The scored period is the trainer's eval split: same examples, same AUC, or there is skew.
+    assert r["skew_check"]["ok"], r["skew_check"]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "dep_delay rule" in format_report(r)
