@@ -19,7 +19,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
-    StandardOptions,
 )
 from apache_beam.pvalue import TaggedOutput
 
@@ -233,6 +232,11 @@ def build_pipeline(
     )
 
 
+def is_dry_run(options: PipelineOptions) -> bool:
+    """DataflowRunner's --dry_run is untyped: any value, even False, means a dry run."""
+    return options.get_all_options(retain_unknown_options=True).get("dry_run") not in (None, False)
+
+
 def summarize(counters: dict[str, int], **extra) -> dict:
     return {
         "records_read": counters.get("records_read", 0),
@@ -277,7 +281,8 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     build_pipeline(p, fs, opts.output_dir, source, split, temp_dir)
     result = p.run()
     result.wait_until_finish()
-    if options.view_as(StandardOptions).runner == "DataflowRunner" and "dry_run" in str(argv):
+    if is_dry_run(options):
+        LOG.info("dry run: the job graph was built and not run")
         return None
     summary = summarize(
         metric_counters(result),
