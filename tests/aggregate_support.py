@@ -104,7 +104,7 @@ def flights_raw_slice(start: str, end: str) -> list[dict]:
     from beam_pipelines.io.files import _read_bytes, read_csv_table
     from transforms.flights import bundled_flights_path
 
-    table = read_csv_table(_read_bytes(bundled_flights_path()))
+    table, _ = read_csv_table(_read_bytes(bundled_flights_path()))
     hours = pc.cast(table.column("time_hour"), "string")
     mask = pc.and_(pc.greater_equal(hours, start), pc.less(hours, end))
     return table.filter(mask).to_pylist()

@@ -1,0 +1,205 @@
+"""The aggregate job (streaming): Pub/Sub events -> the shared windowed aggregates -> Bigtable cells."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_pipelines.common import configure_logging, help_parser, parse_options
+from beam_pipelines.io.bigtable import BigtableOptions, BigtableSetupError, WriteCells, check_table
+from beam_pipelines.io.pubsub import (
+    DEFAULT_TIMESTAMP_ATTRIBUTE,
+    EventTimeOptions,
+    ParseMessages,
+    WriteDeadLetters,
+    read_messages,
+)
+from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, fix_direct_runner_metrics
+from beam_pipelines.prepare import PrepareOptions
+from transforms.aggregations import ComputeAggregates
+from transforms.featureset import FeatureSet, load_feature_set
+from transforms.validation import ValidateRecords
+
+LOG = logging.getLogger("skewless.aggregate")
+LOCAL_STREAMING_RUNNER = "BundleBasedDirectRunner"
+DEFAULT_ALLOWED_LATENESS_S = 600
+DESCRIPTION = (
+    "Streaming job: read JSON events of the feature set's raw schema from a Pub/Sub "
+    "subscription (event time in a message attribute), validate them, compute the shared "
+    "windowed aggregates (one pane per window end W, late panes within the allowed lateness) "
+    "and write each pane to Bigtable as the cells of the feature contract. Bad messages go to "
+    "the dead-letter topic with their stage and reason."
+)
+
+
+class AggregateOptions(PipelineOptions):
+    """The aggregate job's own flags. Shared ones live with their owner (Beam parses every
+    options class of the process with one parser): --bigtable_* in io/bigtable.py,
+    --timestamp_attribute in io/pubsub.py, --feature_set in prepare.py."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--subscription", help="projects/P/subscriptions/S to read events from (required)."
+        )
+        parser.add_argument(
+            "--dead_letter_topic",
+            help="projects/P/topics/D for bad messages (payload + stage/reason attributes). "
+            "Without it, bad messages are counted and logged.",
+        )
+        parser.add_argument(
+            "--allowed_lateness_s",
+            type=int,
+            default=DEFAULT_ALLOWED_LATENESS_S,
+            help="Events up to this late (after the watermark passed their window end) update "
+            "their cells; later updates are dropped and counted.",
+        )
+        parser.add_argument(
+            "--source_timestamps",
+            choices=("auto", "on", "off"),
+            default="auto",
+            help="on: the Pub/Sub source reads the timestamp attribute (Dataflow's watermark "
+            "follows event time; a garbled attribute fails in the source). off: the job parses "
+            "it and dead-letters garbled ones (watermark follows publish time). auto: on for "
+            "DataflowRunner, off otherwise.",
+        )
+        parser.add_argument(
+            "--skip_table_check",
+            action="store_true",
+            help="Do not check at start that the Bigtable table and column family exist.",
+        )
+
+
+class _FlagGroups:
+    """Several options classes rendered as one for --help (duck-types `_add_argparse_args`)."""
+
+    def __init__(self, *groups):
+        self.groups = groups
+
+    def _add_argparse_args(self, parser):
+        for group in self.groups:
+            group._add_argparse_args(parser)
+
+
+def parse_job_options(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    groups: Sequence[type[PipelineOptions]],
+    required: Sequence[tuple[type[PipelineOptions], str]],
+    default_runner: str | None = LOCAL_STREAMING_RUNNER,
+) -> PipelineOptions:
+    """Options with a --help listing every group, required flags checked (Beam's shared parser
+    cannot mark them required: it would fail every other job of the same process)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        help_parser(prog, description, _FlagGroups(*groups)).print_help()
+        raise SystemExit(0)
+    options = parse_options(
+        groups[0], argv, prog=prog, description=description, default_runner=default_runner
+    )
+    missing = [f"--{name}" for group, name in required if not getattr(options.view_as(group), name)]
+    if missing:
+        raise SystemExit(f"{prog}: missing required option(s): {', '.join(missing)}")
+    return options
+
+
+class FeatureSetFlag:
+    """--feature_set for --help; the flag itself is declared once, by PrepareOptions."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--feature_set", default="flights", help="'flights' (bundled) or package.module:NAME."
+        )
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    fs: FeatureSet,
+    source: beam.PTransform,
+    sink: beam.PTransform,
+    dead_letters: beam.PTransform,
+    *,
+    timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
+    allowed_lateness_s: int = DEFAULT_ALLOWED_LATENESS_S,
+) -> None:
+    """Wire the aggregate job. `source` yields PubsubMessages; `sink` takes AggregateBlocks."""
+    messages = p | "Read" >> source
+    payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs.name)
+    events, invalid = payloads | "Validate" >> ValidateRecords(fs)
+    blocks = events | "Aggregate" >> ComputeAggregates(
+        fs, streaming=True, allowed_lateness_s=allowed_lateness_s
+    )
+    _ = blocks | "WriteCells" >> sink
+    _ = (bad_timestamps, invalid) | "AllDeadLetters" >> beam.Flatten() | "DeadLetters" >> dead_letters
+
+
+def source_timestamps(opts: AggregateOptions, runner: str | None) -> bool:
+    if opts.source_timestamps == "auto":
+        return runner == "DataflowRunner"
+    return opts.source_timestamps == "on"
+
+
+def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateOptions]:
+    """Parse options, check the table, and build (not run) the job."""
+    options = parse_job_options(
+        argv,
+        prog="skewless aggregate",
+        description=DESCRIPTION,
+        groups=(AggregateOptions, BigtableOptions, EventTimeOptions, FeatureSetFlag),
+        required=(
+            (AggregateOptions, "subscription"),
+            (BigtableOptions, "bigtable_project"),
+            (BigtableOptions, "bigtable_instance"),
+            (BigtableOptions, "bigtable_table"),
+        ),
+    )
+    # Streaming is set in code: Flex Template metadata cannot carry it (ARCHITECTURE.md).
+    std = options.view_as(StandardOptions)
+    std.streaming = True
+    opts = options.view_as(AggregateOptions)
+    bt = options.view_as(BigtableOptions)
+    timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
+    if opts.allowed_lateness_s < 0:
+        raise SystemExit("skewless aggregate: --allowed_lateness_s must be >= 0")
+    fs = load_feature_set(options.view_as(PrepareOptions).feature_set)
+    if not opts.skip_table_check:
+        try:
+            check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)
+        except BigtableSetupError as exc:
+            raise SystemExit(f"skewless aggregate: {exc}") from None
+    if std.runner in LOCAL_STREAMING_RUNNERS:
+        fix_direct_runner_metrics()
+    p = beam.Pipeline(options=options)
+    build_pipeline(
+        p,
+        fs,
+        read_messages(opts.subscription, timestamp_attribute, source_timestamps(opts, std.runner)),
+        WriteCells(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name),
+        WriteDeadLetters(opts.dead_letter_topic),
+        timestamp_attribute=timestamp_attribute,
+        allowed_lateness_s=opts.allowed_lateness_s,
+    )
+    return p, opts
+
+
+def run(argv: Sequence[str] | None = None):
+    """Parse options, build and start the job; blocks until it ends (the local runner: Ctrl-C)."""
+    configure_logging()
+    p, opts = make_pipeline(argv)
+    if opts.dead_letter_topic is None:
+        LOG.warning("no --dead_letter_topic: bad messages are only counted and logged")
+    result = p.run()
+    LOG.info("aggregate job started, reading %s", opts.subscription)
+    result.wait_until_finish()
+    return result
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,196 @@
+"""Bigtable at the edge of the streaming job: the feature cells of the contract, setup and checks.
+
+Cell layout (ARCHITECTURE.md): row key `{key name}#{key value}#{W zero-padded epoch ms}`, one
+column family per feature set (its name), one column per aggregate, cell timestamp W. Values
+are UTF-8 text (`repr` of the number: counts as integers, the others as floats that round-trip
+exactly), which is what Beam's `BigTableEnrichmentHandler` hands to stream scoring.
+
+Idempotency: every write of a cell uses the same timestamp W, and Bigtable keeps one version per
+(row, column, timestamp): a retry, a replay or a late pane REPLACES the value instead of adding a
+version. The family's GC rule also keeps at most one version (and bounds the age).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.aggregations import CellKey, explode_cells, parse_row_key, row_key
+
+NAMESPACE = "skewless"
+FLUSH_ROWS = 500
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class BigtableOptions(PipelineOptions):
+    """The feature table, shared by `aggregate` and `bigtable-setup` (Beam parses every options
+    class of the process with one parser, so a flag is declared once)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--bigtable_project", help="Bigtable project (required).")
+        parser.add_argument("--bigtable_instance", help="Bigtable instance (required).")
+        parser.add_argument(
+            "--bigtable_table", help="Bigtable table of the feature cells (required)."
+        )
+
+
+class BigtableSetupError(RuntimeError):
+    """The table or the column family the job writes to does not exist (or cannot be reached)."""
+
+
+def encode_value(value: int | float) -> bytes:
+    if isinstance(value, bool):
+        value = int(value)
+    return repr(value).encode("utf-8")
+
+
+def decode_value(raw: bytes) -> int | float:
+    text = raw.decode("utf-8")
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def window_end_timestamp(window_end_ms: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(milliseconds=window_end_ms)
+
+
+def cell_row(table, family: str, key: CellKey, values: dict):
+    """One DirectRow setting every aggregate of the cell at timestamp W."""
+    row = table.direct_row(row_key(*key).encode("utf-8"))
+    stamp = window_end_timestamp(key.window_end_ms)
+    for name, value in values.items():
+        row.set_cell(family, name.encode("utf-8"), encode_value(value), timestamp=stamp)
+    return row
+
+
+def open_table(project: str, instance: str, table: str, admin: bool = False):
+    from google.cloud import bigtable
+
+    client = bigtable.Client(project=project, admin=admin)
+    return client.instance(instance).table(table)
+
+
+def gc_rule(max_age_s: int):
+    """Max age (from the cell timestamp W) and at most one version: the family's GC rule."""
+    from google.cloud.bigtable import column_family
+
+    return column_family.GCRuleUnion(
+        [
+            column_family.MaxAgeGCRule(dt.timedelta(seconds=max_age_s)),
+            column_family.MaxVersionsGCRule(1),
+        ]
+    )
+
+
+def check_table(project: str, instance: str, table_id: str, family: str) -> None:
+    """Fail with a clear message, before the job starts, if the table or the family is missing."""
+    try:
+        table = open_table(project, instance, table_id, admin=True)
+        if not table.exists():
+            raise BigtableSetupError(
+                f"Bigtable table {table_id!r} does not exist in projects/{project}/instances/"
+                f"{instance}: create it with `skewless bigtable-setup`"
+            )
+        families = table.list_column_families()
+    except BigtableSetupError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any client error means the same to the user here
+        raise BigtableSetupError(
+            f"cannot reach Bigtable table {table_id!r} in projects/{project}/instances/{instance}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if family not in families:
+        raise BigtableSetupError(
+            f"Bigtable table {table_id!r} has no column family {family!r} (has "
+            f"{sorted(families)}): run `skewless bigtable-setup` for this feature set"
+        )
+
+
+class _WriteCellsFn(beam.DoFn):
+    """AggregateBlocks -> one DirectRow per (key, W), written with mutate_rows per batch.
+
+    A failed row raises, so the runner retries the bundle: writes are idempotent, and the
+    job's start-up check has ruled out the permanent failures (missing table or family).
+    """
+
+    def __init__(self, project: str, instance: str, table: str, family: str):
+        self.project = project
+        self.instance = instance
+        self.table_id = table
+        self.family = family
+
+    def setup(self) -> None:
+        self._table = open_table(self.project, self.instance, self.table_id)
+        self._written = Metrics.counter(NAMESPACE, "cells_written")
+
+    def start_bundle(self) -> None:
+        self._rows = []
+
+    def process(self, block) -> None:
+        for key, values in explode_cells(block):
+            self._rows.append(cell_row(self._table, self.family, key, values))
+        if len(self._rows) >= FLUSH_ROWS:
+            self._flush()
+
+    def finish_bundle(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        statuses = self._table.mutate_rows(rows)
+        failed = [(r.row_key, s) for r, s in zip(rows, statuses, strict=True) if s.code != 0]
+        if failed:
+            key, status = failed[0]
+            raise RuntimeError(
+                f"{len(failed)} of {len(rows)} Bigtable rows failed (first {key!r}: "
+                f"code {status.code} {status.message}); the bundle will be retried"
+            )
+        self._written.inc(len(rows))
+
+
+class WriteCells(beam.PTransform):
+    """AggregateBlocks -> Bigtable cells of the contract (counted as `cells_written`)."""
+
+    def __init__(self, project: str, instance: str, table: str, family: str):
+        super().__init__()
+        self.project = project
+        self.instance = instance
+        self.table = table
+        self.family = family
+
+    def expand(self, blocks):
+        return blocks | "MutateRows" >> beam.ParDo(
+            _WriteCellsFn(self.project, self.instance, self.table, self.family)
+        )
+
+
+def read_cells(table, family: str) -> dict[CellKey, dict]:
+    """Every cell of the family: CellKey -> {aggregate: value} (latest version)."""
+    return {key: values for key, values, _ in read_cells_with_versions(table, family)}
+
+
+def read_cells_with_versions(table, family: str) -> Iterator[tuple[CellKey, dict, int]]:
+    """(CellKey, {aggregate: latest value}, largest number of versions of any column)."""
+    for row in table.read_rows():
+        columns = row.cells.get(family, {})
+        if not columns:
+            continue
+        values = {}
+        versions = 0
+        for name, cells in columns.items():
+            values[name.decode("utf-8")] = decode_value(cells[0].value)
+            versions = max(versions, len(cells))
+        yield parse_row_key(row.row_key), values, versions
+
+
+def cells_as_dict(cells: Iterable[tuple[CellKey, dict]]) -> dict[CellKey, dict]:
+    return {CellKey(*key): values for key, values in cells}

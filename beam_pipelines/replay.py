@@ -1,0 +1,297 @@
+"""`skewless replay`: publish raw events (default: the bundled flights) to Pub/Sub in event-time order.
+
+Each message is one JSON record of the feature set's raw schema; its event time (derived by the
+feature set, epoch ms) travels in the `--timestamp_attribute` attribute. Records that are not
+valid events (schema errors, cancelled flights) are skipped and counted: they have no event time
+to order or stamp them by.
+
+- `--speedup N` paces publishing at N times event time (0: as fast as possible).
+- `--shift_to_now` moves every timestamp field of the records by a whole number of periods so
+  that the first event lands at the current time (window alignment is kept, so the cells equal
+  the unshifted ones moved by the same amount). Other calendar fields (year, hour, ...) are
+  left as they are.
+- `--heartbeat_s S` also publishes a heartbeat message (attribute `skewless_heartbeat`, ignored
+  by the job) every S seconds while publishing and for `--linger_s` after the last event: the
+  local runner's Pub/Sub watermark only moves when a pull returns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_pipelines.aggregate import FeatureSetFlag, parse_job_options
+from beam_pipelines.common import configure_logging
+from beam_pipelines.io.pubsub import (
+    DEFAULT_TIMESTAMP_ATTRIBUTE,
+    HEARTBEAT_ATTRIBUTE,
+    EventTimeOptions,
+)
+from beam_pipelines.prepare import PrepareOptions
+from transforms.featureset import FeatureSet, load_feature_set
+from transforms.validation import InvalidRecord, RecordValidator, ms_to_datetime, to_epoch_ms
+
+LOG = logging.getLogger("skewless.replay")
+DESCRIPTION = (
+    "Publish raw events (default: the bundled NYC flights of 2013) to a Pub/Sub topic in "
+    "event-time order, with the event time (epoch ms) in a message attribute."
+)
+
+
+class ReplayOptions(PipelineOptions):
+    """replay's own flags; --input, --input_format and --feature_set are prepare's, and
+    --timestamp_attribute is io/pubsub.py's (one declaration per flag in a process)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--topic", help="projects/P/topics/T to publish to (required).")
+        parser.add_argument(
+            "--start_time", help="Only events at or after this ISO-8601 instant (before any shift)."
+        )
+        parser.add_argument("--end_time", help="Only events before this ISO-8601 instant.")
+        parser.add_argument("--limit", type=int, help="Publish at most this many events.")
+        parser.add_argument(
+            "--speedup",
+            type=float,
+            default=0.0,
+            help="Publish at N times event time (e.g. 60: an hour a minute); 0 = no pacing.",
+        )
+        parser.add_argument(
+            "--shift_to_now",
+            action="store_true",
+            help="Move the events by whole periods so that the first lands at the current time.",
+        )
+        parser.add_argument(
+            "--heartbeat_s", type=float, default=0.0, help="Heartbeat interval (0: none)."
+        )
+        parser.add_argument(
+            "--linger_s", type=float, default=0.0, help="Keep heart-beating this long at the end."
+        )
+
+
+class _InputFlags:
+    """--input, --input_format for --help; declared by PrepareOptions."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input", help="CSV/Parquet/JSON-lines file. Default: the feature set's bundled input."
+        )
+        parser.add_argument("--input_format", choices=("csv", "parquet", "jsonl"))
+
+
+@dataclass
+class ReplayStats:
+    published: int = 0
+    skipped_invalid: int = 0
+    skipped_not_events: int = 0
+    heartbeats: int = 0
+    shift_ms: int = 0
+    first_event_ms: int | None = None
+    last_event_ms: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def read_raw_records(
+    path: str, input_format: str | None = None, stats: ReplayStats | None = None
+) -> list[dict]:
+    """Raw records (dicts) of a CSV, Parquet or JSON-lines file, through the job's file readers.
+
+    CSV lines that do not parse at all, and JSON lines that are not JSON, are counted in
+    `stats.skipped_invalid`."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_pipelines.io.files import _read_bytes, check_input, detect_format, read_csv_table
+
+    rows: list[dict] = []
+    skipped = 0
+    for one in check_input(path, input_format):
+        fmt = input_format or detect_format(one)
+        if fmt == "parquet":
+            with FileSystems.open(one) as f:
+                rows.extend(pq.read_table(f).to_pylist())
+        elif fmt == "csv":
+            table, unparseable = read_csv_table(_read_bytes(one))
+            rows.extend(table.to_pylist())
+            skipped += len(unparseable)
+        else:
+            for line in _read_bytes(one).decode("utf-8", errors="replace").splitlines():
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        skipped += 1
+    if stats is not None:
+        stats.skipped_invalid += skipped
+    return rows
+
+
+def order_events(
+    fs: FeatureSet, raws: Iterable[dict], stats: ReplayStats
+) -> list[tuple[int, dict]]:
+    """(event time ms, raw record) for every valid event, in event-time order (stable)."""
+    validator = RecordValidator(fs)
+    out = []
+    for raw in raws:
+        try:
+            event = validator.validate(dict(raw))
+        except InvalidRecord:
+            stats.skipped_invalid += 1
+            continue
+        if event is None:
+            stats.skipped_not_events += 1
+            continue
+        out.append((event[fs.event_time], raw))
+    out.sort(key=lambda item: item[0])
+    return out
+
+
+def shift_for_now(fs: FeatureSet, first_event_ms: int, now_ms: int) -> int:
+    """A whole number of periods that moves the first event to (just before) now."""
+    period = fs.period_ms
+    return ((now_ms - first_event_ms) // period) * period
+
+
+def to_message(fs: FeatureSet, raw: dict, shift_ms: int = 0) -> bytes:
+    """Raw record -> JSON payload; timestamp fields moved by shift_ms and written as ISO-8601."""
+    out = {}
+    timestamp_fields = {f.name for f in fs.schema if f.type == "timestamp"}
+    for name, value in raw.items():
+        if name in timestamp_fields and value is not None:
+            value = ms_to_datetime(to_epoch_ms(value) + shift_ms).isoformat()
+        elif isinstance(value, (dt.datetime, dt.date)):
+            value = value.isoformat()
+        elif isinstance(value, float) and value != value:
+            value = None
+        out[name] = value
+    return json.dumps(out, separators=(",", ":")).encode("utf-8")
+
+
+class Heartbeat:
+    """Publishes a heartbeat message every `interval_s` in a background thread."""
+
+    def __init__(self, publisher, topic: str, interval_s: float):
+        self.publisher = publisher
+        self.topic = topic
+        self.interval_s = interval_s
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="skewless-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.publisher.publish(self.topic, b"", **{HEARTBEAT_ATTRIBUTE: "1"})
+            self.count += 1
+
+    def __enter__(self):
+        if self.interval_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def publish_events(
+    publisher,
+    topic: str,
+    fs: FeatureSet,
+    events: Sequence[tuple[int, dict]],
+    *,
+    shift_ms: int = 0,
+    speedup: float = 0.0,
+    timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
+    stats: ReplayStats | None = None,
+) -> ReplayStats:
+    """Publish (event ms, raw) pairs in the given order, paced by speedup; wait for every ack."""
+    stats = stats or ReplayStats()
+    stats.shift_ms = shift_ms
+    futures = []
+    started = time.monotonic()
+    first = events[0][0] if events else 0
+    for event_ms, raw in events:
+        if speedup > 0:
+            due = started + (event_ms - first) / 1000.0 / speedup
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        shifted = event_ms + shift_ms
+        futures.append(
+            publisher.publish(
+                topic, to_message(fs, raw, shift_ms), **{timestamp_attribute: str(shifted)}
+            )
+        )
+        stats.published += 1
+        if stats.first_event_ms is None:
+            stats.first_event_ms = shifted
+        stats.last_event_ms = shifted
+    for future in futures:
+        future.result(timeout=120)
+    return stats
+
+
+def run(argv: Sequence[str] | None = None) -> ReplayStats:
+    configure_logging()
+    options = parse_job_options(
+        argv,
+        prog="skewless replay",
+        description=DESCRIPTION,
+        groups=(ReplayOptions, _InputFlags, FeatureSetFlag, EventTimeOptions),
+        required=((ReplayOptions, "topic"),),
+    )
+    opts = options.view_as(ReplayOptions)
+    source = options.view_as(PrepareOptions)
+    timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
+    from google.cloud import pubsub_v1
+
+    fs = load_feature_set(source.feature_set)
+    path = source.input
+    if path is None:
+        default = fs.extra.get("default_input")
+        if default is None:
+            raise SystemExit(f"skewless replay: feature set {fs.name!r} has no bundled input")
+        path = default() if callable(default) else default
+    stats = ReplayStats()
+    events = order_events(fs, read_raw_records(path, source.input_format, stats), stats)
+    if opts.start_time:
+        events = [e for e in events if e[0] >= to_epoch_ms(opts.start_time)]
+    if opts.end_time:
+        events = [e for e in events if e[0] < to_epoch_ms(opts.end_time)]
+    if opts.limit is not None:
+        events = events[: opts.limit]
+    if not events:
+        raise SystemExit("skewless replay: no events to publish")
+    shift_ms = shift_for_now(fs, events[0][0], int(time.time() * 1000)) if opts.shift_to_now else 0
+    publisher = pubsub_v1.PublisherClient()
+    LOG.info("publishing %d events to %s (shift %d ms)", len(events), opts.topic, shift_ms)
+    with Heartbeat(publisher, opts.topic, opts.heartbeat_s) as heartbeat:
+        publish_events(
+            publisher,
+            opts.topic,
+            fs,
+            events,
+            shift_ms=shift_ms,
+            speedup=opts.speedup,
+            timestamp_attribute=timestamp_attribute,
+            stats=stats,
+        )
+        if opts.linger_s > 0:
+            time.sleep(opts.linger_s)
+    stats.heartbeats = heartbeat.count
+    LOG.info("replay done: %s", stats)
+    print(json.dumps(stats.__dict__, default=str))
+    return stats
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,225 @@
+"""Session-scoped Pub/Sub and Bigtable emulator fixtures (Cloud SDK), with small client helpers.
+
+Each emulator runs in its own process group on a free port; tests use unique topic,
+subscription and table names. Without the Cloud SDK the tests skip (fail when CI is set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT = "skewless-test"
+INSTANCE = "skewless-instance"
+STARTUP_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sdk_root() -> Path | None:
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        return None
+    try:
+        out = subprocess.run(
+            [gcloud, "info", "--format=value(installation.sdk_root)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return Path(out) if out else None
+
+
+def _missing(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def _start(cmd: list[str], log_path: Path, ready: Callable[[], bool], what: str) -> subprocess.Popen:
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process in _stop
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc._skewless_log = log  # type: ignore[attr-defined]
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _stop(proc)
+            pytest.fail(f"{what} exited with code {proc.returncode}:\n{_log_tail(log_path)}")
+        if ready():
+            return proc
+        time.sleep(0.1)
+    _stop(proc)
+    pytest.fail(f"{what} not ready after {STARTUP_TIMEOUT_S}s:\n{_log_tail(log_path)}")
+    raise AssertionError("unreachable")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    proc._skewless_log.close()  # type: ignore[attr-defined]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tcp_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class PubSubEmulator:
+    """A running Pub/Sub emulator; the clients it hands out talk to it (PUBSUB_EMULATOR_HOST)."""
+
+    host: str
+    project: str = PROJECT
+
+    def publisher(self):
+        from google.cloud import pubsub_v1
+
+        return pubsub_v1.PublisherClient()
+
+    def subscriber(self):
+        from google.cloud import pubsub_v1
+
+        return pubsub_v1.SubscriberClient()
+
+    def topic(self, prefix: str = "t") -> str:
+        """A new topic with a unique name; returns its path."""
+        path = f"projects/{self.project}/topics/{prefix}-{uuid.uuid4().hex[:10]}"
+        self.publisher().create_topic(name=path)
+        return path
+
+    def subscription(self, topic: str, prefix: str = "s") -> str:
+        """A new subscription to `topic`; returns its path."""
+        path = f"projects/{self.project}/subscriptions/{prefix}-{uuid.uuid4().hex[:10]}"
+        with self.subscriber() as sub:
+            sub.create_subscription(name=path, topic=topic, ack_deadline_seconds=60)
+        return path
+
+    def pull_all(self, subscription: str, expect: int, timeout_s: float = 30.0) -> list:
+        """Pull (and ack) until `expect` messages arrived or the timeout; returns the messages."""
+        out = []
+        deadline = time.monotonic() + timeout_s
+        with self.subscriber() as sub:
+            while len(out) < expect and time.monotonic() < deadline:
+                resp = sub.pull(subscription=subscription, max_messages=100, timeout=5)
+                if resp.received_messages:
+                    sub.acknowledge(
+                        subscription=subscription,
+                        ack_ids=[m.ack_id for m in resp.received_messages],
+                    )
+                    out.extend(m.message for m in resp.received_messages)
+        return out
+
+
+@dataclasses.dataclass
+class BigtableEmulator:
+    """A running Bigtable emulator; clients talk to it through BIGTABLE_EMULATOR_HOST."""
+
+    host: str
+    project: str = PROJECT
+    instance: str = INSTANCE
+
+    def client(self):
+        from google.cloud import bigtable
+
+        return bigtable.Client(project=self.project, admin=True)
+
+    def table_name(self, prefix: str = "features") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEmulator]:
+    sdk = _sdk_root()
+    binary = sdk / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator" if sdk else None
+    if binary is None or not binary.exists():
+        _missing("Pub/Sub emulator not found (needs the Cloud SDK with the pubsub-emulator component)")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("pubsub") / "emulator.log"
+    proc = _start(
+        [str(binary), "--host=127.0.0.1", f"--port={port}"],
+        log_path,
+        lambda: _http_ok(f"http://127.0.0.1:{port}/"),
+        "Pub/Sub emulator",
+    )
+    host = f"127.0.0.1:{port}"
+    previous = os.environ.get("PUBSUB_EMULATOR_HOST")
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
+    try:
+        yield PubSubEmulator(host)
+    finally:
+        if previous is None:
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = previous
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def bigtable_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigtableEmulator]:
+    sdk = _sdk_root()
+    binary = sdk / "platform" / "bigtable-emulator" / "cbtemulator" if sdk else None
+    if binary is None or not binary.exists():
+        _missing("Bigtable emulator not found (needs the Cloud SDK with the bigtable component)")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("bigtable") / "emulator.log"
+    proc = _start(
+        [str(binary), "-host", "127.0.0.1", "-port", str(port)],
+        log_path,
+        lambda: _tcp_ok(port),
+        "Bigtable emulator",
+    )
+    host = f"127.0.0.1:{port}"
+    previous = os.environ.get("BIGTABLE_EMULATOR_HOST")
+    os.environ["BIGTABLE_EMULATOR_HOST"] = host
+    try:
+        yield BigtableEmulator(host)
+    finally:
+        if previous is None:
+            os.environ.pop("BIGTABLE_EMULATOR_HOST", None)
+        else:
+            os.environ["BIGTABLE_EMULATOR_HOST"] = previous
+        _stop(proc)
