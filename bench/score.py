@@ -1,0 +1,133 @@
+"""Benchmark of batch scoring against a floor: the same SavedModel signature on NumPy batches.
+
+    .venv/bin/python bench/score.py --prepared_dir /tmp/p --model_dir /tmp/m [--skip_job]
+
+- floor: every example of features/ (prepare's examples of all flights) as NumPy arrays, the
+  serving signature called on slices of --batch_size rows; conversion to NumPy not timed.
+- stage: a Beam pipeline (local FnApiRunner) that reads the same examples as Arrow batches and
+  runs the job's inference composite (ScoreExamples: input check, RunInference with the
+  skewless handler, output rows), minus a pipeline that only reads and counts them; marginal
+  cost per row between 1 and --copies copies of the data, so fixed costs (model load, tracing)
+  are left out as they are from the floor (also printed with them).
+- job: `skewless score` over the raw flights (read, validate, aggregates, as-of join, inference,
+  Parquet output), wall time in this process.
+Prints rows/s of each and the stage/floor ratio (target: >= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def floor(model_dir: str, features: str, batch_size: int) -> tuple[int, float]:
+    import pyarrow.parquet as pq
+
+    from models.handler import SkewlessModelHandler, arrow_to_feed, predict
+
+    handler = SkewlessModelHandler(model_dir)
+    model = handler.load_model()
+    feed = arrow_to_feed(pq.read_table(features).combine_chunks(), handler.inputs)
+    n = len(next(iter(feed.values())))
+    predict(model, {k: v[:batch_size] for k, v in feed.items()})  # warm-up: trace, allocate
+    started = time.perf_counter()
+    for start in range(0, n, batch_size):
+        predict(model, {k: v[start : start + batch_size] for k, v in feed.items()})
+    return n, time.perf_counter() - started
+
+
+def _pipeline(features: str, handler=None, copies: int = 1) -> tuple[int, float]:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_pipelines.common import metric_counters
+    from beam_pipelines.score import ScoreExamples
+    from transforms.featureset import load_feature_set
+
+    fs = load_feature_set("flights")
+    started = time.perf_counter()
+    p = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    reads = [
+        p | f"Read{i}" >> beam.io.ReadFromParquetBatched(os.path.join(features, "*.parquet"))
+        for i in range(copies)
+    ]
+    batches = (
+        reads
+        | "Flatten" >> beam.Flatten()
+        | "ToBatches" >> beam.FlatMap(lambda table: table.to_batches())
+    )
+    if handler is not None:
+        batches, _ = batches | "Score" >> ScoreExamples(fs, handler)
+    _ = batches | "Count" >> beam.Map(_count)
+    result = p.run()
+    result.wait_until_finish()
+    elapsed = time.perf_counter() - started
+    return metric_counters(result, "bench").get("rows", 0), elapsed
+
+
+def _count(batch) -> None:
+    from apache_beam.metrics import Metrics
+
+    Metrics.counter("bench", "rows").inc(batch.num_rows)
+
+
+def job(model_dir: str, out: str) -> tuple[int, int, float]:
+    from beam_pipelines import score
+
+    started = time.perf_counter()
+    summary = score.run(["--model_dir", model_dir, "--output", out])
+    return summary["records_read"], summary["examples_scored"], time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prepared_dir", required=True, help="`skewless prepare` output (all flights).")
+    parser.add_argument("--model_dir", required=True, help="Base dir of model versions (`skewless train`).")
+    parser.add_argument("--batch_size", type=int, default=8192)
+    parser.add_argument("--copies", type=int, default=4, help="Data copies for the marginal stage cost.")
+    parser.add_argument("--skip_job", action="store_true", help="Only the floor and the stage.")
+    args = parser.parse_args()
+
+    from models.handler import SkewlessModelHandler
+
+    features = os.path.join(args.prepared_dir, "features")
+    n, t_floor = floor(args.model_dir, features, args.batch_size)
+    handler = SkewlessModelHandler(args.model_dir, min_batch_size=args.batch_size, max_batch_size=args.batch_size)
+    # Marginal cost: the same pipeline on 1 and on K copies of the examples; the difference
+    # is free of the fixed costs (pipeline start, model load and first-call tracing) that do
+    # not grow with the data, and the read-only pipeline's difference is subtracted.
+    k = args.copies
+    rows_1, read_1 = _pipeline(features)
+    rows_k, read_k = _pipeline(features, copies=k)
+    scored_1, score_1 = _pipeline(features, handler)
+    scored_k, score_k = _pipeline(features, handler, copies=k)
+    assert rows_1 == scored_1 == n and rows_k == scored_k == k * n, (rows_1, scored_1, rows_k, scored_k, n)
+    extra = (k - 1) * n
+    t_stage = max((score_k - score_1) - (read_k - read_1), 1e-9)
+    floor_rate, stage_rate = n / t_floor, extra / t_stage
+    print(f"examples: {n:,}, batch size {args.batch_size}")
+    print(f"floor  (signature on NumPy batches)          {t_floor:7.2f} s  {floor_rate:12,.0f} rows/s")
+    print(f"stage  (ScoreExamples: RunInference etc.)    marginal over {extra:,} rows:"
+          f" {t_stage:.2f} s  {stage_rate:12,.0f} rows/s")
+    print(f"       pipeline walls: read 1x {read_1:.2f} s, {k}x {read_k:.2f} s; "
+          f"score 1x {score_1:.2f} s, {k}x {score_k:.2f} s")
+    print(f"       1x with fixed costs (load, tracing), read subtracted: {score_1 - read_1:.2f} s"
+          f"  {n / max(score_1 - read_1, 1e-9):12,.0f} rows/s")
+    print(f"ratio stage/floor: {stage_rate / floor_rate:.2f} (target >= 0.5)")
+    if not args.skip_job:
+        with tempfile.TemporaryDirectory() as out:
+            read, scored, t_job = job(args.model_dir, out)
+        print(
+            f"job    (skewless score, {read:,} flights -> {scored:,} predictions) {t_job:7.2f} s  "
+            f"{read / t_job:10,.0f} flights/s  {scored / t_job:10,.0f} predictions/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
