@@ -144,6 +144,28 @@ class Split:
         return {"mode": "hash", "eval_fraction": self.eval_fraction, "key": list(self.key_fields)}
 
 
+class ToTFTBatches(beam.PTransform):
+    """Day-sized example batches -> tf.Transform input batches of about `rows` rows.
+
+    Every tf.Transform batch is one call into the TF graph; a few large batches beat hundreds
+    of small ones.
+    """
+
+    def __init__(self, fs: FeatureSet, batches: int = 32):
+        super().__init__()
+        self.fs = fs
+        self.batches = batches
+
+    def expand(self, pcoll):
+        fs = self.fs
+        return (
+            pcoll
+            | "Group" >> beam.BatchElements(min_batch_size=self.batches, max_batch_size=self.batches)
+            | "Concat" >> beam.Map(lambda bs: pa.Table.from_batches(bs).combine_chunks().to_batches()[0])
+            | "ToListColumns" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
+        )
+
+
 class _SplitBatch(beam.DoFn):
     def __init__(self, fs: FeatureSet, split: Split):
         self.fs = fs
@@ -209,8 +231,8 @@ def build_pipeline(
     )
     adapter = tft_tensor_adapter_config(fs)
     with tft_beam.Context(temp_dir=temp_dir):
-        train = splits.train | "TrainToTFT" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
-        evaluation = splits.eval | "EvalToTFT" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
+        train = splits.train | "TrainToTFT" >> ToTFTBatches(fs)
+        evaluation = splits.eval | "EvalToTFT" >> ToTFTBatches(fs)
         (train_out, _), transform_fn = (
             train,
             adapter,

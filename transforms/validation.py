@@ -180,7 +180,7 @@ class RecordValidator:
     def __init__(self, fs: FeatureSet):
         self.fs = fs
         self._plan = [
-            (f.name, _COERCE[f.type], f.nullable, f.min_value, f.max_value, f.type == "string")
+            (f.name, f.type, _COERCE[f.type], f.nullable, f.min_value, f.max_value)
             for f in fs.schema
         ]
         self._names = frozenset(f.name for f in fs.schema)
@@ -189,23 +189,34 @@ class RecordValidator:
     def typed(self, raw: dict) -> dict:
         if not isinstance(raw, dict):
             raise InvalidRecord(f"record is a {type(raw).__name__}, expected a JSON object")
-        if self._reject_unexpected and len(raw.keys() - self._names):
+        if self._reject_unexpected and not self._names.issuperset(raw):
             extra = sorted(str(k) for k in raw.keys() - self._names)
             raise InvalidRecord(f"unexpected fields {extra}")
         out = {}
-        for name, coerce, nullable, lo, hi, is_string in self._plan:
+        isfinite = math.isfinite
+        # The common cases (values already of their type, as Arrow and JSON give them) are
+        # handled inline: this loop runs for every field of every record of every job.
+        for name, kind, coerce, nullable, lo, hi in self._plan:
             value = raw.get(name)
-            if _is_null(value) or (value == "" and not is_string):
+            t = type(value)
+            if value is None or (t is float and value != value) or (value == "" and kind != "string"):
                 if not nullable:
                     if name in raw:
                         raise InvalidRecord(f"required field {name!r} is null")
                     raise InvalidRecord(f"missing required field {name!r}")
                 out[name] = None
                 continue
-            try:
-                value = coerce(value)
-            except InvalidRecord as exc:
-                raise InvalidRecord(f"field {name!r} {exc}") from None
+            if kind == "float" and (t is float or t is int):
+                value = float(value)
+                if not isfinite(value):
+                    raise InvalidRecord(f"field {name!r} {value!r} is not a finite number")
+            elif kind == "timestamp" and (t is float or t is int) and isfinite(value):
+                value = int(round(value * 1000))
+            elif not ((kind == "int" and t is int) or (kind == "string" and t is str)):
+                try:
+                    value = coerce(value)
+                except InvalidRecord as exc:
+                    raise InvalidRecord(f"field {name!r} {exc}") from None
             if lo is not None and value < lo:
                 raise InvalidRecord(f"field {name!r} = {value!r} is below the minimum {lo!r}")
             if hi is not None and value > hi:
