@@ -20,6 +20,7 @@ JOBS = {
     ),
     "replay": ("beam_pipelines.replay", "publish events (default: bundled flights) to Pub/Sub"),
     "train": ("models.train", "train a model on prepared data; export it with its transform graph"),
+    "report": ("models.report", "print a model + scoring report and write a PNG chart"),
     "score": ("beam_pipelines.score", "batch or streaming scoring with RunInference"),
 }
 

@@ -309,6 +309,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     summary = summarize(
         metric_counters(result),
         feature_set=fs.name,
+        feature_set_spec=opts.feature_set,
         split=split.describe(),
         elapsed_seconds=round(time.monotonic() - started, 2),
         versions=library_versions(),

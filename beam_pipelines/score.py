@@ -279,7 +279,7 @@ def build_pipeline(
     """Wire the batch score job. `sink` takes prediction RecordBatches and returns dead letters."""
     raw = p | "Read" >> source
     events, invalid = raw | "Validate" >> ValidateRecords(fs)
-    examples = events | "BuildExamples" >> BuildExamples(fs)
+    examples = events | "BuildExamples" >> BuildExamples(fs, require_label=False)
     if start_ms is not None or end_ms is not None:
         examples = examples | "SelectPeriod" >> beam.ParDo(_SelectPeriod(fs, start_ms, end_ms))
     predictions, failed = examples | "Score" >> ScoreExamples(fs, handler)

@@ -13,16 +13,22 @@ class BuildExamples(beam.PTransform):
 
     The heart of prepare and of batch scoring: the same aggregate transform as the streaming
     job, then the point-in-time join, then columnar batches for the writers and tf.Transform.
+
+    Training needs a label (`require_label=True`, events without one are not examples);
+    scoring does not: every event is scored, diverted flights included.
     """
 
-    def __init__(self, fs: FeatureSet):
+    def __init__(self, fs: FeatureSet, *, require_label: bool = True):
         super().__init__()
         self.fs = fs
+        self.require_label = require_label
 
     def expand(self, events):
         fs = self.fs
         blocks = events | "Aggregate" >> ComputeAggregates(fs)
-        examples = events | "Examples" >> beam.Filter(
-            lambda e, label: e.get(label) is not None, fs.label
-        )
+        examples = events
+        if self.require_label:
+            examples = events | "Examples" >> beam.Filter(
+                lambda e, label: e.get(label) is not None, fs.label
+            )
         return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs)
