@@ -1,0 +1,116 @@
+"""End to end on the Pub/Sub and Bigtable emulators: replay real flights into the running job.
+
+The local runner's Pub/Sub watermark is the wall clock, so the replayed flights are shifted
+(by whole periods) to end two hours ago and the job allows six hours of lateness: every window
+is already past the watermark and fires a late pane per update, immediately, with the
+accumulated value. A heartbeat keeps the runner's pulls short.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from beam_pipelines.aggregate import make_pipeline
+from beam_pipelines.bigtable_setup import ensure_table
+from beam_pipelines.common import metric_counters
+from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
+from beam_pipelines.replay import Heartbeat, ReplayStats, order_events, publish_events, to_message
+from tests.aggregate_support import batch_cells, flights_raw_slice
+from transforms.flights import FLIGHTS
+from transforms.validation import RecordValidator, to_epoch_ms
+
+pytestmark = [pytest.mark.emulator, pytest.mark.slow]
+LATENESS_S = 6 * 3600
+HOUR_MS = 3_600_000
+
+
+def _wait_for(predicate, timeout_s: float, interval_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval_s)
+
+
+@pytest.mark.timeout(300)
+def test_replayed_flights_reach_bigtable_and_bad_messages_the_dead_letter_topic(
+    pubsub_emulator, bigtable_emulator
+):
+    ps, bt = pubsub_emulator, bigtable_emulator
+    table_id = bt.table_name()
+    ensure_table(bt.project, bt.instance, table_id, FLIGHTS, LATENESS_S, 7 * 86_400)
+    topic = ps.topic("events")
+    subscription = ps.subscription(topic, "job")
+    dead_topic = ps.topic("dead")
+    dead_subscription = ps.subscription(dead_topic, "dead-reader")
+
+    stats = ReplayStats()
+    raws = flights_raw_slice("2013-01-02 08:00:00", "2013-01-02 14:00:00")
+    start, end = to_epoch_ms("2013-01-02T12:00:00Z"), to_epoch_ms("2013-01-02T14:00:00Z")
+    events = [e for e in order_events(FLIGHTS, raws, stats) if start <= e[0] < end]
+    now_ms = int(time.time() * 1000)
+    shift = ((now_ms - 2 * HOUR_MS - events[-1][0]) // FLIGHTS.period_ms) * FLIGHTS.period_ms
+    validator = RecordValidator(FLIGHTS)
+    shifted = [validator.validate(json.loads(to_message(FLIGHTS, raw, shift))) for _, raw in events]
+    expected = batch_cells(FLIGHTS, shifted)
+
+    p, _ = make_pipeline(
+        [
+            f"--subscription={subscription}",
+            f"--bigtable_project={bt.project}",
+            f"--bigtable_instance={bt.instance}",
+            f"--bigtable_table={table_id}",
+            f"--dead_letter_topic={dead_topic}",
+            f"--allowed_lateness_s={LATENESS_S}",
+            f"--project={ps.project}",
+        ]
+    )
+    result = p.run()
+    publisher = ps.publisher()
+    table = open_table(bt.project, bt.instance, table_id)
+    try:
+        with Heartbeat(publisher, topic, 0.5):
+            publish_events(publisher, topic, FLIGHTS, events, shift_ms=shift)
+            good_ts = str(events[0][0] + shift)
+            bad = [
+                (b"{not json", {"event_time": good_ts}),
+                (json.dumps({"carrier": "UA"}).encode(), {"event_time": good_ts}),
+                (to_message(FLIGHTS, events[0][1], shift), {}),
+                (to_message(FLIGHTS, events[1][1], shift), {"event_time": "yesterday-ish"}),
+            ]
+            for data, attributes in bad:
+                publisher.publish(topic, data, **attributes).result(timeout=30)
+
+            def table_matches():
+                cells = {k: v for k, v, _ in read_cells_with_versions(table, FLIGHTS.name)}
+                return cells == expected
+
+            assert _wait_for(table_matches, 180), "Bigtable cells never matched the backfill"
+            dead = ps.pull_all(dead_subscription, expect=4, timeout_s=60)
+    finally:
+        result.cancel()
+
+    versions = {n for *_, n in read_cells_with_versions(table, FLIGHTS.name)}
+    assert versions == {1}
+    by_stage = {m.attributes["stage"]: m for m in dead}
+    assert set(by_stage) == {"parse", "validate", "timestamp"} and len(dead) == 4
+    assert by_stage["parse"].data == b"{not json"
+    assert "not JSON" in by_stage["parse"].attributes["reason"]
+    assert "missing required field" in by_stage["validate"].attributes["reason"]
+    reasons = sorted(m.attributes["reason"] for m in dead if m.attributes["stage"] == "timestamp")
+    assert len(reasons) == 2
+    assert any(r.endswith(": missing") for r in reasons)
+    assert any("'yesterday-ish' is neither epoch milliseconds nor RFC 3339" in r for r in reasons)
+    assert all(m.attributes["feature_set"] == "flights" for m in dead)
+
+    counters = metric_counters(result)
+    assert counters["messages_read"] == len(events) + 4
+    assert counters["records_valid"] == len(events)
+    assert counters["messages_dead_lettered"] == 4
+    assert counters["cells_written"] >= len(expected)
+    assert counters.get("late_updates_dropped", 0) == 0
+    assert counters["heartbeats"] > 0
