@@ -28,8 +28,19 @@ $(BQ_STAMP): scripts/setup_bqemulator.sh
 	PYTHON=$(PYTHON) bash scripts/setup_bqemulator.sh $(BQ_VENV)
 	touch $@
 
+# The whole local flow on the bundled flights: training data, a model, scores for the held-out
+# period (Nov-Dec 2013, the eval split), a report and a chart. No cloud account needed.
 demo: $(STAMP)
-	$(VENV)/bin/skewless prepare --output_dir $(OUT)
+	@echo "== 1/4 prepare: 336,776 flights -> point-in-time features, tf.Transform, TFRecords"
+	$(VENV)/bin/skewless prepare --output_dir $(OUT)/prepared
+	@echo "== 2/4 train: wide-and-deep model exported with its tf.Transform graph"
+	$(VENV)/bin/skewless train --prepared_dir $(OUT)/prepared --model_dir $(OUT)/models
+	@echo "== 3/4 score: RunInference over the held-out period (Nov-Dec 2013)"
+	$(VENV)/bin/skewless score --model_dir $(OUT)/models --start 2013-11-01T00:00:00Z --output $(OUT)/scores
+	@echo "== 4/4 report"
+	$(VENV)/bin/skewless report --model_dir $(OUT)/models --score_dir $(OUT)/scores \
+		--prepared_dir $(OUT)/prepared --chart $(OUT)/report.png
+	@echo "Outputs under $(OUT)/ ; chart: $(OUT)/report.png"
 
 test: $(STAMP) $(BQ_STAMP)
 	BQ_EMULATOR_VENV=$(abspath $(BQ_VENV)) $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)

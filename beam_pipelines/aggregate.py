@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines.common import configure_logging, help_parser, parse_options
+from beam_pipelines.common import configure_logging, parse_job_options
 from beam_pipelines.io.bigtable import BigtableOptions, BigtableSetupError, WriteCells, check_table
 from beam_pipelines.io.pubsub import (
     DEFAULT_TIMESTAMP_ATTRIBUTE,
@@ -19,7 +18,7 @@ from beam_pipelines.io.pubsub import (
     read_messages,
 )
 from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, fix_direct_runner_metrics
-from beam_pipelines.prepare import PrepareOptions
+from beam_pipelines.options import FeatureSetOptions
 from transforms.aggregations import ComputeAggregates
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.validation import ValidateRecords
@@ -39,7 +38,7 @@ DESCRIPTION = (
 class AggregateOptions(PipelineOptions):
     """The aggregate job's own flags. Shared ones live with their owner (Beam parses every
     options class of the process with one parser): --bigtable_* in io/bigtable.py,
-    --timestamp_attribute in io/pubsub.py, --feature_set in prepare.py."""
+    --timestamp_attribute in io/pubsub.py, --feature_set in options.py."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -71,51 +70,6 @@ class AggregateOptions(PipelineOptions):
             "--skip_table_check",
             action="store_true",
             help="Do not check at start that the Bigtable table and column family exist.",
-        )
-
-
-class _FlagGroups:
-    """Several options classes rendered as one for --help (duck-types `_add_argparse_args`)."""
-
-    def __init__(self, *groups):
-        self.groups = groups
-
-    def _add_argparse_args(self, parser):
-        for group in self.groups:
-            group._add_argparse_args(parser)
-
-
-def parse_job_options(
-    argv: Sequence[str] | None,
-    *,
-    prog: str,
-    description: str,
-    groups: Sequence[type[PipelineOptions]],
-    required: Sequence[tuple[type[PipelineOptions], str]],
-    default_runner: str | None = LOCAL_STREAMING_RUNNER,
-) -> PipelineOptions:
-    """Options with a --help listing every group, required flags checked (Beam's shared parser
-    cannot mark them required: it would fail every other job of the same process)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        help_parser(prog, description, _FlagGroups(*groups)).print_help()
-        raise SystemExit(0)
-    options = parse_options(
-        groups[0], argv, prog=prog, description=description, default_runner=default_runner
-    )
-    missing = [f"--{name}" for group, name in required if not getattr(options.view_as(group), name)]
-    if missing:
-        raise SystemExit(f"{prog}: missing required option(s): {', '.join(missing)}")
-    return options
-
-
-class FeatureSetFlag:
-    """--feature_set for --help; the flag itself is declared once, by PrepareOptions."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--feature_set", default="flights", help="'flights' (bundled) or package.module:NAME."
         )
 
 
@@ -152,13 +106,14 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
         argv,
         prog="skewless aggregate",
         description=DESCRIPTION,
-        groups=(AggregateOptions, BigtableOptions, EventTimeOptions, FeatureSetFlag),
+        groups=(AggregateOptions, BigtableOptions, EventTimeOptions, FeatureSetOptions),
         required=(
             (AggregateOptions, "subscription"),
             (BigtableOptions, "bigtable_project"),
             (BigtableOptions, "bigtable_instance"),
             (BigtableOptions, "bigtable_table"),
         ),
+        default_runner=LOCAL_STREAMING_RUNNER,
     )
     # Streaming is set in code: Flex Template metadata cannot carry it (ARCHITECTURE.md).
     std = options.view_as(StandardOptions)
@@ -168,7 +123,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
     timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
     if opts.allowed_lateness_s < 0:
         raise SystemExit("skewless aggregate: --allowed_lateness_s must be >= 0")
-    fs = load_feature_set(options.view_as(PrepareOptions).feature_set)
+    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
     if not opts.skip_table_check:
         try:
             check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)

@@ -17,15 +17,10 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_pipelines.aggregate import (
-    DEFAULT_ALLOWED_LATENESS_S,
-    AggregateOptions,
-    FeatureSetFlag,
-    parse_job_options,
-)
-from beam_pipelines.common import configure_logging
+from beam_pipelines.aggregate import DEFAULT_ALLOWED_LATENESS_S, AggregateOptions
+from beam_pipelines.common import configure_logging, parse_job_options
 from beam_pipelines.io.bigtable import BigtableOptions, gc_rule, open_table
-from beam_pipelines.prepare import PrepareOptions
+from beam_pipelines.options import FeatureSetOptions
 from transforms.featureset import FeatureSet, load_feature_set
 
 LOG = logging.getLogger("skewless.bigtable_setup")
@@ -101,7 +96,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         argv,
         prog="skewless bigtable-setup",
         description=DESCRIPTION,
-        groups=(BigtableSetupOptions, BigtableOptions, _LatenessFlag, FeatureSetFlag),
+        groups=(BigtableSetupOptions, BigtableOptions, _LatenessFlag, FeatureSetOptions),
         required=(
             (BigtableOptions, "bigtable_project"),
             (BigtableOptions, "bigtable_instance"),
@@ -113,7 +108,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     retention = options.view_as(BigtableSetupOptions).retention_s
     if lateness < 0 or retention < 0:
         raise SystemExit("skewless bigtable-setup: lateness and retention must be >= 0")
-    fs = load_feature_set(options.view_as(PrepareOptions).feature_set)
+    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
     summary = ensure_table(
         bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs, lateness, retention
     )

@@ -96,3 +96,38 @@ def metric_counters(result, namespace: str = "skewless") -> dict[str, int]:
         value = counter.committed if counter.committed is not None else counter.attempted
         out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + int(value or 0)
     return out
+
+
+class _FlagGroups:
+    """Several options classes rendered as one for --help (duck-types `_add_argparse_args`)."""
+
+    def __init__(self, *groups):
+        self.groups = groups
+
+    def _add_argparse_args(self, parser):
+        for group in self.groups:
+            group._add_argparse_args(parser)
+
+
+def parse_job_options(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    groups: Sequence[type[PipelineOptions]],
+    required: Sequence[tuple[type[PipelineOptions], str]],
+    default_runner: str | None = LOCAL_BATCH_RUNNER,
+) -> PipelineOptions:
+    """Options with a --help listing every group, required flags checked (Beam's shared parser
+    cannot mark them required: it would fail every other job of the same process)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        help_parser(prog, description, _FlagGroups(*groups)).print_help()
+        raise SystemExit(0)
+    options = parse_options(
+        groups[0], argv, prog=prog, description=description, default_runner=default_runner
+    )
+    missing = [f"--{name}" for group, name in required if not getattr(options.view_as(group), name)]
+    if missing:
+        raise SystemExit(f"{prog}: missing required option(s): {', '.join(missing)}")
+    return options

@@ -17,14 +17,14 @@ import pyarrow.compute as pc
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
-    GoogleCloudOptions,
     PipelineOptions,
 )
 from apache_beam.pvalue import TaggedOutput
 
-from beam_pipelines.common import configure_logging, metric_counters, parse_options
-from beam_pipelines.io.files import ReadRawFiles, check_input
+from beam_pipelines.common import configure_logging, metric_counters, parse_job_options
 from beam_pipelines.io.sinks import WriteDeadLetters, WriteFeaturesParquet, WriteTFRecords
+from beam_pipelines.io.sources import describe_source, read_source
+from beam_pipelines.options import FeatureSetOptions, SourceOptions
 from transforms.example_schema import (
     features_arrow_schema,
     tft_tensor_adapter_config,
@@ -44,51 +44,12 @@ DESCRIPTION = (
 
 
 class PrepareOptions(PipelineOptions):
+    """prepare's own flags; --input/--bigquery_* and --feature_set are in options.py."""
+
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
             "--output_dir", help="Local or gs:// directory for every output (required)."
-        )
-        parser.add_argument(
-            "--input",
-            help="Local or gs:// path or glob of CSV (.csv, .csv.gz, .zip), Parquet or JSON-lines "
-            "files. Default: the bundled input of the feature set (all 336,776 NYC flights of 2013).",
-        )
-        parser.add_argument(
-            "--input_format", choices=("csv", "parquet", "jsonl"), help="Override format detection."
-        )
-        parser.add_argument(
-            "--bigquery_table", help="Read this table (project.dataset.table) instead of files."
-        )
-        parser.add_argument(
-            "--bigquery_query",
-            help="Read the result of this GoogleSQL query; reference values as @name parameters.",
-        )
-        parser.add_argument(
-            "--bigquery_query_param",
-            action="append",
-            default=[],
-            help="A query parameter NAME=TYPE:VALUE (e.g. origin=STRING:JFK); repeatable.",
-        )
-        parser.add_argument(
-            "--bigquery_project",
-            help="Project that runs the query/read session (default --project).",
-        )
-        parser.add_argument(
-            "--bigquery_temp_dataset",
-            help="project.dataset where a query writes its result table (expires after a day). "
-            "Default: BigQuery's anonymous result table. Needed on the BigQuery emulator.",
-        )
-        parser.add_argument(
-            "--bigquery_endpoint", help="BigQuery REST endpoint override (emulators)."
-        )
-        parser.add_argument(
-            "--bigquery_storage_endpoint", help="BigQuery Storage Read gRPC host:port (emulators)."
-        )
-        parser.add_argument(
-            "--feature_set",
-            default="flights",
-            help="The feature set: 'flights' (bundled) or package.module:NAME.",
         )
         parser.add_argument(
             "--eval_start",
@@ -181,34 +142,6 @@ class _SplitBatch(beam.DoFn):
             yield TaggedOutput("eval", evaluation)
 
 
-def read_source(opts: PrepareOptions, fs: FeatureSet) -> beam.PTransform:
-    """The raw-record source named by the options (files by default, or BigQuery)."""
-    if opts.bigquery_table or opts.bigquery_query:
-        from beam_pipelines.io.bigquery import ReadFromBigQueryStorage, parse_query_parameter
-
-        if opts.input:
-            raise ValueError("give --input or --bigquery_table/--bigquery_query, not both")
-        return ReadFromBigQueryStorage(
-            table=opts.bigquery_table,
-            query=opts.bigquery_query,
-            query_parameters=[parse_query_parameter(p) for p in opts.bigquery_query_param],
-            project=opts.bigquery_project or opts.view_as(GoogleCloudOptions).project,
-            bigquery_endpoint=opts.bigquery_endpoint,
-            storage_endpoint=opts.bigquery_storage_endpoint,
-            temp_dataset=opts.bigquery_temp_dataset,
-        )
-    pattern = opts.input or _default_input(fs)
-    check_input(pattern, opts.input_format)
-    return ReadRawFiles(pattern, opts.input_format)
-
-
-def _default_input(fs: FeatureSet) -> str:
-    default = fs.extra.get("default_input")
-    if default is None:
-        raise ValueError(f"feature set {fs.name!r} has no bundled input: pass --input")
-    return default() if callable(default) else default
-
-
 def build_pipeline(
     p: beam.Pipeline,
     fs: FeatureSet,
@@ -283,20 +216,19 @@ def library_versions() -> dict[str, str]:
 def run(argv: Sequence[str] | None = None) -> dict | None:
     """Parse options, build and run the prepare job; write and return summary.json."""
     configure_logging()
-    options = parse_options(PrepareOptions, argv, prog="skewless prepare", description=DESCRIPTION)
-    opts = options.view_as(PrepareOptions)
-    if not opts.output_dir:
-        raise SystemExit("skewless prepare: --output_dir is required")
-    fs = load_feature_set(opts.feature_set)
-    split = Split.from_options(fs, opts.eval_start, opts.eval_fraction)
-    source = read_source(opts, fs)
-    input_desc = (
-        {"bigquery_table": opts.bigquery_table}
-        if opts.bigquery_table
-        else {"bigquery_query": opts.bigquery_query}
-        if opts.bigquery_query
-        else {"input": opts.input or _default_input(fs)}
+    options = parse_job_options(
+        argv,
+        prog="skewless prepare",
+        description=DESCRIPTION,
+        groups=(PrepareOptions, SourceOptions, FeatureSetOptions),
+        required=((PrepareOptions, "output_dir"),),
     )
+    opts = options.view_as(PrepareOptions)
+    feature_set = options.view_as(FeatureSetOptions).feature_set
+    fs = load_feature_set(feature_set)
+    split = Split.from_options(fs, opts.eval_start, opts.eval_fraction)
+    source = read_source(options, fs)
+    input_desc = describe_source(options, fs)
     temp_dir = os.path.join(opts.output_dir, "tmp")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
@@ -309,7 +241,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     summary = summarize(
         metric_counters(result),
         feature_set=fs.name,
-        feature_set_spec=opts.feature_set,
+        feature_set_spec=feature_set,
         split=split.describe(),
         elapsed_seconds=round(time.monotonic() - started, 2),
         versions=library_versions(),

@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_pipelines.aggregate import FeatureSetFlag, parse_job_options
-from beam_pipelines.common import configure_logging
+from beam_pipelines.common import configure_logging, parse_job_options
 from beam_pipelines.io.pubsub import (
     DEFAULT_TIMESTAMP_ATTRIBUTE,
     HEARTBEAT_ATTRIBUTE,
     EventTimeOptions,
 )
-from beam_pipelines.prepare import PrepareOptions
+from beam_pipelines.options import FeatureSetOptions, SourceOptions
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.validation import InvalidRecord, RecordValidator, ms_to_datetime, to_epoch_ms
 
@@ -77,7 +76,7 @@ class ReplayOptions(PipelineOptions):
 
 
 class _InputFlags:
-    """--input, --input_format for --help; declared by PrepareOptions."""
+    """--input, --input_format for --help (declared by SourceOptions; replay reads files only)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -246,15 +245,15 @@ def run(argv: Sequence[str] | None = None) -> ReplayStats:
         argv,
         prog="skewless replay",
         description=DESCRIPTION,
-        groups=(ReplayOptions, _InputFlags, FeatureSetFlag, EventTimeOptions),
+        groups=(ReplayOptions, _InputFlags, FeatureSetOptions, EventTimeOptions),
         required=((ReplayOptions, "topic"),),
     )
     opts = options.view_as(ReplayOptions)
-    source = options.view_as(PrepareOptions)
+    source = options.view_as(SourceOptions)
     timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
     from google.cloud import pubsub_v1
 
-    fs = load_feature_set(source.feature_set)
+    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
     path = source.input
     if path is None:
         default = fs.extra.get("default_input")

@@ -21,8 +21,10 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 
-from beam_pipelines.common import configure_logging, metric_counters, parse_options
+from beam_pipelines.common import configure_logging, metric_counters, parse_job_options
 from beam_pipelines.io.sinks import WriteDeadLetters
+from beam_pipelines.io.sources import read_source
+from beam_pipelines.options import FeatureSetOptions, SourceOptions
 from models.handler import InputError, SkewlessModelHandler, example_count
 from models.versions import ModelDirError
 from transforms.example_schema import features_arrow_schema
@@ -45,9 +47,7 @@ DESCRIPTION = (
 
 
 class ScoreOptions(PipelineOptions):
-    """The score job's own flags. The source flags (--input, --input_format, --bigquery_*,
-    --feature_set) are prepare's: Beam parses every PipelineOptions subclass of the process
-    with one parser, so a flag may be declared once only."""
+    """The score job's own flags; the source flags and --feature_set are in options.py."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -298,14 +298,16 @@ def _instant(value: str | None, flag: str) -> int | None:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Parse options, check the model, build and run the batch score job; return its summary."""
-    from beam_pipelines.prepare import PrepareOptions, read_source
-
     configure_logging()
-    options = parse_options(ScoreOptions, argv, prog="skewless score", description=DESCRIPTION)
+    options = parse_job_options(
+        argv,
+        prog="skewless score",
+        description=DESCRIPTION,
+        groups=(ScoreOptions, SourceOptions, FeatureSetOptions),
+        required=((ScoreOptions, "model_dir"),),
+    )
     opts = options.view_as(ScoreOptions)
-    source_opts = options.view_as(PrepareOptions)
-    if not opts.model_dir:
-        raise SystemExit("skewless score: --model_dir is required")
+    source_opts = options.view_as(SourceOptions)
     if bool(opts.output) == bool(opts.output_table):
         raise SystemExit("skewless score: give exactly one of --output or --output_table")
     dead_dir = opts.dead_letter_dir or (os.path.join(opts.output, "dead_letters") if opts.output else None)
@@ -324,7 +326,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     except (ModelDirError, ValueError) as exc:
         raise SystemExit(f"skewless score: {exc}") from None
     metadata = handler.model_version.metadata
-    fs = load_feature_set(source_opts.feature_set)
+    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
     if metadata.get("feature_set") not in (None, fs.name):
         raise SystemExit(
             f"skewless score: model version {handler.version} was trained on feature set "
@@ -345,7 +347,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         sink = WritePredictionFiles(
             os.path.join(opts.output, "predictions", "part"), schema, opts.output_format
         )
-    source = read_source(source_opts, fs)
+    source = read_source(options, fs)
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build_pipeline(

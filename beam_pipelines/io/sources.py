@@ -1,0 +1,49 @@
+"""The raw-record source of the batch jobs, chosen by SourceOptions: files or BigQuery."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+
+from beam_pipelines.io.files import ReadRawFiles, check_input
+from beam_pipelines.options import SourceOptions
+from transforms.featureset import FeatureSet
+
+
+def default_input(fs: FeatureSet) -> str:
+    default = fs.extra.get("default_input")
+    if default is None:
+        raise ValueError(f"feature set {fs.name!r} has no bundled input: pass --input")
+    return default() if callable(default) else default
+
+
+def read_source(options: PipelineOptions, fs: FeatureSet) -> beam.PTransform:
+    """The source named by the options; checks the input before any pipeline is built."""
+    opts = options.view_as(SourceOptions)
+    if opts.bigquery_table or opts.bigquery_query:
+        from beam_pipelines.io.bigquery import ReadFromBigQueryStorage, parse_query_parameter
+
+        if opts.input:
+            raise ValueError("give --input or --bigquery_table/--bigquery_query, not both")
+        return ReadFromBigQueryStorage(
+            table=opts.bigquery_table,
+            query=opts.bigquery_query,
+            query_parameters=[parse_query_parameter(p) for p in opts.bigquery_query_param],
+            project=opts.bigquery_project or options.view_as(GoogleCloudOptions).project,
+            bigquery_endpoint=opts.bigquery_endpoint,
+            storage_endpoint=opts.bigquery_storage_endpoint,
+            temp_dataset=opts.bigquery_temp_dataset,
+        )
+    pattern = opts.input or default_input(fs)
+    check_input(pattern, opts.input_format)
+    return ReadRawFiles(pattern, opts.input_format)
+
+
+def describe_source(options: PipelineOptions, fs: FeatureSet) -> dict:
+    """What was read, for summary.json."""
+    opts = options.view_as(SourceOptions)
+    if opts.bigquery_table:
+        return {"bigquery_table": opts.bigquery_table}
+    if opts.bigquery_query:
+        return {"bigquery_query": opts.bigquery_query, "bigquery_query_param": opts.bigquery_query_param}
+    return {"input": opts.input or default_input(fs)}
