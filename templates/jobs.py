@@ -20,6 +20,13 @@ _EMULATOR_ONLY = {
 # A Flex Template passes every parameter as --name=value; a store_true flag rejects a value
 # ("ignored explicit argument"), so it cannot be a parameter.
 _FLAG_ONLY = "store_true flag: Flex Templates pass --name=value, which such a flag rejects"
+# Streaming scoring parses the batch scorer's and the aggregate job's option classes (a flag is
+# declared once per process) but reads only some of their flags.
+_BATCH_SCORING_FLAGS = (
+    "output", "output_format", "output_table", "output_method", "dead_letter_dir", "start", "end",
+)  # fmt: skip
+_BATCH_SCORING_ONLY = "batch scoring only: streaming scoring publishes to --output_topic"
+_AGGREGATE_ONLY = "aggregate job only: streaming scoring reads no event-time attribute"
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,32 @@ JOBS: dict[str, TemplateJob] = {
             required=("model_dir",),
             streaming=False,
             not_parameters=dict(_EMULATOR_ONLY),
+        ),
+        TemplateJob(
+            name="score_streaming",
+            module="beam_pipelines.score",
+            option_classes=(
+                "beam_pipelines.score_stream:ScoreStreamOptions",
+                "beam_pipelines.score:ScoreOptions",
+                "beam_pipelines.aggregate:AggregateOptions",
+                "beam_pipelines.io.bigtable:BigtableOptions",
+                "beam_pipelines.options:FeatureSetOptions",
+            ),
+            required=(
+                "model_dir",
+                "subscription",
+                "output_topic",
+                "bigtable_project",
+                "bigtable_instance",
+                "bigtable_table",
+            ),
+            streaming=True,
+            fixed_args=("--streaming",),
+            not_parameters={
+                "skip_table_check": _FLAG_ONLY,
+                **{flag: _BATCH_SCORING_ONLY for flag in _BATCH_SCORING_FLAGS},
+                **{flag: _AGGREGATE_ONLY for flag in ("allowed_lateness_s", "source_timestamps")},
+            },
         ),
     )
 }
