@@ -277,7 +277,9 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from beam_pipelines.common import configure_logging
+
+    configure_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return train(parse_args(argv))
 

@@ -1,5 +1,6 @@
 """prepare on several local processes gives the same outputs as one; it builds for Dataflow."""
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tensorflow_transform as tft
@@ -21,8 +22,11 @@ def transformed_rows(out):
     rows = []
     for split in ("train", "eval"):
         for r in read_tfrecords(out / split, spec):
-            rows.append(tuple(round(float(r[k].numpy()), 4) for k in sorted(spec)))
-    return sorted(rows)
+            rows.append(tuple(float(r[k].numpy()) for k in sorted(spec)))
+    # Analyzers (means, variances) combine partial sums in another order on two processes:
+    # equal up to float rounding. TFRecords carry no key, so compare each feature's sorted
+    # values with a tolerance (the features Parquet is compared row by row, exactly).
+    return np.sort(np.array(rows), axis=0)
 
 
 @pytest.mark.slow
@@ -40,7 +44,7 @@ def test_two_local_processes_give_the_same_outputs_as_one(slice_csv, tmp_path):
     a = pq.read_table(tmp_path / "one" / "features").sort_by(SORT)
     b = pq.read_table(tmp_path / "two" / "features").sort_by(SORT)
     assert a.equals(b)
-    assert transformed_rows(tmp_path / "one") == transformed_rows(tmp_path / "two")
+    np.testing.assert_allclose(transformed_rows(tmp_path / "one"), transformed_rows(tmp_path / "two"), atol=1e-4)
 
 
 @pytest.mark.timeout(300)
