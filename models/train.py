@@ -152,7 +152,9 @@ def train(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     summary_path = os.path.join(args.prepared_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    fs = load_feature_set(args.feature_set or summary.get("feature_set") or "flights")
+    fs = load_feature_set(
+        args.feature_set or summary.get("feature_set_spec") or summary.get("feature_set") or "flights"
+    )
     transform_dir = os.path.join(args.prepared_dir, "transform")
     tft_output = tft.TFTransformOutput(transform_dir)
     spec = tft_output.transformed_feature_spec()
