@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 
@@ -297,7 +298,13 @@ def _instant(value: str | None, flag: str) -> int | None:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse options, check the model, build and run the batch score job; return its summary."""
+    """Parse options, check the model, build and run the batch score job; return its summary.
+
+    With --streaming, runs the streaming scorer instead (beam_pipelines.score_stream)."""
+    if "--streaming" in (sys.argv[1:] if argv is None else argv):
+        from beam_pipelines import score_stream
+
+        return score_stream.run(argv)
     configure_logging()
     options = parse_job_options(
         argv,

@@ -1,0 +1,384 @@
+"""The score job (streaming): Pub/Sub events -> validate -> Bigtable as-of aggregates -> RunInference -> Pub/Sub.
+
+The aggregates an event sees are the cells the aggregate job wrote, looked up by the exact row
+key of the as-of rule (`transforms.aggregations.attach_aggregates`, the same function the
+backfill tests use): an absent row is an empty window, i.e. the declared defaults. The model is
+the highest numbered version under --model_dir, hot-swapped without a restart when a higher
+one is published (models/watch.py); every prediction names the version that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pvalue import TaggedOutput
+
+from beam_pipelines.aggregate import LOCAL_STREAMING_RUNNER, AggregateOptions
+from beam_pipelines.common import configure_logging, parse_job_options
+from beam_pipelines.io.bigtable import (
+    BigtableOptions,
+    BigtableSetupError,
+    check_table,
+    decode_value,
+    open_table,
+)
+from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, WriteDeadLetters
+from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, fix_direct_runner_metrics
+from beam_pipelines.options import FeatureSetOptions
+from beam_pipelines.score import ScoreOptions, _FailedInferences
+from models.handler import InputError, SkewlessModelHandler, to_feed
+from models.versions import ModelDirError
+from models.watch import WatchingModelHandler
+from transforms.aggregations import CellKey, attach_aggregates, parse_row_key, row_key
+from transforms.featureset import FeatureSet, load_feature_set
+from transforms.validation import NAMESPACE, ValidateRecords, dead_letter, ms_to_datetime
+
+LOG = logging.getLogger("skewless.score_stream")
+DEAD = "dead"
+DEFAULT_MODEL_POLL_S = 30.0
+LOOKUP_BATCH = 500
+DESCRIPTION = (
+    "Streaming scoring (score --streaming): read JSON events of the feature set's raw schema "
+    "from --subscription, validate them, look up their as-of aggregates in the Bigtable table "
+    "the aggregate job writes (absent row = empty window), score them with the highest model "
+    "version under --model_dir (a newly published version is picked up without a restart; "
+    "--model_version pins one) and publish one JSON prediction per event to --output_topic. "
+    "Bad messages and failed inferences go to --dead_letter_topic with their stage and reason."
+)
+
+
+class ScoreStreamOptions(PipelineOptions):
+    """Streaming scoring's own flags. Shared ones live with their owners (one parser per
+    process): --subscription, --dead_letter_topic, --skip_table_check (aggregate.py),
+    --bigtable_* (io/bigtable.py), --model_dir, --model_version, batch sizes (score.py)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_topic", help="projects/P/topics/T for JSON predictions (required with --streaming)."
+        )
+        parser.add_argument(
+            "--model_poll_s",
+            type=float,
+            default=DEFAULT_MODEL_POLL_S,
+            help="How often the scorer looks for a higher model version under --model_dir.",
+        )
+
+
+# --- Bigtable cells -> the lookup of attach_aggregates -------------------------------------------
+
+
+def cells_from_rows(rows: Iterable, family: str) -> dict[CellKey, dict]:
+    """Bigtable rows of the feature contract -> {CellKey: {aggregate: value}} (latest cells).
+
+    The one place streaming scoring decodes cells; `.get` of the result is the `lookup` of
+    transforms.aggregations.attach_aggregates, so the as-of rule itself is not repeated here.
+    """
+    out = {}
+    for row in rows:
+        columns = row.cells.get(family)
+        if columns:
+            out[parse_row_key(row.row_key)] = {
+                name.decode("utf-8"): decode_value(cells[0].value) for name, cells in columns.items()
+            }
+    return out
+
+
+def cell_keys(fs: FeatureSet, event: dict) -> list[CellKey]:
+    """The cells attach_aggregates will ask for (recorded from a dry run of the rule itself)."""
+    keys: list[CellKey] = []
+    attach_aggregates(fs, event, lambda key: keys.append(key))
+    return keys
+
+
+def read_cells(table, family: str, keys: Iterable[CellKey]) -> dict[CellKey, dict]:
+    """Read exactly these rows (one request for the whole batch)."""
+    from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
+    from google.cloud.bigtable.row_set import RowSet
+
+    row_set = RowSet()
+    wanted = {row_key(*k) for k in keys}
+    if not wanted:  # an empty RowSet would read the whole table
+        return {}
+    for key in sorted(wanted):
+        row_set.add_row_key(key.encode("utf-8"))
+    return cells_from_rows(table.read_rows(row_set=row_set, filter_=CellsColumnLimitFilter(1)), family)
+
+
+class _LookupAggregatesFn(beam.DoFn):
+    """A batch of events -> the same events with their as-of aggregates, one Bigtable read.
+
+    A failed read raises, so the runner retries the bundle (reads are idempotent): a Bigtable
+    outage delays predictions instead of scoring events with made-up empty windows.
+    """
+
+    def __init__(self, fs: FeatureSet, open_cells: Callable[[], object]):
+        self.fs = fs
+        self.open_cells = open_cells
+
+    def setup(self) -> None:
+        self._table = self.open_cells()
+        self._found = Metrics.counter(NAMESPACE, "cells_found")
+        self._missing = Metrics.counter(NAMESPACE, "cells_missing")
+
+    def process(self, events: list[dict]) -> Iterator[dict]:
+        fs = self.fs
+        wanted = [cell_keys(fs, e) for e in events]
+        cells = read_cells(self._table, fs.name, (k for keys in wanted for k in keys))
+        found = sum(k in cells for keys in wanted for k in keys)
+        self._found.inc(found)
+        self._missing.inc(sum(map(len, wanted)) - found)
+        for event in events:
+            yield attach_aggregates(fs, event, cells.get)
+
+
+class LookupAggregates(beam.PTransform):
+    """Typed events -> examples with the aggregates as of their event time, from Bigtable.
+
+    `open_cells()` (called on the worker) returns a Bigtable table, or anything with the
+    same `read_rows(row_set=..., filter_=...)`.
+    """
+
+    def __init__(self, fs: FeatureSet, open_cells: Callable[[], object], max_batch: int = LOOKUP_BATCH):
+        super().__init__()
+        self.fs = fs
+        self.open_cells = open_cells
+        self.max_batch = max_batch
+
+    @classmethod
+    def from_bigtable(cls, fs: FeatureSet, project: str, instance: str, table: str) -> LookupAggregates:
+        return cls(fs, _TableOpener(project, instance, table))
+
+    def expand(self, events):
+        return (
+            events
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch)
+            | "ReadCells" >> beam.ParDo(_LookupAggregatesFn(self.fs, self.open_cells))
+        )
+
+
+class _TableOpener:
+    def __init__(self, project: str, instance: str, table: str):
+        self.args = (project, instance, table)
+
+    def __call__(self):
+        return open_table(*self.args)
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+class _Payloads(beam.DoFn):
+    """PubsubMessage -> its payload; heartbeats (kept for the local runner's pulls) are dropped."""
+
+    def setup(self) -> None:
+        self._read = Metrics.counter(NAMESPACE, "messages_read")
+        self._heartbeats = Metrics.counter(NAMESPACE, "heartbeats")
+
+    def process(self, message) -> Iterator[bytes]:
+        if HEARTBEAT_ATTRIBUTE in (message.attributes or {}):
+            self._heartbeats.inc()
+            return
+        self._read.inc()
+        yield message.data
+
+
+class _CheckExample(beam.DoFn):
+    """One example that does not fit the model's inputs is dead-lettered alone, before it can
+    fail the inference batch it would join."""
+
+    def __init__(self, inputs: list[dict]):
+        self.inputs = inputs
+
+    def setup(self) -> None:
+        self._rejected = Metrics.counter(NAMESPACE, "examples_rejected_by_model_inputs")
+
+    def process(self, example: dict) -> Iterator:
+        try:
+            to_feed(example, self.inputs)
+        except InputError as exc:
+            self._rejected.inc()
+            yield TaggedOutput(DEAD, dead_letter("model_input", str(exc), example))
+            return
+        yield example
+
+
+def prediction_fields(fs: FeatureSet) -> list[str]:
+    """Example key fields, then the event time (the batch job's prediction columns, in order)."""
+    key = list(fs.extra.get("example_key") or (*fs.keys, fs.event_time))
+    return list(dict.fromkeys([*key, fs.event_time]))
+
+
+class _ToPrediction(beam.DoFn):
+    """PredictionResult -> {key fields, event_time (ISO-8601 UTC), probability, model_version}."""
+
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+
+    def setup(self) -> None:
+        by_name = self.fs.fields_by_name
+        self._fields = [(n, by_name[n].type == "timestamp") for n in prediction_fields(self.fs)]
+        self._scored = Metrics.counter(NAMESPACE, "examples_scored")
+
+    def process(self, result: PredictionResult) -> Iterator[dict]:
+        example = result.example
+        out = {}
+        for name, is_time in self._fields:
+            value = example.get(name)
+            out[name] = ms_to_datetime(value).isoformat() if is_time and value is not None else value
+        out["probability"] = float(result.inference)
+        out["model_version"] = int(result.model_id)
+        self._scored.inc()
+        yield out
+
+
+class ScoreEvents(beam.PTransform):
+    """Examples (dicts, timestamps as epoch ms) -> (prediction dicts, dead letters)."""
+
+    def __init__(self, fs: FeatureSet, handler: SkewlessModelHandler):
+        super().__init__()
+        self.fs = fs
+        self.handler = handler
+
+    def expand(self, examples):
+        checked = examples | "CheckInputs" >> beam.ParDo(_CheckExample(self.handler.inputs)).with_outputs(
+            DEAD, main="ok"
+        )
+        results, failures = checked.ok | "RunInference" >> RunInference(self.handler).with_exception_handling()
+        predictions = results | "ToPredictions" >> beam.ParDo(_ToPrediction(self.fs))
+        failed = failures.failed_inferences | "FailedInferences" >> beam.ParDo(_FailedInferences())
+        return predictions, (checked[DEAD], failed) | "DeadLetters" >> beam.Flatten()
+
+
+def to_prediction_message(prediction: dict):
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    data = json.dumps(prediction, separators=(",", ":")).encode("utf-8")
+    return PubsubMessage(data=data, attributes={"model_version": str(prediction["model_version"])})
+
+
+class WritePredictions(beam.PTransform):
+    """Prediction dicts -> JSON messages on a Pub/Sub topic (attribute `model_version`)."""
+
+    def __init__(self, topic: str):
+        super().__init__()
+        self.topic = topic
+
+    def expand(self, predictions):
+        from apache_beam.io.gcp.pubsub import WriteToPubSub
+
+        return (
+            predictions
+            | "ToMessage" >> beam.Map(to_prediction_message)
+            | "Publish" >> WriteToPubSub(self.topic, with_attributes=True)
+        )
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    fs: FeatureSet,
+    handler: SkewlessModelHandler,
+    source: beam.PTransform,
+    lookup: beam.PTransform,
+    sink: beam.PTransform,
+    dead_letters: beam.PTransform,
+) -> None:
+    """Wire streaming scoring. `source` yields PubsubMessages, `lookup` turns events into
+    examples (LookupAggregates), `sink` takes prediction dicts, `dead_letters` dead-letter dicts."""
+    payloads = p | "Read" >> source | "Payloads" >> beam.ParDo(_Payloads())
+    events, invalid = payloads | "Validate" >> ValidateRecords(fs)
+    examples = events | "LookupAggregates" >> lookup
+    predictions, failed = examples | "Score" >> ScoreEvents(fs, handler)
+    _ = predictions | "Write" >> sink
+    _ = (invalid, failed) | "AllDeadLetters" >> beam.Flatten() | "DeadLetters" >> dead_letters
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"skewless score --streaming: {message}")
+
+
+def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
+    """Parse options, check the model and the table, and build (not run) the job."""
+    options = parse_job_options(
+        argv,
+        prog="skewless score --streaming",
+        description=DESCRIPTION,
+        groups=(ScoreStreamOptions, ScoreOptions, AggregateOptions, BigtableOptions, FeatureSetOptions),
+        required=(
+            (ScoreOptions, "model_dir"),
+            (AggregateOptions, "subscription"),
+            (ScoreStreamOptions, "output_topic"),
+            (BigtableOptions, "bigtable_project"),
+            (BigtableOptions, "bigtable_instance"),
+            (BigtableOptions, "bigtable_table"),
+        ),
+        default_runner=LOCAL_STREAMING_RUNNER,
+    )
+    std = options.view_as(StandardOptions)
+    std.streaming = True  # set in code: Flex Template metadata cannot carry it
+    opts = options.view_as(ScoreStreamOptions)
+    score = options.view_as(ScoreOptions)
+    stream = options.view_as(AggregateOptions)
+    bt = options.view_as(BigtableOptions)
+    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
+    batching = {"min_batch_size": score.min_batch_size, "max_batch_size": score.max_batch_size}
+    try:
+        if score.model_version is not None:
+            handler = SkewlessModelHandler(score.model_dir, score.model_version, **batching)
+        else:
+            handler = WatchingModelHandler(score.model_dir, poll_s=opts.model_poll_s, **batching)
+    except (ModelDirError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    trained_on = handler.model_version.metadata.get("feature_set")
+    if trained_on not in (None, fs.name):
+        raise _fail(f"model version {handler.version} was trained on feature set {trained_on!r}, not {fs.name!r}")
+    if not stream.skip_table_check:
+        try:
+            check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)
+        except BigtableSetupError as exc:
+            raise _fail(str(exc)) from None
+    if std.runner in LOCAL_STREAMING_RUNNERS:
+        fix_direct_runner_metrics()
+    from apache_beam.io.gcp.pubsub import ReadFromPubSub
+
+    p = beam.Pipeline(options=options)
+    build_pipeline(
+        p,
+        fs,
+        handler,
+        ReadFromPubSub(subscription=stream.subscription, with_attributes=True),
+        LookupAggregates.from_bigtable(fs, bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table),
+        WritePredictions(opts.output_topic),
+        WriteDeadLetters(stream.dead_letter_topic),
+    )
+    info = {
+        "subscription": stream.subscription,
+        "output_topic": opts.output_topic,
+        "dead_letter_topic": stream.dead_letter_topic,
+        "model_dir": score.model_dir,
+        "model_version": handler.version,
+        "hot_swap": isinstance(handler, WatchingModelHandler),
+    }
+    return p, info
+
+
+def run(argv: Sequence[str] | None = None):
+    """Parse options, build and start the job; blocks until it ends (the local runner: Ctrl-C)."""
+    configure_logging()
+    p, info = make_pipeline(argv)
+    if info["dead_letter_topic"] is None:
+        LOG.warning("no --dead_letter_topic: bad messages are only counted and logged")
+    result = p.run()
+    LOG.info("streaming scorer started: %s", json.dumps(info))
+    result.wait_until_finish()
+    return result
+
+
+if __name__ == "__main__":
+    run()
