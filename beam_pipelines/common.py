@@ -131,3 +131,8 @@ def parse_job_options(
     if missing:
         raise SystemExit(f"{prog}: missing required option(s): {', '.join(missing)}")
     return options
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    """DataflowRunner's --dry_run is untyped: any value, even False, means a dry run."""
+    return options.get_all_options(retain_unknown_options=True).get("dry_run") not in (None, False)

@@ -21,7 +21,12 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.pvalue import TaggedOutput
 
-from beam_pipelines.common import configure_logging, metric_counters, parse_job_options
+from beam_pipelines.common import (
+    configure_logging,
+    is_dry_run,
+    metric_counters,
+    parse_job_options,
+)
 from beam_pipelines.io.sinks import WriteDeadLetters, WriteFeaturesParquet, WriteTFRecords
 from beam_pipelines.io.sources import describe_source, read_source
 from beam_pipelines.options import FeatureSetOptions, SourceOptions
@@ -185,11 +190,6 @@ def build_pipeline(
     _ = eval_out | "WriteEval" >> WriteTFRecords(
         os.path.join(output_dir, "eval", "part"), "examples_eval"
     )
-
-
-def is_dry_run(options: PipelineOptions) -> bool:
-    """DataflowRunner's --dry_run is untyped: any value, even False, means a dry run."""
-    return options.get_all_options(retain_unknown_options=True).get("dry_run") not in (None, False)
 
 
 def summarize(counters: dict[str, int], **extra) -> dict:

@@ -22,7 +22,7 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 
-from beam_pipelines.common import configure_logging, metric_counters, parse_job_options
+from beam_pipelines.common import configure_logging, is_dry_run, metric_counters, parse_job_options
 from beam_pipelines.io.sinks import WriteDeadLetters
 from beam_pipelines.io.sources import read_source
 from beam_pipelines.options import FeatureSetOptions, SourceOptions
@@ -362,6 +362,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     result = p.run()
     result.wait_until_finish()
+    if is_dry_run(options):
+        LOG.info("dry run: the job graph was built and not run")
+        return None
     counters = metric_counters(result)
     summary = {
         "records_read": counters.get("records_read", 0),
