@@ -6,16 +6,18 @@ Every aggregate of one entity key shares the period P, so window ends W lie on o
 event at t falls in the P-wide bucket b = floor(t / P) * P, and a bucket feeds the windows
 ending at W = b + P, ..., b + S. Window ends are grouped into *blocks* of B (a multiple of P);
 each event is sent, keyed by (key name, key value, block end), to the one or two blocks whose
-windows need its bucket, timestamped just before the block end and placed in the fixed window
-[block end - B, block end). A CombineFn keeps, per key and block, the per-bucket partial sums;
-its output computes every aggregate for every window end W of the block.
+windows need its bucket. A CombineFn keeps, per key and block, the per-bucket partial sums; an
+AggregateBlock then computes the aggregates of any window end W of the block from them.
 
-- Streaming uses B = P: each block holds exactly one window end W, so a pane fires when the
-  watermark passes W (fresh cells), and late events within the allowed lateness re-fire it with
-  the accumulated value.
-- Batch uses B = one day: each event goes to ~1 block instead of S/P windows, and the per-key
-  windowing work stays linear (event-time SlidingWindows + CombinePerKey is quadratic in windows
-  per key on the local runner). The values are the same; tests check both against brute force.
+- Streaming uses B = P: each contribution is stamped just before its block end and placed in
+  the fixed window [W - P, W), so each pane is exactly one window end W and fires when the
+  watermark passes W (fresh cells); late events within the allowed lateness re-fire it with the
+  accumulated value, later ones are dropped and counted by the lateness gate (lateness.py).
+- Batch uses B = one day and the global window (the block end is in the key): each event goes
+  to about one block instead of S/P windows, and the work stays linear (event-time
+  SlidingWindows + CombinePerKey is quadratic in windows per key on the local runner).
+The DoFns and the CombineFn are the same in both; the tests check both block sizes against a
+brute force over real flights.
 """
 
 from __future__ import annotations
