@@ -343,3 +343,31 @@ def test_a_version_published_while_the_job_runs_takes_over_without_a_restart(
         assert g["probability"] == pytest.approx(v2_out[_key(g)], abs=1e-6)
     # The two versions really differ, so matching version 2's outputs means something.
     assert max(abs(v1[k] - v2_out[k]) for k in after_keys) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_watcher_skips_incomplete_and_broken_versions_and_keeps_serving(trained, tmp_path):
+    from models.watch import WatchingModelHandler
+
+    base = tmp_path / "models"
+    source = trained["result"]["path"]
+    shutil.copytree(source, base / "1")
+    handler = WatchingModelHandler(str(base), poll_s=3600)  # checked by hand below
+    live = handler.load_model()
+    try:
+        (base / "2").mkdir()  # being copied: incomplete, tried again at the next poll
+        assert not live.check_now() and live.version == 1
+        shutil.copytree(source, base / "3")
+        (base / "3" / "variables" / "variables.data-00000-of-00001").write_bytes(b"truncated")
+        assert not live.check_now() and live.version == 1  # TensorFlow cannot load it: skipped
+        shutil.rmtree(base / "2")
+        shutil.copytree(source, base / "2")  # complete now: the highest loadable version
+        assert live.check_now() and live.version == 2
+        shutil.copytree(source, base / "4")
+        assert live.check_now() and live.version == 4 and live.swaps == 2
+        example = attach_aggregates(FLIGHTS, RecordValidator(FLIGHTS).validate(dict(_slice(trained)[0])), lambda k: None)
+        (result,) = handler.run_inference([example], live)
+        assert result.model_id == "4" and 0.0 < result.inference < 1.0
+    finally:
+        live.stop()
