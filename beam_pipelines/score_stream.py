@@ -326,6 +326,16 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     score = options.view_as(ScoreOptions)
     stream = options.view_as(AggregateOptions)
     bt = options.view_as(BigtableOptions)
+    batch_only = [
+        f"--{name}"
+        for name in ("output", "output_table", "start", "end", "dead_letter_dir")
+        if getattr(score, name, None)
+    ]
+    if batch_only:
+        raise _fail(
+            f"batch-only option(s) {', '.join(batch_only)}: streaming predictions go to "
+            "--output_topic and dead letters to --dead_letter_topic"
+        )
     fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
     batching = {"min_batch_size": score.min_batch_size, "max_batch_size": score.max_batch_size}
     try:

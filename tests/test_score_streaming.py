@@ -276,6 +276,9 @@ def test_missing_or_corrupt_model_dir_is_a_clear_error_before_the_job_starts(tra
         score.run([*base, f"--model_dir={broken}"])
     with pytest.raises(SystemExit, match="missing required option.*--output_topic"):
         score.run([a for a in base if not a.startswith("--output_topic")] + [f"--model_dir={broken}"])
+    with pytest.raises(SystemExit, match="batch-only option.*--output, --start"):
+        model_dir = str(trained["result"]["path"]).rsplit("/", 1)[0]
+        score.run([*base, f"--model_dir={model_dir}", "--output=/tmp/x", "--start=2013-01-01T00:00:00Z"])
 
 
 def _expected(model_dir: str, version: int, raws: list[dict]) -> dict:
