@@ -136,6 +136,8 @@ class _KeySpec(NamedTuple):
     period_ms: int
     max_size_ms: int
     aggregates: tuple[_AggSpec, ...]
+    # ends_at[k]: indexes of the aggregates whose window is k + 1 periods long.
+    ends_at: tuple[tuple[int, ...], ...]
 
 
 def key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
@@ -153,9 +155,12 @@ def key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
             )
             for a in aggs
         )
-        specs.append(
-            _KeySpec(key, fields, aggs[0].period_ms, max(a.size_ms for a in aggs), agg_specs)
+        period, max_size = aggs[0].period_ms, max(a.size_ms for a in aggs)
+        ends_at = tuple(
+            tuple(i for i, a in enumerate(agg_specs) if a.size_ms == (k + 1) * period)
+            for k in range(max_size // period)
         )
+        specs.append(_KeySpec(key, fields, period, max_size, agg_specs, ends_at))
     return tuple(specs)
 
 
@@ -258,33 +263,57 @@ class BucketAccumulatorFn(beam.CombineFn):
 
 
 def _cell(spec: _KeySpec, buckets: dict, w: int) -> dict | None:
-    """The aggregates of the window ending at w from per-bucket slots; None if all empty."""
+    """The aggregates of the window ending at w from per-bucket slots; None if all empty.
+
+    One pass over the buckets of the largest window, newest first: every smaller window is a
+    prefix, so its aggregate is read off the running totals when the pass reaches its size.
+    The additions happen in the same order whatever the block size, so batch and streaming
+    compute bit-identical values.
+    """
     period = spec.period_ms
-    # Slots of the largest window, newest first, so each smaller window is a prefix.
-    slots = [buckets.get(b) for b in range(w - period, w - spec.max_size_ms - 1, -period)]
-    if not any(slots):
+    get = buckets.get
+    nfields = len(spec.value_fields)
+    count = 0
+    n = [0] * nfields
+    total = [0] * nfields
+    lo = [None] * nfields
+    hi = [None] * nfields
+    found = False
+    results = [None] * len(spec.aggregates)
+    bucket = w - period
+    for ending in spec.ends_at:
+        slot = get(bucket)
+        if slot is not None:
+            found = True
+            count += slot[0]
+            for f in range(nfields):
+                i = 1 + 4 * f
+                if slot[i]:
+                    n[f] += slot[i]
+                    total[f] += slot[i + 1]
+                    if lo[f] is None or slot[i + 2] < lo[f]:
+                        lo[f] = slot[i + 2]
+                    if hi[f] is None or slot[i + 3] > hi[f]:
+                        hi[f] = slot[i + 3]
+        for index in ending:
+            agg = spec.aggregates[index]
+            f = agg.field_index
+            if agg.combiner == "count":
+                results[index] = count
+            elif n[f] == 0:
+                results[index] = agg.default
+            elif agg.combiner == "mean":
+                results[index] = float(total[f]) / n[f]
+            elif agg.combiner == "sum":
+                results[index] = float(total[f])
+            elif agg.combiner == "min":
+                results[index] = float(lo[f])
+            else:
+                results[index] = float(hi[f])
+        bucket -= period
+    if not found:
         return None
-    values = {}
-    for agg in spec.aggregates:
-        window_slots = [s for s in slots[: agg.size_ms // period] if s is not None]
-        values[agg.name] = _combine(agg, window_slots)
-    return values
-
-
-def _combine(agg: _AggSpec, slots: list) -> float:
-    if agg.combiner == "count":
-        return sum(s[0] for s in slots)
-    i = 1 + 4 * agg.field_index
-    n = sum(s[i] for s in slots)
-    if n == 0:
-        return agg.default
-    if agg.combiner == "sum":
-        return float(sum(s[i + 1] for s in slots))
-    if agg.combiner == "mean":
-        return float(sum(s[i + 1] for s in slots)) / n
-    if agg.combiner == "min":
-        return float(min(s[i + 2] for s in slots if s[i + 2] is not None))
-    return float(max(s[i + 3] for s in slots if s[i + 3] is not None))
+    return {agg.name: value for agg, value in zip(spec.aggregates, results, strict=True)}
 
 
 class _ToBlocks(beam.DoFn):
