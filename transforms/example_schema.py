@@ -64,15 +64,10 @@ def examples_to_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.Rec
 
 def example_fields_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.RecordBatch:
     """Example dicts -> RecordBatch of the declared example fields only (no aggregates yet)."""
-    arrays, fields = [], []
-    for col in fs.example_fields:
-        values = [e.get(col.name) for e in examples]
-        if col.type == "timestamp":
-            arrays.append(pa.array(values, type=pa.int64()).cast(_ARROW["timestamp"]))
-        else:
-            arrays.append(pa.array(values, type=_ARROW[col.type]))
-        fields.append(pa.field(col.name, _ARROW[col.type], nullable=col.nullable))
-    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+    schema = pa.schema(
+        [pa.field(c.name, _ARROW[c.type], nullable=c.nullable) for c in fs.example_fields]
+    )
+    return pa.RecordBatch.from_pylist(list(examples), schema=schema)
 
 
 def with_aggregate_columns(fs: FeatureSet, table: pa.Table, columns: dict) -> pa.Table:

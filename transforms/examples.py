@@ -28,7 +28,6 @@ class BuildExamples(beam.PTransform):
         blocks = events | "Aggregate" >> ComputeAggregates(fs)
         examples = events
         if self.require_label:
-            examples = events | "Examples" >> beam.Filter(
-                lambda e, label: e.get(label) is not None, fs.label
-            )
+            label = fs.label
+            examples = events | "Examples" >> beam.Filter(lambda e: e.get(label) is not None)
         return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs)

@@ -270,16 +270,13 @@ def iter_raw_records(element: Any) -> Iterator[tuple[str, Any]]:
 def _batch_rows(batch: pa.RecordBatch) -> list[dict]:
     # Timestamp columns become epoch seconds: converting them to datetime objects row by
     # row costs more than all the validation (to_epoch_ms takes numbers as epoch seconds).
-    columns = {}
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+    columns = []
+    for column in batch.columns:
         if pa.types.is_timestamp(column.type):
-            column = pc.divide(
-                column.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).cast(pa.float64()),
-                1000.0,
-            )
-        columns[name] = column.to_pylist()
-    names = list(columns)
-    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+            millis = column.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
+            column = pc.divide(millis.cast(pa.float64()), 1000.0)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names).to_pylist()
 
 
 class ValidateRecordsFn(beam.DoFn):
