@@ -19,11 +19,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,54 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import start_emulators, stop  # noqa: E402
+
 PROJECT, INSTANCE = "skewless-bench", "bench"
 SCALE = 150  # 5 min -> 2 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_emulators() -> list[subprocess.Popen]:
-    sdk = subprocess.run(
-        [shutil.which("gcloud"), "info", "--format=value(installation.sdk_root)"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    ps_port, bt_port = _free_port(), _free_port()
-    procs = [
-        subprocess.Popen(
-            [f"{sdk}/platform/pubsub-emulator/bin/cloud-pubsub-emulator", "--host=127.0.0.1", f"--port={ps_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ),
-        subprocess.Popen(
-            [f"{sdk}/platform/bigtable-emulator/cbtemulator", "-host", "127.0.0.1", "-port", str(bt_port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ),
-    ]
-    os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{ps_port}"
-    os.environ["BIGTABLE_EMULATOR_HOST"] = f"127.0.0.1:{bt_port}"
-    import urllib.request
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{ps_port}/", timeout=1)
-            socket.create_connection(("127.0.0.1", bt_port), timeout=1).close()
-            return procs
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("emulators did not start")
-
-
-def stop(procs) -> None:
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
 
 
 def bench_feature_set():
@@ -364,7 +315,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--profile", help="cProfile output of the job run (last rate)")
     args = parser.parse_args()
-    procs = start_emulators()
+    procs, _ = start_emulators()
     try:
         fs = bench_feature_set()
         print(json.dumps({"job_code_per_event": job_code_cost_us(fs, live_payloads(fs, 20_000))}), flush=True)

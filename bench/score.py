@@ -67,7 +67,7 @@ def _pipeline(features: str, handler=None, copies: int = 1) -> tuple[int, float]
         links = tempfile.mkdtemp(prefix="bench-score-")
         for i in range(copies):
             for path in glob.glob(pattern):
-                os.symlink(path, os.path.join(links, f"copy{i}-{os.path.basename(path)}"))
+                os.symlink(os.path.abspath(path), os.path.join(links, f"copy{i}-{os.path.basename(path)}"))
         pattern = os.path.join(links, "*.parquet")
     batches = (
         p
