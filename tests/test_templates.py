@@ -350,7 +350,7 @@ def test_prepare_builds_for_dataflow_with_tf_transform(trained, dataflow_jobs, t
     (job,) = dataflow_jobs
     assert job.proto.type.name == "JOB_TYPE_BATCH"
     steps = step_names(job)
-    for step in ("AnalyzeAndTransform", "TransformEval", "WriteTransform", "WriteTrain/Write", "DeadLetters"):
+    for step in ("AnalyzeAndTransform", "TransformEval", "WriteTransform", "WriteTrain/EncodeAndWriteShards", "DeadLetters"):
         assert step in steps, step
 
 
