@@ -142,16 +142,11 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_job(fs, raws, rate, table_id, profile=None) -> dict:
-    import apache_beam as beam
+def _fresh_stream(fs, table_id: str):
+    """A Bigtable table for the run and a new topic + subscription on the emulators."""
     from google.cloud import pubsub_v1
 
-    from beam_pipelines.aggregate import build_pipeline, make_pipeline  # noqa: F401
     from beam_pipelines.bigtable_setup import ensure_table
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.io.bigtable import WriteCells, open_table
-    from beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
-    from beam_pipelines.local_runner import fix_direct_runner_metrics
 
     ensure_table(PROJECT, INSTANCE, table_id, fs, 60, 86_400)
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
@@ -159,6 +154,19 @@ def run_job(fs, raws, rate, table_id, profile=None) -> dict:
     sub = subscriber.create_subscription(
         name=f"projects/{PROJECT}/subscriptions/s-{uuid.uuid4().hex[:8]}", topic=topic
     ).name
+    return publisher, topic, sub
+
+
+def run_job(fs, raws, rate, table_id, profile=None) -> dict:
+    import apache_beam as beam
+
+    from beam_pipelines.aggregate import build_pipeline, make_pipeline  # noqa: F401
+    from beam_pipelines.common import metric_counters
+    from beam_pipelines.io.bigtable import WriteCells, open_table
+    from beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
+    from beam_pipelines.local_runner import fix_direct_runner_metrics
+
+    publisher, topic, sub = _fresh_stream(fs, table_id)
     fix_direct_runner_metrics()
     options = beam.options.pipeline_options.PipelineOptions(
         runner="BundleBasedDirectRunner", streaming=True, project=PROJECT
@@ -260,17 +268,10 @@ class Floor:
 
 
 def run_floor(fs, raws, rate, table_id) -> dict:
-    from google.cloud import pubsub_v1
 
-    from beam_pipelines.bigtable_setup import ensure_table
     from beam_pipelines.io.bigtable import open_table
 
-    ensure_table(PROJECT, INSTANCE, table_id, fs, 60, 86_400)
-    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    topic = publisher.create_topic(name=f"projects/{PROJECT}/topics/t-{uuid.uuid4().hex[:8]}").name
-    sub = subscriber.create_subscription(
-        name=f"projects/{PROJECT}/subscriptions/s-{uuid.uuid4().hex[:8]}", topic=topic
-    ).name
+    publisher, topic, sub = _fresh_stream(fs, table_id)
     table = open_table(PROJECT, INSTANCE, table_id)
     floor = Floor(fs, sub, table)
     thread = threading.Thread(target=floor.run, daemon=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -23,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.emulator_process import free_port, log_tail, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "skewless-test"
@@ -41,19 +42,6 @@ _ARROW_TO_BIGQUERY = [
     (pa.types.is_date, "DATE"),
     (pa.types.is_decimal, "NUMERIC"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as e:
-        return f"(no log: {e})"
 
 
 def _bigquery_type(field: pa.Field) -> str:
@@ -154,7 +142,7 @@ def _wait_until_ready(
         if proc.poll() is not None:
             pytest.fail(
                 f"BigQuery emulator exited with code {proc.returncode} during startup; "
-                f"log {log_path}:\n{_log_tail(log_path)}"
+                f"log {log_path}:\n{log_tail(log_path, lines=40)}"
             )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
@@ -171,20 +159,8 @@ def _wait_until_ready(
         time.sleep(0.2)
     pytest.fail(
         f"BigQuery emulator not ready after {STARTUP_TIMEOUT_S:.0f}s; "
-        f"log {log_path}:\n{_log_tail(log_path)}"
+        f"log {log_path}:\n{log_tail(log_path, lines=40)}"
     )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    # The emulator runs in its own session: signal the whole group so no worker is left over.
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -201,7 +177,7 @@ def bq_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEm
             pytest.fail(message)
         pytest.skip(message)
 
-    rest_port, grpc_port = _free_port(), _free_port()
+    rest_port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("bqemulator") / "bqemulator.log"
     # HOME is where DuckDB finds the extensions setup_bqemulator.sh installed; without them the
     # emulator tries to download them and dies offline.
@@ -234,4 +210,4 @@ def bq_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEm
             log_path=log_path,
         )
     finally:
-        _stop(proc)
+        stop_process_group(proc)

@@ -6,10 +6,10 @@ subscription and table names. Without the Cloud SDK the tests skip (fail when CI
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -21,15 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.emulator_process import free_port, log_tail, stop_process_group
+
 PROJECT = "skewless-test"
 INSTANCE = "skewless-instance"
 STARTUP_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sdk_root() -> Path | None:
@@ -55,13 +51,6 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
 def _start(cmd: list[str], log_path: Path, ready: Callable[[], bool], what: str) -> subprocess.Popen:
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process in _stop
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -70,26 +59,32 @@ def _start(cmd: list[str], log_path: Path, ready: Callable[[], bool], what: str)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             _stop(proc)
-            pytest.fail(f"{what} exited with code {proc.returncode}:\n{_log_tail(log_path)}")
+            pytest.fail(f"{what} exited with code {proc.returncode}:\n{log_tail(log_path)}")
         if ready():
             return proc
         time.sleep(0.1)
     _stop(proc)
-    pytest.fail(f"{what} not ready after {STARTUP_TIMEOUT_S}s:\n{_log_tail(log_path)}")
+    pytest.fail(f"{what} not ready after {STARTUP_TIMEOUT_S}s:\n{log_tail(log_path)}")
     raise AssertionError("unreachable")
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+    stop_process_group(proc)
     proc._skewless_log.close()  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _exported(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the fixture's lifetime, then restore the previous one."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _http_ok(url: str) -> bool:
@@ -177,7 +172,7 @@ def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSub
     binary = sdk / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator" if sdk else None
     if binary is None or not binary.exists():
         _missing("Pub/Sub emulator not found (needs the Cloud SDK with the pubsub-emulator component)")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("pubsub") / "emulator.log"
     proc = _start(
         [str(binary), "--host=127.0.0.1", f"--port={port}"],
@@ -186,15 +181,10 @@ def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSub
         "Pub/Sub emulator",
     )
     host = f"127.0.0.1:{port}"
-    previous = os.environ.get("PUBSUB_EMULATOR_HOST")
-    os.environ["PUBSUB_EMULATOR_HOST"] = host
     try:
-        yield PubSubEmulator(host)
+        with _exported("PUBSUB_EMULATOR_HOST", host):
+            yield PubSubEmulator(host)
     finally:
-        if previous is None:
-            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
-        else:
-            os.environ["PUBSUB_EMULATOR_HOST"] = previous
         _stop(proc)
 
 
@@ -204,7 +194,7 @@ def bigtable_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bigt
     binary = sdk / "platform" / "bigtable-emulator" / "cbtemulator" if sdk else None
     if binary is None or not binary.exists():
         _missing("Bigtable emulator not found (needs the Cloud SDK with the bigtable component)")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("bigtable") / "emulator.log"
     proc = _start(
         [str(binary), "-host", "127.0.0.1", "-port", str(port)],
@@ -213,13 +203,8 @@ def bigtable_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bigt
         "Bigtable emulator",
     )
     host = f"127.0.0.1:{port}"
-    previous = os.environ.get("BIGTABLE_EMULATOR_HOST")
-    os.environ["BIGTABLE_EMULATOR_HOST"] = host
     try:
-        yield BigtableEmulator(host)
+        with _exported("BIGTABLE_EMULATOR_HOST", host):
+            yield BigtableEmulator(host)
     finally:
-        if previous is None:
-            os.environ.pop("BIGTABLE_EMULATOR_HOST", None)
-        else:
-            os.environ["BIGTABLE_EMULATOR_HOST"] = previous
         _stop(proc)
