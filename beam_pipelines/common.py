@@ -45,40 +45,6 @@ def help_parser(
     return parser
 
 
-def parse_options(
-    job_options: type[PipelineOptions],
-    argv: Sequence[str] | None,
-    *,
-    prog: str,
-    description: str,
-    default_runner: str | None = LOCAL_BATCH_RUNNER,
-) -> PipelineOptions:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        help_parser(prog, description, job_options).print_help()
-        raise SystemExit(0)
-    options = PipelineOptions(argv)
-    job = options.view_as(job_options)
-    missing = [
-        a.dest for a in _required_actions(job_options) if getattr(job, a.dest, None) in (None, "")
-    ]
-    if missing:
-        raise SystemExit(
-            f"{prog}: missing required option(s): " + ", ".join(f"--{m}" for m in missing)
-        )
-    std = options.view_as(StandardOptions)
-    if std.runner is None and default_runner:
-        # The DirectRunner first tries to download the Prism binary, which fails offline.
-        std.runner = default_runner
-    return options
-
-
-def _required_actions(job_options: type[PipelineOptions]):
-    parser = argparse.ArgumentParser(add_help=False)
-    job_options._add_argparse_args(parser)
-    return [a for a in parser._actions if getattr(a, "required", False)]
-
-
 def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -124,12 +90,14 @@ def parse_job_options(
     if "-h" in argv or "--help" in argv:
         help_parser(prog, description, _FlagGroups(*groups)).print_help()
         raise SystemExit(0)
-    options = parse_options(
-        groups[0], argv, prog=prog, description=description, default_runner=default_runner
-    )
+    options = PipelineOptions(argv)
     missing = [f"--{name}" for group, name in required if not getattr(options.view_as(group), name)]
     if missing:
         raise SystemExit(f"{prog}: missing required option(s): {', '.join(missing)}")
+    std = options.view_as(StandardOptions)
+    if std.runner is None and default_runner:
+        # The DirectRunner first tries to download the Prism binary, which fails offline.
+        std.runner = default_runner
     return options
 
 
