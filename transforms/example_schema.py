@@ -49,19 +49,6 @@ def features_arrow_schema(fs: FeatureSet) -> pa.Schema:
     )
 
 
-def examples_to_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.RecordBatch:
-    """Example dicts (timestamps as epoch ms) -> flat RecordBatch of the features/ schema."""
-    schema = features_arrow_schema(fs)
-    arrays = []
-    for col in example_columns(fs):
-        values = [e.get(col.name) for e in examples]
-        if col.type == "timestamp":
-            arrays.append(pa.array(values, type=pa.int64()).cast(_ARROW["timestamp"]))
-        else:
-            arrays.append(pa.array(values, type=_ARROW[col.type]))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
 def example_fields_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.RecordBatch:
     """Example dicts -> RecordBatch of the declared example fields only (no aggregates yet)."""
     schema = pa.schema(

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.featureset import FeatureSet, Field
+from transforms.featureset import FeatureSet
 
 VALID = "valid"
 DEAD = "dead"
@@ -58,10 +58,6 @@ def _jsonable(value: Any) -> Any:
 
 
 # --- coercion of one value to its declared type -------------------------------------------------
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _to_int(value: Any) -> int:
@@ -343,7 +339,3 @@ class ValidateRecords(beam.PTransform):
             ValidateRecordsFn(self.fs)
         ).with_outputs(DEAD, main=VALID)
         return results[VALID], results[DEAD]
-
-
-def field_of(fs: FeatureSet, name: str) -> Field:
-    return fs.fields_by_name[name]
