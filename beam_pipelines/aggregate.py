@@ -29,8 +29,9 @@ DEFAULT_ALLOWED_LATENESS_S = 600
 DESCRIPTION = (
     "Streaming job: read JSON events of the feature set's raw schema from a Pub/Sub "
     "subscription (event time in a message attribute), validate them, compute the shared "
-    "windowed aggregates (one pane per window end W, late panes within the allowed lateness) "
-    "and write each pane to Bigtable as the cells of the feature contract. Bad messages go to "
+    "windowed aggregates (a cell per entity and window end W when the watermark passes W, "
+    "updated for events within the allowed lateness) and write them to Bigtable as the cells "
+    "of the feature contract. Bad messages go to "
     "the dead-letter topic with their stage and reason."
 )
 
@@ -83,14 +84,14 @@ def build_pipeline(
     timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
     allowed_lateness_s: int = DEFAULT_ALLOWED_LATENESS_S,
 ) -> None:
-    """Wire the aggregate job. `source` yields PubsubMessages; `sink` takes AggregateBlocks."""
+    """Wire the aggregate job. `source` yields PubsubMessages; `sink` takes Cells."""
     messages = p | "Read" >> source
     payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs.name)
     events, invalid = payloads | "Validate" >> ValidateRecords(fs)
-    blocks = events | "Aggregate" >> ComputeAggregates(
+    cells = events | "Aggregate" >> ComputeAggregates(
         fs, streaming=True, allowed_lateness_s=allowed_lateness_s
     )
-    _ = blocks | "WriteCells" >> sink
+    _ = cells | "WriteCells" >> sink
     _ = (bad_timestamps, invalid) | "AllDeadLetters" >> beam.Flatten() | "DeadLetters" >> dead_letters
 
 

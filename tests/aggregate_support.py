@@ -9,10 +9,12 @@ from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from beam_pipelines.local_runner import fix_direct_runner_metrics
 from transforms.aggregations import ComputeAggregates, explode_cells
 from transforms.featureset import FeatureSet, Field, WindowedAggregate
+from transforms.tiles import Cell
 from transforms.validation import RecordValidator
 
 TOY = FeatureSet(
@@ -56,25 +58,26 @@ class _Record(beam.DoFn):
     def __init__(self, run_id: str):
         self.run_id = run_id
 
-    def process(self, cell, pane_info=beam.DoFn.PaneInfoParam):
-        key, values = cell
+    def process(self, element):
+        if isinstance(element, Cell):  # streaming: one emission of one cell
+            cells = [(element.key, element.values, element.index, element.timing)]
+        else:  # batch: an AggregateBlock, each of its cells computed once
+            cells = [(k, v, 0, PaneInfoTiming.ON_TIME) for k, v in explode_cells(element)]
         with _LOCK:
-            _PANES[self.run_id].append((tuple(key), dict(values), pane_info.index, pane_info.timing))
+            for key, values, index, timing in cells:
+                _PANES[self.run_id].append((tuple(key), dict(values), index, timing))
 
 
 class CollectPanes(beam.PTransform):
-    """AggregateBlocks -> recorded (cell key, values, pane index, timing); read with `panes()`."""
+    """Cells or AggregateBlocks -> recorded (cell key, values, emission index, timing); read
+    with `panes()`."""
 
     def __init__(self):
         super().__init__()
         self.run_id = uuid.uuid4().hex
 
-    def expand(self, blocks):
-        return (
-            blocks
-            | "Explode" >> beam.FlatMap(explode_cells)
-            | "Record" >> beam.ParDo(_Record(self.run_id))
-        )
+    def expand(self, cells):
+        return cells | "Record" >> beam.ParDo(_Record(self.run_id))
 
     def panes(self) -> list:
         with _LOCK:

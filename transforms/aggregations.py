@@ -1,49 +1,47 @@
-"""The windowed aggregate PTransform, shared by batch backfill and streaming, and the as-of join.
-
-How it works, and why it is fast in batch and exact in streaming:
+"""The windowed aggregate PTransform (batch backfill and streaming) and the batch as-of join.
 
 Every aggregate of one entity key shares the period P, so window ends W lie on one grid. An
-event at t falls in the P-wide bucket b = floor(t / P) * P, and a bucket feeds the windows
-ending at W = b + P, ..., b + S. Window ends are grouped into *blocks* of B (a multiple of P);
-each event is sent, keyed by (key name, key value, block end), to the one or two blocks whose
-windows need its bucket. A CombineFn keeps, per key and block, the per-bucket partial sums; an
-AggregateBlock then computes the aggregates of any window end W of the block from them.
+event at t falls in the P-wide bucket b = floor(t / P) * P, which feeds the windows ending at
+W = b + P, ..., b + S. Both paths keep the same per-bucket partials and compute a cell with the
+same function (`partials._cell`, exact sums), so batch and streaming are bit-identical:
 
-- Streaming uses B = P: each contribution is stamped just before its block end and placed in
-  the fixed window [W - P, W), so each pane is exactly one window end W and fires when the
-  watermark passes W (fresh cells); late events within the allowed lateness re-fire it with the
-  accumulated value, later ones are dropped and counted by the lateness gate (lateness.py).
-- Batch uses B = one day and the global window (the block end is in the key): each event goes
-  to about one block instead of S/P windows, and the work stays linear (event-time
+- Batch groups window ends into day *blocks*: each event is sent, keyed by (key name, key
+  value, block end), to the one or two blocks whose windows need its bucket; a CombineFn keeps
+  the per-bucket partials of a block and an AggregateBlock computes any W of it on demand. Each
+  event is handled about once, in the global window, and the work stays linear (event-time
   SlidingWindows + CombinePerKey is quadratic in windows per key on the local runner).
-The DoFns and the CombineFn are the same in both; the tests check both block sizes against a
-brute force over real flights.
+- Streaming uses tiles (tiles.py): one shuffle element per event and entity key, per-key state
+  of the recent buckets, a cell per W when the watermark passes it, late updates within the
+  allowed lateness re-emitted, later ones dropped and counted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
-from apache_beam.transforms import trigger, window
+from apache_beam.transforms import window
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.example_schema import example_fields_record_batch, with_aggregate_columns
 from transforms.featureset import FeatureSet, as_of_window_end
-from transforms.lateness import DEFAULT_GRACE_S, LatenessGate
+from transforms.partials import (
+    NAMESPACE,
+    CellKey,
+    _cell,
+    add_to_slot,
+    entity_value,
+    key_specs,
+    merge_buckets,
+    new_slot,
+)
+from transforms.tiles import Cell, TiledAggregates
 
-NAMESPACE = "skewless"
 BATCH_BLOCK_S = 86_400
-
-
-class CellKey(NamedTuple):
-    key_name: str
-    key_value: str
-    window_end_ms: int
 
 
 class AggregateBlock:
@@ -120,70 +118,12 @@ def parse_row_key(key: str | bytes) -> CellKey:
     return CellKey(name, value, int(end))
 
 
-class _AggSpec(NamedTuple):
-    name: str
-    combiner: str
-    size_ms: int
-    field_index: int  # which value field of the slot (see BucketAccumulatorFn)
-    default: float
-
-
-class _KeySpec(NamedTuple):
-    """For one entity key: the value fields its aggregates read, the period, the largest window."""
-
-    key_name: str
-    value_fields: tuple[str, ...]
-    period_ms: int
-    max_size_ms: int
-    aggregates: tuple[_AggSpec, ...]
-    # ends_at[k]: indexes of the aggregates whose window is k + 1 periods long.
-    ends_at: tuple[tuple[int, ...], ...]
-
-
-def key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
-    specs = []
-    for key in fs.aggregate_keys:
-        aggs = fs.aggregates_for(key)
-        fields = tuple(dict.fromkeys(a.value for a in aggs if a.value is not None))
-        agg_specs = tuple(
-            _AggSpec(
-                a.name,
-                a.combiner,
-                a.size_ms,
-                fields.index(a.value) if a.value is not None else 0,
-                0 if a.combiner == "count" else a.default,
-            )
-            for a in aggs
-        )
-        period, max_size = aggs[0].period_ms, max(a.size_ms for a in aggs)
-        ends_at = tuple(
-            tuple(i for i, a in enumerate(agg_specs) if a.size_ms == (k + 1) * period)
-            for k in range(max_size // period)
-        )
-        specs.append(_KeySpec(key, fields, period, max_size, agg_specs, ends_at))
-    return tuple(specs)
-
-
-def entity_value(value: Any) -> str | None:
-    """Entity keys are compared and stored as text (they end up in Bigtable row keys)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 class _ToBlockContributions(beam.DoFn):
-    """Event -> ((key name, key value, block end), (bucket, values)) for each block it feeds.
+    """Event -> ((key name, key value, block end), (bucket, values)) for each block it feeds."""
 
-    In streaming the element is stamped just before its block end, so that the fixed window
-    [block end - B, block end) fires when the watermark passes the block's last window end.
-    """
-
-    def __init__(self, fs: FeatureSet, block_ms: int, timestamped: bool):
+    def __init__(self, fs: FeatureSet, block_ms: int):
         self.fs = fs
         self.block_ms = block_ms
-        self.timestamped = timestamped
 
     def setup(self) -> None:
         self._specs = key_specs(self.fs)
@@ -204,15 +144,11 @@ class _ToBlockContributions(beam.DoFn):
             first_block = -(-(bucket + period) // block) * block
             last_block = -(-(bucket + spec.max_size_ms) // block) * block
             for block_end in range(first_block, last_block + 1, block):
-                element = ((spec.key_name, key_value, block_end), (bucket, values))
-                if self.timestamped:
-                    yield window.TimestampedValue(element, (block_end - 1) / 1000.0)
-                else:
-                    yield element
+                yield (spec.key_name, key_value, block_end), (bucket, values)
 
 
 class BucketAccumulatorFn(beam.CombineFn):
-    """Per (key, block): bucket start -> [count, then (n, sum, min, max) per value field]."""
+    """Per (key, block): bucket start -> slot of per-bucket partials (partials.py)."""
 
     def create_accumulator(self) -> dict:
         return {}
@@ -221,99 +157,19 @@ class BucketAccumulatorFn(beam.CombineFn):
         bucket, values = element
         slot = acc.get(bucket)
         if slot is None:
-            slot = acc[bucket] = [0] + [0, 0.0, None, None] * len(values)
-        slot[0] += 1
-        i = 1
-        for v in values:
-            if v is not None:
-                slot[i] += 1
-                slot[i + 1] += v
-                if slot[i + 2] is None or v < slot[i + 2]:
-                    slot[i + 2] = v
-                if slot[i + 3] is None or v > slot[i + 3]:
-                    slot[i + 3] = v
-            i += 4
+            slot = acc[bucket] = new_slot(len(values))
+        add_to_slot(slot, values)
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
         accumulators = iter(accumulators)
         out = next(accumulators)
         for acc in accumulators:
-            for bucket, slot in acc.items():
-                mine = out.get(bucket)
-                if mine is None:
-                    out[bucket] = list(slot)
-                    continue
-                mine[0] += slot[0]
-                for i in range(1, len(slot), 4):
-                    mine[i] += slot[i]
-                    mine[i + 1] += slot[i + 1]
-                    if slot[i + 2] is not None and (
-                        mine[i + 2] is None or slot[i + 2] < mine[i + 2]
-                    ):
-                        mine[i + 2] = slot[i + 2]
-                    if slot[i + 3] is not None and (
-                        mine[i + 3] is None or slot[i + 3] > mine[i + 3]
-                    ):
-                        mine[i + 3] = slot[i + 3]
+            merge_buckets(out, acc)
         return out
 
     def extract_output(self, acc: dict) -> dict:
         return acc
-
-
-def _cell(spec: _KeySpec, buckets: dict, w: int) -> dict | None:
-    """The aggregates of the window ending at w from per-bucket slots; None if all empty.
-
-    One pass over the buckets of the largest window, newest first: every smaller window is a
-    prefix, so its aggregate is read off the running totals when the pass reaches its size.
-    The additions happen in the same order whatever the block size, so batch and streaming
-    compute bit-identical values.
-    """
-    period = spec.period_ms
-    get = buckets.get
-    nfields = len(spec.value_fields)
-    count = 0
-    n = [0] * nfields
-    total = [0] * nfields
-    lo = [None] * nfields
-    hi = [None] * nfields
-    found = False
-    results = [None] * len(spec.aggregates)
-    bucket = w - period
-    for ending in spec.ends_at:
-        slot = get(bucket)
-        if slot is not None:
-            found = True
-            count += slot[0]
-            for f in range(nfields):
-                i = 1 + 4 * f
-                if slot[i]:
-                    n[f] += slot[i]
-                    total[f] += slot[i + 1]
-                    if lo[f] is None or slot[i + 2] < lo[f]:
-                        lo[f] = slot[i + 2]
-                    if hi[f] is None or slot[i + 3] > hi[f]:
-                        hi[f] = slot[i + 3]
-        for index in ending:
-            agg = spec.aggregates[index]
-            f = agg.field_index
-            if agg.combiner == "count":
-                results[index] = count
-            elif n[f] == 0:
-                results[index] = agg.default
-            elif agg.combiner == "mean":
-                results[index] = float(total[f]) / n[f]
-            elif agg.combiner == "sum":
-                results[index] = float(total[f])
-            elif agg.combiner == "min":
-                results[index] = float(lo[f])
-            else:
-                results[index] = float(hi[f])
-        bucket -= period
-    if not found:
-        return None
-    return {agg.name: value for agg, value in zip(spec.aggregates, results, strict=True)}
 
 
 class _ToBlocks(beam.DoFn):
@@ -334,13 +190,12 @@ class _ToBlocks(beam.DoFn):
 
 
 class ComputeAggregates(beam.PTransform):
-    """Typed events -> AggregateBlock per (entity key, key value, block end).
+    """Typed events -> the shared windowed aggregates of every (entity key, key value, W).
 
-    The same transform serves batch and streaming; `block_s` only trades element count
-    against latency (see the module docstring). In streaming, each pane fires when the
-    watermark passes the block end, late events re-fire it with accumulated values until
-    `allowed_lateness_s`, and updates later than that are dropped and counted by the
-    lateness gate (transforms/lateness.py).
+    Batch (default): AggregateBlocks per (entity, block end); `block_s` (a multiple of the
+    period, default one day) only trades element count against memory. Streaming
+    (`streaming=True`): Cells, each emitted when the watermark passes its W and re-emitted
+    for updates within `allowed_lateness_s`; later updates are dropped and counted (tiles.py).
     """
 
     def __init__(
@@ -356,54 +211,37 @@ class ComputeAggregates(beam.PTransform):
             raise ValueError(f"feature set {fs.name!r} declares no aggregates")
         period_s = fs.aggregates[0].period_s
         if block_s is None:
-            block_s = (
-                period_s if streaming else max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
-            )
+            block_s = max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
         if block_s % period_s:
             raise ValueError(f"block size {block_s}s must be a multiple of the period {period_s}s")
+        if streaming and allowed_lateness_s < 0:
+            raise ValueError("allowed lateness must be >= 0")
         self.fs = fs
         self.block_ms = block_s * 1000
         self.streaming = streaming
         self.allowed_lateness_s = allowed_lateness_s
 
     def expand(self, events):
-        contributions = events | "ToBlockContributions" >> beam.ParDo(
-            _ToBlockContributions(self.fs, self.block_ms, timestamped=self.streaming)
-        )
         if self.streaming:
-            contributions = self._streaming_windows(contributions)
-        # In batch the block end is in the key and every element is in the global window:
-        # grouping by key alone is exact, and the per-element window bookkeeping is skipped.
+            return events | "Tiles" >> TiledAggregates(self.fs, self.allowed_lateness_s)
+        # The block end is in the key and every element is in the global window: grouping by
+        # key alone is exact, and the per-element window bookkeeping is skipped.
         return (
-            contributions
+            events
+            | "ToBlockContributions" >> beam.ParDo(_ToBlockContributions(self.fs, self.block_ms))
             | "CombineBuckets" >> beam.CombinePerKey(BucketAccumulatorFn())
             | "ToBlocks" >> beam.ParDo(_ToBlocks(self.fs, self.block_ms))
         )
 
-    def _streaming_windows(self, contributions):
-        """Gate out (and count) updates later than the allowed lateness, then window by block.
 
-        The combine's windows allow L + the gate's grace: the gate alone decides what is too
-        late (see transforms/lateness.py), so the combine must never drop what it admitted.
-        """
-        return (
-            contributions
-            | "LatenessGate"
-            >> LatenessGate(self.fs, self.block_ms, self.allowed_lateness_s, DEFAULT_GRACE_S)
-            | "WindowByBlock"
-            >> beam.WindowInto(
-                window.FixedWindows(self.block_ms / 1000.0),
-                trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
-                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-                allowed_lateness=self.allowed_lateness_s + DEFAULT_GRACE_S,
-            )
-        )
-
-
-def explode_cells(block: AggregateBlock) -> Iterator[tuple[CellKey, dict]]:
-    """AggregateBlock -> (CellKey, {aggregate: value}) per window end: the Bigtable cells."""
-    for w, values in sorted(block.cells.items()):
-        yield CellKey(block.key_name, block.key_value, w), values
+def explode_cells(element: AggregateBlock | Cell) -> Iterator[tuple[CellKey, dict]]:
+    """AggregateBlock (batch) or Cell (streaming) -> (CellKey, {aggregate: value}) per window
+    end: the Bigtable cells."""
+    if isinstance(element, Cell):
+        yield element.key, element.values
+        return
+    for w, values in sorted(element.cells.items()):
+        yield CellKey(element.key_name, element.key_value, w), values
 
 
 def attach_aggregates(fs: FeatureSet, event: dict, lookup) -> dict:

@@ -114,7 +114,7 @@ def check_table(project: str, instance: str, table_id: str, family: str) -> None
 
 
 class _WriteCellsFn(beam.DoFn):
-    """AggregateBlocks -> one DirectRow per (key, W), written with mutate_rows per batch.
+    """Cells (or AggregateBlocks) -> one DirectRow per (key, W), written with mutate_rows per batch.
 
     A failed row raises, so the runner retries the bundle: writes are idempotent, and the
     job's start-up check has ruled out the permanent failures (missing table or family).
@@ -158,7 +158,7 @@ class _WriteCellsFn(beam.DoFn):
 
 
 class WriteCells(beam.PTransform):
-    """AggregateBlocks -> Bigtable cells of the contract (counted as `cells_written`)."""
+    """Cells (or AggregateBlocks) -> Bigtable cells of the contract (counted as `cells_written`)."""
 
     def __init__(self, project: str, instance: str, table: str, family: str):
         super().__init__()

@@ -1,0 +1,371 @@
+"""Streaming aggregates as tiles: one shuffle element per event and entity key, cells when the watermark passes W.
+
+How it works:
+1. `_ToTiles` turns each event into its *tile* per entity key: the per-bucket partials of its
+   P-bucket (partials.py). Tiles of one key are pre-combined within a bundle, so the shuffle
+   carries at most one element per event and key (`aggregate_contributions`), whatever the
+   window sizes: S/P no longer multiplies the elements shuffled.
+2. `_EmitCells`, a stateful DoFn keyed by (key name, key value), keeps the recent buckets of
+   the key and one event-time timer. When the watermark passes a window end W it emits the
+   cell of W (ON_TIME), computed by the shared `_cell` from the buckets, so batch and streaming
+   stay bit-identical. A tile that arrives after W was emitted, while W is still open, re-emits
+   W at once with the accumulated value (LATE). W is *closed* once the watermark has passed
+   W + allowed lateness: updates to a closed W are dropped and counted, and a bucket is freed
+   as soon as every window that needs it is closed.
+
+What the job knows of the watermark is what its timers tell it: a timer firing at T means the
+input watermark has reached T. The key's own timers fire at each W (emission) and W + L
+(closure); a process-wide floor (the latest timer fired in this process for this step) covers
+keys that have no state yet. A tile is therefore dropped only when it is known to be too late;
+one that arrives late but before the job has seen the watermark pass its windows' closure is
+applied (the cells get closer to the batch backfill, never further from it).
+
+Counters: `aggregate_contributions` (tiles into the shuffle), `aggregate_events_without_key`,
+`late_updates_dropped` (one event's update of one closed cell), `events_dropped_too_late`
+(events all of whose windows were closed; counted once per event, on the first entity key with
+the largest window), `cells_on_time`, `cells_late`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import userstate, window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
+
+from transforms.featureset import FeatureSet
+from transforms.partials import (
+    NAMESPACE,
+    CellKey,
+    _cell,
+    _KeySpec,
+    add_to_slot,
+    entity_value,
+    key_specs,
+    merge_buckets,
+    new_slot,
+)
+
+NEVER = -(2**62)  # "no window end yet": before every real W
+MAX_BUFFERED_EVENTS = 10_000
+
+# The latest timer fired in this process, per _EmitCells instance (by its id): a lower bound of
+# the step's input watermark, shared by every key of the step.
+_WATERMARK_FLOOR: dict[str, int] = {}
+
+
+class Cell(NamedTuple):
+    """One emission of the cell (key, W): `timing` ON_TIME (first) or LATE (update), `index` its
+    number among the emissions of that cell (0, 1, ...). key and values are what is written."""
+
+    key: CellKey
+    values: dict
+    timing: int
+    index: int
+
+
+class _KeyState(NamedTuple):
+    """Per entity key, besides its buckets: every W <= emitted has had its on-time emission,
+    every W <= closed is closed, `wake` is the timer set, `panes` counts emissions of open W."""
+
+    emitted: int
+    closed: int
+    wake: int | None
+    panes: dict
+
+
+def floor_to(t: int, period: int) -> int:
+    return (t // period) * period
+
+
+class _ToTiles(beam.DoFn):
+    """Events -> ((key name, key value), {bucket: slot}), one tile per key and bundle."""
+
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+
+    def setup(self) -> None:
+        self._specs = key_specs(self.fs)
+        self._null_keys = Metrics.counter(NAMESPACE, "aggregate_events_without_key")
+        self._contributions = Metrics.counter(NAMESPACE, "aggregate_contributions")
+
+    def start_bundle(self) -> None:
+        self._tiles: dict = {}
+        self._first: dict = {}
+        self._buffered = 0
+
+    def process(self, event: dict, timestamp=beam.DoFn.TimestampParam) -> Iterator:
+        t = event[self.fs.event_time]
+        tiles, first = self._tiles, self._first
+        for spec in self._specs:
+            key_value = entity_value(event.get(spec.key_name))
+            if key_value is None:
+                self._null_keys.inc()
+                continue
+            key = (spec.key_name, key_value)
+            buckets = tiles.get(key)
+            if buckets is None:
+                buckets = tiles[key] = {}
+                first[key] = timestamp
+            elif timestamp < first[key]:
+                first[key] = timestamp
+            bucket = (t // spec.period_ms) * spec.period_ms
+            slot = buckets.get(bucket)
+            if slot is None:
+                slot = buckets[bucket] = new_slot(len(spec.value_fields))
+            add_to_slot(slot, [event.get(f) for f in spec.value_fields])
+        self._buffered += 1
+        if self._buffered >= MAX_BUFFERED_EVENTS:
+            for key, tile, stamp in self._flush():
+                yield window.TimestampedValue((key, tile), stamp)
+
+    def finish_bundle(self) -> Iterator:
+        for key, tile, stamp in self._flush():
+            yield WindowedValue((key, tile), stamp, [window.GlobalWindow()])
+
+    def _flush(self):
+        tiles, first = self._tiles, self._first
+        self._tiles, self._first, self._buffered = {}, {}, 0
+        self._contributions.inc(len(tiles))
+        for key, tile in tiles.items():
+            yield key, tile, first[key]
+
+
+class _MergeTiles(beam.CombineFn):
+    """The buckets state of a key: tiles added to it are merged bucket by bucket."""
+
+    def create_accumulator(self) -> dict:
+        return {}
+
+    def add_input(self, acc: dict, tile: dict) -> dict:
+        return merge_buckets(acc, tile)
+
+    def merge_accumulators(self, accumulators) -> dict:
+        out: dict = {}
+        for acc in accumulators:
+            merge_buckets(out, acc)
+        return out
+
+    def extract_output(self, acc: dict) -> dict:
+        return acc
+
+
+class KeyTiles:
+    """The per-key logic of `_EmitCells`, free of Beam state so it can be called directly.
+
+    `admit` takes a tile and returns what to add to the buckets and the cells to re-emit now;
+    `fire` takes a timer firing and returns the cells due, the buckets to keep and the next
+    timer. Both return the new _KeyState (None: the key has nothing left).
+    """
+
+    def __init__(self, spec: _KeySpec, lateness_ms: int, counting: bool):
+        self.spec = spec
+        self.lateness_ms = lateness_ms
+        self.counting = counting  # this key counts events_dropped_too_late (see module doc)
+        self.windows = spec.max_size_ms // spec.period_ms
+
+    def new_state(self, floor: int | None) -> _KeyState:
+        """A key with no state: every W the floor shows closed counts as emitted and closed."""
+        if floor is None:
+            return _KeyState(NEVER, NEVER, None, {})
+        done = floor_to(floor - self.lateness_ms, self.spec.period_ms)
+        return _KeyState(done, done, None, {})
+
+    def closed_through(self, state: _KeyState, floor: int | None) -> int:
+        """Every W at or before this is closed. A W not emitted yet is never closed: its
+        on-time emission is still to come and will include what is admitted now."""
+        if floor is None:
+            return state.closed
+        by_floor = floor_to(floor - self.lateness_ms, self.spec.period_ms)
+        return max(state.closed, min(by_floor, state.emitted))
+
+    def admit(self, tile: dict, buckets: dict | None, state: _KeyState, floor: int | None):
+        """-> (admitted tile, cells to emit now, state, updates dropped, events dropped)."""
+        period, size = self.spec.period_ms, self.spec.max_size_ms
+        closed = self.closed_through(state, floor)
+        admitted, updates_dropped, events_dropped = {}, 0, 0
+        for bucket, slot in tile.items():
+            closed_windows = min(self.windows, max(0, (closed - bucket) // period))
+            updates_dropped += slot[0] * closed_windows
+            if closed_windows == self.windows:
+                if self.counting:
+                    events_dropped += slot[0]
+                continue
+            admitted[bucket] = slot
+        if not admitted:
+            return admitted, [], state, updates_dropped, events_dropped
+        merged = merge_buckets(merge_buckets({}, buckets or {}), admitted)
+        emitted, panes = state.emitted, state.panes
+        if not buckets and emitted < min(admitted):
+            emitted = min(admitted)  # nothing before the first bucket can have a cell
+        late = set()
+        for bucket in admitted:
+            late.update(range(max(bucket + period, closed + period), min(bucket + size, emitted) + 1, period))
+        cells = []
+        if late:
+            panes = dict(panes)
+            for w in sorted(late):
+                values = _cell(self.spec, merged, w)
+                if values is not None:
+                    index = panes.get(w, 0)
+                    panes[w] = index + 1
+                    cells.append((w, values, PaneInfoTiming.LATE, index))
+        wake = state.wake
+        due = emitted + period
+        if due <= max(merged) + size and (wake is None or due < wake):
+            wake = due
+        return admitted, cells, _KeyState(emitted, state.closed, wake, panes), updates_dropped, events_dropped
+
+    def fire(self, t: int, buckets: dict, state: _KeyState):
+        """Timer at t -> (cells due, buckets to keep or None if unchanged, state or None)."""
+        period, size, lateness = self.spec.period_ms, self.spec.max_size_ms, self.lateness_ms
+        if not buckets:
+            return [], {}, None
+        last_w = max(buckets) + size
+        emitted, panes = state.emitted, dict(state.panes)
+        cells = []
+        through = min(floor_to(t, period), last_w)
+        for w in range(emitted + period, through + 1, period):
+            values = _cell(self.spec, buckets, w)
+            if values is not None:
+                index = panes.get(w, 0)
+                panes[w] = index + 1
+                cells.append((w, values, PaneInfoTiming.ON_TIME, index))
+        emitted = max(emitted, floor_to(t, period))
+        closed = max(state.closed, min(floor_to(t - lateness, period), emitted))
+        kept = None
+        if closed > state.closed:
+            panes = {w: n for w, n in panes.items() if w > closed}
+            kept = {b: s for b, s in buckets.items() if b + size > closed}
+            if len(kept) == len(buckets):
+                kept = None
+            elif not kept:
+                return cells, {}, None
+        remaining = buckets if kept is None else kept
+        wakes = []
+        if emitted + period <= max(remaining) + size:
+            wakes.append(emitted + period)
+        if closed < emitted:
+            wakes.append(closed + period + lateness)
+        wake = min(wakes) if wakes else None
+        return cells, kept, _KeyState(emitted, closed, wake, panes)
+
+
+_BUCKETS = userstate.CombiningValueStateSpec("buckets", PickleCoder(), _MergeTiles())
+_STATE = userstate.ReadModifyWriteStateSpec("state", PickleCoder())
+_WAKE = userstate.TimerSpec("wake", TimeDomain.WATERMARK)
+_BUCKETS_PARAM = beam.DoFn.StateParam(_BUCKETS)
+_STATE_PARAM = beam.DoFn.StateParam(_STATE)
+_WAKE_PARAM = beam.DoFn.TimerParam(_WAKE)
+
+
+class _EmitCells(beam.DoFn):
+    """Keyed tiles -> Cells: per key, the recent buckets and one event-time timer (module doc)."""
+
+    def __init__(self, fs: FeatureSet, allowed_lateness_s: int):
+        self.fs = fs
+        self.lateness_ms = allowed_lateness_s * 1000
+        self.uid = uuid.uuid4().hex
+
+    def setup(self) -> None:
+        specs = key_specs(self.fs)
+        counting = next(s.key_name for s in specs if s.max_size_ms == self.fs.max_window_ms)
+        self._keys = {
+            s.key_name: KeyTiles(s, self.lateness_ms, s.key_name == counting) for s in specs
+        }
+        self._updates_dropped = Metrics.counter(NAMESPACE, "late_updates_dropped")
+        self._events_dropped = Metrics.counter(NAMESPACE, "events_dropped_too_late")
+        self._on_time = Metrics.counter(NAMESPACE, "cells_on_time")
+        self._late = Metrics.counter(NAMESPACE, "cells_late")
+
+    def process(
+        self,
+        element: tuple,
+        buckets_state=_BUCKETS_PARAM,
+        key_state=_STATE_PARAM,
+        wake=_WAKE_PARAM,
+    ) -> Iterator[Cell]:
+        (key_name, key_value), tile = element
+        logic = self._keys[key_name]
+        floor = _WATERMARK_FLOOR.get(self.uid)
+        state = key_state.read()
+        buckets = None
+        if state is None:
+            state = logic.new_state(floor)
+        else:
+            buckets = buckets_state.read()
+        admitted, cells, new_state, updates, events = logic.admit(tile, buckets, state, floor)
+        if updates:
+            self._updates_dropped.inc(updates)
+        if events:
+            self._events_dropped.inc(events)
+        if not admitted:
+            return
+        buckets_state.add(admitted)
+        if new_state.wake is not None and new_state.wake != state.wake:
+            wake.set(Timestamp(micros=new_state.wake * 1000))
+        key_state.write(new_state)
+        if cells:
+            self._late.inc(len(cells))
+        for w, values, timing, index in cells:
+            yield Cell(CellKey(key_name, key_value, w), values, timing, index)
+
+    @userstate.on_timer(_WAKE)
+    def on_wake(
+        self,
+        key=beam.DoFn.KeyParam,
+        fired=beam.DoFn.TimestampParam,
+        buckets_state=_BUCKETS_PARAM,
+        key_state=_STATE_PARAM,
+        wake=_WAKE_PARAM,
+    ) -> Iterator[Cell]:
+        key_name, key_value = key
+        t = fired.micros // 1000
+        if t > _WATERMARK_FLOOR.get(self.uid, NEVER):
+            _WATERMARK_FLOOR[self.uid] = t
+        state = key_state.read()
+        if state is None:
+            return
+        cells, kept, new_state = self._keys[key_name].fire(t, buckets_state.read(), state)
+        if new_state is None:
+            buckets_state.clear()
+            key_state.clear()
+        else:
+            if kept is not None:
+                buckets_state.clear()
+                buckets_state.add(kept)
+            if new_state.wake is not None:
+                wake.set(Timestamp(micros=new_state.wake * 1000))
+            key_state.write(new_state)
+        if cells:
+            self._on_time.inc(len(cells))
+        for w, values, timing, index in cells:
+            yield Cell(CellKey(key_name, key_value, w), values, timing, index)
+
+
+class TiledAggregates(beam.PTransform):
+    """Typed events (streaming) -> Cells: the shared aggregates of every (entity, W), as the
+    watermark passes W, re-emitted for updates within the allowed lateness (module doc)."""
+
+    def __init__(self, fs: FeatureSet, allowed_lateness_s: int = 0):
+        super().__init__()
+        if allowed_lateness_s < 0:
+            raise ValueError("allowed lateness must be >= 0")
+        self.fs = fs
+        self.allowed_lateness_s = allowed_lateness_s
+
+    def expand(self, events):
+        return (
+            events
+            | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+            | "ToTiles" >> beam.ParDo(_ToTiles(self.fs))
+            | "EmitCells" >> beam.ParDo(_EmitCells(self.fs, self.allowed_lateness_s))
+        )
+
