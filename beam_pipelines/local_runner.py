@@ -34,3 +34,108 @@ def fix_direct_runner_metrics() -> None:
 
     cls.scoped_state = scoped_state
     cls._skewless_metrics_fix = True
+
+
+DEFAULT_LOCAL_PULL = 1000
+
+
+def patch_local_pubsub_read(
+    max_messages: int = DEFAULT_LOCAL_PULL, event_time_attribute: str | None = None
+) -> None:
+    """Make the local runner's Pub/Sub read pull bigger bundles and, optionally, keep event time.
+
+    Beam 2.77's evaluator (`_PubSubReadEvaluator`) pulls at most 10 messages per bundle, so the
+    runner's per-bundle work caps a local job at a few hundred messages/s, and it sets the
+    source watermark to the wall clock on every pull, so replayed history is late on arrival.
+    After this patch a pull takes up to `max_messages`, and with `event_time_attribute` the
+    watermark follows the event time carried in that attribute (epoch ms or RFC 3339), as
+    Dataflow's does with a timestamp attribute: it moves to the oldest event time of each pull
+    that has any (never backwards) and stays put while nothing arrives, so an idle local replay
+    needs heartbeats that carry the attribute (`skewless replay --heartbeat_s`). Messages whose
+    attribute is missing or garbled do not move it. The SDK harness and Dataflow never run
+    this evaluator; the patch acts only in the process that runs the local runner. Calling it
+    again replaces the settings.
+    """
+    import time
+    import weakref
+
+    from apache_beam.runners.direct import transform_evaluator as te
+    from apache_beam.utils.timestamp import Timestamp
+
+    cls = te._PubSubReadEvaluator
+    if not hasattr(cls, "_skewless_original_finish_bundle"):
+        cls._skewless_original_finish_bundle = cls.finish_bundle
+        cls._skewless_watermarks = weakref.WeakKeyDictionary()
+    cls._skewless_settings = (max_messages, event_time_attribute)
+
+    def finish_bundle(self):
+        pull, attribute = cls._skewless_settings
+        sub_client = self._get_subscriber_client(self._applied_ptransform)
+        response = sub_client.pull(subscription=self._sub_name, max_messages=pull, timeout=30)
+        received = list(response.received_messages)
+        if received:
+            sub_client.acknowledge(
+                subscription=self._sub_name, ack_ids=[rm.ack_id for rm in received]
+            )
+        watermark = _local_watermark(cls._skewless_watermarks, self._applied_ptransform,
+                                     received, attribute, Timestamp.of(time.time()))
+        return _read_result(self, received, watermark)
+
+    cls.finish_bundle = finish_bundle
+
+
+def _event_time_ms(attributes, name: str) -> int | None:
+    from beam_pipelines.io.pubsub import BadTimestamp, parse_timestamp_attribute
+
+    try:
+        return parse_timestamp_attribute(attributes.get(name))
+    except BadTimestamp:
+        return None
+
+
+def _local_watermark(marks, transform, received, attribute, now):
+    """The source watermark after one pull: wall clock, or the oldest event time seen (monotone)."""
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+
+    if attribute is None:
+        return now
+    times = [_event_time_ms(rm.message.attributes, attribute) for rm in received]
+    times = [t for t in times if t is not None]
+    mark = marks.get(transform, MIN_TIMESTAMP)
+    if times:
+        mark = max(mark, Timestamp(micros=min(times) * 1000))
+        marks[transform] = mark
+    return mark
+
+
+def _read_result(evaluator, received, watermark):
+    """The evaluator's TransformResult for the pulled messages (as Beam's own finish_bundle)."""
+    from apache_beam import pvalue
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+    from apache_beam.runners.direct.transform_evaluator import TransformResult
+    from apache_beam.transforms.window import GlobalWindows
+    from apache_beam.utils.timestamp import Timestamp
+
+    source = evaluator.source
+    bundles = []
+    if received:
+        bundle = evaluator._evaluation_context.create_bundle(list(evaluator._outputs)[0])
+        for rm in received:
+            message = PubsubMessage._from_message(rm.message)
+            stamp = Timestamp.from_utc_datetime(rm.message.publish_time)
+            if source.timestamp_attribute:
+                ms = _event_time_ms(message.attributes, source.timestamp_attribute)
+                if ms is None:
+                    raise ValueError(
+                        f"message without a valid {source.timestamp_attribute!r} attribute"
+                    )
+                stamp = Timestamp(micros=ms * 1000)
+            element = message if source.with_attributes else message.data
+            bundle.output(GlobalWindows.windowed_value(element, timestamp=stamp))
+        bundles.append(bundle)
+    transform = evaluator._applied_ptransform
+    input_pvalue = transform.inputs[0] if transform.inputs else pvalue.PBegin(
+        transform.transform.pipeline
+    )
+    unprocessed = evaluator._evaluation_context.create_bundle(input_pvalue)
+    return TransformResult(evaluator, bundles, [unprocessed], None, {None: watermark})
