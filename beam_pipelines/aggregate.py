@@ -17,7 +17,11 @@ from beam_pipelines.io.pubsub import (
     WriteDeadLetters,
     read_messages,
 )
-from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, fix_direct_runner_metrics
+from beam_pipelines.local_runner import (
+    LOCAL_STREAMING_RUNNERS,
+    fix_direct_runner_metrics,
+    patch_local_pubsub_read,
+)
 from beam_pipelines.options import FeatureSetOptions
 from transforms.aggregations import ComputeAggregates
 from transforms.featureset import FeatureSet, load_feature_set
@@ -64,7 +68,8 @@ class AggregateOptions(PipelineOptions):
             default="auto",
             help="on: the Pub/Sub source reads the timestamp attribute (Dataflow's watermark "
             "follows event time; a garbled attribute fails in the source). off: the job parses "
-            "it and dead-letters garbled ones (watermark follows publish time). auto: on for "
+            "it and dead-letters garbled ones (on Dataflow the watermark then follows publish "
+            "time; the local runner's follows the attribute either way). auto: on for "
             "DataflowRunner, off otherwise.",
         )
         parser.add_argument(
@@ -132,6 +137,8 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
             raise SystemExit(f"skewless aggregate: {exc}") from None
     if std.runner in LOCAL_STREAMING_RUNNERS:
         fix_direct_runner_metrics()
+        # Bigger pulls, and a watermark that follows the event-time attribute as on Dataflow.
+        patch_local_pubsub_read(event_time_attribute=timestamp_attribute)
     p = beam.Pipeline(options=options)
     build_pipeline(
         p,

@@ -11,8 +11,10 @@ to order or stamp them by.
   the unshifted ones moved by the same amount). Other calendar fields (year, hour, ...) are
   left as they are.
 - `--heartbeat_s S` also publishes a heartbeat message (attribute `skewless_heartbeat`, ignored
-  by the job) every S seconds while publishing and for `--linger_s` after the last event: the
-  local runner's Pub/Sub watermark only moves when a pull returns.
+  by the jobs) every S seconds while publishing and for `--linger_s` after the last event. It
+  carries the replay's event time (ReplayClock) in the timestamp attribute: the local runner's
+  watermark follows that attribute (beam_pipelines/local_runner.py) and would otherwise stop at
+  the last event, leaving its last windows open.
 """
 
 from __future__ import annotations
@@ -174,20 +176,42 @@ def to_message(fs: FeatureSet, raw: dict, shift_ms: int = 0) -> bytes:
     return json.dumps(out, separators=(",", ":")).encode("utf-8")
 
 
-class Heartbeat:
-    """Publishes a heartbeat message every `interval_s` in a background thread."""
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
 
-    def __init__(self, publisher, topic: str, interval_s: float):
+
+class Heartbeat:
+    """Publishes a heartbeat message every `interval_s` in a background thread.
+
+    Each heartbeat carries `clock()` (epoch ms, default the wall clock) in the event-time
+    attribute: the local runner's event-time watermark (beam_pipelines/local_runner.py) moves
+    to it while no events arrive, as Dataflow's moves on for an idle subscription.
+    """
+
+    def __init__(
+        self,
+        publisher,
+        topic: str,
+        interval_s: float,
+        clock=wall_clock_ms,
+        timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
+    ):
         self.publisher = publisher
         self.topic = topic
         self.interval_s = interval_s
+        self.clock = clock
+        self.timestamp_attribute = timestamp_attribute
         self.count = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="skewless-heartbeat", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.publisher.publish(self.topic, b"", **{HEARTBEAT_ATTRIBUTE: "1"})
+            attributes = {HEARTBEAT_ATTRIBUTE: "1"}
+            stamp = self.clock()
+            if stamp is not None:
+                attributes[self.timestamp_attribute] = str(stamp)
+            self.publisher.publish(self.topic, b"", **attributes)
             self.count += 1
 
     def __enter__(self):
@@ -199,6 +223,30 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+class ReplayClock:
+    """The replay's event time, for heartbeats: where the replayed events have got to.
+
+    With a speedup it runs at that speed from the first event, during and after publishing;
+    without one it is the last event published, and once publishing is over it jumps by
+    `tail_ms` (the largest window: enough for every window of the last events to close).
+    """
+
+    def __init__(self, stats: ReplayStats, speedup: float, tail_ms: int):
+        self.stats = stats
+        self.speedup = speedup
+        self.tail_ms = tail_ms
+        self.done = False
+        self._started = time.monotonic()
+
+    def __call__(self) -> int:
+        first, last = self.stats.first_event_ms, self.stats.last_event_ms
+        if first is None:
+            return None  # nothing published yet: the heartbeat carries no event time
+        if self.speedup > 0:
+            return first + int((time.monotonic() - self._started) * 1000 * self.speedup)
+        return last + (self.tail_ms if self.done else 0)
 
 
 def publish_events(
@@ -273,7 +321,9 @@ def run(argv: Sequence[str] | None = None) -> ReplayStats:
     shift_ms = shift_for_now(fs, events[0][0], int(time.time() * 1000)) if opts.shift_to_now else 0
     publisher = pubsub_v1.PublisherClient()
     LOG.info("publishing %d events to %s (shift %d ms)", len(events), opts.topic, shift_ms)
-    with Heartbeat(publisher, opts.topic, opts.heartbeat_s) as heartbeat:
+    clock = ReplayClock(stats, opts.speedup, fs.max_window_ms + fs.period_ms)
+    heartbeat = Heartbeat(publisher, opts.topic, opts.heartbeat_s, clock, timestamp_attribute)
+    with heartbeat:
         publish_events(
             publisher,
             opts.topic,
@@ -284,6 +334,7 @@ def run(argv: Sequence[str] | None = None) -> ReplayStats:
             timestamp_attribute=timestamp_attribute,
             stats=stats,
         )
+        clock.done = True
         if opts.linger_s > 0:
             time.sleep(opts.linger_s)
     stats.heartbeats = heartbeat.count
