@@ -1,17 +1,23 @@
-"""Benchmark: the streaming aggregate job on the local runner vs a plain-Python floor (emulators).
+"""Benchmark: the streaming aggregate job on the local runner vs the runner's ceiling and a plain-Python floor.
 
-Live traffic: real flights are published at a target rate with their event time set to the
-publish time (payload and attribute agree; the real delays are kept). The feature set is the
-bundled one with the time scale compressed 150x (period 2 s, windows 24 s and 6 s, so windows
-close every 2 s and give many freshness samples). Measured, for the job and for the floor:
-- events/s: events processed / the time from the first publish until they were all read;
-- freshness lag: time a cell (origin JFK, every window end W) became visible in Bigtable minus
-  W, p50 / p99.
-The floor is one Python process: a synchronous Pub/Sub pull loop that parses and validates with
-the same RecordValidator, keeps the same per-bucket partial aggregates in memory, and writes the
-same cells with the Bigtable client when the wall clock passes W.
+Live traffic on the emulators: real flights are published at a target rate with their event
+time set to the publish time (payload and attribute agree; the real delays are kept). The
+feature set is the bundled one with time compressed 150x (period 2 s, windows 24 s and 6 s, so
+windows close every 2 s and give many freshness samples). Measured in one run, side by side:
+- runner ceiling: ReadFromPubSub -> count on BundleBasedDirectRunner, draining a backlog, with
+  the job's read settings (the local pull patch) and with Beam's stock 10-message pull;
+- job max: the whole aggregate job draining the same backlog (events through the tiles/s);
+- per --rate: the job's sustained events/s and freshness lag (time a cell of origin JFK became
+  visible in Bigtable with its complete value minus its W), p50/p99; and the floor: one Python
+  process that pulls, validates with the same RecordValidator, keeps the same per-bucket
+  partials and writes the same cells when the wall clock passes W;
+- job_code_us_per_event: the job's own DoFns and per-key logic called directly (no runner) on
+  the same live stream, for the bench feature set and for a long-window set (1 day / 5 min
+  and a 7-day count, compressed alike);
+- contributions_per_event: elements into the shuffle per event (the job's counters).
+The last line is one JSON object with every figure.
 
-Usage: .venv/bin/python bench/aggregate.py [--rate 1000] [--seconds 40] [--profile out.prof]
+Usage: .venv/bin/python bench/aggregate.py [--rate 400] [--seconds 30] [--backlog 20000]
 """
 
 from __future__ import annotations
@@ -34,31 +40,49 @@ PROJECT, INSTANCE = "skewless-bench", "bench"
 SCALE = 150  # 5 min -> 2 s
 
 
-def bench_feature_set():
+def bench_feature_set(long_windows: bool = False):
+    """The bundled feature set, time compressed SCALE times; with `long_windows`, a 1-day /
+    5-min count and mean per origin and carrier plus a 7-day count per origin instead."""
     from transforms.featureset import WindowedAggregate
     from transforms.flights import FLIGHTS
 
-    aggs = tuple(
+    aggs = FLIGHTS.aggregates
+    if long_windows:
+        day, week = 86_400, 7 * 86_400
+        aggs = (
+            WindowedAggregate("origin_departures_1d", "origin", "count", day, 300),
+            WindowedAggregate("origin_mean_dep_delay_1d", "origin", "mean", day, 300, "dep_delay", 0.0),
+            WindowedAggregate("carrier_mean_dep_delay_1d", "carrier", "mean", day, 300, "dep_delay", 0.0),
+            WindowedAggregate("origin_departures_7d", "origin", "count", week, 300),
+        )
+    scaled = tuple(
         WindowedAggregate(a.name, a.key, a.combiner, a.size_s // SCALE, a.period_s // SCALE, a.value, a.default)
-        for a in FLIGHTS.aggregates
+        for a in aggs
     )
-    return replace(FLIGHTS, name="flights", aggregates=aggs)
+    return replace(FLIGHTS, name="flights", aggregates=scaled)
 
 
 def live_payloads(fs, n: int) -> list[dict]:
-    from beam_pipelines.replay import order_events, read_raw_records
+    from beam_pipelines.replay import ReplayStats, order_events, read_raw_records
 
     raws = read_raw_records(fs.extra["default_input"]())
-    from beam_pipelines.replay import ReplayStats
-
     events = order_events(fs, raws, ReplayStats())
     return [raw for _, raw in events[:n]]
 
 
+def restamped(raw: dict, now_ms: int) -> dict:
+    """The flight as if it departed at now_ms: time_hour moved, minute and delay kept."""
+    from transforms.validation import ms_to_datetime
+
+    offset = int(raw["minute"]) * 60_000 + int(round(float(raw["dep_delay"]) * 60_000))
+    record = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in raw.items()}
+    record["time_hour"] = ms_to_datetime(now_ms - offset).isoformat()
+    return record
+
+
 def publish_live(publisher, topic: str, fs, raws: list[dict], rate: float, heartbeat_until: list):
     """Publish at `rate`, stamping each flight at the publish time (payload and attribute)."""
-    from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
-    from transforms.validation import ms_to_datetime
+    from beam_pipelines.replay import Heartbeat
 
     start = time.monotonic()
     futures = []
@@ -69,25 +93,32 @@ def publish_live(publisher, topic: str, fs, raws: list[dict], rate: float, heart
         if delay > 0:
             time.sleep(delay)
         now_ms = int(time.time() * 1000)
-        offset = int(raw["minute"]) * 60_000 + int(round(float(raw["dep_delay"]) * 60_000))
-        record = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in raw.items()}
-        record["time_hour"] = ms_to_datetime(now_ms - offset).isoformat()
-        futures.append(
-            publisher.publish(topic, json.dumps(record).encode(), event_time=str(now_ms))
-        )
+        record = restamped(raw, now_ms)
+        futures.append(publisher.publish(topic, json.dumps(record).encode(), event_time=str(now_ms)))
         if raw["origin"] == "JFK":
             jfk.append(now_ms)
     for f in futures:
         f.result(timeout=120)
     published = time.monotonic() - start
 
-    def beat():  # keeps the local runner's wall-clock watermark moving after the last event
-        while time.monotonic() < heartbeat_until[0]:
-            publisher.publish(topic, b"", **{HEARTBEAT_ATTRIBUTE: "1"})
-            time.sleep(0.2)
+    def beat():  # the event-time watermark moves on with the wall clock after the last event
+        with Heartbeat(publisher, topic, 0.2):
+            while time.monotonic() < heartbeat_until[0]:
+                time.sleep(0.2)
 
     threading.Thread(target=beat, daemon=True).start()
     return published, jfk
+
+
+def publish_backlog(publisher, topic: str, raws: list[dict]) -> None:
+    """Publish every flight at once (stamped now), so a job started afterwards drains a backlog."""
+    now_ms = int(time.time() * 1000)
+    futures = [
+        publisher.publish(topic, json.dumps(restamped(raw, now_ms)).encode(), event_time=str(now_ms))
+        for raw in raws
+    ]
+    for f in futures:
+        f.result(timeout=300)
 
 
 class LagProbe(threading.Thread):
@@ -157,17 +188,16 @@ def _fresh_stream(fs, table_id: str):
     return publisher, topic, sub
 
 
-def run_job(fs, raws, rate, table_id, profile=None) -> dict:
+def _job_pipeline(fs, sub: str, table_id: str, pull: int):
     import apache_beam as beam
 
-    from beam_pipelines.aggregate import build_pipeline, make_pipeline  # noqa: F401
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.io.bigtable import WriteCells, open_table
+    from beam_pipelines.aggregate import build_pipeline
+    from beam_pipelines.io.bigtable import WriteCells
     from beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
-    from beam_pipelines.local_runner import fix_direct_runner_metrics
+    from beam_pipelines.local_runner import fix_direct_runner_metrics, patch_local_pubsub_read
 
-    publisher, topic, sub = _fresh_stream(fs, table_id)
     fix_direct_runner_metrics()
+    patch_local_pubsub_read(max_messages=pull, event_time_attribute="event_time")
     options = beam.options.pipeline_options.PipelineOptions(
         runner="BundleBasedDirectRunner", streaming=True, project=PROJECT
     )
@@ -177,12 +207,93 @@ def run_job(fs, raws, rate, table_id, profile=None) -> dict:
         WriteCells(PROJECT, INSTANCE, table_id, fs.name), WriteDeadLetters(None),
         allowed_lateness_s=60,
     )
+    return p
+
+
+def _drain_rate(count, n: int, timeout_s: float = 300) -> float:
+    """Events/s between the first counted event and the n-th (a backlog drained)."""
+    deadline = time.monotonic() + timeout_s
+    first = None
+    while time.monotonic() < deadline:
+        c = count()
+        if first is None and c > 0:
+            first = (time.monotonic(), c)
+        if c >= n:
+            break
+        time.sleep(0.05)
+    if first is None:
+        return 0.0
+    end = time.monotonic()
+    return round((count() - first[1]) / max(end - first[0], 1e-9), 1)
+
+
+def run_ceiling(raws, pull: int) -> float:
+    """ReadFromPubSub -> count on the local runner, draining a backlog of len(raws) messages."""
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics
+
+    from beam_pipelines.common import metric_counters
+    from beam_pipelines.io.pubsub import read_messages
+    from beam_pipelines.local_runner import fix_direct_runner_metrics, patch_local_pubsub_read
+
+    fs = bench_feature_set()
+    publisher, topic, sub = _fresh_stream(fs, "ceiling")
+    publish_backlog(publisher, topic, raws)
+    fix_direct_runner_metrics()
+    patch_local_pubsub_read(max_messages=pull, event_time_attribute="event_time")
+
+    class Count(beam.DoFn):
+        def setup(self):
+            self.read = Metrics.counter("skewless", "messages_read")
+
+        def process(self, message):
+            self.read.inc()
+
+    p = beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(
+        runner="BundleBasedDirectRunner", streaming=True, project=PROJECT))
+    _ = p | read_messages(sub, "event_time", False) | beam.ParDo(Count())
+    result = p.run()
+    try:
+        return _drain_rate(lambda: metric_counters(result).get("messages_read", 0), len(raws))
+    finally:
+        result.cancel()
+
+
+def run_job_backlog(fs, raws, pull: int) -> dict:
+    """The whole job draining a backlog: events through the tiles per second, and the shuffle."""
+    from beam_pipelines.common import metric_counters
+
+    publisher, topic, sub = _fresh_stream(fs, "job-backlog")
+    publish_backlog(publisher, topic, raws)
+    result = _job_pipeline(fs, sub, "job-backlog", pull).run()
+    try:
+        rate = _drain_rate(lambda: metric_counters(result).get("aggregate_events", 0), len(raws))
+        counters = metric_counters(result)
+    finally:
+        result.cancel()
+    return {"events_per_s": rate, "contributions_per_event": round(
+        counters.get("aggregate_contributions", 0) / max(counters.get("aggregate_events", 1), 1), 3)}
+
+
+def run_job(fs, raws, rate, table_id, pull: int, profile=None) -> dict:
+    from beam_pipelines.common import metric_counters
+    from beam_pipelines.io.bigtable import open_table
+
+    publisher, topic, sub = _fresh_stream(fs, table_id)
+    p = _job_pipeline(fs, sub, table_id, pull)
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
     result = p.run()
-    return _drive(fs, raws, rate, table_id, publisher, topic, lambda: metric_counters(result).get("messages_read", 0),
-                  stop=result.cancel, profiler=profiler, profile=profile, table=open_table(PROJECT, INSTANCE, table_id))
+    out = _drive(fs, raws, rate, table_id, publisher, topic,
+                 lambda: metric_counters(result).get("aggregate_events", 0),
+                 stop=result.cancel, profiler=profiler, profile=profile,
+                 table=open_table(PROJECT, INSTANCE, table_id))
+    counters = metric_counters(result)
+    out["contributions_per_event"] = round(
+        counters.get("aggregate_contributions", 0) / max(counters.get("aggregate_events", 1), 1), 3)
+    out["late_updates_dropped"] = counters.get("late_updates_dropped", 0)
+    return out
 
 
 def _drive(fs, raws, rate, table_id, publisher, topic, read_count, stop, table, profiler=None, profile=None):
@@ -192,12 +303,12 @@ def _drive(fs, raws, rate, table_id, publisher, topic, read_count, stop, table, 
     probe.start()
     heartbeat_until = [time.monotonic() + duration + 120]
     published_s, jfk = publish_live(publisher, topic, fs, raws, rate, heartbeat_until)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while read_count() < len(raws) and time.monotonic() < deadline:
         time.sleep(0.1)
     all_read_s = time.time() - t0
-    heartbeat_until[0] = time.monotonic() + 10
-    time.sleep(fs.max_window_ms / 1000 + 5)  # the last windows close, late panes land
+    heartbeat_until[0] = time.monotonic() + fs.max_window_ms / 1000 + 10
+    time.sleep(fs.max_window_ms / 1000 + 5)  # the last windows close, late updates land
     probe.stop.set()
     probe.join(timeout=30)
     if profiler:
@@ -279,57 +390,144 @@ def run_floor(fs, raws, rate, table_id) -> dict:
     return _drive(fs, raws, rate, table_id, publisher, topic, lambda: floor.read, stop=floor.stop.set, table=table)
 
 
-def job_code_cost_us(fs, raws: list[dict]) -> dict:
-    """Microseconds per event of the job's own code, called directly (no runner): parse +
-    validate, block contributions, gate stamping, the combine's add_input, and the cells."""
-    from transforms.aggregations import BucketAccumulatorFn, _ToBlockContributions, _ToBlocks
+def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
+    """Microseconds per event of the job's own code, called directly (no runner), on the live
+    stream the job sees at `rate` (flights stamped 1/rate apart, bundles of `bundle` messages,
+    the watermark at the oldest event of each bundle): message parsing, validation, tiles,
+    and the per-key state logic (admit tiles, timers: cells on time, closure, freeing)."""
+    import heapq
+
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    from beam_pipelines.io.pubsub import _ParseMessages
+    from transforms.partials import block_periods, key_specs
+    from transforms.tiles import KeyTiles, _ToTiles, merge_partials
     from transforms.validation import ValidateRecordsFn
 
-    payloads = [json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()}).encode() for r in raws]
-    validate, contrib = ValidateRecordsFn(fs), _ToBlockContributions(fs, fs.period_ms, True)
-    to_blocks = _ToBlocks(fs, fs.period_ms)
-    for fn in (validate, contrib, to_blocks):
+    t0_ms = 1_800_000_000_000
+    messages = []
+    for i, raw in enumerate(raws):
+        t = t0_ms + int(i * 1000 / rate)
+        messages.append(PubsubMessage(json.dumps(restamped(raw, t)).encode(), {"event_time": str(t)}))
+    parse, validate, tiles = _ParseMessages("event_time", fs.name), ValidateRecordsFn(fs), _ToTiles(fs)
+    for fn in (parse, validate, tiles):
         fn.setup()
-    acc_fn, accs = BucketAccumulatorFn(), {}
-    t0 = time.perf_counter()
-    events = [e for p in payloads for e in validate.process(p)]
-    t1 = time.perf_counter()
-    contributions = [c.value for e in events for c in contrib.process(e)]
-    t2 = time.perf_counter()
-    for key, value in contributions:
-        acc_fn.add_input(accs.setdefault(key, {}), value)
-    t3 = time.perf_counter()
-    cells = sum(len(b.cells) for item in accs.items() for b in to_blocks.process(item))
-    t4 = time.perf_counter()
-    n = len(payloads)
-    return {
-        "events": n, "contributions_per_event": round(len(contributions) / n, 1), "cells": cells,
-        "validate_us": round((t1 - t0) / n * 1e6, 1), "contributions_us": round((t2 - t1) / n * 1e6, 1),
-        "combine_us": round((t3 - t2) / n * 1e6, 1), "cells_us": round((t4 - t3) / n * 1e6, 1),
-        "total_us": round((t4 - t0) / n * 1e6, 1),
-    }
+    specs = {s.key_name: s for s in key_specs(fs)}
+    block_ms = block_periods(fs) * fs.period_ms
+    logic = {k: KeyTiles(s, 60_000, True, block_ms) for k, s in specs.items()}
+    states, partials, wakes = {}, {}, []  # per key; wakes: heap of (t, key)
+    timings = {"parse_validate": 0.0, "tiles": 0.0, "state": 0.0}
+    cells = 0
+
+    def fire_until(watermark):
+        nonlocal cells
+        while wakes and wakes[0][0] <= watermark:
+            t, key = heapq.heappop(wakes)
+            state = states.get(key)
+            if state is None or state.wake != t:
+                continue
+            out, kept, new = logic[key[0]].fire(t, partials[key], state)
+            cells += len(out)
+            if new is None:
+                del states[key], partials[key]
+                continue
+            if kept is not None:
+                partials[key] = kept
+            states[key] = new
+            if new.wake is not None:
+                heapq.heappush(wakes, (new.wake, key))
+
+    for start in range(0, len(messages), bundle):
+        chunk = messages[start : start + bundle]
+        a = time.perf_counter()
+        events = []
+        for m in chunk:
+            for payload in parse.process(m):
+                events.extend(e for e in validate.process(payload.value) if isinstance(e, dict))
+        b = time.perf_counter()
+        tiles.start_bundle()
+        for e in events:
+            list(tiles.process(e, timestamp=0))
+        keyed = [wv.value for wv in tiles.finish_bundle()]
+        c = time.perf_counter()
+        fire_until(int(chunk[0].attributes["event_time"]))
+        for key, tile in keyed:
+            fresh = key not in states
+            state = logic[key[0]].new_state(None) if fresh else states[key]
+            admitted, out, new, _, _ = logic[key[0]].admit(
+                tile, lambda key=key: partials[key], state, None, fresh
+            )
+            cells += len(out)
+            if admitted is not None:
+                partials[key] = merge_partials(partials.get(key, ({}, {})), admitted)
+                if new.wake is not None and new.wake != state.wake:
+                    heapq.heappush(wakes, (new.wake, key))
+                states[key] = new
+        d = time.perf_counter()
+        timings["parse_validate"] += b - a
+        timings["tiles"] += c - b
+        timings["state"] += d - c
+    a = time.perf_counter()
+    fire_until(2**62)
+    timings["state"] += time.perf_counter() - a
+    n = len(messages)
+    out = {k + "_us": round(v / n * 1e6, 1) for k, v in timings.items()}
+    out.update(events=n, cells=cells, total_us=round(sum(timings.values()) / n * 1e6, 1))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, nargs="+", default=[1000.0])
-    parser.add_argument("--seconds", type=float, default=40.0)
+    parser.add_argument("--rate", type=float, nargs="+", default=[400.0])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--backlog", type=int, default=20_000, help="messages for the drain runs")
+    parser.add_argument("--pull", type=int, default=1000, help="the local pull patch's max_messages")
     parser.add_argument("--profile", help="cProfile output of the job run (last rate)")
     args = parser.parse_args()
     procs, _ = start_emulators()
     try:
-        fs = bench_feature_set()
-        print(json.dumps({"job_code_per_event": job_code_cost_us(fs, live_payloads(fs, 20_000))}), flush=True)
+        fs, long_fs = bench_feature_set(), bench_feature_set(long_windows=True)
+        sample = live_payloads(fs, max(args.backlog, int(max(args.rate) * args.seconds)))
+        code = {
+            "flights": job_code_cost_us(fs, sample[:20_000], max(args.rate), args.pull),
+            "long_windows": job_code_cost_us(long_fs, sample[:20_000], max(args.rate), args.pull),
+        }
+        print(json.dumps({"job_code_per_event": code}), flush=True)
+        drains = {
+            "ceiling": run_ceiling(sample[: args.backlog], args.pull),
+            "ceiling_stock_pull": run_ceiling(sample[: args.backlog], 10),
+            "job": run_job_backlog(fs, sample[: args.backlog], args.pull),
+        }
+        print(json.dumps({"backlog_drain_events_per_s": drains}), flush=True)
         results = []
         for rate in args.rate:
-            raws = live_payloads(fs, int(rate * args.seconds))
+            raws = sample[: int(rate * args.seconds)]
             floor = run_floor(fs, raws, rate, f"floor-{int(rate)}")
-            job = run_job(fs, raws, rate, f"job-{int(rate)}", profile=args.profile)
-            results.append({"rate": rate, "job": job, "floor": floor,
-                            "job_vs_floor_events_per_s": round(job["events_per_s"] / floor["events_per_s"], 3)})
+            job = run_job(fs, raws, rate, f"job-{int(rate)}", args.pull, profile=args.profile)
+            results.append({"rate": rate, "job": job, "floor": floor})
             print(json.dumps(results[-1]), flush=True)
     finally:
         stop(procs)
+    last = results[-1]
+    ceiling = drains["ceiling"]
+    print(json.dumps({
+        "rate": last["rate"],
+        "job_events_per_s": last["job"]["events_per_s"],
+        "job_lag_p50_s": last["job"]["lag_p50_s"],
+        "job_lag_p99_s": last["job"]["lag_p99_s"],
+        "job_max_events_per_s": drains["job"]["events_per_s"],
+        "runner_ceiling_events_per_s": ceiling,
+        "runner_ceiling_stock_pull_events_per_s": drains["ceiling_stock_pull"],
+        "job_max_vs_ceiling": round(drains["job"]["events_per_s"] / ceiling, 3) if ceiling else None,
+        "floor_events_per_s": last["floor"]["events_per_s"],
+        "floor_lag_p99_s": last["floor"]["lag_p99_s"],
+        "job_code_us_per_event": code["flights"]["total_us"],
+        "job_code_us_per_event_long_windows": code["long_windows"]["total_us"],
+        "contributions_per_event": last["job"]["contributions_per_event"],
+        "by_rate": {str(r["rate"]): {"job_events_per_s": r["job"]["events_per_s"],
+                                     "job_lag_p99_s": r["job"]["lag_p99_s"],
+                                     "floor_events_per_s": r["floor"]["events_per_s"]} for r in results},
+    }), flush=True)
 
 
 if __name__ == "__main__":

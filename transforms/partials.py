@@ -15,6 +15,7 @@ and reads it off in `_cell`: nothing else in either path changes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -46,8 +47,8 @@ class _KeySpec(NamedTuple):
     period_ms: int
     max_size_ms: int
     aggregates: tuple[_AggSpec, ...]
-    # ends_at[k]: indexes of the aggregates whose window is k + 1 periods long.
-    ends_at: tuple[tuple[int, ...], ...]
+    # (k, indexes of the aggregates whose window is k periods long), by increasing k.
+    steps: tuple[tuple[int, tuple[int, ...]], ...]
 
 
 def key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
@@ -66,11 +67,11 @@ def key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
             for a in aggs
         )
         period, max_size = aggs[0].period_ms, max(a.size_ms for a in aggs)
-        ends_at = tuple(
-            tuple(i for i, a in enumerate(agg_specs) if a.size_ms == (k + 1) * period)
-            for k in range(max_size // period)
+        sizes = sorted({a.size_ms // period for a in agg_specs})
+        steps = tuple(
+            (k, tuple(i for i, a in enumerate(agg_specs) if a.size_ms == k * period)) for k in sizes
         )
-        specs.append(_KeySpec(key, fields, period, max_size, agg_specs, ends_at))
+        specs.append(_KeySpec(key, fields, period, max_size, agg_specs, steps))
     return tuple(specs)
 
 
@@ -148,12 +149,28 @@ def exact_to_float(mantissa: int, exponent: int, divisor: int = 1) -> float:
     return mantissa / (divisor << -exponent)
 
 
-def _cell(spec: _KeySpec, buckets: dict, w: int) -> dict | None:
+def block_periods(fs: FeatureSet) -> int:
+    """Buckets per block of the streaming state: about the square root of the largest window
+    in periods, so a cell merges O(sqrt(S/P)) slots instead of S/P."""
+    periods = fs.max_window_ms // fs.period_ms
+    return max(1, math.isqrt(periods))
+
+
+def block_start(bucket: int, block_ms: int) -> int:
+    return (bucket // block_ms) * block_ms
+
+
+def _cell(
+    spec: _KeySpec, buckets: dict, w: int, blocks: dict | None = None, block_ms: int = 0
+) -> dict | None:
     """The aggregates of the window ending at w from per-bucket slots; None if all empty.
 
     One pass over the buckets of the largest window, newest first: every smaller window is a
     prefix, so its aggregate is read off the running totals when the pass reaches its size.
-    Sums are exact, so the result does not depend on how the slots were built or merged.
+    With `blocks` (block start -> the merged slot of its buckets, blocks of `block_ms`), a
+    whole block inside the span still to read is merged at once. Sums are exact and min/max
+    associative, so the result does not depend on how the slots were built or merged: with
+    or without blocks, batch or streaming, the cell is the same, bit for bit.
     """
     period = spec.period_ms
     get = buckets.get
@@ -161,12 +178,23 @@ def _cell(spec: _KeySpec, buckets: dict, w: int) -> dict | None:
     running = new_slot(nfields)
     found = False
     results = [None] * len(spec.aggregates)
-    bucket = w - period
-    for ending in spec.ends_at:
-        slot = get(bucket)
-        if slot is not None:
-            found = True
-            merge_slot(running, slot)
+    position = w - period  # the bucket read next
+    read = 0  # buckets read so far
+    per_block = block_ms // period if blocks is not None else 0
+    for size, ending in spec.steps:
+        while read < size:
+            end = position + period
+            if per_block > 1 and end % block_ms == 0 and read + per_block <= size:
+                slot = blocks.get(end - block_ms)
+                position -= block_ms
+                read += per_block
+            else:
+                slot = get(position)
+                position -= period
+                read += 1
+            if slot is not None:
+                found = True
+                merge_slot(running, slot)
         for index in ending:
             agg = spec.aggregates[index]
             if agg.combiner == "count":
@@ -184,7 +212,6 @@ def _cell(spec: _KeySpec, buckets: dict, w: int) -> dict | None:
                 results[index] = float(running[i + 3])
             else:
                 results[index] = float(running[i + 4])
-        bucket -= period
     if not found:
         return None
     return {agg.name: value for agg, value in zip(spec.aggregates, results, strict=True)}

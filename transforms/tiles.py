@@ -20,7 +20,8 @@ keys that have no state yet. A tile is therefore dropped only when it is known t
 one that arrives late but before the job has seen the watermark pass its windows' closure is
 applied (the cells get closer to the batch backfill, never further from it).
 
-Counters: `aggregate_contributions` (tiles into the shuffle), `aggregate_events_without_key`,
+Counters: `aggregate_events` (events tiled), `aggregate_contributions` (tiles into the shuffle),
+`aggregate_events_without_key`,
 `late_updates_dropped` (one event's update of one closed cell), `events_dropped_too_late`
 (events all of whose windows were closed; counted once per event, on the first entity key with
 the largest window), `cells_on_time`, `cells_late`.
@@ -47,9 +48,12 @@ from transforms.partials import (
     _cell,
     _KeySpec,
     add_to_slot,
+    block_periods,
+    block_start,
     entity_value,
     key_specs,
     merge_buckets,
+    merge_slot,
     new_slot,
 )
 
@@ -95,6 +99,7 @@ class _ToTiles(beam.DoFn):
         self._specs = key_specs(self.fs)
         self._null_keys = Metrics.counter(NAMESPACE, "aggregate_events_without_key")
         self._contributions = Metrics.counter(NAMESPACE, "aggregate_contributions")
+        self._events = Metrics.counter(NAMESPACE, "aggregate_events")
 
     def start_bundle(self) -> None:
         self._tiles: dict = {}
@@ -132,43 +137,65 @@ class _ToTiles(beam.DoFn):
 
     def _flush(self):
         tiles, first = self._tiles, self._first
+        if self._buffered:
+            self._events.inc(self._buffered)
         self._tiles, self._first, self._buffered = {}, {}, 0
         self._contributions.inc(len(tiles))
         for key, tile in tiles.items():
             yield key, tile, first[key]
 
 
-class _MergeTiles(beam.CombineFn):
-    """The buckets state of a key: tiles added to it are merged bucket by bucket."""
+def to_partials(tile: dict, block_ms: int) -> tuple[dict, dict]:
+    """A tile {bucket: slot} -> (buckets, blocks): the state's two levels (partials._cell)."""
+    blocks: dict = {}
+    for bucket, slot in tile.items():
+        start = block_start(bucket, block_ms)
+        mine = blocks.get(start)
+        if mine is None:
+            blocks[start] = list(slot)
+        else:
+            merge_slot(mine, slot)
+    return dict(tile), blocks
 
-    def create_accumulator(self) -> dict:
-        return {}
 
-    def add_input(self, acc: dict, tile: dict) -> dict:
-        return merge_buckets(acc, tile)
+def merge_partials(into: tuple[dict, dict], other: tuple[dict, dict]) -> tuple[dict, dict]:
+    merge_buckets(into[0], other[0])
+    merge_buckets(into[1], other[1])
+    return into
 
-    def merge_accumulators(self, accumulators) -> dict:
-        out: dict = {}
+
+class _MergePartials(beam.CombineFn):
+    """A key's state: (buckets, blocks); partials added to it are merged slot by slot."""
+
+    def create_accumulator(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def add_input(self, acc, partials):
+        return merge_partials(acc, partials)
+
+    def merge_accumulators(self, accumulators):
+        out = ({}, {})
         for acc in accumulators:
-            merge_buckets(out, acc)
+            merge_partials(out, acc)
         return out
 
-    def extract_output(self, acc: dict) -> dict:
+    def extract_output(self, acc):
         return acc
 
 
 class KeyTiles:
     """The per-key logic of `_EmitCells`, free of Beam state so it can be called directly.
 
-    `admit` takes a tile and returns what to add to the buckets and the cells to re-emit now;
-    `fire` takes a timer firing and returns the cells due, the buckets to keep and the next
-    timer. Both return the new _KeyState (None: the key has nothing left).
+    `admit` takes a tile and returns the partials to add to the state and the cells to re-emit
+    now; `fire` takes a timer firing and returns the cells due, the partials to keep and the
+    next timer. Both return the new _KeyState (None: the key has nothing left).
     """
 
-    def __init__(self, spec: _KeySpec, lateness_ms: int, counting: bool):
+    def __init__(self, spec: _KeySpec, lateness_ms: int, counting: bool, block_ms: int):
         self.spec = spec
         self.lateness_ms = lateness_ms
         self.counting = counting  # this key counts events_dropped_too_late (see module doc)
+        self.block_ms = block_ms
         self.windows = spec.max_size_ms // spec.period_ms
 
     def new_state(self, floor: int | None) -> _KeyState:
@@ -186,8 +213,10 @@ class KeyTiles:
         by_floor = floor_to(floor - self.lateness_ms, self.spec.period_ms)
         return max(state.closed, min(by_floor, state.emitted))
 
-    def admit(self, tile: dict, buckets: dict | None, state: _KeyState, floor: int | None):
-        """-> (admitted tile, cells to emit now, state, updates dropped, events dropped)."""
+    def admit(self, tile: dict, read_partials, state: _KeyState, floor: int | None, fresh: bool):
+        """-> (partials to add or None, cells to emit now, state, updates dropped, events
+        dropped). `read_partials()` gives the key's state, read only for late re-emissions;
+        `fresh`: the key had no state."""
         period, size = self.spec.period_ms, self.spec.max_size_ms
         closed = self.closed_through(state, floor)
         admitted, updates_dropped, events_dropped = {}, 0, 0
@@ -200,40 +229,45 @@ class KeyTiles:
                 continue
             admitted[bucket] = slot
         if not admitted:
-            return admitted, [], state, updates_dropped, events_dropped
-        merged = merge_buckets(merge_buckets({}, buckets or {}), admitted)
+            return None, [], state, updates_dropped, events_dropped
+        partials = to_partials(admitted, self.block_ms)
         emitted, panes = state.emitted, state.panes
-        if not buckets and emitted < min(admitted):
+        if fresh and emitted < min(admitted):
             emitted = min(admitted)  # nothing before the first bucket can have a cell
         late = set()
         for bucket in admitted:
             late.update(range(max(bucket + period, closed + period), min(bucket + size, emitted) + 1, period))
         cells = []
         if late:
+            buckets, blocks = merge_partials(
+                merge_partials(({}, {}), read_partials()), partials
+            )
             panes = dict(panes)
             for w in sorted(late):
-                values = _cell(self.spec, merged, w)
+                values = _cell(self.spec, buckets, w, blocks, self.block_ms)
                 if values is not None:
                     index = panes.get(w, 0)
                     panes[w] = index + 1
                     cells.append((w, values, PaneInfoTiming.LATE, index))
         wake = state.wake
         due = emitted + period
-        if due <= max(merged) + size and (wake is None or due < wake):
+        if due <= max(admitted) + size and (wake is None or due < wake):
             wake = due
-        return admitted, cells, _KeyState(emitted, state.closed, wake, panes), updates_dropped, events_dropped
+        new_state = _KeyState(emitted, state.closed, wake, panes)
+        return partials, cells, new_state, updates_dropped, events_dropped
 
-    def fire(self, t: int, buckets: dict, state: _KeyState):
-        """Timer at t -> (cells due, buckets to keep or None if unchanged, state or None)."""
+    def fire(self, t: int, partials: tuple[dict, dict], state: _KeyState):
+        """Timer at t -> (cells due, partials to keep or None if unchanged, state or None)."""
         period, size, lateness = self.spec.period_ms, self.spec.max_size_ms, self.lateness_ms
+        buckets, blocks = partials
         if not buckets:
-            return [], {}, None
+            return [], ({}, {}), None
         last_w = max(buckets) + size
         emitted, panes = state.emitted, dict(state.panes)
         cells = []
         through = min(floor_to(t, period), last_w)
         for w in range(emitted + period, through + 1, period):
-            values = _cell(self.spec, buckets, w)
+            values = _cell(self.spec, buckets, w, blocks, self.block_ms)
             if values is not None:
                 index = panes.get(w, 0)
                 panes[w] = index + 1
@@ -243,12 +277,18 @@ class KeyTiles:
         kept = None
         if closed > state.closed:
             panes = {w: n for w, n in panes.items() if w > closed}
-            kept = {b: s for b, s in buckets.items() if b + size > closed}
-            if len(kept) == len(buckets):
-                kept = None
-            elif not kept:
-                return cells, {}, None
-        remaining = buckets if kept is None else kept
+            kept_buckets = {b: s for b, s in buckets.items() if b + size > closed}
+            if not kept_buckets:
+                return cells, ({}, {}), None
+            if len(kept_buckets) < len(buckets):
+                # A block goes with its last bucket; one that lost older buckets is never
+                # read whole again (its start is outside every open window).
+                last_in_block = self.block_ms - period + size
+                kept = (
+                    kept_buckets,
+                    {k: v for k, v in blocks.items() if k + last_in_block > closed},
+                )
+        remaining = buckets if kept is None else kept[0]
         wakes = []
         if emitted + period <= max(remaining) + size:
             wakes.append(emitted + period)
@@ -258,10 +298,10 @@ class KeyTiles:
         return cells, kept, _KeyState(emitted, closed, wake, panes)
 
 
-_BUCKETS = userstate.CombiningValueStateSpec("buckets", PickleCoder(), _MergeTiles())
+_PARTIALS = userstate.CombiningValueStateSpec("partials", PickleCoder(), _MergePartials())
 _STATE = userstate.ReadModifyWriteStateSpec("state", PickleCoder())
 _WAKE = userstate.TimerSpec("wake", TimeDomain.WATERMARK)
-_BUCKETS_PARAM = beam.DoFn.StateParam(_BUCKETS)
+_PARTIALS_PARAM = beam.DoFn.StateParam(_PARTIALS)
 _STATE_PARAM = beam.DoFn.StateParam(_STATE)
 _WAKE_PARAM = beam.DoFn.TimerParam(_WAKE)
 
@@ -277,8 +317,10 @@ class _EmitCells(beam.DoFn):
     def setup(self) -> None:
         specs = key_specs(self.fs)
         counting = next(s.key_name for s in specs if s.max_size_ms == self.fs.max_window_ms)
+        block_ms = block_periods(self.fs) * self.fs.period_ms
         self._keys = {
-            s.key_name: KeyTiles(s, self.lateness_ms, s.key_name == counting) for s in specs
+            s.key_name: KeyTiles(s, self.lateness_ms, s.key_name == counting, block_ms)
+            for s in specs
         }
         self._updates_dropped = Metrics.counter(NAMESPACE, "late_updates_dropped")
         self._events_dropped = Metrics.counter(NAMESPACE, "events_dropped_too_late")
@@ -288,7 +330,7 @@ class _EmitCells(beam.DoFn):
     def process(
         self,
         element: tuple,
-        buckets_state=_BUCKETS_PARAM,
+        partials_state=_PARTIALS_PARAM,
         key_state=_STATE_PARAM,
         wake=_WAKE_PARAM,
     ) -> Iterator[Cell]:
@@ -296,19 +338,19 @@ class _EmitCells(beam.DoFn):
         logic = self._keys[key_name]
         floor = _WATERMARK_FLOOR.get(self.uid)
         state = key_state.read()
-        buckets = None
-        if state is None:
+        fresh = state is None
+        if fresh:
             state = logic.new_state(floor)
-        else:
-            buckets = buckets_state.read()
-        admitted, cells, new_state, updates, events = logic.admit(tile, buckets, state, floor)
+        admitted, cells, new_state, updates, events = logic.admit(
+            tile, partials_state.read, state, floor, fresh
+        )
         if updates:
             self._updates_dropped.inc(updates)
         if events:
             self._events_dropped.inc(events)
-        if not admitted:
+        if admitted is None:
             return
-        buckets_state.add(admitted)
+        partials_state.add(admitted)
         if new_state.wake is not None and new_state.wake != state.wake:
             wake.set(Timestamp(micros=new_state.wake * 1000))
         key_state.write(new_state)
@@ -322,7 +364,7 @@ class _EmitCells(beam.DoFn):
         self,
         key=beam.DoFn.KeyParam,
         fired=beam.DoFn.TimestampParam,
-        buckets_state=_BUCKETS_PARAM,
+        partials_state=_PARTIALS_PARAM,
         key_state=_STATE_PARAM,
         wake=_WAKE_PARAM,
     ) -> Iterator[Cell]:
@@ -333,14 +375,14 @@ class _EmitCells(beam.DoFn):
         state = key_state.read()
         if state is None:
             return
-        cells, kept, new_state = self._keys[key_name].fire(t, buckets_state.read(), state)
+        cells, kept, new_state = self._keys[key_name].fire(t, partials_state.read(), state)
         if new_state is None:
-            buckets_state.clear()
+            partials_state.clear()
             key_state.clear()
         else:
             if kept is not None:
-                buckets_state.clear()
-                buckets_state.add(kept)
+                partials_state.clear()
+                partials_state.add(kept)
             if new_state.wake is not None:
                 wake.set(Timestamp(micros=new_state.wake * 1000))
             key_state.write(new_state)
