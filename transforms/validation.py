@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -24,24 +26,48 @@ NAMESPACE = "skewless"
 _UTC = dt.UTC
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
 
+# What the typed pipeline can carry. Integers become Arrow int64 and tf.int64; floats become
+# float64 in features/ and float32 in tf.Transform, so a finite float64 beyond float32 would
+# silently turn into an infinity there.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# Timestamps outside this range are data errors (a year 318,857 or 1066 is not an event time);
+# a feature set may declare its own range as extra["timestamp_range"] = (start, end).
+DEFAULT_TIMESTAMP_RANGE = ("1900-01-01T00:00:00+00:00", "2201-01-01T00:00:00+00:00")
+# Entity key values end up in Bigtable row keys (at most 4 KiB with the key name and W).
+MAX_KEY_BYTES = 1024
+
 
 class InvalidRecord(ValueError):
     """A record breaks the schema; the message is the dead letter's reason."""
 
 
-def dead_letter(stage: str, reason: str, record: Any, feature_set: str = "") -> dict:
-    """A dead-letter record: JSON-serialisable, with the original payload kept whole."""
-    return {
+def dead_letter(
+    stage: str, reason: str, record: Any, feature_set: str = "", origin: dict | None = None
+) -> dict:
+    """A dead-letter record: JSON-serialisable, with the original payload kept whole.
+
+    `origin` says where the record came from: {"file": path, "line": n} (CSV, JSON lines; the
+    first physical line of the record, 1-based, the header is line 1) or {"file", "row"}
+    (Parquet: the 0-based row index in the file).
+    """
+    letter = {
         "stage": stage,
         "reason": reason,
         "feature_set": feature_set,
         "record": _jsonable(record),
     }
+    if origin:
+        letter.update(origin)
+    return letter
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, UnparseableRow):
+    if isinstance(value, (UnparseableRow, RawLine)):
         return value.text
+    if isinstance(value, str):
+        # A lone surrogate (JSON "\\ud800") cannot be written as UTF-8 by any sink.
+        return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, dict):
@@ -69,7 +95,13 @@ def _to_int(value: Any) -> int:
         if not value.is_integer():
             raise InvalidRecord(f"{value!r} is not an integer")
         return int(value)
+    if isinstance(value, decimal.Decimal):  # BigQuery NUMERIC
+        if not value.is_finite() or value != value.to_integral_value():
+            raise InvalidRecord(f"{value} is not an integer")
+        return int(value)
     if isinstance(value, str):
+        if "_" in value:  # Python's int() reads "1_000"; no file format means that
+            raise InvalidRecord(f"{value!r} is not an integer")
         try:
             return int(value)
         except ValueError:
@@ -84,17 +116,17 @@ def _to_int(value: Any) -> int:
 def _to_float(value: Any) -> float:
     if isinstance(value, bool):
         raise InvalidRecord("is a boolean, expected a number")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, decimal.Decimal)):
         out = float(value)
     elif isinstance(value, str):
         try:
+            if "_" in value:
+                raise ValueError(value)
             out = float(value)
         except ValueError:
             raise InvalidRecord(f"{value!r} is not a number") from None
     else:
         raise InvalidRecord(f"has type {type(value).__name__}, expected a number")
-    if not math.isfinite(out):
-        raise InvalidRecord(f"{value!r} is not a finite number")
     return out
 
 
@@ -110,6 +142,8 @@ def _to_bool(value: Any) -> bool:
 
 def _to_string(value: Any) -> str:
     if isinstance(value, str):
+        if not value.isascii():
+            _check_utf8(value)
         return value
     if isinstance(value, bytes):
         try:
@@ -119,14 +153,37 @@ def _to_string(value: Any) -> str:
     raise InvalidRecord(f"has type {type(value).__name__}, expected a string")
 
 
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRecord("is not valid Unicode (a lone surrogate)") from None
+
+
+_NUMBER_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 @lru_cache(maxsize=65536)
 def _parse_timestamp_text(text: str) -> int:
     # Timestamps repeat a lot in real data (hours, dates): the cache makes parsing nearly free.
+    stripped = text.strip()
+    if _NUMBER_TEXT.fullmatch(stripped):
+        # Epoch seconds as text: what a CSV or a text column holds where JSON has a number.
+        # (ISO-8601's basic form 20130101 is taken as epoch seconds too: one rule for digits.)
+        return _epoch_seconds_to_ms(float(stripped))
     try:
-        parsed = dt.datetime.fromisoformat(text.strip())
+        parsed = dt.datetime.fromisoformat(stripped)
     except ValueError:
-        raise InvalidRecord(f"{text!r} is not an ISO-8601 timestamp") from None
+        raise InvalidRecord(f"{text!r} is not an ISO-8601 timestamp or epoch seconds") from None
     return _datetime_to_ms(parsed)
+
+
+def _epoch_seconds_to_ms(seconds: float | int) -> int:
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        raise InvalidRecord(f"{seconds!r} is not a timestamp")
+    if isinstance(seconds, int):
+        return seconds * 1000
+    return int(round(seconds * 1000))
 
 
 def _datetime_to_ms(value: dt.datetime) -> int:
@@ -145,9 +202,7 @@ def to_epoch_ms(value: Any) -> int:
     if isinstance(value, bool):
         raise InvalidRecord("is a boolean, expected a timestamp")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise InvalidRecord(f"{value!r} is not a timestamp")
-        return int(round(value * 1000))
+        return _epoch_seconds_to_ms(value)
     if isinstance(value, dt.date):
         return _datetime_to_ms(dt.datetime(value.year, value.month, value.day))
     raise InvalidRecord(f"has type {type(value).__name__}, expected a timestamp")
@@ -171,16 +226,36 @@ class RecordValidator:
 
     `validate(raw)` returns the typed record (the derived fields included) or raises
     InvalidRecord; it returns None for a valid record that is not an event.
+
+    Besides each field's declared type, nullability and range, a value must be one the typed
+    pipeline can carry, whatever the input format: integers within int64, floats finite and
+    within float32 (NaN and infinities only in fields listed in the feature set's
+    extra["allow_non_finite"]), timestamps within extra["timestamp_range"] (default
+    1900-01-01 to 2201-01-01, end excluded), text that is valid Unicode, entity keys of at most
+    MAX_KEY_BYTES bytes. NaN is never taken for null.
     """
 
     def __init__(self, fs: FeatureSet):
         self.fs = fs
+        non_finite_ok = frozenset(fs.extra.get("allow_non_finite", ()))
+        start, end = fs.extra.get("timestamp_range", DEFAULT_TIMESTAMP_RANGE)
+        self.timestamp_range = (str(start), str(end))
+        self._ts_lo, self._ts_hi = to_epoch_ms(start), to_epoch_ms(end)
         self._plan = [
-            (f.name, f.type, _COERCE[f.type], f.nullable, f.min_value, f.max_value)
+            (
+                f.name,
+                f.type,
+                _COERCE[f.type],
+                f.nullable,
+                f.min_value,
+                f.max_value,
+                f.name in non_finite_ok,
+            )
             for f in fs.schema
         ]
         self._names = frozenset(f.name for f in fs.schema)
         self._reject_unexpected = fs.unexpected_fields == "reject"
+        self._derived = [(f.name, f.type) for f in fs.derived_fields]
 
     def typed(self, raw: dict) -> dict:
         if not isinstance(raw, dict):
@@ -192,27 +267,54 @@ class RecordValidator:
         isfinite = math.isfinite
         # The common cases (values already of their type, as Arrow and JSON give them) are
         # handled inline: this loop runs for every field of every record of every job.
-        for name, kind, coerce, nullable, lo, hi in self._plan:
+        for name, kind, coerce, nullable, lo, hi, non_finite_ok in self._plan:
             value = raw.get(name)
             t = type(value)
-            if value is None or (t is float and value != value) or (value == "" and kind != "string"):
+            if value is None or (value == "" and kind != "string"):
                 if not nullable:
                     if name in raw:
                         raise InvalidRecord(f"required field {name!r} is null")
                     raise InvalidRecord(f"missing required field {name!r}")
                 out[name] = None
                 continue
-            if kind == "float" and (t is float or t is int):
-                value = float(value)
-                if not isfinite(value):
-                    raise InvalidRecord(f"field {name!r} {value!r} is not a finite number")
-            elif kind == "timestamp" and (t is float or t is int) and isfinite(value):
-                value = int(round(value * 1000))
-            elif not ((kind == "int" and t is int) or (kind == "string" and t is str)):
-                try:
+            original = value
+            try:
+                if t is bytes and kind != "string":
+                    value = _to_string(value)
+                    t = str
+                if kind == "float":
+                    value = float(value) if (t is float or t is int) else coerce(value)
+                    if not isfinite(value):
+                        if non_finite_ok:
+                            out[name] = value
+                            continue
+                        raise InvalidRecord(f"{original!r} is not a finite number")
+                    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+                        raise InvalidRecord(f"{original!r} is beyond the float32 range")
+                elif kind == "int":
+                    if t is not int:
+                        value = coerce(value)
+                    if not INT64_MIN <= value <= INT64_MAX:
+                        raise InvalidRecord(f"{original!r} is outside the 64-bit integer range")
+                elif kind == "timestamp":
+                    if t is int or t is float:
+                        value = _epoch_seconds_to_ms(value)
+                    else:
+                        value = coerce(value)
+                    if not self._ts_lo <= value < self._ts_hi:
+                        raise InvalidRecord(
+                            f"{original!r} is outside the accepted time range "
+                            f"[{self.timestamp_range[0]}, {self.timestamp_range[1]})"
+                        )
+                elif kind == "string":
+                    if t is not str or not value.isascii():
+                        value = coerce(value)
+                else:
                     value = coerce(value)
-                except InvalidRecord as exc:
-                    raise InvalidRecord(f"field {name!r} {exc}") from None
+            except OverflowError:  # float() of an integer beyond float64
+                raise InvalidRecord(f"field {name!r} {original!r} is beyond the float range") from None
+            except InvalidRecord as exc:
+                raise InvalidRecord(f"field {name!r} {exc}") from None
             if lo is not None and value < lo:
                 raise InvalidRecord(f"field {name!r} = {value!r} is below the minimum {lo!r}")
             if hi is not None and value > hi:
@@ -229,8 +331,30 @@ class RecordValidator:
         event_time = record.get(fs.event_time)
         if event_time is None:
             raise InvalidRecord(f"missing event time {fs.event_time!r}")
-        if not isinstance(event_time, int):
+        if not isinstance(event_time, int) or isinstance(event_time, bool):
             raise InvalidRecord(f"event time {fs.event_time!r} is not epoch milliseconds")
+        # Derived values obey the same limits as raw ones: a derive() that adds minutes to an
+        # hour can still leave the range, and its output is what the pipeline carries.
+        for name, kind in self._derived:
+            value = record.get(name)
+            if value is None:
+                continue
+            if kind == "timestamp" and not self._ts_lo <= value < self._ts_hi:
+                raise InvalidRecord(
+                    f"derived {name!r} = {value!r} ms is outside the accepted time range "
+                    f"[{self.timestamp_range[0]}, {self.timestamp_range[1]})"
+                )
+            if kind == "int" and not INT64_MIN <= value <= INT64_MAX:
+                raise InvalidRecord(f"derived {name!r} = {value!r} is outside the 64-bit integer range")
+            if kind == "float" and not (
+                math.isfinite(value) and -FLOAT32_MAX <= value <= FLOAT32_MAX
+            ):
+                raise InvalidRecord(f"derived {name!r} = {value!r} is not a finite float32")
+        for key in fs.keys:
+            value = record.get(key)
+            if isinstance(value, str) and len(value) * 4 > MAX_KEY_BYTES:
+                if len(value.encode("utf-8")) > MAX_KEY_BYTES:
+                    raise InvalidRecord(f"entity key {key!r} is longer than {MAX_KEY_BYTES} bytes")
         return record
 
     def validate(self, raw: dict) -> dict | None:
@@ -246,33 +370,103 @@ def parse_json_payload(payload: str | bytes) -> Any:
 
 
 class UnparseableRow(NamedTuple):
-    """A row a source could not even split into fields (e.g. a CSV line with too many columns)."""
+    """A record a source could not even split into fields (e.g. a CSV line with too many columns)."""
 
     text: str
     reason: str
+    file: str = ""
+    line: int | None = None
 
 
-def iter_raw_records(element: Any) -> Iterator[tuple[str, Any]]:
-    """Flatten what a source emits (RecordBatch, dict, JSON text) into (stage, raw) pairs."""
-    if isinstance(element, (dict, str, bytes, UnparseableRow)):
-        yield ("validate" if isinstance(element, dict) else "parse"), element
+class RawLine(NamedTuple):
+    """One JSON-lines record, with its file and 1-based line number."""
+
+    text: str | bytes
+    file: str = ""
+    line: int | None = None
+
+
+class RawBatch(NamedTuple):
+    """Records of one file as an Arrow batch, with the position of each row in the file:
+    its first physical line (CSV, `unit="line"`) or its row index (Parquet, `unit="row"`)."""
+
+    batch: pa.RecordBatch
+    file: str
+    positions: Sequence[int]
+    unit: str = "line"
+
+
+Where = tuple  # (file, unit, position) of one record, turned into a dict only for dead letters
+
+
+def origin_of(where: Where | None) -> dict | None:
+    if where is None:
+        return None
+    file, unit, position = where
+    out = {"file": file} if file else {}
+    if position is not None and position >= 0:  # -1: the reader could not tell
+        out[unit] = int(position)
+    return out or None
+
+
+def iter_raw_records(element: Any) -> Iterator[tuple[str, Any, Where | None]]:
+    """Flatten what a source emits into (stage, raw record, where it came from) triples.
+
+    Sources emit RecordBatches (plain or as RawBatch with positions), dicts, JSON text (plain
+    or as RawLine) and UnparseableRows.
+    """
+    if isinstance(element, RawBatch):
+        file, unit, positions = element.file, element.unit, element.positions
+        for i, row in enumerate(_rows_or_unparseable(element.batch)):
+            stage = "parse" if isinstance(row, UnparseableRow) else "validate"
+            yield stage, row, (file, unit, positions[i])
+        return
+    if isinstance(element, RawLine):
+        yield "parse", element.text, (element.file, "line", element.line)
+        return
+    if isinstance(element, UnparseableRow):
+        where = (element.file, "line", element.line) if element.file or element.line else None
+        yield "parse", element, where
+        return
+    if isinstance(element, (str, bytes)):
+        yield "parse", element, None
         return
     if isinstance(element, pa.RecordBatch):
-        yield from (("validate", row) for row in _batch_rows(element))
+        for row in _rows_or_unparseable(element):
+            yield ("parse" if isinstance(row, UnparseableRow) else "validate"), row, None
         return
-    yield "validate", element
+    yield "validate", element, None
 
 
 def _batch_rows(batch: pa.RecordBatch) -> list[dict]:
-    # Timestamp columns become epoch seconds: converting them to datetime objects row by
-    # row costs more than all the validation (to_epoch_ms takes numbers as epoch seconds).
+    # Timestamp and date columns become epoch seconds: converting them to datetime objects row
+    # by row costs more than all the validation (to_epoch_ms takes numbers as epoch seconds),
+    # and Python's datetime cannot even hold the years past 9999 a corrupt file may carry.
     columns = []
     for column in batch.columns:
-        if pa.types.is_timestamp(column.type):
-            millis = column.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
+        if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+            if pa.types.is_date(column.type):
+                column = column.cast(pa.timestamp("s"))
+            # safe=False: sub-millisecond digits are dropped, as for ISO text
+            millis = column.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64())
             column = pc.divide(millis.cast(pa.float64()), 1000.0)
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names).to_pylist()
+
+
+def _rows_or_unparseable(batch: pa.RecordBatch) -> Iterator[dict | UnparseableRow]:
+    """Rows of a batch as dicts; a row Python cannot represent becomes an UnparseableRow."""
+    try:
+        yield from _batch_rows(batch)
+        return
+    except (pa.ArrowException, ValueError, OverflowError):
+        pass
+    for i in range(batch.num_rows):
+        row = batch.slice(i, 1)
+        try:
+            yield _batch_rows(row)[0]
+        except (pa.ArrowException, ValueError, OverflowError) as exc:
+            yield UnparseableRow(repr(row.to_pydict())[:2000], f"row cannot be read: {exc}")
 
 
 class ValidateRecordsFn(beam.DoFn):
@@ -295,7 +489,7 @@ class ValidateRecordsFn(beam.DoFn):
         validator = self._validator
         name = self.fs.name
         read = valid = rejected = not_events = 0
-        for stage, raw in iter_raw_records(element):
+        for stage, raw, where in iter_raw_records(element):
             read += 1
             try:
                 record = raw
@@ -309,12 +503,12 @@ class ValidateRecordsFn(beam.DoFn):
                 event = validator.derive(record)
             except InvalidRecord as exc:
                 rejected += 1
-                yield TaggedOutput(DEAD, dead_letter(stage, str(exc), raw, name))
+                yield TaggedOutput(DEAD, dead_letter(stage, str(exc), raw, name, origin_of(where)))
                 continue
             except Exception as exc:  # noqa: BLE001 - a user's derive() bug must not kill the job
                 rejected += 1
                 reason = f"{type(exc).__name__}: {exc}"
-                yield TaggedOutput(DEAD, dead_letter(stage, reason, raw, name))
+                yield TaggedOutput(DEAD, dead_letter(stage, reason, raw, name, origin_of(where)))
                 continue
             if event is None:
                 not_events += 1
