@@ -1,13 +1,29 @@
-"""File sources at the edge of the pipelines: CSV (plain, gzip, zip), Parquet and JSON lines."""
+"""File sources at the edge of the pipelines: CSV (plain, gzip, zip), Parquet and JSON lines.
+
+Two promises, kept here:
+- A file that cannot be read as a whole (empty, not the format its name says, a corrupt
+  archive, a header that does not match the feature set) is one clear InputError before the
+  pipeline is built (`check_input`), never a traceback from inside a worker.
+- Readers never split or merge records. CSV is parsed by Arrow with quote-aware record
+  boundaries (`newlines_in_values`), so a quoted value with newlines stays one record across
+  Arrow's blocks; JSON lines are split on "\\n" only (a raw U+2028 or U+0085 inside a string
+  is valid JSON, not a line break). Each record carries its file and first line (CSV, JSON
+  lines) or row index (Parquet) into its dead letter.
+"""
 
 from __future__ import annotations
 
+import codecs
 import io
+import logging
+import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
@@ -15,15 +31,35 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.validation import UnparseableRow
+from transforms.featureset import FeatureSet
+from transforms.validation import RawBatch, RawLine, UnparseableRow
 
 NAMESPACE = "skewless"
 FORMATS = ("csv", "parquet", "jsonl")
 BATCH_ROWS = 20_000
+HEAD_BYTES = 1 << 16
+# Compressed files up to this size are decompressed whole by the check, so a truncated or
+# corrupt archive fails before the run; larger ones only have their head checked.
+FULL_CHECK_BYTES = 256 << 20
+LOG = logging.getLogger("skewless.files")
+
+_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed (name it .gz)",
+    b"PK\x03\x04": "a zip archive (name it .zip)",
+    b"PAR1": "a Parquet file (name it .parquet or use --input_format parquet)",
+    b"BZh": "bzip2-compressed (name it .bz2)",
+}
+# CSV null markers: Arrow's defaults without the NaN spellings, so "NaN" reads as a number
+# (which the validator rejects unless the field allows it), never as a missing value.
+CSV_NULL_VALUES = ["", "NA", "N/A", "n/a", "#N/A", "#N/A N/A", "#NA", "NULL", "null"]
+# Arrow types of the first, typed CSV read; timestamps and booleans are read as text and
+# parsed by the validator, with the same rules as JSON lines.
+_CSV_TYPES = {"int": pa.int64(), "float": pa.float64()}
 
 
 class InputError(ValueError):
-    """The input cannot be read at all (missing path, unknown format); raised before the run."""
+    """The input cannot be read at all (missing path, unknown format, a bad file); raised before
+    the run."""
 
 
 def detect_format(path: str) -> str:
@@ -42,115 +78,417 @@ def detect_format(path: str) -> str:
     )
 
 
-def check_input(pattern: str, input_format: str | None = None) -> list[str]:
-    """Fail fast, before any pipeline is built, if the input matches no file."""
+# --- checks before the pipeline is built ----------------------------------------------------------
+
+
+def check_input(
+    pattern: str, input_format: str | None = None, fs: FeatureSet | None = None
+) -> list[str]:
+    """Fail fast, before any pipeline is built, unless every matched file can be read.
+
+    Checks: the pattern matches files (not directories); each file's format is known; it is not
+    empty (0 bytes: a CSV without rows still has its header, a Parquet file its schema); a
+    compressed file
+    decompresses (whole, up to FULL_CHECK_BYTES); a zip holds exactly one file; a Parquet file
+    has a valid footer; a CSV has a UTF-8 header line and a JSON-lines file is text; with `fs`,
+    the CSV header or Parquet schema matches the feature set (no duplicate columns, no missing
+    required ones, no unexpected ones if the feature set rejects unexpected fields).
+    Returns the paths to read.
+    """
+    if input_format is not None and input_format not in FORMATS:
+        raise InputError(f"unknown input format {input_format!r}: one of {FORMATS}")
+    if _is_local_dir(pattern):
+        raise InputError(
+            f"input {pattern!r} is a directory: give a file or a glob such as "
+            f"{os.path.join(pattern, '*.csv')!r}"
+        )
     try:
         matches = FileSystems.match([pattern])[0].metadata_list
     except Exception as exc:  # noqa: BLE001 - any filesystem error means the same to the user
-        raise InputError(f"input {pattern!r} cannot be listed: {exc}") from exc
-    paths = sorted(m.path for m in matches)
-    if not paths:
+        raise InputError(f"input {pattern!r} cannot be listed: {_one_line(exc)}") from exc
+    files = sorted((m for m in matches if not _is_local_dir(m.path)), key=lambda m: m.path)
+    if not files:
         raise InputError(f"input {pattern!r} matches no file")
-    if input_format is None:
-        for path in paths:
-            detect_format(path)
-    elif input_format not in FORMATS:
-        raise InputError(f"unknown input format {input_format!r}: one of {FORMATS}")
+    paths = []
+    for meta in files:
+        fmt = input_format or detect_format(meta.path)
+        if meta.size_in_bytes == 0:
+            raise InputError(f"{meta.path}: the file is empty (0 bytes)")
+        check_file(meta.path, fmt, fs, meta.size_in_bytes)
+        paths.append(meta.path)
     return paths
 
 
+def check_file(path: str, fmt: str, fs: FeatureSet | None = None, size: int | None = None) -> None:
+    """Raise InputError unless `path` reads as `fmt` (see check_input)."""
+    if fmt == "parquet":
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
+        check_columns(path, names, fs)
+        return
+    whole = _is_compressed(path) and (size or 0) <= FULL_CHECK_BYTES
+    head = _read_bytes(path) if whole else _read_head(path)
+    if not head:
+        raise InputError(f"{path}: the file is empty once decompressed")
+    if not _is_compressed(path):
+        for magic, what in _MAGIC.items():
+            if head.startswith(magic):
+                raise InputError(f"{path}: the file is {what}, not {fmt} text")
+    if fmt == "csv":
+        check_columns(path, csv_header(head, path), fs)
+    elif b"\x00" in head[:1024]:
+        raise InputError(f"{path}: binary content (NUL bytes), not JSON lines text")
+
+
+def check_columns(path: str, names: Sequence[str], fs: FeatureSet | None) -> None:
+    """The columns of a file against the feature set's schema; one error naming every problem."""
+    seen: set[str] = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    problems = []
+    if duplicates:
+        problems.append(f"duplicate column(s) {duplicates}")
+    if fs is not None:
+        schema = {f.name: f for f in fs.schema}
+        missing = [f.name for f in fs.schema if not f.nullable and f.name not in seen]
+        unexpected = [n for n in dict.fromkeys(names) if n not in schema]
+        if missing:
+            problems.append(f"missing required column(s) {missing}")
+        if unexpected and fs.unexpected_fields == "reject":
+            problems.append(
+                f"unexpected column(s) {unexpected} (feature set {fs.name!r} rejects "
+                "unexpected fields)"
+            )
+        absent = [f.name for f in fs.schema if f.nullable and f.name not in seen]
+        if absent and not problems:
+            LOG.warning("%s: no column for nullable field(s) %s: read as null", path, absent)
+    if problems:
+        raise InputError(f"{path}: the header does not match the schema: {'; '.join(problems)}")
+
+
+def csv_header(data: bytes, path: str = "") -> list[str]:
+    """Column names of the CSV whose first bytes are `data`; InputError if not a text header."""
+    end = _first_record_end(data)
+    first = data[:end].rstrip(b"\r")
+    if b"\x00" in first:
+        raise InputError(f"{path}: binary content (NUL bytes), not CSV text")
+    try:
+        first.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: the first line is not UTF-8 text: not a CSV file") from None
+    if not first.strip():
+        raise InputError(f"{path}: the first line is empty: a CSV file starts with its header")
+    try:
+        return pacsv.read_csv(
+            io.BytesIO(first + b"\n"),
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        ).column_names
+    except pa.ArrowException as exc:
+        raise InputError(f"{path}: the header line does not parse: {_one_line(exc)}") from None
+
+
+def _first_record_end(data: bytes) -> int:
+    """Offset of the newline ending the first CSV record (quotes may hold newlines)."""
+    start = 0
+    while True:
+        nl = data.find(b"\n", start)
+        if nl < 0:
+            return len(data)
+        if data.count(b'"', 0, nl) % 2 == 0:
+            return nl
+        start = nl + 1
+
+
+def _is_local_dir(path: str) -> bool:
+    return "://" not in path and os.path.isdir(path)
+
+
+def _is_compressed(path: str) -> bool:
+    return path.lower().endswith((".gz", ".bz2", ".zip"))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _read_head(path: str) -> bytes:
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+            return f.read(HEAD_BYTES)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path}: cannot be read: {_one_line(exc)}") from None
+
+
+# --- readers ---------------------------------------------------------------------------------------
+
+
 def _read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
-        data = f.read()
+    """The whole (decompressed) content of a file; InputError for an unreadable one."""
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a file") from None
+    except Exception as exc:  # noqa: BLE001 - zlib.error, EOFError, OSError: all "bad file"
+        kind = "gzip" if path.lower().endswith(".gz") else "compressed" if _is_compressed(path) else ""
+        what = f"not a valid {kind} file" if kind else "cannot be read"
+        raise InputError(f"{path}: {what} ({_one_line(exc)})") from None
     if path.lower().endswith(".zip"):
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = [n for n in archive.namelist() if not n.endswith("/")]
-            if len(members) != 1:
-                raise InputError(f"{path}: expected one file in the zip archive, found {members}")
-            data = archive.read(members[0])
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                members = [n for n in archive.namelist() if not n.endswith("/")]
+                if len(members) != 1:
+                    raise InputError(
+                        f"{path}: expected one file in the zip archive, found {len(members)}: "
+                        f"{members[:5]}"
+                    )
+                data = archive.read(members[0])
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+            raise InputError(f"{path}: not a valid zip archive ({_one_line(exc)})") from None
     return data
 
 
-def read_csv_table(data: bytes) -> tuple[pa.Table, list[UnparseableRow]]:
-    """Typed read first (fast); if a column does not parse as its inferred type, read all as text.
+def _parse_csv(data: bytes, column_types: dict) -> tuple[pa.Table, list]:
+    """Arrow's CSV parser, with quote-aware record boundaries and every record accounted for.
 
-    The text fallback keeps every row: the record validator then rejects the bad values one
-    record at a time, with the reason, instead of the whole file failing. Lines that do not
-    even have the header's number of fields come back as UnparseableRow (dead letters).
+    Single-threaded so that each invalid row has its record number; blank lines are kept as
+    rows (ignore_empty_lines=False) so record numbers and rows line up (read_csv_records drops
+    them again). Null markers: CSV_NULL_VALUES ("NaN" is a number).
     """
-    bad: list[UnparseableRow] = []
+    invalid: list[tuple] = []
 
     def skip(row) -> str:
-        bad.append(
-            UnparseableRow(
-                row.text,
-                f"CSV line {row.number}: expected {row.expected_columns} fields, got {row.actual_columns}",
-            )
-        )
+        invalid.append((row.number, row.text, row.expected_columns, row.actual_columns))
         return "skip"
 
-    parse = pacsv.ParseOptions(invalid_row_handler=skip)
-    convert = pacsv.ConvertOptions(strings_can_be_null=True)
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    table = pacsv.read_csv(
+        io.BytesIO(data),
+        read_options=pacsv.ReadOptions(use_threads=False),
+        parse_options=pacsv.ParseOptions(
+            newlines_in_values=True, ignore_empty_lines=False, invalid_row_handler=skip
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types=column_types, strings_can_be_null=True, null_values=CSV_NULL_VALUES
+        ),
+    )
+    return table, invalid
+
+
+def _read_csv_typed(data: bytes, names: Sequence[str], types: dict) -> tuple[pa.Table, list]:
+    """Typed read first (fast); if a column does not convert, all text; if not UTF-8, all bytes.
+
+    The fallbacks keep every row: the validator then rejects the bad values one record at a
+    time, with the reason, instead of the whole file failing.
+    """
     try:
-        return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert), bad
+        return _parse_csv(data, types)
     except pa.ArrowInvalid:
-        bad.clear()
-        text = pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in _header(data)}, strings_can_be_null=True
-        )
-        return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=text), bad
+        pass
+    try:
+        return _parse_csv(data, {n: pa.string() for n in names})
+    except pa.ArrowInvalid:
+        return _parse_csv(data, {n: pa.binary() for n in names})
 
 
-def _header(data: bytes) -> list[str]:
-    first = data.split(b"\n", 1)[0].decode("utf-8").strip("\r")
-    return pacsv.read_csv(io.BytesIO(first.encode() + b"\n")).schema.names
+def read_csv_table(data: bytes) -> tuple[pa.Table, list[UnparseableRow]]:
+    """A whole CSV (inferred types) and its rows that do not have the header's field count."""
+    names = csv_header(data)
+    table, invalid = _read_csv_typed(data, names, {})
+    blank = _blank_rows(table, data, _record_lines(table, invalid, data)[0])
+    if blank.any():
+        table = table.filter(pa.array(~blank))
+    return table, [_unparseable(row, "") for row in invalid]
+
+
+def _unparseable(row: tuple, path: str, line: int | None = None) -> UnparseableRow:
+    _, text, expected, actual = row
+    return UnparseableRow(text, f"expected {expected} fields, got {actual}", path, line)
+
+
+def _record_lines(table: pa.Table, invalid: list, data: bytes) -> tuple[np.ndarray, list]:
+    """First physical line (1-based, "\\n"-separated) of every row and of every invalid record.
+
+    Records follow each other: the header, then rows and invalid records in file order (an
+    invalid record's number says where it was). A record spans 1 + the newlines inside its
+    quoted values; only text columns can hold them.
+    """
+    n_rows = table.num_rows
+    if any(number is None for number, *_ in invalid):
+        return np.full(n_rows, -1, np.int64), [None] * len(invalid)
+    n_records = n_rows + len(invalid)
+    spans = np.ones(n_records, np.int64)
+    is_invalid = np.zeros(n_records, bool)
+    invalid_at = np.array([number - 2 for number, *_ in invalid], np.int64)
+    is_invalid[invalid_at] = True
+    if b'"' in data:  # without quotes no value holds a newline
+        row_spans = np.ones(n_rows, np.int64)
+        for column in table.columns:
+            if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
+                counts = pc.count_substring(column, "\n").fill_null(0)
+                row_spans += counts.to_numpy(zero_copy_only=False).astype(np.int64)
+        spans[~is_invalid] = row_spans
+        spans[invalid_at] = [1 + text.count("\n") for _, text, *_ in invalid]
+    header_lines = 1 + sum(name.count("\n") for name in table.column_names)
+    starts = header_lines + 1 + np.concatenate([[0], np.cumsum(spans)[:-1]])
+    return starts[~is_invalid], starts[invalid_at].tolist()
+
+
+def _blank_rows(table: pa.Table, data: bytes, lines: np.ndarray) -> np.ndarray:
+    """Rows that are blank lines (all null and nothing on their line), not records."""
+    blank = np.zeros(table.num_rows, bool)
+    if table.num_rows == 0 or table.num_columns == 0:
+        return blank
+    all_null = table.column(0).is_null()
+    for column in table.columns[1:]:
+        all_null = pc.and_(all_null, column.is_null())
+    candidates = np.flatnonzero(all_null.to_numpy(zero_copy_only=False))
+    if not len(candidates):
+        return blank
+    if (lines[candidates] < 0).any():
+        blank[candidates] = True  # no line numbers: Arrow only gives all-null rows for blanks
+        return blank
+    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+    for i in candidates:
+        line = int(lines[i])
+        start = 0 if line == 1 else int(newlines[line - 2]) + 1
+        end = int(newlines[line - 1]) if line - 1 < len(newlines) else len(data)
+        blank[i] = not data[start:end].strip(b"\r")
+    return blank
+
+
+def read_csv_records(
+    data: bytes, path: str, fs: FeatureSet | None, batch_rows: int = BATCH_ROWS
+) -> Iterator[RawBatch | UnparseableRow]:
+    """A CSV file -> RawBatches of rows (with their first lines) and UnparseableRows.
+
+    Int and float fields are read typed when every value converts, everything else as text, so
+    no value is rounded through an inferred type (an int column that Arrow would read as
+    float64 because one value overflows int64 would lose the digits of every other value).
+    """
+    names = csv_header(data, path)
+    check_columns(path, names, fs)
+    types = {}
+    if fs is not None:
+        types = {f.name: _CSV_TYPES.get(f.type, pa.string()) for f in fs.schema if f.name in names}
+    try:
+        table, invalid = _read_csv_typed(data, names, types)
+    except pa.ArrowException as exc:
+        raise InputError(f"{path}: not a readable CSV file ({_one_line(exc)})") from None
+    lines, invalid_lines = _record_lines(table, invalid, data)
+    blank = _blank_rows(table, data, lines)
+    if blank.any():
+        table = table.filter(pa.array(~blank))
+        lines = lines[~blank]
+    for batch_start in range(0, table.num_rows, batch_rows):
+        batch = table.slice(batch_start, batch_rows).combine_chunks().to_batches()
+        if batch:
+            yield RawBatch(batch[0], path, lines[batch_start : batch_start + batch_rows])
+    for row, line in zip(invalid, invalid_lines, strict=True):
+        yield _unparseable(row, path, line)
+
+
+def iter_json_lines(data: bytes, path: str = "") -> Iterator[RawLine | UnparseableRow]:
+    """JSON-lines content -> one RawLine per non-blank line, split on "\\n" only.
+
+    str.splitlines() would also split on U+2028, U+0085, \\x1c.. inside JSON strings, turning
+    one valid record into two broken ones. A line that is not UTF-8 is an UnparseableRow.
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield UnparseableRow(
+                line.decode("utf-8", errors="replace"), f"line is not UTF-8 text ({exc.reason})", path, number
+            )
+            continue
+        yield RawLine(text, path, number)
+
+
+def read_parquet_records(path: str, fs: FeatureSet | None, batch_rows: int = BATCH_ROWS) -> Iterator[RawBatch]:
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            parquet = pq.ParquetFile(f)
+            check_columns(path, parquet.schema_arrow.names, fs)
+            offset = 0
+            for batch in parquet.iter_batches(batch_size=batch_rows):
+                yield RawBatch(batch, path, range(offset, offset + batch.num_rows), "row")
+                offset += batch.num_rows
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt page is a bad file, said once, clearly
+        raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
+
+
+def read_file_records(
+    path: str, fmt: str, fs: FeatureSet | None = None, batch_rows: int = BATCH_ROWS
+) -> Iterator[RawBatch | RawLine | UnparseableRow]:
+    """Every record of one file, each exactly once, as the validator's input elements."""
+    if fmt == "parquet":
+        yield from read_parquet_records(path, fs, batch_rows)
+        return
+    data = _read_bytes(path)
+    if not data:
+        raise InputError(f"{path}: the file is empty")
+    if fmt == "csv":
+        yield from read_csv_records(data, path, fs, batch_rows)
+    else:
+        yield from iter_json_lines(data, path)
 
 
 class _ReadFile(beam.DoFn):
-    """One file -> RecordBatches (CSV, Parquet) or JSON text lines (parsed by the validator)."""
+    """One file -> RawBatches (CSV, Parquet), RawLines (JSON lines) and UnparseableRows."""
 
-    def __init__(self, input_format: str | None, batch_rows: int):
+    def __init__(self, input_format: str | None, batch_rows: int, fs: FeatureSet | None = None):
         self.input_format = input_format
         self.batch_rows = batch_rows
+        self.fs = fs
 
     def setup(self) -> None:
         self._files = Metrics.counter(NAMESPACE, "files_read")
-        self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
 
     def process(self, path: str) -> Iterator:
         fmt = self.input_format or detect_format(path)
         self._files.inc()
-        if fmt == "parquet":
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                parquet = pq.ParquetFile(f)
-                yield from parquet.iter_batches(batch_size=self.batch_rows)
-            return
-        data = _read_bytes(path)
-        self._bytes.inc(len(data))
-        if fmt == "csv":
-            table, unparseable = read_csv_table(data)
-            yield from table.to_batches(max_chunksize=self.batch_rows)
-            yield from unparseable
-            return
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            if line.strip():
-                yield line
+        yield from read_file_records(path, fmt, self.fs, self.batch_rows)
 
 
 class ReadRawFiles(beam.PTransform):
-    """A path or glob (local or gs://) -> raw elements for ValidateRecords."""
+    """A path or glob (local or gs://) -> raw elements for ValidateRecords.
 
-    def __init__(self, pattern: str, input_format: str | None = None, batch_rows: int = BATCH_ROWS):
+    With `fs`, CSV int/float columns are read with the declared types and headers are checked
+    against the schema again (the files may have changed since check_input).
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        input_format: str | None = None,
+        batch_rows: int = BATCH_ROWS,
+        fs: FeatureSet | None = None,
+    ):
         super().__init__()
         self.pattern = pattern
         self.input_format = input_format
         self.batch_rows = batch_rows
+        self.fs = fs
 
     def expand(self, pbegin):
         return (
             pbegin
             | "Match" >> fileio.MatchFiles(self.pattern)
-            | "Paths" >> beam.Map(lambda m: m.path)
+            | "Paths" >> beam.FlatMap(lambda m: [] if _is_local_dir(m.path) else [m.path])
             | "Spread" >> beam.Reshuffle()
-            | "ReadFile" >> beam.ParDo(_ReadFile(self.input_format, self.batch_rows))
+            | "ReadFile" >> beam.ParDo(_ReadFile(self.input_format, self.batch_rows, self.fs))
         )

@@ -35,8 +35,8 @@ def read_source(options: PipelineOptions, fs: FeatureSet) -> beam.PTransform:
             temp_dataset=opts.bigquery_temp_dataset,
         )
     pattern = opts.input or default_input(fs)
-    check_input(pattern, opts.input_format)
-    return ReadRawFiles(pattern, opts.input_format)
+    check_input(pattern, opts.input_format, fs)
+    return ReadRawFiles(pattern, opts.input_format, fs=fs)
 
 
 def describe_source(options: PipelineOptions, fs: FeatureSet) -> dict:
