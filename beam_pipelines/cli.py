@@ -1,9 +1,18 @@
-"""The `skewless` console entry point: one subcommand per job."""
+"""The `skewless` console entry point: one subcommand per job, one-line errors, quiet libraries.
+
+Every error a command reports is one line, `skewless <job>: ...`, with a non-zero exit (2 for
+a usage or input error found before the run, 1 for a failure while running); the traceback
+and the libraries' logs (TensorFlow's C++ start-up lines, absl, Beam) only with --verbose.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
+import tempfile
+import traceback
 
 JOBS = {
     "prepare": (
@@ -23,19 +32,135 @@ JOBS = {
     "report": ("models.report", "print a model + scoring report and write a PNG chart"),
     "score": ("beam_pipelines.score", "batch or streaming scoring with RunInference"),
 }
+VERBOSE_FLAG = "--verbose"
+VERBOSE_ENV = "SKEWLESS_VERBOSE"  # read by common.configure_logging (and worker processes)
+EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = VERBOSE_FLAG in argv
+    argv = [a for a in argv if a != VERBOSE_FLAG]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in JOBS:
         lines = [f"  {name:<16} {desc}" for name, (_, desc) in JOBS.items()]
-        print("usage: skewless <command> [options]   (skewless <command> --help for its options)\n")
+        print("usage: skewless <command> [options] [--verbose]   (skewless <command> --help)\n")
         print("commands:\n" + "\n".join(lines))
+        print(f"\n{VERBOSE_FLAG}: tracebacks and the libraries' logs (TensorFlow, absl, Beam)")
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"\nskewless: unknown command {argv[0]!r}")
-        raise SystemExit(0 if argv else 2)
-    module = importlib.import_module(JOBS[argv[0]][0])
-    module.run(argv[1:])
+        raise SystemExit(0 if argv else EXIT_USAGE)
+    job = argv[0]
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not verbose:
+        # TensorFlow's C++ logging once running (e.g. "failed call to cuInit" on a machine
+        # without a GPU); a real failure still surfaces as a Python exception.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    raise SystemExit(run_job(job, argv[1:], verbose))
+
+
+def run_job(job: str, args: list[str], verbose: bool = False) -> int:
+    """Run one job; report any error as one line on stderr and return the exit code."""
+    try:
+        with _quiet_native_stderr(enabled=not verbose):
+            module = importlib.import_module(JOBS[job][0])
+        module.run(args)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(error_line(job, str(exc.code)), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"skewless {job}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
+        if verbose:
+            traceback.print_exc()
+        print(error_line(job, describe_error(exc)), file=sys.stderr)
+        return EXIT_USAGE if _before_run(exc) else EXIT_FAILED
+    return 0
+
+
+def error_line(job: str, message: str) -> str:
+    """`skewless <job>: <message>` on one line (a message that already names the job keeps it)."""
+    text = " ".join(message.split())
+    prefix = f"skewless {job}:"
+    if text.startswith(prefix):
+        text = text[len(prefix) :].strip()
+    return f"{prefix} {text}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, single-line description: the message of a known error, else 'Type: message'.
+
+    Errors raised inside a Beam pipeline arrive wrapped, their message holding the worker's
+    traceback: the last 'Type: message' line of it is the cause.
+    """
+    if _before_run(exc):
+        return _first_line(str(exc)) or type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next(
+        (line for line in reversed(lines) if _looks_like_exception_line(line)),
+        lines[0] if lines else "",
+    )
+    cause = cause.split(" [while running")[0]
+    if _looks_like_exception_line(cause):
+        text = cause
+    else:
+        text = f"{type(exc).__name__}: {cause}" if cause else type(exc).__name__
+    return text[:500] + (" ... (--verbose for details)" if len(text) > 500 else "")
+
+
+def _looks_like_exception_line(line: str) -> bool:
+    head, sep, _ = line.partition(": ")
+    name = head.rsplit(".", 1)[-1]
+    return bool(sep) and name.isidentifier() and name[:1].isupper() and (
+        name.endswith(("Error", "Exception", "Invalid")) or name in ("InputError",)
+    )
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _before_run(exc: BaseException) -> bool:
+    """Errors of the inputs or the options, raised before any pipeline runs."""
+    from beam_pipelines.io.files import InputError
+
+    try:
+        from transforms.featureset import FeatureSetError
+    except ImportError:  # pragma: no cover
+        FeatureSetError = InputError  # noqa: N806
+    return isinstance(exc, (InputError, FeatureSetError)) or getattr(exc, "skewless_before_run", False)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool = True):
+    """Send file descriptor 2 to a temporary file while the job's libraries load.
+
+    TensorFlow's C++ start-up lines (oneDNN, CUDA, cpu_feature_guard, absl's "before
+    InitializeLog") are written straight to fd 2 before any setting can silence them. If the
+    import fails, what was written is replayed so nothing is lost.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            sink.seek(0)
+            os.write(2, sink.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 if __name__ == "__main__":

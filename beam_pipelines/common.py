@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import (
@@ -45,12 +48,37 @@ def help_parser(
     return parser
 
 
+VERBOSE_ENV = "SKEWLESS_VERBOSE"
+LIBRARY_LOGGERS = ("apache_beam", "tensorflow", "absl", "tensorflow_transform", "tfx_bsl", "keras")
+
+
+def is_verbose() -> bool:
+    """--verbose on the `skewless` command line (the CLI sets SKEWLESS_VERBOSE=1)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def configure_logging() -> None:
+    """The job's own progress and result at INFO; the libraries' logs only with --verbose.
+
+    Quiet by default: Beam, TensorFlow, absl and tf.Transform log (and warn) a screen of
+    start-up and runner chatter that says nothing about the job; their errors still show.
+    """
+    verbose = is_verbose()
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("skewless").setLevel(logging.INFO)
+    for noisy in LIBRARY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        try:
+            import absl.logging
+
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        except ImportError:
+            pass
+        warnings.filterwarnings("ignore", module=r"(apache_beam|tensorflow|tfx_bsl|keras)\b")
 
 
 def metric_counters(result, namespace: str = "skewless") -> dict[str, int]:
@@ -87,9 +115,11 @@ def parse_job_options(
     """Options with a --help listing every group, required flags checked (Beam's shared parser
     cannot mark them required: it would fail every other job of the same process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = help_parser(prog, description, _FlagGroups(*groups))
     if "-h" in argv or "--help" in argv:
-        help_parser(prog, description, _FlagGroups(*groups)).print_help()
+        parser.print_help()
         raise SystemExit(0)
+    _check_flag_values(parser, argv, prog)
     options = PipelineOptions(argv)
     missing = [f"--{name}" for group, name in required if not getattr(options.view_as(group), name)]
     if missing:
@@ -99,6 +129,48 @@ def parse_job_options(
         # The DirectRunner first tries to download the Prism binary, which fails offline.
         std.runner = default_runner
     return options
+
+
+def _check_flag_values(parser: argparse.ArgumentParser, argv: list[str], prog: str) -> None:
+    """A bad value of a known flag (an invalid choice, a non-number) as one line, before Beam's
+    shared parser would print its whole usage text and exit."""
+    parser.exit_on_error = False
+    parser.allow_abbrev = False
+    try:
+        parser.parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise SystemExit(f"{prog}: {exc}") from None
+    except Exception:  # noqa: BLE001 - Beam's own parser has the last word on anything else
+        return
+
+
+@contextlib.contextmanager
+def before_run():
+    """Marks a ValueError or LookupError raised inside (bad options, inputs, model) as found
+    before the pipeline ran: the CLI reports it as one line with the usage exit code."""
+    try:
+        yield
+    except (ValueError, LookupError) as exc:
+        exc.skewless_before_run = True
+        raise
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """An output directory that names an existing file is an error before the run."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in path and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a directory")
+    if "://" not in path:
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{flag} {path!r}: {parent!r} is a file, not a directory")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"{flag} {path!r}: {parent!r} is not writable")
+    elif not FileSystems.get_filesystem(path):
+        raise ValueError(f"{flag} {path!r}: unknown file system")
 
 
 def is_dry_run(options: PipelineOptions) -> bool:

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import time
 import zlib
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.pvalue import TaggedOutput
 
 from beam_pipelines.common import (
+    before_run,
+    check_output_dir,
     configure_logging,
     is_dry_run,
     metric_counters,
@@ -225,10 +228,12 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     )
     opts = options.view_as(PrepareOptions)
     feature_set = options.view_as(FeatureSetOptions).feature_set
-    fs = load_feature_set(feature_set)
-    split = Split.from_options(fs, opts.eval_start, opts.eval_fraction)
-    source = read_source(options, fs)
-    input_desc = describe_source(options, fs)
+    with before_run():
+        fs = load_feature_set(feature_set)
+        split = Split.from_options(fs, opts.eval_start, opts.eval_fraction)
+        source = read_source(options, fs)
+        input_desc = describe_source(options, fs)
+        check_output_dir(opts.output_dir, "--output_dir")
     temp_dir = os.path.join(opts.output_dir, "tmp")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
@@ -258,4 +263,6 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    run()
+    from beam_pipelines.cli import main
+
+    main(["prepare", *sys.argv[1:]])

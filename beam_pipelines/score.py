@@ -22,7 +22,14 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 
-from beam_pipelines.common import configure_logging, is_dry_run, metric_counters, parse_job_options
+from beam_pipelines.common import (
+    before_run,
+    check_output_dir,
+    configure_logging,
+    is_dry_run,
+    metric_counters,
+    parse_job_options,
+)
 from beam_pipelines.io.sinks import WriteDeadLetters
 from beam_pipelines.io.sources import read_source
 from beam_pipelines.options import FeatureSetOptions, SourceOptions
@@ -313,48 +320,52 @@ def run(argv: Sequence[str] | None = None) -> dict:
         groups=(ScoreOptions, SourceOptions, FeatureSetOptions),
         required=((ScoreOptions, "model_dir"),),
     )
-    opts = options.view_as(ScoreOptions)
-    source_opts = options.view_as(SourceOptions)
-    if bool(opts.output) == bool(opts.output_table):
-        raise SystemExit("skewless score: give exactly one of --output or --output_table")
-    dead_dir = opts.dead_letter_dir or (os.path.join(opts.output, "dead_letters") if opts.output else None)
-    if dead_dir is None:
-        raise SystemExit("skewless score: --output_table needs --dead_letter_dir")
-    start_ms, end_ms = _instant(opts.start, "--start"), _instant(opts.end, "--end")
-    if start_ms is not None and end_ms is not None and start_ms >= end_ms:
-        raise SystemExit("skewless score: --start must be before --end")
-    try:
-        handler = SkewlessModelHandler(
-            opts.model_dir,
-            opts.model_version,
-            min_batch_size=opts.min_batch_size,
-            max_batch_size=opts.max_batch_size,
-        )
-    except (ModelDirError, ValueError) as exc:
-        raise SystemExit(f"skewless score: {exc}") from None
-    metadata = handler.model_version.metadata
-    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
-    if metadata.get("feature_set") not in (None, fs.name):
-        raise SystemExit(
-            f"skewless score: model version {handler.version} was trained on feature set "
-            f"{metadata['feature_set']!r}, not {fs.name!r}"
-        )
-    schema = prediction_schema(fs)
-    if opts.output_table:
-        from beam_pipelines.io.bigquery_sink import WriteArrowToBigQuery
+    with before_run():
+        opts = options.view_as(ScoreOptions)
+        source_opts = options.view_as(SourceOptions)
+        if bool(opts.output) == bool(opts.output_table):
+            raise SystemExit("skewless score: give exactly one of --output or --output_table")
+        dead_dir = opts.dead_letter_dir or (os.path.join(opts.output, "dead_letters") if opts.output else None)
+        if dead_dir is None:
+            raise SystemExit("skewless score: --output_table needs --dead_letter_dir")
+        start_ms, end_ms = _instant(opts.start, "--start"), _instant(opts.end, "--end")
+        if start_ms is not None and end_ms is not None and start_ms >= end_ms:
+            raise SystemExit("skewless score: --start must be before --end")
+        try:
+            handler = SkewlessModelHandler(
+                opts.model_dir,
+                opts.model_version,
+                min_batch_size=opts.min_batch_size,
+                max_batch_size=opts.max_batch_size,
+            )
+        except (ModelDirError, ValueError) as exc:
+            raise SystemExit(f"skewless score: {exc}") from None
+        metadata = handler.model_version.metadata
+        fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
+        if metadata.get("feature_set") not in (None, fs.name):
+            raise SystemExit(
+                f"skewless score: model version {handler.version} was trained on feature set "
+                f"{metadata['feature_set']!r}, not {fs.name!r}"
+            )
+        schema = prediction_schema(fs)
+        if opts.output_table:
+            from beam_pipelines.io.bigquery_sink import WriteArrowToBigQuery
 
-        sink = WriteArrowToBigQuery(
-            opts.output_table,
-            schema,
-            project=source_opts.bigquery_project or options.view_as(GoogleCloudOptions).project,
-            endpoint=source_opts.bigquery_endpoint,
-            method=opts.output_method,
-        )
-    else:
-        sink = WritePredictionFiles(
-            os.path.join(opts.output, "predictions", "part"), schema, opts.output_format
-        )
-    source = read_source(options, fs)
+            sink = WriteArrowToBigQuery(
+                opts.output_table,
+                schema,
+                project=source_opts.bigquery_project or options.view_as(GoogleCloudOptions).project,
+                endpoint=source_opts.bigquery_endpoint,
+                method=opts.output_method,
+            )
+        else:
+            sink = WritePredictionFiles(
+                os.path.join(opts.output, "predictions", "part"), schema, opts.output_format
+            )
+        source = read_source(options, fs)
+        if opts.output:
+            check_output_dir(opts.output, "--output")
+        check_output_dir(dead_dir, "--dead_letter_dir")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build_pipeline(
@@ -394,4 +405,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run()
+    from beam_pipelines.cli import main
+
+    main(["score", *sys.argv[1:]])
