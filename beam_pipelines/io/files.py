@@ -13,7 +13,9 @@ Two promises, kept here:
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import io
 import logging
 import os
@@ -217,26 +219,46 @@ def _one_line(exc: BaseException) -> str:
 
 def _read_head(path: str) -> bytes:
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            if path.lower().endswith(".gz"):
+                return gzip.GzipFile(fileobj=f).read(HEAD_BYTES)
+            if path.lower().endswith(".bz2"):
+                return bz2.BZ2File(f).read(HEAD_BYTES)
             return f.read(HEAD_BYTES)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path}: cannot be read: {_one_line(exc)}") from None
+        raise InputError(f"{path}: {_unreadable(path)} ({_one_line(exc)})") from None
+
+
+def _unreadable(path: str) -> str:
+    name = path.lower()
+    if name.endswith(".gz"):
+        return "not a valid gzip file"
+    if name.endswith(".bz2"):
+        return "not a valid bzip2 file"
+    return "cannot be read"
 
 
 # --- readers ---------------------------------------------------------------------------------------
 
 
 def _read_bytes(path: str) -> bytes:
-    """The whole (decompressed) content of a file; InputError for an unreadable one."""
+    """The whole (decompressed) content of a file; InputError for an unreadable one.
+
+    gzip and bzip2 are decompressed here rather than by Beam's CompressedFile, which returns
+    the data of a truncated file without an error: a cut file must fail, not lose its tail.
+    """
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             data = f.read()
+        name = path.lower()
+        if name.endswith(".gz"):
+            data = gzip.decompress(data)
+        elif name.endswith(".bz2"):
+            data = bz2.decompress(data)
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not a file") from None
     except Exception as exc:  # noqa: BLE001 - zlib.error, EOFError, OSError: all "bad file"
-        kind = "gzip" if path.lower().endswith(".gz") else "compressed" if _is_compressed(path) else ""
-        what = f"not a valid {kind} file" if kind else "cannot be read"
-        raise InputError(f"{path}: {what} ({_one_line(exc)})") from None
+        raise InputError(f"{path}: {_unreadable(path)} ({_one_line(exc)})") from None
     if path.lower().endswith(".zip"):
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
