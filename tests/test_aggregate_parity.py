@@ -8,6 +8,7 @@ Bigtable write into the emulator; the cells are read back with the Bigtable clie
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import apache_beam as beam
 import pytest
@@ -33,6 +34,7 @@ from tests.aggregate_support import (
     typed_events,
 )
 from transforms.aggregations import CellKey, ComputeAggregates
+from transforms.featureset import WindowedAggregate
 from transforms.flights import FLIGHTS
 
 pytestmark = [pytest.mark.emulator]
@@ -163,3 +165,49 @@ def test_bigtable_setup_is_rerunnable_and_the_job_checks_the_table(bigtable_emul
     with pytest.raises(SystemExit, match="no column family 'flights'"):
         make_pipeline([*base, f"--bigtable_table={other}"])
     make_pipeline([*base, f"--bigtable_table={table_id}"])  # builds
+
+
+LONG_WINDOWS = replace(
+    FLIGHTS,
+    aggregates=(
+        WindowedAggregate("origin_departures_1d", "origin", "count", 86_400, 300),
+        WindowedAggregate("origin_mean_dep_delay_1d", "origin", "mean", 86_400, 300, "dep_delay", 0.0),
+        WindowedAggregate("carrier_max_dep_delay_1d", "carrier", "max", 86_400, 300, "dep_delay", 0.0),
+        WindowedAggregate("origin_departures_7d", "origin", "count", 7 * 86_400, 300),
+    ),
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_long_windows_one_day_and_seven_days_equal_the_batch_backfill(bigtable_emulator):
+    """1 day / 5 min (S/P = 288) and a 7-day count (S/P = 2,016) over two days of real flights,
+    delivered out of order: every streamed cell, up to the last 7-day window, == the backfill."""
+    bt = bigtable_emulator
+    events = typed_events(
+        LONG_WINDOWS, flights_raw_slice("2013-03-04 00:00:00", "2013-03-06 00:00:00")
+    )
+    table_id = _new_table(bt, LONG_WINDOWS)
+    collect = CollectPanes()
+    p = beam.Pipeline(options=streaming_options())
+    cells = (
+        p
+        | _delivery(events, seed=4)
+        | ComputeAggregates(LONG_WINDOWS, streaming=True, allowed_lateness_s=LATENESS_S)
+    )
+    _ = cells | WriteCells(bt.project, bt.instance, table_id, LONG_WINDOWS.name)
+    _ = cells | collect
+    result = p.run()
+    result.wait_until_finish()
+    counters = metric_counters(result)
+    streamed = read_cells(open_table(bt.project, bt.instance, table_id), LONG_WINDOWS.name)
+    expected = batch_cells(LONG_WINDOWS, events)
+
+    assert len(events) > 1500
+    assert counters.get("late_updates_dropped", 0) == 0
+    assert counters["aggregate_contributions"] <= 2 * len(events)  # two entity keys
+    last_w = max(w for _, _, w in expected)
+    assert last_w - max(e["event_time"] for e in events) > 6 * 86_400  # the 7-day tail is there
+    assert set(streamed) == set(expected)
+    mismatched = [k for k in expected if streamed[k] != expected[k]]
+    assert not mismatched, [(k, streamed[k], expected[k]) for k in mismatched[:5]]
