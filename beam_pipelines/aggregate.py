@@ -9,7 +9,13 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_pipelines.common import configure_logging, parse_job_options
-from beam_pipelines.io.bigtable import BigtableOptions, BigtableSetupError, WriteCells, check_table
+from beam_pipelines.io.bigtable import (
+    DEFAULT_WRITE_RETRY_S,
+    BigtableOptions,
+    BigtableSetupError,
+    WriteCells,
+    check_table,
+)
 from beam_pipelines.io.pubsub import (
     DEFAULT_TIMESTAMP_ATTRIBUTE,
     EventTimeOptions,
@@ -73,6 +79,14 @@ class AggregateOptions(PipelineOptions):
             "DataflowRunner, off otherwise.",
         )
         parser.add_argument(
+            "--write_retry_s",
+            type=float,
+            default=DEFAULT_WRITE_RETRY_S,
+            help="How long a Bigtable write that fails transiently (unavailable, deadline, "
+            "internal) is retried before its cells go to the dead-letter topic; permanent "
+            "failures (invalid argument, not found, permission) are dead-lettered at once.",
+        )
+        parser.add_argument(
             "--skip_table_check",
             action="store_true",
             help="Do not check at start that the Bigtable table and column family exist.",
@@ -96,8 +110,11 @@ def build_pipeline(
     cells = events | "Aggregate" >> ComputeAggregates(
         fs, streaming=True, allowed_lateness_s=allowed_lateness_s
     )
-    _ = cells | "WriteCells" >> sink
-    _ = (bad_timestamps, invalid) | "AllDeadLetters" >> beam.Flatten() | "DeadLetters" >> dead_letters
+    unwritten = cells | "WriteCells" >> sink
+    letters = [bad_timestamps, invalid]
+    if isinstance(unwritten, beam.PCollection):  # WriteCells: cells that could not be written
+        letters.append(unwritten)
+    _ = letters | "AllDeadLetters" >> beam.Flatten() | "DeadLetters" >> dead_letters
 
 
 def source_timestamps(opts: AggregateOptions, runner: str | None) -> bool:
@@ -129,6 +146,8 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
     timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
     if opts.allowed_lateness_s < 0:
         raise SystemExit("skewless aggregate: --allowed_lateness_s must be >= 0")
+    if opts.write_retry_s < 0:
+        raise SystemExit("skewless aggregate: --write_retry_s must be >= 0")
     fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
     if not opts.skip_table_check:
         try:
@@ -144,7 +163,13 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
         p,
         fs,
         read_messages(opts.subscription, timestamp_attribute, source_timestamps(opts, std.runner)),
-        WriteCells(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name),
+        WriteCells(
+            bt.bigtable_project,
+            bt.bigtable_instance,
+            bt.bigtable_table,
+            fs.name,
+            retry_s=opts.write_retry_s,
+        ),
         WriteDeadLetters(opts.dead_letter_topic),
         timestamp_attribute=timestamp_attribute,
         allowed_lateness_s=opts.allowed_lateness_s,

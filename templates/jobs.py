@@ -113,7 +113,10 @@ JOBS: dict[str, TemplateJob] = {
             not_parameters={
                 "skip_table_check": _FLAG_ONLY,
                 **{flag: _BATCH_SCORING_ONLY for flag in _BATCH_SCORING_FLAGS},
-                **{flag: _AGGREGATE_ONLY for flag in ("allowed_lateness_s", "source_timestamps")},
+                **{
+                    flag: _AGGREGATE_ONLY
+                    for flag in ("allowed_lateness_s", "source_timestamps", "write_retry_s")
+                },
             },
         ),
     )

@@ -70,6 +70,7 @@ SAMPLE_OF = {
     "eval_start": "instant", "start": "instant", "end": "instant", "bigtable_project": "bigquery_project",
     "model_version": "positive", "min_batch_size": "positive", "max_batch_size": "positive",
     "output_table": "bigquery_table", "output_topic": "topic", "dead_letter_topic": "topic",
+    "write_retry_s": "model_poll_s",
 }  # fmt: skip
 
 

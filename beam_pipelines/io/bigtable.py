@@ -13,15 +13,22 @@ version. The family's GC rule also keeps at most one version (and bounds the age
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.aggregations import CellKey, explode_cells, parse_row_key, row_key
+from transforms.validation import dead_letter
 
 NAMESPACE = "skewless"
+LOG = logging.getLogger("skewless.bigtable")
 FLUSH_ROWS = 500
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -113,63 +120,120 @@ def check_table(project: str, instance: str, table_id: str, family: str) -> None
         )
 
 
-class _WriteCellsFn(beam.DoFn):
-    """Cells (or AggregateBlocks) -> one DirectRow per (key, W), written with mutate_rows per batch.
+# Status codes that no retry can fix: the row goes to dead letters at once. Every other
+# failure (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, INTERNAL, ... or an exception from the
+# client) is retried with backoff for up to the retry budget, then dead-lettered.
+PERMANENT_CODES = {
+    3: "INVALID_ARGUMENT",
+    5: "NOT_FOUND",
+    7: "PERMISSION_DENIED",
+    9: "FAILED_PRECONDITION",
+    11: "OUT_OF_RANGE",
+    12: "UNIMPLEMENTED",
+    16: "UNAUTHENTICATED",
+}
+DEFAULT_WRITE_RETRY_S = 600.0
 
-    A failed row raises, so the runner retries the bundle: writes are idempotent, and the
-    job's start-up check has ruled out the permanent failures (missing table or family).
+
+class _WriteCellsFn(beam.DoFn):
+    """Cells (or AggregateBlocks) -> one DirectRow per (key, W), written with mutate_rows per
+    batch; rows that cannot be written -> dead letters (the DoFn's output).
+
+    Writes are idempotent (same timestamp W), so a failed row is simply written again: rows
+    that failed transiently (or a call that raised) are retried with exponential backoff for
+    up to `retry_s` (a Bigtable or network outage delays cells, it loses none); rows rejected
+    with a permanent status, or still failing after the budget, become dead letters with
+    stage `write`, the status as reason and the cell as record, and the job goes on.
     """
 
-    def __init__(self, project: str, instance: str, table: str, family: str):
+    def __init__(self, project: str, instance: str, table: str, family: str, retry_s: float):
         self.project = project
         self.instance = instance
         self.table_id = table
         self.family = family
+        self.retry_s = retry_s
 
     def setup(self) -> None:
         self._table = open_table(self.project, self.instance, self.table_id)
         self._written = Metrics.counter(NAMESPACE, "cells_written")
+        self._failed = Metrics.counter(NAMESPACE, "cells_dead_lettered")
+        self._retries = Metrics.counter(NAMESPACE, "cell_write_retries")
 
     def start_bundle(self) -> None:
         self._rows = []
 
-    def process(self, block) -> None:
-        for key, values in explode_cells(block):
-            self._rows.append(cell_row(self._table, self.family, key, values))
+    def process(self, element) -> Iterator[dict]:
+        for key, values in explode_cells(element):
+            self._rows.append((key, values, cell_row(self._table, self.family, key, values)))
         if len(self._rows) >= FLUSH_ROWS:
-            self._flush()
+            yield from self._flush()
 
-    def finish_bundle(self) -> None:
-        self._flush()
+    def finish_bundle(self) -> Iterator:
+        for letter in self._flush():
+            yield WindowedValue(letter, MIN_TIMESTAMP, [GlobalWindow()])
 
-    def _flush(self) -> None:
-        if not self._rows:
-            return
-        rows, self._rows = self._rows, []
-        statuses = self._table.mutate_rows(rows)
-        failed = [(r.row_key, s) for r, s in zip(rows, statuses, strict=True) if s.code != 0]
-        if failed:
-            key, status = failed[0]
-            raise RuntimeError(
-                f"{len(failed)} of {len(rows)} Bigtable rows failed (first {key!r}: "
-                f"code {status.code} {status.message}); the bundle will be retried"
-            )
-        self._written.inc(len(rows))
+    def _flush(self) -> Iterator[dict]:
+        pending, self._rows = self._rows, []
+        delay, deadline = 0.1, time.monotonic() + self.retry_s
+        while pending:
+            retry, last_error = [], ""
+            try:
+                statuses = self._table.mutate_rows([row for *_, row in pending])
+            except Exception as exc:  # noqa: BLE001 - the call failed as a whole: retry it all
+                statuses, retry = None, pending
+                last_error = f"{type(exc).__name__}: {exc}"
+            for item, status in zip(pending, statuses or (), strict=False):
+                if status.code == 0:
+                    self._written.inc()
+                elif status.code in PERMANENT_CODES:
+                    self._failed.inc()
+                    yield self._dead_letter(item, f"{PERMANENT_CODES[status.code]}: {status.message}")
+                else:
+                    retry.append(item)
+                    last_error = f"code {status.code}: {status.message}"
+            if not retry:
+                return
+            if time.monotonic() + delay > deadline:
+                for item in retry:
+                    self._failed.inc()
+                    yield self._dead_letter(
+                        item, f"still failing after {self.retry_s:g} s of retries ({last_error})"
+                    )
+                return
+            self._retries.inc(len(retry))
+            LOG.warning("retrying %d Bigtable rows in %.1f s (%s)", len(retry), delay, last_error)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            pending = retry
+
+    def _dead_letter(self, item, reason: str) -> dict:
+        key, values, _ = item
+        record = {"row_key": row_key(*key), "cells": values}
+        return dead_letter("write", f"Bigtable write failed: {reason}", record, self.family)
 
 
 class WriteCells(beam.PTransform):
-    """Cells (or AggregateBlocks) -> Bigtable cells of the contract (counted as `cells_written`)."""
+    """Cells (or AggregateBlocks) -> Bigtable cells of the contract (counted as
+    `cells_written`); returns the dead letters of cells that could not be written."""
 
-    def __init__(self, project: str, instance: str, table: str, family: str):
+    def __init__(
+        self,
+        project: str,
+        instance: str,
+        table: str,
+        family: str,
+        retry_s: float = DEFAULT_WRITE_RETRY_S,
+    ):
         super().__init__()
         self.project = project
         self.instance = instance
         self.table = table
         self.family = family
+        self.retry_s = retry_s
 
-    def expand(self, blocks):
-        return blocks | "MutateRows" >> beam.ParDo(
-            _WriteCellsFn(self.project, self.instance, self.table, self.family)
+    def expand(self, cells):
+        return cells | "MutateRows" >> beam.ParDo(
+            _WriteCellsFn(self.project, self.instance, self.table, self.family, self.retry_s)
         )
 
 
