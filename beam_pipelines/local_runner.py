@@ -11,6 +11,9 @@ applied only in the process that runs the local runner.
 
 from __future__ import annotations
 
+import logging
+
+_LOG = logging.getLogger("skewless.local_runner")
 LOCAL_STREAMING_RUNNERS = ("BundleBasedDirectRunner", "DirectRunner", "SwitchingDirectRunner")
 
 
@@ -55,6 +58,11 @@ def patch_local_pubsub_read(
     attribute is missing or garbled do not move it. The SDK harness and Dataflow never run
     this evaluator; the patch acts only in the process that runs the local runner. Calling it
     again replaces the settings.
+
+    Outages: a pull that fails (the emulator or the network paused) returns nothing and the
+    next bundle pulls again, where Beam's evaluator would fail the pipeline; an ack that fails
+    is retried, and messages redelivered all the same (same message id) are dropped, as
+    Dataflow deduplicates Pub/Sub deliveries by id.
     """
     import time
     import weakref
@@ -66,22 +74,71 @@ def patch_local_pubsub_read(
     if not hasattr(cls, "_skewless_original_finish_bundle"):
         cls._skewless_original_finish_bundle = cls.finish_bundle
         cls._skewless_watermarks = weakref.WeakKeyDictionary()
+        cls._skewless_seen = weakref.WeakKeyDictionary()
     cls._skewless_settings = (max_messages, event_time_attribute)
 
     def finish_bundle(self):
         pull, attribute = cls._skewless_settings
-        sub_client = self._get_subscriber_client(self._applied_ptransform)
-        response = sub_client.pull(subscription=self._sub_name, max_messages=pull, timeout=30)
-        received = list(response.received_messages)
-        if received:
-            sub_client.acknowledge(
-                subscription=self._sub_name, ack_ids=[rm.ack_id for rm in received]
-            )
-        watermark = _local_watermark(cls._skewless_watermarks, self._applied_ptransform,
-                                     received, attribute, Timestamp.of(time.time()))
+        transform = self._applied_ptransform
+        sub_client = self._get_subscriber_client(transform)
+        received = _pull(sub_client, self._sub_name, pull)
+        seen = cls._skewless_seen.setdefault(transform, _RecentIds())
+        received = [rm for rm in received if seen.first_time(rm.message.message_id)]
+        watermark = _local_watermark(
+            cls._skewless_watermarks, transform, received, attribute, Timestamp.of(time.time())
+        )
         return _read_result(self, received, watermark)
 
     cls.finish_bundle = finish_bundle
+
+
+def _pull(sub_client, subscription: str, max_messages: int) -> list:
+    """One pull, acked; [] when the service does not answer (the next bundle pulls again)."""
+    import time
+
+    from google.api_core import exceptions
+
+    try:
+        response = sub_client.pull(subscription=subscription, max_messages=max_messages, timeout=30)
+    except (exceptions.GoogleAPIError, exceptions.RetryError) as exc:
+        _LOG.warning("local Pub/Sub pull failed, pulling again: %s", exc)
+        time.sleep(1.0)
+        return []
+    received = list(response.received_messages)
+    for attempt in range(10):
+        if not received:
+            break
+        try:
+            sub_client.acknowledge(
+                subscription=subscription, ack_ids=[rm.ack_id for rm in received]
+            )
+            break
+        except (exceptions.GoogleAPIError, exceptions.RetryError) as exc:
+            # Emitted anyway: if the ack is lost the messages come back and are dropped as
+            # already seen (_RecentIds), so nothing is lost and nothing is counted twice.
+            _LOG.warning("local Pub/Sub ack failed (attempt %d): %s", attempt + 1, exc)
+            time.sleep(1.0)
+    return received
+
+
+class _RecentIds:
+    """The message ids of the last `size` messages read: redeliveries are recognised."""
+
+    def __init__(self, size: int = 200_000):
+        from collections import OrderedDict
+
+        self.size = size
+        self._ids = OrderedDict()
+
+    def first_time(self, message_id: str) -> bool:
+        if not message_id:
+            return True
+        if message_id in self._ids:
+            return False
+        self._ids[message_id] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return True
 
 
 def _event_time_ms(attributes, name: str) -> int | None:
@@ -134,8 +191,8 @@ def _read_result(evaluator, received, watermark):
             bundle.output(GlobalWindows.windowed_value(element, timestamp=stamp))
         bundles.append(bundle)
     transform = evaluator._applied_ptransform
-    input_pvalue = transform.inputs[0] if transform.inputs else pvalue.PBegin(
-        transform.transform.pipeline
+    input_pvalue = (
+        transform.inputs[0] if transform.inputs else pvalue.PBegin(transform.transform.pipeline)
     )
     unprocessed = evaluator._evaluation_context.create_bundle(input_pvalue)
     return TransformResult(evaluator, bundles, [unprocessed], None, {None: watermark})

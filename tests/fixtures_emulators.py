@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -103,12 +104,30 @@ def _tcp_ok(port: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def paused(proc: subprocess.Popen | None, seconds: float) -> Iterator[None]:
+    """Freeze an emulator's process group (SIGSTOP) for `seconds`, then resume it (SIGCONT):
+    an outage in which connections stay open and nothing answers. The body runs while frozen."""
+    assert proc is not None, "this emulator was not started by the fixture"
+    os.killpg(proc.pid, signal.SIGSTOP)
+    resume_at = time.monotonic() + seconds
+    try:
+        yield
+        time.sleep(max(0.0, resume_at - time.monotonic()))
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
 @dataclasses.dataclass
 class PubSubEmulator:
     """A running Pub/Sub emulator; the clients it hands out talk to it (PUBSUB_EMULATOR_HOST)."""
 
     host: str
     project: str = PROJECT
+    process: subprocess.Popen | None = None
+
+    def paused(self, seconds: float):
+        return paused(self.process, seconds)
 
     def publisher(self):
         from google.cloud import pubsub_v1
@@ -156,6 +175,10 @@ class BigtableEmulator:
     host: str
     project: str = PROJECT
     instance: str = INSTANCE
+    process: subprocess.Popen | None = None
+
+    def paused(self, seconds: float):
+        return paused(self.process, seconds)
 
     def client(self):
         from google.cloud import bigtable
@@ -183,7 +206,7 @@ def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSub
     host = f"127.0.0.1:{port}"
     try:
         with _exported("PUBSUB_EMULATOR_HOST", host):
-            yield PubSubEmulator(host)
+            yield PubSubEmulator(host, process=proc)
     finally:
         _stop(proc)
 
@@ -205,6 +228,6 @@ def bigtable_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bigt
     host = f"127.0.0.1:{port}"
     try:
         with _exported("BIGTABLE_EMULATOR_HOST", host):
-            yield BigtableEmulator(host)
+            yield BigtableEmulator(host, process=proc)
     finally:
         _stop(proc)

@@ -90,9 +90,12 @@ def _stream(fs: FeatureSet, events: list[dict], seed: int, chunk: int = 7):
             stream = stream.advance_watermark_to(watermark / 1000.0)
     collect = CollectPanes()
     p = beam.Pipeline(options=streaming_options())
-    _ = p | stream.advance_watermark_to_infinity() | ComputeAggregates(
-        fs, streaming=True, allowed_lateness_s=LATENESS_S
-    ) | collect
+    _ = (
+        p
+        | stream.advance_watermark_to_infinity()
+        | ComputeAggregates(fs, streaming=True, allowed_lateness_s=LATENESS_S)
+        | collect
+    )
     result = p.run()
     result.wait_until_finish()
     return collect.final_cells(), metric_counters(result)
@@ -102,6 +105,7 @@ def _stream(fs: FeatureSet, events: list[dict], seed: int, chunk: int = 7):
 def test_sums_and_means_of_non_integer_values_are_exact_in_every_delivery_order():
     events = _awkward_values(seed=3, n=120)
     exact = _exact_cells(SUMS, events)
+
     # Plain float sums of some windows differ between two orders: the data is awkward.
     def float_sums(order):
         return [

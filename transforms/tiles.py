@@ -236,12 +236,14 @@ class KeyTiles:
             emitted = min(admitted)  # nothing before the first bucket can have a cell
         late = set()
         for bucket in admitted:
-            late.update(range(max(bucket + period, closed + period), min(bucket + size, emitted) + 1, period))
+            late.update(
+                range(
+                    max(bucket + period, closed + period), min(bucket + size, emitted) + 1, period
+                )
+            )
         cells = []
         if late:
-            buckets, blocks = merge_partials(
-                merge_partials(({}, {}), read_partials()), partials
-            )
+            buckets, blocks = merge_partials(merge_partials(({}, {}), read_partials()), partials)
             panes = dict(panes)
             for w in sorted(late):
                 values = _cell(self.spec, buckets, w, blocks, self.block_ms)
@@ -407,7 +409,7 @@ class TiledAggregates(beam.PTransform):
         return (
             events
             | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
-            | "ToTiles" >> beam.ParDo(_ToTiles(self.fs))
+            | "ToTiles"
+            >> beam.ParDo(_ToTiles(self.fs)).with_output_types(tuple[tuple[str, str], dict])
             | "EmitCells" >> beam.ParDo(_EmitCells(self.fs, self.allowed_lateness_s))
         )
-

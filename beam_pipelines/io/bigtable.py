@@ -133,6 +133,7 @@ PERMANENT_CODES = {
     16: "UNAUTHENTICATED",
 }
 DEFAULT_WRITE_RETRY_S = 600.0
+ATTEMPT_TIMEOUT_S = 10.0
 
 
 class _WriteCellsFn(beam.DoFn):
@@ -178,7 +179,10 @@ class _WriteCellsFn(beam.DoFn):
         while pending:
             retry, last_error = [], ""
             try:
-                statuses = self._table.mutate_rows([row for *_, row in pending])
+                # One attempt per call (retry=None): the backoff and its budget are this loop's.
+                statuses = self._table.mutate_rows(
+                    [row for *_, row in pending], retry=None, timeout=ATTEMPT_TIMEOUT_S
+                )
             except Exception as exc:  # noqa: BLE001 - the call failed as a whole: retry it all
                 statuses, retry = None, pending
                 last_error = f"{type(exc).__name__}: {exc}"
@@ -187,7 +191,9 @@ class _WriteCellsFn(beam.DoFn):
                     self._written.inc()
                 elif status.code in PERMANENT_CODES:
                     self._failed.inc()
-                    yield self._dead_letter(item, f"{PERMANENT_CODES[status.code]}: {status.message}")
+                    yield self._dead_letter(
+                        item, f"{PERMANENT_CODES[status.code]}: {status.message}"
+                    )
                 else:
                     retry.append(item)
                     last_error = f"code {status.code}: {status.message}"
