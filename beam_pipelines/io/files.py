@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.featureset import FeatureSet
-from transforms.validation import RawBatch, RawLine, UnparseableRow
+from transforms.validation import INVALID_UTF8_MARK, RawBatch, RawLine, UnparseableRow
 
 NAMESPACE = "skewless"
 FORMATS = ("csv", "parquet", "jsonl")
@@ -57,6 +57,12 @@ CSV_NULL_VALUES = ["", "NA", "N/A", "n/a", "#N/A", "#N/A N/A", "#NA", "NULL", "n
 # Arrow types of the first, typed CSV read; timestamps and booleans are read as text and
 # parsed by the validator, with the same rules as JSON lines.
 _CSV_TYPES = {"int": pa.int64(), "float": pa.float64()}
+
+
+_MARK_ERRORS = "skewless-mark-invalid-utf8"
+codecs.register_error(
+    _MARK_ERRORS, lambda exc: (INVALID_UTF8_MARK * (exc.end - exc.start), exc.end)
+)
 
 
 class InputError(ValueError):
@@ -306,8 +312,14 @@ def _read_csv_typed(data: bytes, names: Sequence[str], types: dict) -> tuple[pa.
     """Typed read first (fast); if a column does not convert, all text; if not UTF-8, all bytes.
 
     The fallbacks keep every row: the validator then rejects the bad values one record at a
-    time, with the reason, instead of the whole file failing.
+    time, with the reason, instead of the whole file failing. Bytes that are not UTF-8 are
+    marked first (INVALID_UTF8_MARK): Arrow cannot hand an invalid row with such bytes to
+    the invalid-row handler, and would fail the whole file.
     """
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        data = data.decode("utf-8", errors=_MARK_ERRORS).encode("utf-8")
     try:
         return _parse_csv(data, types)
     except pa.ArrowInvalid:
