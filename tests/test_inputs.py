@@ -423,3 +423,52 @@ def test_the_command_prints_its_own_lines_only(tmp_path):
     lines = (proc.stdout + proc.stderr).splitlines()
     assert not [line for line in lines if any(n in line for n in noise)], lines
     assert [line for line in lines if "skewless.prepare" in line and "prepare finished" in line]
+
+
+# --- streaming: message parsing never fails a bundle ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("99999999999999999999", "outside the accepted time range"),
+        ("-99999999999999999999", "outside the accepted time range"),
+        ("10000000000000000", "outside the accepted time range"),
+        ("١٢٣٤", "neither epoch milliseconds nor RFC 3339"),
+        ("1e12", "neither epoch milliseconds nor RFC 3339"),
+        ("NaN", "neither epoch milliseconds nor RFC 3339"),
+        ("9999-12-31T00:00:00Z", "outside the accepted time range"),
+        (None, "missing"),
+    ],
+)
+def test_garbled_timestamp_attributes_are_bad_timestamps(value, reason):
+    from beam_pipelines.io.pubsub import BadTimestamp, parse_timestamp_attribute
+
+    with pytest.raises(BadTimestamp, match=reason):
+        parse_timestamp_attribute(value)
+
+
+def test_parse_messages_turns_every_poison_message_into_one_dead_letter():
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+    from apache_beam.transforms.window import TimestampedValue
+
+    from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, _ParseMessages
+
+    fn = _ParseMessages("event_time", "flights")
+    fn.setup()
+    good = PubsubMessage(b'{"a": 1}', {"event_time": "1357034400000"})
+    poison = [
+        PubsubMessage(b"x", {"event_time": "99999999999999999999"}),
+        PubsubMessage(b"x", {"event_time": "2013-01-01T00:00:00"}),
+        PubsubMessage(b"\xff\xfe", {}),
+        PubsubMessage(None, {"event_time": 12}),  # not text
+        "not a message at all",
+    ]
+    outputs = [list(fn.process(m)) for m in [good, *poison, PubsubMessage(b"", {HEARTBEAT_ATTRIBUTE: "1"})]]
+    assert isinstance(outputs[0][0], TimestampedValue) and outputs[0][0].timestamp.micros == 1357034400000000
+    for out in outputs[1:-1]:
+        assert len(out) == 1 and out[0].tag == "dead", out
+        letter = out[0].value
+        assert letter["stage"] in ("timestamp", "parse") and letter["reason"]
+        json.dumps(letter)
+    assert outputs[-1] == []

@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import window
 
-from transforms.validation import dead_letter
+from transforms.validation import DEFAULT_TIMESTAMP_RANGE, dead_letter, to_epoch_ms
 
 NAMESPACE = "skewless"
 HEARTBEAT_ATTRIBUTE = "skewless_heartbeat"
@@ -38,6 +38,7 @@ DEFAULT_TIMESTAMP_ATTRIBUTE = "event_time"
 MAX_ATTRIBUTE_BYTES = 1024  # Pub/Sub's limit for one attribute value
 DEAD = "dead"
 LOG = logging.getLogger("skewless.pubsub")
+_RANGE_MS = tuple(to_epoch_ms(t) for t in DEFAULT_TIMESTAMP_RANGE)
 
 
 class EventTimeOptions(PipelineOptions):
@@ -57,24 +58,40 @@ class BadTimestamp(ValueError):
 
 
 def parse_timestamp_attribute(text: str | None) -> int:
-    """Attribute value -> epoch ms. Accepts integer epoch ms or RFC 3339 text (with a zone)."""
+    """Attribute value -> epoch ms. Accepts integer epoch ms or RFC 3339 text (with a zone).
+
+    Times outside the accepted range (validation.DEFAULT_TIMESTAMP_RANGE) are BadTimestamp:
+    a garbled attribute must never become an element timestamp or a watermark Beam cannot
+    encode (a bundle that fails is retried for ever on a streaming runner).
+    """
     if text is None or not text.strip():
         raise BadTimestamp("missing")
     text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise BadTimestamp(f"{text[:80]!r} is neither epoch milliseconds nor RFC 3339") from None
-    if parsed.tzinfo is None:
-        raise BadTimestamp(f"{text[:80]!r} has no time zone (RFC 3339 needs one)")
-    delta = parsed - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    if text.lstrip("-").isdigit() and text.isascii():
+        ms = int(text)
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise BadTimestamp(f"{text[:80]!r} is neither epoch milliseconds nor RFC 3339") from None
+        if parsed.tzinfo is None:
+            raise BadTimestamp(f"{text[:80]!r} has no time zone (RFC 3339 needs one)")
+        delta = parsed - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    if not _RANGE_MS[0] <= ms < _RANGE_MS[1]:
+        raise BadTimestamp(
+            f"{text[:80]!r} is outside the accepted time range "
+            f"[{DEFAULT_TIMESTAMP_RANGE[0]}, {DEFAULT_TIMESTAMP_RANGE[1]})"
+        )
+    return ms
 
 
 class _ParseMessages(beam.DoFn):
-    """PubsubMessage -> payload stamped with its event time; bad timestamps -> dead letters."""
+    """PubsubMessage -> payload stamped with its event time; bad timestamps -> dead letters.
+
+    Nothing a message carries can fail the bundle (which a streaming runner would retry for
+    ever): anything unexpected is the message's dead letter, written once.
+    """
 
     def __init__(self, timestamp_attribute: str, feature_set: str):
         self.timestamp_attribute = timestamp_attribute
@@ -86,7 +103,14 @@ class _ParseMessages(beam.DoFn):
         self._bad = Metrics.counter(NAMESPACE, "messages_bad_timestamp")
 
     def process(self, message) -> Iterator:
-        attributes = message.attributes or {}
+        try:
+            attributes = dict(message.attributes or {})
+            data = message.data
+        except Exception as exc:  # noqa: BLE001 - not a PubsubMessage at all
+            yield TaggedOutput(
+                DEAD, dead_letter("parse", f"not a Pub/Sub message: {exc}", repr(message)[:2000], self.feature_set)
+            )
+            return
         if HEARTBEAT_ATTRIBUTE in attributes:
             self._heartbeats.inc()
             return
@@ -96,9 +120,14 @@ class _ParseMessages(beam.DoFn):
         except BadTimestamp as exc:
             self._bad.inc()
             reason = f"timestamp attribute {self.timestamp_attribute!r}: {exc}"
-            yield TaggedOutput(DEAD, dead_letter("timestamp", reason, message.data, self.feature_set))
+            yield TaggedOutput(DEAD, dead_letter("timestamp", reason, data, self.feature_set))
             return
-        yield window.TimestampedValue(message.data, event_ms / 1000.0)
+        except Exception as exc:  # noqa: BLE001 - e.g. an attribute that is not text
+            self._bad.inc()
+            reason = f"timestamp attribute {self.timestamp_attribute!r}: {type(exc).__name__}: {exc}"
+            yield TaggedOutput(DEAD, dead_letter("timestamp", reason, data, self.feature_set))
+            return
+        yield window.TimestampedValue(data, event_ms / 1000.0)
 
 
 class ParseMessages(beam.PTransform):
