@@ -12,8 +12,9 @@ elements, in both cases (`example_count`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -109,6 +110,40 @@ def to_feed(element: Example, inputs: Sequence[dict]) -> dict[str, np.ndarray]:
     raise InputError(f"an example is a {type(element).__name__}, expected a RecordBatch or a dict")
 
 
+def batch_to_feed(batch: Sequence[Example], inputs: Sequence[dict]) -> dict[str, np.ndarray]:
+    """A RunInference batch -> one feed: example dicts in one pass, RecordBatches concatenated."""
+    if all(isinstance(e, Mapping) for e in batch):
+        return rows_to_feed(batch, inputs)
+    feeds = [to_feed(e, inputs) for e in batch]
+    if len(feeds) == 1:
+        return feeds[0]
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
+T = TypeVar("T")
+_KEPT: list = [None]  # (key, model) of the last model loaded in this process
+_KEPT_LOCK = threading.Lock()
+
+
+def keep_alive(key: tuple, load: Callable[[], T], usable: Callable[[T], bool] = lambda _: True) -> T:
+    """The model last loaded under `key` in this process, or `load()` (then kept).
+
+    RunInference shares a model between DoFn instances through a weak reference, and the local
+    runner builds a new DoFn for every bundle: between two bundles nothing may hold the model,
+    and it was dropped and loaded again (about a second of stalled predictions). One strong
+    reference per process, to the last model loaded, keeps it; a handler for another model
+    replaces it.
+    """
+    with _KEPT_LOCK:
+        kept = _KEPT[0]
+    if kept is not None and kept[0] == key and usable(kept[1]):
+        return kept[1]
+    model = load()
+    with _KEPT_LOCK:
+        _KEPT[0] = (key, model)
+    return model
+
+
 class LoadedModel:
     """A loaded version: the SavedModel (kept alive for its variables) and its signature.
 
@@ -163,6 +198,9 @@ class SkewlessModelHandler(ModelHandler[Example, PredictionResult, LoadedModel])
         return self.model_version.version
 
     def load_model(self) -> LoadedModel:
+        return keep_alive(("version", self.model_version.path), self._load)
+
+    def _load(self) -> LoadedModel:
         import tensorflow as tf
 
         module = tf.saved_model.load(self.model_version.path)
@@ -174,12 +212,7 @@ class SkewlessModelHandler(ModelHandler[Example, PredictionResult, LoadedModel])
         model: LoadedModel,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        feeds = [to_feed(e, self.inputs) for e in batch]
-        if len(feeds) == 1:
-            feed = feeds[0]
-        else:
-            feed = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-        probabilities = predict(model, feed)
+        probabilities = predict(model, batch_to_feed(batch, self.inputs))
         return self._split(batch, probabilities, str(model.version))
 
     @staticmethod

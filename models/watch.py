@@ -24,10 +24,16 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 from apache_beam.ml.inference.base import PredictionResult
 
-from models.handler import Example, LoadedModel, SkewlessModelHandler, predict, to_feed
+from models.handler import (
+    Example,
+    LoadedModel,
+    SkewlessModelHandler,
+    batch_to_feed,
+    keep_alive,
+    predict,
+)
 from models.versions import ModelDirError, ModelVersion, list_versions, resolve
 
 LOG = logging.getLogger("skewless.watch")
@@ -87,6 +93,9 @@ class LiveModel:
     def stop(self) -> None:
         self._stop.set()
 
+    def watching(self) -> bool:
+        return not self._stop.is_set()
+
     def __del__(self):
         self._stop.set()
 
@@ -127,6 +136,9 @@ class WatchingModelHandler(SkewlessModelHandler):
         self.poll_s = poll_s
 
     def load_model(self) -> LiveModel:  # type: ignore[override]
+        return keep_alive(("watch", self.model_dir, self.poll_s), self._start, LiveModel.watching)
+
+    def _start(self) -> LiveModel:
         version = resolve(self.model_dir)
         return LiveModel(self.model_dir, _load(version), list(version.serving_inputs), self.poll_s)
 
@@ -137,6 +149,4 @@ class WatchingModelHandler(SkewlessModelHandler):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         loaded, inputs = model.current()  # one version for the whole batch
-        feeds = [to_feed(e, inputs) for e in batch]
-        feed = feeds[0] if len(feeds) == 1 else {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-        return self._split(batch, predict(loaded, feed), str(loaded.version))
+        return self._split(batch, predict(loaded, batch_to_feed(batch, inputs)), str(loaded.version))
