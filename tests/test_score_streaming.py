@@ -228,18 +228,25 @@ class _ExplodingHandler(SkewlessModelHandler):
         return super().run_inference(batch, model, inference_args)
 
 
+def _examples(trained, n: int) -> list[dict]:
+    """n examples with empty windows (the aggregates' defaults)."""
+    validator = RecordValidator(FLIGHTS)
+    events = [e for e in map(validator.validate, _slice(trained)) if e]
+    return [attach_aggregates(FLIGHTS, e, lambda k: None) for e in events[:n]]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_failed_inferences_and_unfit_examples_become_dead_letters(trained):
-    raws = _slice(trained)[:40]
-    validator = RecordValidator(FLIGHTS)
-    examples = [attach_aggregates(FLIGHTS, e, lambda k: None) for e in map(validator.validate, raws) if e]
-    good = examples[0]
-    exploding = dict(examples[1], flight=4242)
-    unfit = {k: v for k, v in examples[2].items() if k != "distance"}
-    handler = _ExplodingHandler(str(trained["model_dir"]), max_batch_size=1)
+    good, exploding, unfit, other = _examples(trained, 4)
+    exploding = dict(exploding, flight=4242)
+    unfit = {k: v for k, v in unfit.items() if k != "distance"}
+    handler = _ExplodingHandler(str(trained["model_dir"]))
     with TestPipeline(runner="FnApiRunner") as p:
-        predictions, dead = p | beam.Create([good, exploding, unfit]) | score_stream.ScoreEvents(FLIGHTS, handler)
+        # Two batches: the unfit example is taken out of the first alone; the second fails as a
+        # whole in the model, and each of its examples is dead-lettered with the reason.
+        batches = p | beam.Create([[good, unfit], [exploding, other]])
+        predictions, dead = batches | score_stream.ScoreEvents(FLIGHTS, handler)
         assert_that(
             predictions | beam.Map(lambda r: (r["flight"], r["model_version"])),
             equal_to([(good["flight"], handler.version)]),
@@ -250,11 +257,75 @@ def test_failed_inferences_and_unfit_examples_become_dead_letters(trained):
             equal_to(
                 [
                     ("inference", "RuntimeError: model exploded on flight 4242", 4242),
+                    ("inference", "RuntimeError: model exploded on flight 4242", other["flight"]),
                     ("model_input", "missing feature 'distance'", unfit["flight"]),
                 ]
             ),
             label="DeadLetters",
         )
+
+
+_CALLS: dict[str, list[int]] = {"read_rows": [], "model": []}
+
+
+class _CountingTable:
+    """Bigtable stand-in: the cells of a dict, and the size of every read_rows call."""
+
+    def __init__(self, cells: dict):
+        self.cells = cells
+
+    def read_rows(self, row_set, filter_=None):
+        from types import SimpleNamespace
+
+        _CALLS["read_rows"].append(len(row_set.row_keys))
+        out = []
+        for key in row_set.row_keys:
+            values = self.cells.get(key.decode())
+            if values is not None:
+                columns = {n.encode(): [SimpleNamespace(value=repr(v).encode())] for n, v in values.items()}
+                out.append(SimpleNamespace(row_key=key, cells={FLIGHTS.name: columns}))
+        return out
+
+
+class _CountingHandler(SkewlessModelHandler):
+    def run_inference(self, batch, model, inference_args=None):
+        _CALLS["model"].append(len(batch))
+        return super().run_inference(batch, model, inference_args)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_bigtable_read_and_one_model_call_per_batch_with_the_as_of_cells(trained):
+    from transforms.aggregations import row_key
+
+    events = [e for e in map(RecordValidator(FLIGHTS).validate, _slice(trained)) if e][:25]
+    keys = {k for e in events for k in score_stream.cell_keys(FLIGHTS, e)}
+    # Distinct values per cell, so an example paired with the wrong row would show.
+    cells = {
+        row_key(*k): {a.name: float(i * 10 + j) for j, a in enumerate(FLIGHTS.aggregates) if a.key == k.key_name}
+        for i, k in enumerate(sorted(keys))
+    }
+    some_absent = dict(list(cells.items())[::2])  # the others are empty windows
+    handler = _CountingHandler(str(trained["model_dir"]))
+    expected_examples = [attach_aggregates(FLIGHTS, e, lambda k: some_absent.get(row_key(*k))) for e in events]
+    probabilities = predict(handler.load_model(), rows_to_feed(expected_examples, handler.inputs))
+    expected = [(e["flight"], e["scheduled_departure"], round(float(p), 6)) for e, p in zip(expected_examples, probabilities, strict=True)]
+    _CALLS["read_rows"].clear()
+    _CALLS["model"].clear()
+    lookup = score_stream.LookupAggregates(FLIGHTS, lambda: _CountingTable(some_absent), max_batch=10)
+    with TestPipeline(runner="FnApiRunner") as p:
+        batches = p | beam.Create(events, reshuffle=False) | lookup
+        predictions, dead = batches | score_stream.ScoreEvents(FLIGHTS, handler)
+        assert_that(
+            predictions
+            | beam.Map(lambda r: (r["flight"], to_epoch_ms(r["scheduled_departure"]), round(r["probability"], 6))),
+            equal_to(expected),
+        )
+        assert_that(dead, equal_to([]), label="NoDeadLetters")
+    # One read and one model call per batch of up to 10 events, the reads asking for every
+    # cell the rule names (absent rows included).
+    assert sorted(_CALLS["model"]) == [5, 10, 10]
+    assert len(_CALLS["read_rows"]) == 3 and sum(_CALLS["read_rows"]) >= len(keys)
 
 
 @pytest.mark.timeout(120)
