@@ -1,15 +1,31 @@
-"""Benchmark: per-message latency of streaming scoring on the emulators (publish -> prediction received).
+"""Benchmark: streaming scoring at rate on the emulators: sustained events/s and publish -> prediction latency.
 
-Setup: a Pub/Sub and a Bigtable emulator; the Bigtable cells of the flights' days written by the
-batch backfill through the aggregate job's Bigtable sink (so lookups hit real rows); the scorer
-started as a child process through the real CLI (`skewless score --streaming`, local runner).
-Measured: real flights published one by one at `--rate` messages/s for `--seconds`; each
-message's latency is the time its prediction (matched by the flight key) reached a streaming-pull
-subscriber of the output topic minus the time just before its publish call. Reported: p50, p90,
-p99, max and the throughput. The floor is the same publish -> streaming-pull path through one
-topic with no job in between (the emulator's own round trip).
+Setup: a Pub/Sub and a Bigtable emulator; the Bigtable cells of the published flights written by
+the batch backfill through the aggregate job's Bigtable sink (so every lookup hits real rows).
+For each local Pub/Sub read setting (`--pulls`: messages per pull of the local runner's read;
+1000 is the patched read `score --streaming` uses, 10 is Beam's own) and each offered rate
+(`--rates`), a fresh scorer process runs the real job (`score_stream.make_pipeline`, local
+runner), real flights are published one by one at the rate for `--seconds`, and each event's
+latency is the time its prediction (matched by flight key) reached a streaming-pull subscriber
+of the output topic minus the time just before its publish call. Sustained events/s = events
+received / (last arrival - first publish).
 
-Usage: .venv/bin/python bench/score_streaming.py [--model_dir out/demo/models] [--rate 20] [--seconds 30]
+Next to each figure, measured in the same run:
+- floor: the emulator's own publish -> streaming-pull round trip at the same rate (no job), and
+  one Bigtable `read_rows` of a bundle's rows;
+- ceiling: the local runner alone, `ReadFromPubSub` -> count with the same read setting, fed a
+  backlog (the most the runner can read, before any of the job's work);
+- job code: microseconds per event of the job's own code called directly, no runner (payload,
+  validation, the as-of cell keys and lookup, the model-input check, the inference batch with
+  its model call, the prediction and its message), on batches of `--code_batch` events.
+
+Ends with one JSON line: {"results": [{rate, pull_max_messages, events_per_s, p50_s, p99_s,
+job_code_us_per_event, floor_*, ceiling_events_per_s, ...}], "floor": ..., "ceiling": ...,
+"job_code": ...}. `--profile DIR` runs each scorer under py-spy (`pip install py-spy`) and
+splits its samples into runner and job code.
+
+Usage: .venv/bin/python bench/score_streaming.py [--model_dir out/demo/models] [--rates 50 200 400]
+           [--seconds 15] [--pulls 1000 10] [--profile /tmp/score-prof]
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,11 +48,15 @@ sys.path.insert(0, str(ROOT))
 from bench.common import start_emulators, stop  # noqa: E402
 
 PROJECT, INSTANCE = "skewless-bench", "bench"
-DAYS = ("2013-01-06", "2013-01-08")  # [start, end) of the scheduled days published
+FIRST_DAY = "2013-01-06"
+WARM = 20  # events published one by one until the scorer answers (imports, model load)
+BEAM_PULL = 10  # messages per pull of Beam 2.77's own local Pub/Sub read
 
 
-def flights() -> list[tuple[int, dict]]:
-    """(event time, raw record) of the departures scheduled on DAYS, in event-time order."""
+def flights(n: int) -> list[tuple[int, dict]]:
+    """(event time, raw record) of at least n departures from FIRST_DAY on, in event-time order."""
+    import datetime as dt
+
     import pyarrow.compute as pc
 
     from beam_pipelines.io.files import _read_bytes, read_csv_table
@@ -44,8 +65,13 @@ def flights() -> list[tuple[int, dict]]:
 
     table, _ = read_csv_table(_read_bytes(bundled_flights_path()))
     hours = pc.cast(table.column("time_hour"), "string")
-    table = table.filter(pc.and_(pc.greater_equal(hours, DAYS[0]), pc.less(hours, DAYS[1])))
-    return order_events(FLIGHTS, table.to_pylist(), ReplayStats())
+    days = max(2, n // 700 + 2)  # about 900 departures a day
+    end = (dt.date.fromisoformat(FIRST_DAY) + dt.timedelta(days=days)).isoformat()
+    table = table.filter(pc.and_(pc.greater_equal(hours, FIRST_DAY), pc.less(hours, end)))
+    events = order_events(FLIGHTS, table.to_pylist(), ReplayStats())
+    if len(events) < n:
+        raise SystemExit(f"only {len(events)} flights in [{FIRST_DAY}, {end}), need {n}")
+    return events
 
 
 def write_cells(table_id: str, events: list[tuple[int, dict]]) -> None:
@@ -89,16 +115,20 @@ class Receiver:
 
         self.arrived: dict = {}
         self.versions: dict = {}
+        self.duplicates = 0
         self._key_of = key_of
         self._lock = threading.Lock()
         self._client = pubsub_v1.SubscriberClient()
-        self._future = self._client.subscribe(subscription, callback=self._on_message)
+        flow = pubsub_v1.types.FlowControl(max_messages=10_000)
+        self._future = self._client.subscribe(subscription, callback=self._on_message, flow_control=flow)
 
     def _on_message(self, message) -> None:
         now = time.perf_counter()
         message.ack()
         key, version = self._key_of(message)
         with self._lock:
+            if key in self.arrived:
+                self.duplicates += 1
             self.arrived.setdefault(key, now)
             self.versions[key] = version
 
@@ -143,118 +173,410 @@ def publish_paced(publisher, topic: str, items: list[tuple], rate: float, payloa
     return sent
 
 
-def summarize(name: str, sent: dict, arrived: dict) -> dict:
+def summarize(sent: dict, arrived: dict) -> dict:
     import numpy as np
 
-    latencies = np.array([arrived[k] - t for k, t in sent.items() if k in arrived]) * 1000.0
-    span = max(arrived[k] for k in sent if k in arrived) - min(sent.values())
+    got = [k for k in sent if k in arrived]
+    if not got:
+        return {"sent": len(sent), "received": 0, "events_per_s": 0.0, "p50_s": None, "p99_s": None}
+    latencies = np.array([arrived[k] - sent[k] for k in got])
+    span = max(arrived[k] for k in got) - min(sent.values())
     return {
-        "name": name,
-        "messages": len(sent),
-        "received": int(latencies.size),
-        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-        "p90_ms": round(float(np.percentile(latencies, 90)), 1),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
-        "max_ms": round(float(latencies.max()), 1),
-        "throughput_per_s": round(len(latencies) / span, 1),
+        "sent": len(sent),
+        "received": len(got),
+        "events_per_s": round(len(got) / span, 1),
+        "p50_s": round(float(np.percentile(latencies, 50)), 3),
+        "p90_s": round(float(np.percentile(latencies, 90)), 3),
+        "p99_s": round(float(np.percentile(latencies, 99)), 3),
+        "max_s": round(float(latencies.max()), 3),
     }
 
 
+class Topics:
+    """Fresh topics and subscriptions on the emulator, named uniquely per use."""
+
+    def __init__(self):
+        from google.cloud import pubsub_v1
+
+        self.publisher = pubsub_v1.PublisherClient(
+            batch_settings=pubsub_v1.types.BatchSettings(max_messages=100, max_latency=0.001)
+        )
+        self.subscriber = pubsub_v1.SubscriberClient()
+
+    def pair(self, name: str) -> tuple[str, str]:
+        tag = f"{name}-{uuid.uuid4().hex[:8]}"
+        topic = f"projects/{PROJECT}/topics/{tag}"
+        sub = f"projects/{PROJECT}/subscriptions/{tag}"
+        self.publisher.create_topic(name=topic)
+        self.subscriber.create_subscription(name=sub, topic=topic, ack_deadline_seconds=60)
+        return topic, sub
+
+
+# --- floor -----------------------------------------------------------------------------------
+
+
+def pubsub_floor(topics: Topics, rate: float, n: int) -> dict:
+    """The emulator's own publish -> streaming-pull round trip at `rate`, no job in between."""
+    topic, sub = topics.pair("echo")
+    echo = Receiver(sub, _echo_key)
+    sent = publish_paced(topics.publisher, topic, [(f"k{i}",) for i in range(n)], rate, lambda it: (b"x", {"key": it[0]}))
+    echo.wait_for(list(sent), 60)
+    echo.close()
+    return summarize(sent, echo.arrived)
+
+
+def bigtable_floor(table_id: str, events: list[tuple[int, dict]], batch: int, repeats: int = 30) -> dict:
+    """One read_rows of the cells `batch` events need, as the job issues it (median, p99 ms)."""
+    import numpy as np
+
+    from beam_pipelines.io.bigtable import open_table
+    from beam_pipelines.score_stream import cell_keys, read_cells
+    from transforms.flights import FLIGHTS
+    from transforms.validation import RecordValidator
+
+    validator = RecordValidator(FLIGHTS)
+    table = open_table(PROJECT, INSTANCE, table_id)
+    times, found = [], 0
+    for i in range(repeats):
+        chunk = [validator.validate(dict(raw)) for _, raw in events[i * batch : (i + 1) * batch]]
+        keys = [k for e in chunk for k in cell_keys(FLIGHTS, e)]
+        t0 = time.perf_counter()
+        found += len(read_cells(table, FLIGHTS.name, keys))
+        times.append(time.perf_counter() - t0)
+    return {
+        "events_per_read": batch,
+        "read_p50_ms": round(float(np.percentile(times, 50)) * 1000, 2),
+        "read_p99_ms": round(float(np.percentile(times, 99)) * 1000, 2),
+        "rows_found_per_read": round(found / repeats, 1),
+    }
+
+
+# --- the runner's ceiling --------------------------------------------------------------------
+
+
+def ceiling_child(subscription: str, pull: int, expect: int) -> None:
+    """In a child process: ReadFromPubSub -> count on the local runner, `pull` messages per pull."""
+    import apache_beam as beam
+    from apache_beam.io.gcp.pubsub import ReadFromPubSub
+    from apache_beam.metrics import Metrics
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_pipelines.common import metric_counters
+    from beam_pipelines.local_runner import fix_direct_runner_metrics, patch_local_pubsub_read
+
+    fix_direct_runner_metrics()
+    patch_local_pubsub_read(max_messages=pull)
+    counter = Metrics.counter("skewless", "ceiling_read")
+
+    def count(_):
+        counter.inc()
+
+    options = PipelineOptions(runner="BundleBasedDirectRunner", streaming=True, project=PROJECT)
+    p = beam.Pipeline(options=options)
+    _ = p | ReadFromPubSub(subscription=subscription, with_attributes=True) | beam.Map(count)
+    result = p.run()
+    deadline = time.monotonic() + 180
+    first = None
+    read = 0
+    while read < expect and time.monotonic() < deadline:
+        time.sleep(0.02)
+        read = metric_counters(result).get("ceiling_read", 0)
+        if first is None and read:
+            first = (time.perf_counter(), read)
+    done = time.perf_counter()
+    result.cancel()
+    rate = (read - first[1]) / (done - first[0]) if first and done > first[0] else 0.0
+    print(json.dumps({"read": read, "events_per_s": round(rate, 1)}), flush=True)
+    os._exit(0)
+
+
+def runner_ceiling(topics: Topics, events: list[tuple[int, dict]], pull: int, env: dict) -> dict:
+    """Messages/s of the local runner's read -> count, on a backlog of the same flight messages."""
+    from beam_pipelines.replay import to_message
+    from transforms.flights import FLIGHTS
+
+    topic, sub = topics.pair("ceiling")
+    futures = [topics.publisher.publish(topic, to_message(FLIGHTS, raw)) for _, raw in events]
+    for f in futures:
+        f.result(timeout=60)
+    out = subprocess.run(
+        [sys.executable, __file__, "--_ceiling", sub, str(pull), str(len(events))],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"the ceiling pipeline failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# --- the job's own code, no runner -----------------------------------------------------------
+
+
+class _DictTable:
+    """A Bigtable table stand-in over rows read once from the emulator (no I/O in the timing)."""
+
+    def __init__(self, rows: list):
+        self.rows = {r.row_key: r for r in rows}
+
+    def read_rows(self, row_set, filter_=None):
+        return [self.rows[k] for k in row_set.row_keys if k in self.rows]
+
+
+class Laps:
+    """Seconds spent per stage, summed over laps."""
+
+    def __init__(self, stages):
+        self.spent = dict.fromkeys(stages, 0.0)
+        self._t = time.perf_counter()
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.spent[stage] += now - self._t
+        self._t = now
+
+
+def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: str, batch: int) -> dict:
+    """Microseconds per event of the job's own DoFns called directly (no runner) on batches of
+    `batch` events, the Bigtable rows served from memory (the read itself is in the floor)."""
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+    from google.cloud.bigtable.row_set import RowSet
+
+    from beam_pipelines import score_stream as ss
+    from beam_pipelines.io.bigtable import open_table
+    from beam_pipelines.replay import to_message
+    from models.watch import WatchingModelHandler
+    from transforms.flights import FLIGHTS
+    from transforms.validation import ValidateRecordsFn
+
+    handler = WatchingModelHandler(model_dir, poll_s=3600)
+    model = handler.load_model()
+    row_set = RowSet()
+    row_set.add_row_range_from_keys(b"", b"\xff")
+    rows = list(open_table(PROJECT, INSTANCE, table_id).read_rows(row_set=row_set))
+    fns = {
+        "payloads": ss._Payloads(),
+        "validate": ValidateRecordsFn(FLIGHTS),
+        "lookup": ss._LookupAggregatesFn(FLIGHTS, lambda: _DictTable(rows)),
+        "check_inputs": ss._CheckExamples(handler.inputs),
+        "to_predictions": ss._ToPrediction(FLIGHTS),
+    }
+    for fn in fns.values():
+        fn.setup()
+    messages = [PubsubMessage(to_message(FLIGHTS, raw), {}) for _, raw in events]
+    stages = ("payloads", "validate", "lookup", "check_inputs", "inference", "to_predictions", "to_messages")
+    try:
+        for _ in range(2):  # the first pass warms the model's graph; the second is timed
+            laps = Laps(stages)
+            out = 0
+            for i in range(0, len(messages), batch):
+                laps.start()
+                payloads = [p for m in messages[i : i + batch] for p in fns["payloads"].process(m)]
+                laps.lap("payloads")
+                typed = [e for p in payloads for e in fns["validate"].process(p)]
+                laps.lap("validate")
+                (examples,) = fns["lookup"].process(typed)
+                laps.lap("lookup")
+                (fit,) = fns["check_inputs"].process(examples)
+                laps.lap("check_inputs")
+                results = list(handler.with_no_batching().run_inference(fit, model))
+                laps.lap("inference")
+                predictions = [p for r in results for p in fns["to_predictions"].process(r)]
+                laps.lap("to_predictions")
+                out += len([ss.to_prediction_message(p) for p in predictions])
+                laps.lap("to_messages")
+    finally:
+        model.stop()
+    n = len(messages)
+    if out != n:
+        raise SystemExit(f"the job's code scored {out} of {n} events")
+    return {"events": n, "batch": batch, **{f"{k}_us": round(v / n * 1e6, 1) for k, v in laps.spent.items()},
+            "total_us": round(sum(laps.spent.values()) / n * 1e6, 1)}  # fmt: skip
+
+
+# --- the job at rate -------------------------------------------------------------------------
+
+
+def scorer_child(pull: int, argv: list[str]) -> None:
+    """In a child process: the real streaming scorer, its local read set to `pull` per pull."""
+    from beam_pipelines import score_stream
+    from beam_pipelines.local_runner import patch_local_pubsub_read
+
+    p, _ = score_stream.make_pipeline(argv)
+    patch_local_pubsub_read(max_messages=pull)  # replaces the job's setting (same evaluator code)
+    p.run().wait_until_finish()
+
+
+def run_scorer(topics, env, table_id, model_dir, events, rate, seconds, pull, log_path, profile) -> dict:
+    from beam_pipelines.replay import to_message
+    from transforms.flights import FLIGHTS
+
+    events_topic, events_sub = topics.pair("events")
+    out_topic, out_sub = topics.pair("predictions")
+    dead_topic, _ = topics.pair("dead")
+    receiver = Receiver(out_sub, _prediction_key)
+    argv = [
+        "--streaming", f"--subscription={events_sub}", f"--output_topic={out_topic}",
+        f"--dead_letter_topic={dead_topic}", f"--bigtable_project={PROJECT}", f"--bigtable_instance={INSTANCE}",
+        f"--bigtable_table={table_id}", f"--model_dir={model_dir}", f"--project={PROJECT}",
+    ]  # fmt: skip
+    command = [sys.executable, __file__, "--_scorer", str(pull), *argv]
+    if profile:
+        command = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "100",
+                   "--format", "raw", "--threads", "-o", profile, "--", *command]  # fmt: skip
+    with open(log_path, "wb") as log:
+        scorer = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        started = time.perf_counter()
+        warm = [(flight_key(raw), raw) for _, raw in events[:WARM]]
+        for key, raw in warm:
+            topics.publisher.publish(events_topic, to_message(FLIGHTS, raw)).result(timeout=30)
+            if receiver.wait_for([key], 0.5):
+                break
+        if not receiver.wait_for([warm[0][0]], 240):
+            raise SystemExit(f"the scorer never answered; see {log_path}")
+        startup_s = time.perf_counter() - started
+        receiver.wait_for([k for k, _ in warm], 30)
+
+        n = int(rate * seconds)
+        items = [(flight_key(raw), raw) for _, raw in events[WARM : WARM + n]]
+        cpu_before = None if profile else cpu_seconds(scorer.pid)
+        sent = publish_paced(topics.publisher, events_topic, items, rate, lambda it: (to_message(FLIGHTS, it[1]), {}))
+        receiver.wait_for(list(sent), max(30.0, 3 * seconds))
+        result = summarize(sent, receiver.arrived)
+        if cpu_before is not None and result["received"]:
+            result["process_cpu_us_per_event"] = round((cpu_seconds(scorer.pid) - cpu_before) / result["received"] * 1e6)
+        result["startup_s"] = round(startup_s, 1)
+        result["duplicates"] = receiver.duplicates
+        result["model_versions"] = sorted({receiver.versions[k] for k in sent if k in receiver.versions})
+        return result
+    finally:
+        receiver.close()
+        if profile:
+            os.kill(scorer.pid, signal.SIGINT)  # py-spy writes its samples and stops the job
+            try:
+                scorer.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(scorer.pid, signal.SIGTERM)
+            scorer.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(scorer.pid, signal.SIGKILL)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- profile: runner vs job ------------------------------------------------------------------
+
+_OURS = ("(beam_pipelines/", "(models/", "(transforms/")  # py-spy prints paths from sys.path
+_INFERENCE = ("tensorflow", "/keras/")
+_CLIENTS = ("/google/cloud/", "/google/api_core/", "/grpc/")
+
+
+def split_profile(path: str) -> dict:
+    """py-spy raw stacks of the pipeline's worker threads -> shares: the job's own code (its
+    frames, innermost), the model call (TensorFlow under it), the Pub/Sub and Bigtable clients
+    called by the job, and the runner (everything else on those threads)."""
+    shares = {"job_code": 0, "model_call": 0, "job_io_clients": 0, "runner": 0}
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not any("_MonitorTask" in f or "_ExecutorServiceWorker" in f or "run (apache_beam/runners/direct/executor.py" in f
+                   for f in frames):  # fmt: skip
+            continue  # not a pipeline thread (main thread, gRPC pollers, watcher)
+        ours = [i for i, f in enumerate(frames) if any(o in f for o in _OURS) and "local_runner" not in f]
+        if not ours:
+            shares["runner"] += int(count)
+            continue
+        below = frames[ours[-1] + 1 :]
+        if any(any(t in f for t in _INFERENCE) for f in below):
+            shares["model_call"] += int(count)
+        elif any(any(c in f for c in _CLIENTS) for f in below):
+            shares["job_io_clients"] += int(count)
+        else:
+            shares["job_code"] += int(count)
+    total = sum(shares.values()) or 1
+    return {**{k: round(v / total, 3) for k, v in shares.items()}, "samples": total}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_scorer":
+        return scorer_child(int(sys.argv[2]), sys.argv[3:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--_ceiling":
+        return ceiling_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default=str(ROOT / "out" / "demo" / "models"))
-    parser.add_argument("--rate", type=float, default=20.0, help="Messages per second.")
-    parser.add_argument("--seconds", type=float, default=30.0, help="How long to publish.")
-    parser.add_argument("--log", default="/tmp/skewless-bench-score-streaming.log")
+    parser.add_argument("--rates", type=float, nargs="+", default=[50.0, 200.0, 400.0], help="Events per second.")
+    parser.add_argument("--seconds", type=float, default=15.0, help="How long to publish at each rate.")
+    parser.add_argument("--pulls", type=int, nargs="+", default=[1000, BEAM_PULL],
+                        help="Messages per pull of the local runner's Pub/Sub read (10 = Beam's own).")  # fmt: skip
+    parser.add_argument("--ceiling_events", type=int, default=6000, help="Backlog read by the ceiling pipeline.")
+    parser.add_argument("--code_batch", type=int, default=100, help="Events per batch for the job-code cost.")
+    parser.add_argument("--profile", help="Directory for py-spy profiles of each scorer run (runner vs job split).")
+    parser.add_argument("--log_dir", default="/tmp/skewless-bench-score-streaming")
     args = parser.parse_args()
+    model_dir = str(Path(args.model_dir).resolve())
 
     from models.versions import ModelDirError, resolve
 
     try:
-        resolve(args.model_dir)
+        resolve(model_dir)
     except ModelDirError as exc:
         raise SystemExit(f"{exc}: run `make demo` first or pass --model_dir") from None
-
-    from google.cloud import pubsub_v1
-
-    from beam_pipelines.replay import to_message
-    from transforms.flights import FLIGHTS
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
 
     procs, env = start_emulators()
-    scorer = None
     try:
-        events = flights()
-        n = int(args.rate * args.seconds)
-        if n + 20 > len(events):
-            raise SystemExit(f"only {len(events)} flights on {DAYS}: lower --rate or --seconds")
+        n_max = int(max(args.rates) * args.seconds)
+        events = flights(max(n_max + WARM, args.ceiling_events))
         table_id = f"features-{uuid.uuid4().hex[:8]}"
         write_cells(table_id, events)
+        topics = Topics()
 
-        publisher = pubsub_v1.PublisherClient()
-        subscriber = pubsub_v1.SubscriberClient()
-
-        def topic_and_subscription(name: str) -> tuple[str, str]:
-            topic = f"projects/{PROJECT}/topics/{name}"
-            sub = f"projects/{PROJECT}/subscriptions/{name}-sub"
-            publisher.create_topic(name=topic)
-            subscriber.create_subscription(name=sub, topic=topic, ack_deadline_seconds=60)
-            return topic, sub
-
-        events_topic, events_sub = topic_and_subscription("events")
-        out_topic, out_sub = topic_and_subscription("predictions")
-        dead_topic, _ = topic_and_subscription("dead")
-        echo_topic, echo_sub = topic_and_subscription("echo")
-
-        # Floor: the emulator's own publish -> streaming-pull round trip, no job in between.
-        echo = Receiver(echo_sub, _echo_key)
-        echo_items = [(f"k{i}",) for i in range(n)]
-        sent = publish_paced(publisher, echo_topic, echo_items, args.rate, lambda it: (b"x", {"key": it[0]}))
-        echo.wait_for(list(sent), 60)
-        floor = summarize("floor: Pub/Sub emulator round trip", sent, echo.arrived)
-        echo.close()
-
-        receiver = Receiver(out_sub, _prediction_key)
-        command = [
-            sys.executable, "-m", "beam_pipelines.cli", "score", "--streaming",
-            f"--subscription={events_sub}", f"--output_topic={out_topic}", f"--dead_letter_topic={dead_topic}",
-            f"--bigtable_project={PROJECT}", f"--bigtable_instance={INSTANCE}", f"--bigtable_table={table_id}",
-            f"--model_dir={args.model_dir}", f"--project={PROJECT}",
-        ]  # fmt: skip
-        with open(args.log, "wb") as log:
-            scorer = subprocess.Popen(
-                command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        # Warm-up: the job is ready when a prediction comes back (imports, model load).
-        started = time.perf_counter()
-        warm = [(flight_key(raw), raw) for _, raw in events[:20]]
-        for key, raw in warm:
-            publisher.publish(events_topic, to_message(FLIGHTS, raw)).result(timeout=30)
-            if receiver.wait_for([key], 0.5):
-                break
-        if not receiver.wait_for([warm[0][0]], 180):
-            raise SystemExit(f"the scorer never answered; see {args.log}")
-        startup_s = time.perf_counter() - started
-        receiver.wait_for([k for k, _ in warm], 30)
-
-        items = [(flight_key(raw), raw) for _, raw in events[20 : 20 + n]]
-        sent = publish_paced(
-            publisher, events_topic, items, args.rate, lambda it: (to_message(FLIGHTS, it[1]), {})
-        )
-        receiver.wait_for(list(sent), 120)
-        result = summarize("streaming scorer (BundleBasedDirectRunner)", sent, receiver.arrived)
-        result["startup_to_first_prediction_s"] = round(startup_s, 1)
-        result["model_versions"] = sorted({receiver.versions[k] for k in sent if k in receiver.versions})
-        receiver.close()
-        report = {"rate_per_s": args.rate, "seconds": args.seconds, "floor": floor, "scorer": result}
-        print(json.dumps(report, indent=2))
+        job_code = job_code_cost_us(table_id, events[:3000], model_dir, args.code_batch)
+        print(json.dumps({"job_code": job_code}), flush=True)
+        floor = {"bigtable": bigtable_floor(table_id, events, 10), "pubsub": {}}
+        ceiling = {}
+        for pull in args.pulls:
+            ceiling[str(pull)] = runner_ceiling(topics, events[: args.ceiling_events], pull, env)
+            print(json.dumps({"ceiling": {"pull_max_messages": pull, **ceiling[str(pull)]}}), flush=True)
+        results = []
+        for rate in args.rates:
+            floor["pubsub"][str(int(rate))] = echo = pubsub_floor(topics, rate, int(rate * args.seconds))
+            for pull in args.pulls:
+                log = f"{args.log_dir}/scorer-{int(rate)}-{pull}.log"
+                profile = f"{args.profile}/scorer-{int(rate)}-{pull}.txt" if args.profile else None
+                job = run_scorer(topics, env, table_id, model_dir, events, rate, args.seconds, pull, log, profile)
+                row = {
+                    "rate": rate, "pull_max_messages": pull, "events_per_s": job["events_per_s"],
+                    "p50_s": job["p50_s"], "p99_s": job["p99_s"], "job_code_us_per_event": job_code["total_us"],
+                    "floor_events_per_s": echo["events_per_s"], "floor_p50_s": echo["p50_s"],
+                    "floor_p99_s": echo["p99_s"], "ceiling_events_per_s": ceiling[str(pull)]["events_per_s"],
+                    "sent": job["sent"], "received": job["received"], "p90_s": job["p90_s"], "max_s": job["max_s"],
+                    "duplicates": job["duplicates"], "startup_s": job["startup_s"], "model_versions": job["model_versions"],
+                    "process_cpu_us_per_event": job.get("process_cpu_us_per_event"),
+                }  # fmt: skip
+                if row["process_cpu_us_per_event"]:  # the rest of the scorer's CPU: runner, clients, threads
+                    row["job_code_share_of_cpu"] = round(job_code["total_us"] / row["process_cpu_us_per_event"], 3)
+                if profile:
+                    row["profile"] = split_profile(profile)
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        print(json.dumps({"results": results, "floor": floor, "ceiling": ceiling, "job_code": job_code}))
     finally:
-        if scorer is not None:
-            os.killpg(scorer.pid, signal.SIGTERM)
-            try:
-                scorer.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(scorer.pid, signal.SIGKILL)
         stop(procs)
 
 
