@@ -472,3 +472,27 @@ def test_parse_messages_turns_every_poison_message_into_one_dead_letter():
         assert letter["stage"] in ("timestamp", "parse") and letter["reason"]
         json.dumps(letter)
     assert outputs[-1] == []
+
+
+# --- BigQuery: the table's columns against the feature set, before the run ------------------------
+
+
+@pytest.mark.emulator
+@pytest.mark.timeout(300)
+def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path):
+    from tests.test_prepare_bigquery import emulator_args, flights_table
+
+    dataset = bq_emulator.create_dataset()
+    table = flights_table([dict(r) for r in ROWS[:5]])
+    extra = bq_emulator.create_table(dataset, "extra", table.append_column("seat", pa.array(["1A"] * 5)))
+    missing = bq_emulator.create_table(dataset, "missing", table.drop_columns(["origin"]))
+    cases = {
+        extra: r"unexpected column\(s\) \['seat'\]",
+        missing: r"missing required column\(s\) \['origin'\]",
+        f"{bq_emulator.project}.{dataset}.nowhere": "not found",
+    }
+    for name, message in cases.items():
+        out = tmp_path / "out"
+        with pytest.raises(InputError, match=message):
+            prepare.run(["--bigquery_table", name, "--output_dir", str(out), *emulator_args(bq_emulator)])
+        assert not out.exists()

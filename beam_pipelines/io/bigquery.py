@@ -175,6 +175,35 @@ def parse_query_parameter(spec: str) -> bigquery.ScalarQueryParameter:
     return bigquery.ScalarQueryParameter(name, bq_type, value)
 
 
+def check_table_schema(
+    table: str, fs, project: str | None = None, endpoint: str | None = None
+) -> list[str]:
+    """Before the run: the table exists and its columns match the feature set's schema.
+
+    The same rules as a file header (beam_pipelines.io.files.check_columns): no missing
+    required column, no unexpected column if the feature set rejects them; plus no nested or
+    repeated column (a raw record is flat). Returns the column names; raises InputError.
+    """
+    from beam_pipelines.io.files import InputError, check_columns
+
+    project_id, dataset, table_id = validate_table_name(table)
+    client = _bigquery_client(project, endpoint)
+    try:
+        found = client.get_table(f"{project_id}.{dataset}.{table_id}", timeout=API_TIMEOUT_S)
+    except gexc.NotFound:
+        raise InputError(f"BigQuery table {table} not found") from None
+    except gexc.GoogleAPIError as exc:
+        raise InputError(f"BigQuery table {table} cannot be read: {exc}") from None
+    finally:
+        client.close()
+    nested = [f.name for f in found.schema if f.field_type in ("RECORD", "STRUCT") or f.mode == "REPEATED"]
+    if nested:
+        raise InputError(f"BigQuery table {table}: nested or repeated column(s) {nested}")
+    names = [f.name for f in found.schema]
+    check_columns(f"BigQuery table {table}", names, fs)
+    return names
+
+
 @dataclasses.dataclass(frozen=True)
 class _ReadSpec:
     """What to read; the single element the planning step starts from."""

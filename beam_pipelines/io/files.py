@@ -173,7 +173,7 @@ def check_columns(path: str, names: Sequence[str], fs: FeatureSet | None) -> Non
         if absent and not problems:
             LOG.warning("%s: no column for nullable field(s) %s: read as null", path, absent)
     if problems:
-        raise InputError(f"{path}: the header does not match the schema: {'; '.join(problems)}")
+        raise InputError(f"{path}: the columns do not match the schema: {'; '.join(problems)}")
 
 
 def csv_header(data: bytes, path: str = "") -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
+from beam_pipelines.common import is_dry_run
 from beam_pipelines.io.files import ReadRawFiles, check_input
 from beam_pipelines.options import SourceOptions
 from transforms.featureset import FeatureSet
@@ -21,19 +22,28 @@ def read_source(options: PipelineOptions, fs: FeatureSet) -> beam.PTransform:
     """The source named by the options; checks the input before any pipeline is built."""
     opts = options.view_as(SourceOptions)
     if opts.bigquery_table or opts.bigquery_query:
-        from beam_pipelines.io.bigquery import ReadFromBigQueryStorage, parse_query_parameter
+        from beam_pipelines.io.bigquery import (
+            ReadFromBigQueryStorage,
+            check_table_schema,
+            parse_query_parameter,
+        )
 
         if opts.input:
             raise ValueError("give --input or --bigquery_table/--bigquery_query, not both")
-        return ReadFromBigQueryStorage(
+        project = opts.bigquery_project or options.view_as(GoogleCloudOptions).project
+        source = ReadFromBigQueryStorage(
             table=opts.bigquery_table,
             query=opts.bigquery_query,
             query_parameters=[parse_query_parameter(p) for p in opts.bigquery_query_param],
-            project=opts.bigquery_project or options.view_as(GoogleCloudOptions).project,
+            project=project,
             bigquery_endpoint=opts.bigquery_endpoint,
             storage_endpoint=opts.bigquery_storage_endpoint,
             temp_dataset=opts.bigquery_temp_dataset,
         )
+        if opts.bigquery_table and not is_dry_run(options):
+            # A query's columns are only known once it runs: its rows are checked one by one.
+            check_table_schema(opts.bigquery_table, fs, project, opts.bigquery_endpoint)
+        return source
     pattern = opts.input or default_input(fs)
     check_input(pattern, opts.input_format, fs)
     return ReadRawFiles(pattern, opts.input_format, fs=fs)
