@@ -1,0 +1,73 @@
+"""`skewless cells`: print feature cells from the Bigtable table, newest window end first, as JSON lines.
+
+A look at what the aggregate job wrote (and what streaming scoring will read): one line per
+cell with its row key, entity, window end W (epoch ms and ISO-8601) and values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from beam_pipelines.common import configure_logging
+
+DESCRIPTION = "Print the feature cells the aggregate job wrote to Bigtable (JSON lines)."
+
+
+def read(
+    project: str, instance: str, table_id: str, family: str, prefix: str, limit: int
+) -> list[dict]:
+    from google.cloud.bigtable.row_set import RowSet
+
+    from beam_pipelines.io.bigtable import decode_value, open_table, window_end_timestamp
+    from transforms.aggregations import parse_row_key
+
+    table = open_table(project, instance, table_id)
+    row_set = RowSet()
+    if prefix:
+        row_set.add_row_range_with_prefix(prefix)
+    cells = []
+    for row in table.read_rows(row_set=row_set if prefix else None):
+        columns = row.cells.get(family)
+        if not columns:
+            continue
+        key = parse_row_key(row.row_key)
+        cells.append(
+            {
+                "row_key": row.row_key.decode("utf-8"),
+                "entity": f"{key.key_name}={key.key_value}",
+                "window_end_ms": key.window_end_ms,
+                "window_end": window_end_timestamp(key.window_end_ms).isoformat(),
+                "values": {n.decode("utf-8"): decode_value(c[0].value) for n, c in columns.items()},
+            }
+        )
+    cells.sort(key=lambda c: (-c["window_end_ms"], c["row_key"]))
+    return cells[:limit]
+
+
+def run(argv: Sequence[str] | None = None) -> list[dict]:
+    configure_logging()
+    parser = argparse.ArgumentParser(prog="skewless cells", description=DESCRIPTION)
+    parser.add_argument("--bigtable_project", required=True)
+    parser.add_argument("--bigtable_instance", required=True)
+    parser.add_argument("--bigtable_table", required=True)
+    parser.add_argument(
+        "--family", default="flights", help="Column family = the feature set's name."
+    )
+    parser.add_argument("--prefix", default="", help="Row-key prefix, e.g. origin#JFK#")
+    parser.add_argument(
+        "--limit", type=int, default=20, help="At most this many cells (newest first)."
+    )
+    args = parser.parse_args(argv)
+    cells = read(
+        args.bigtable_project, args.bigtable_instance, args.bigtable_table, args.family,
+        args.prefix, args.limit,
+    )  # fmt: skip
+    for cell in cells:
+        print(json.dumps(cell))
+    return cells
+
+
+if __name__ == "__main__":
+    run()
