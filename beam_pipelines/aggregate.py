@@ -138,7 +138,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
         ),
         default_runner=LOCAL_STREAMING_RUNNER,
     )
-    # Streaming is set in code: Flex Template metadata cannot carry it (ARCHITECTURE.md).
+    # Streaming is set in code: Flex Template metadata cannot carry it (docs/dataflow.md).
     std = options.view_as(StandardOptions)
     std.streaming = True
     opts = options.view_as(AggregateOptions)

@@ -1,6 +1,6 @@
 """Bigtable at the edge of the streaming job: the feature cells of the contract, setup and checks.
 
-Cell layout (ARCHITECTURE.md): row key `{key name}#{key value}#{W zero-padded epoch ms}`, one
+Cell layout (docs/architecture.md): row key `{key name}#{key value}#{W zero-padded epoch ms}`, one
 column family per feature set (its name), one column per aggregate, cell timestamp W. Values
 are UTF-8 text (`repr` of the number: counts as integers, the others as floats that round-trip
 exactly), which is what Beam's `BigTableEnrichmentHandler` hands to stream scoring.
