@@ -54,7 +54,7 @@ from transforms.validation import NAMESPACE, ValidateRecords, dead_letter, ms_to
 LOG = logging.getLogger("skewless.score_stream")
 DEAD = "dead"
 DEFAULT_MODEL_POLL_S = 30.0
-LOOKUP_BATCH = 500
+LOOKUP_BATCH = 500  # events per Bigtable read and model call, at most (--max_batch_size lowers it)
 DESCRIPTION = (
     "Streaming scoring (score --streaming): read JSON events of the feature set's raw schema "
     "from --subscription, validate them, look up their as-of aggregates in the Bigtable table "
@@ -166,8 +166,10 @@ class LookupAggregates(beam.PTransform):
         self.max_batch = max_batch
 
     @classmethod
-    def from_bigtable(cls, fs: FeatureSet, project: str, instance: str, table: str) -> LookupAggregates:
-        return cls(fs, _TableOpener(project, instance, table))
+    def from_bigtable(
+        cls, fs: FeatureSet, project: str, instance: str, table: str, max_batch: int = LOOKUP_BATCH
+    ) -> LookupAggregates:
+        return cls(fs, _TableOpener(project, instance, table), max_batch)
 
     def expand(self, events):
         return (
@@ -410,7 +412,10 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         fs,
         handler,
         ReadFromPubSub(subscription=stream.subscription, with_attributes=True),
-        LookupAggregates.from_bigtable(fs, bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table),
+        LookupAggregates.from_bigtable(
+            fs, bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table,
+            max_batch=min(score.max_batch_size, LOOKUP_BATCH),
+        ),  # fmt: skip
         WritePredictions(opts.output_topic),
         WriteDeadLetters(stream.dead_letter_topic),
     )
