@@ -18,7 +18,7 @@ columns) or truncated, and read back with the jobs' own code. Properties:
   Bigtable row keys) that crashed on unchecked values.
 
 Deterministic (derandomized, no example database). The CI run uses SKEWLESS_FUZZ_EXAMPLES
-(default 40) examples per format; a long run:
+(default 200) examples per format; a long run:
     SKEWLESS_FUZZ_EXAMPLES=3000 .venv/bin/python -m pytest tests/test_fuzz_inputs.py -q
 """
 
@@ -69,7 +69,7 @@ from transforms.validation import (
     parse_json_payload,
 )
 
-EXAMPLES = int(os.environ.get("SKEWLESS_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("SKEWLESS_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     derandomize=True,
@@ -140,6 +140,7 @@ class Planned:
     corruption: tuple[str, str] | None = None  # (kind, field)
     garbage: str | None = None
     position: int = 0  # first line (CSV, JSON lines) or row index (Parquet)
+    end: int = 0  # byte offset after the record
     complete: bool = True  # fully written (not cut by a truncation)
 
 
@@ -259,10 +260,12 @@ def write_case(case: Case, path: Path) -> Path:
     if case.fmt == "parquet":
         return _write_parquet(case, path, columns)
     newline = "\r\n" if case.crlf else "\n"
-    chunks = []
+    # A raw lone surrogate (only from the "surrogate" corruption) is written as the invalid
+    # UTF-8 it would be in a broken export.
+    chunks = [b"\xef\xbb\xbf"] if case.bom else []
     line = 1
     if case.fmt == "csv":
-        chunks.append(_csv_row(columns, newline))
+        chunks.append(_csv_row(columns, newline).encode("utf-8"))
         line += 1
     for i, planned in enumerate(case.records):
         planned.position = line
@@ -275,16 +278,17 @@ def write_case(case: Case, path: Path) -> Path:
             raw = raw_record(fs, planned, "jsonl")
             text = json.dumps(raw, ensure_ascii=case.ascii_json) + "\n"
         line += text.count("\n")
-        chunks.append(text)
+        chunks.append(text.encode("utf-8", "surrogatepass"))
+        planned.end = sum(map(len, chunks))
         if i in case.blank_after:
-            chunks.append(newline)
+            chunks.append(newline.encode())
             line += 1
-    # A raw lone surrogate (only from the "surrogate" corruption) is written as the invalid
-    # UTF-8 it would be in a broken export.
-    data = "".join(chunks).encode("utf-8", "surrogatepass")
-    if case.bom:
-        data = b"\xef\xbb\xbf" + data
-    data = _truncate(case, data)
+    data = b"".join(chunks)
+    if case.truncate_at is not None:
+        cut = int(len(data) * case.truncate_at)
+        for planned in case.records:
+            planned.complete = planned.end <= cut
+        data = data[:cut]
     if case.gzip:
         data = gzip.compress(data, mtime=0)
         path = path.with_name(path.name + ".gz")
@@ -299,22 +303,6 @@ def _csv_row(values, newline: str) -> str:
     out = io.StringIO()
     csv.writer(out, lineterminator=newline, quoting=quoting).writerow(values)
     return out.getvalue()
-
-
-def _truncate(case: Case, data: bytes) -> bytes:
-    if case.truncate_at is None:
-        return data
-    cut = int(len(data) * case.truncate_at)
-    # A record is complete if its text and its line end are before the cut.
-    lines = data[:cut].count(b"\n") + 1
-    for planned in case.records:
-        planned.complete = planned.position < lines and _record_end_line(case, planned) < lines
-    return data[:cut]
-
-
-def _record_end_line(case: Case, planned: Planned) -> int:
-    later = [p.position for p in case.records if p.position > planned.position]
-    return (min(later) if later else planned.position + 1) - 1
 
 
 def _write_parquet(case: Case, path: Path, columns: list[str]) -> Path:

@@ -260,7 +260,8 @@ class RecordValidator:
         ]
         self._names = frozenset(f.name for f in fs.schema)
         self._reject_unexpected = fs.unexpected_fields == "reject"
-        self._derived = [(f.name, f.type) for f in fs.derived_fields]
+        self._derived = [(f.name, f.type) for f in fs.derived_fields if f.type != "string"]
+        self._keys = tuple(fs.keys)
 
     def typed(self, raw: dict) -> dict:
         if not isinstance(raw, dict):
@@ -269,63 +270,80 @@ class RecordValidator:
             extra = sorted(str(k) for k in raw.keys() - self._names)
             raise InvalidRecord(f"unexpected fields {extra}")
         out = {}
-        isfinite = math.isfinite
+        ts_lo, ts_hi = self._ts_lo, self._ts_hi
         # The common cases (values already of their type, as Arrow and JSON give them) are
         # handled inline: this loop runs for every field of every record of every job.
         for name, kind, coerce, nullable, lo, hi, non_finite_ok in self._plan:
             value = raw.get(name)
             t = type(value)
-            if value is None or (value == "" and kind != "string"):
+            if value is None or (t is str and kind != "string" and value == ""):
                 if not nullable:
                     if name in raw:
                         raise InvalidRecord(f"required field {name!r} is null")
                     raise InvalidRecord(f"missing required field {name!r}")
                 out[name] = None
                 continue
-            original = value
-            try:
-                if t is bytes and kind != "string":
-                    value = _to_string(value)
-                    t = str
-                if kind == "float":
-                    value = float(value) if (t is float or t is int) else coerce(value)
-                    if not isfinite(value):
-                        if non_finite_ok:
-                            out[name] = value
-                            continue
-                        raise InvalidRecord(f"{original!r} is not a finite number")
-                    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
-                        raise InvalidRecord(f"{original!r} is beyond the float32 range")
-                elif kind == "int":
-                    if t is not int:
-                        value = coerce(value)
-                    if not INT64_MIN <= value <= INT64_MAX:
-                        raise InvalidRecord(f"{original!r} is outside the 64-bit integer range")
-                elif kind == "timestamp":
-                    if t is int or t is float:
-                        value = _epoch_seconds_to_ms(value)
-                    else:
-                        value = coerce(value)
-                    if not self._ts_lo <= value < self._ts_hi:
-                        raise InvalidRecord(
-                            f"{original!r} is outside the accepted time range "
-                            f"[{self.timestamp_range[0]}, {self.timestamp_range[1]})"
-                        )
-                elif kind == "string":
-                    if t is not str or not value.isascii():
-                        value = coerce(value)
-                else:
-                    value = coerce(value)
-            except OverflowError:  # float() of an integer beyond float64
-                raise InvalidRecord(f"field {name!r} {original!r} is beyond the float range") from None
-            except InvalidRecord as exc:
-                raise InvalidRecord(f"field {name!r} {exc}") from None
+            if kind == "string":
+                if t is not str or not value.isascii():
+                    value = self._coerce(name, kind, coerce, value)
+                out[name] = value
+                continue
+            if kind == "int" and t is int and INT64_MIN <= value <= INT64_MAX:
+                pass
+            elif kind == "float" and t is float and -FLOAT32_MAX <= value <= FLOAT32_MAX:
+                pass  # NaN fails the comparison and takes the slow path
+            elif (
+                kind == "timestamp"
+                and t is float
+                and value == value
+                and ts_lo <= (ms := int(round(value * 1000))) < ts_hi
+            ):
+                value = ms  # epoch seconds, as Arrow timestamps reach here
+            else:
+                value = self._coerce(name, kind, coerce, value, non_finite_ok)
             if lo is not None and value < lo:
                 raise InvalidRecord(f"field {name!r} = {value!r} is below the minimum {lo!r}")
             if hi is not None and value > hi:
                 raise InvalidRecord(f"field {name!r} = {value!r} is above the maximum {hi!r}")
             out[name] = value
         return out
+
+    def _coerce(self, name: str, kind: str, coerce, original: Any, non_finite_ok: bool = False):
+        """The value of one field as its type, or InvalidRecord naming the field."""
+        value = original
+        try:
+            if type(value) is bytes and kind != "string":
+                value = _to_string(value)
+            if kind == "float":
+                value = float(value) if type(value) in (float, int) else coerce(value)
+                if not math.isfinite(value):
+                    if non_finite_ok:
+                        return value  # a declared range still applies to infinities
+                    raise InvalidRecord(f"{original!r} is not a finite number")
+                if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+                    raise InvalidRecord(f"{original!r} is beyond the float32 range")
+            elif kind == "int":
+                if type(value) is not int:
+                    value = coerce(value)
+                if not INT64_MIN <= value <= INT64_MAX:
+                    raise InvalidRecord(f"{original!r} is outside the 64-bit integer range")
+            elif kind == "timestamp":
+                if type(value) in (int, float):
+                    value = _epoch_seconds_to_ms(value)
+                else:
+                    value = coerce(value)
+                if not self._ts_lo <= value < self._ts_hi:
+                    raise InvalidRecord(
+                        f"{original!r} is outside the accepted time range "
+                        f"[{self.timestamp_range[0]}, {self.timestamp_range[1]})"
+                    )
+            else:
+                value = coerce(value)
+        except OverflowError:  # float() of an integer beyond float64
+            raise InvalidRecord(f"field {name!r} {original!r} is beyond the float range") from None
+        except InvalidRecord as exc:
+            raise InvalidRecord(f"field {name!r} {exc}") from None
+        return value
 
     def derive(self, record: dict) -> dict | None:
         fs = self.fs
@@ -340,24 +358,25 @@ class RecordValidator:
             raise InvalidRecord(f"event time {fs.event_time!r} is not epoch milliseconds")
         # Derived values obey the same limits as raw ones: a derive() that adds minutes to an
         # hour can still leave the range, and its output is what the pipeline carries.
+        lo, hi = self._ts_lo, self._ts_hi
         for name, kind in self._derived:
             value = record.get(name)
             if value is None:
                 continue
-            if kind == "timestamp" and not self._ts_lo <= value < self._ts_hi:
-                raise InvalidRecord(
-                    f"derived {name!r} = {value!r} ms is outside the accepted time range "
-                    f"[{self.timestamp_range[0]}, {self.timestamp_range[1]})"
-                )
-            if kind == "int" and not INT64_MIN <= value <= INT64_MAX:
-                raise InvalidRecord(f"derived {name!r} = {value!r} is outside the 64-bit integer range")
-            if kind == "float" and not (
-                math.isfinite(value) and -FLOAT32_MAX <= value <= FLOAT32_MAX
-            ):
+            if kind == "timestamp":
+                if not lo <= value < hi:
+                    raise InvalidRecord(
+                        f"derived {name!r} = {value!r} ms is outside the accepted time range "
+                        f"[{self.timestamp_range[0]}, {self.timestamp_range[1]})"
+                    )
+            elif kind == "int":
+                if not INT64_MIN <= value <= INT64_MAX:
+                    raise InvalidRecord(f"derived {name!r} = {value!r} is outside the 64-bit integer range")
+            elif kind == "float" and not -FLOAT32_MAX <= value <= FLOAT32_MAX:
                 raise InvalidRecord(f"derived {name!r} = {value!r} is not a finite float32")
-        for key in fs.keys:
+        for key in self._keys:
             value = record.get(key)
-            if isinstance(value, str) and len(value) * 4 > MAX_KEY_BYTES:
+            if type(value) is str and len(value) * 4 > MAX_KEY_BYTES:
                 if len(value.encode("utf-8")) > MAX_KEY_BYTES:
                     raise InvalidRecord(f"entity key {key!r} is longer than {MAX_KEY_BYTES} bytes")
         return record
@@ -422,9 +441,10 @@ def iter_raw_records(element: Any) -> Iterator[tuple[str, Any, Where | None]]:
     """
     if isinstance(element, RawBatch):
         file, unit, positions = element.file, element.unit, element.positions
-        for i, row in enumerate(_rows_or_unparseable(element.batch)):
-            stage = "parse" if isinstance(row, UnparseableRow) else "validate"
-            yield stage, row, (file, unit, positions[i])
+        positions = positions.tolist() if hasattr(positions, "tolist") else positions
+        for row, position in zip(_rows_or_unparseable(element.batch), positions, strict=True):
+            stage = "parse" if type(row) is UnparseableRow else "validate"
+            yield stage, row, (file, unit, position)
         return
     if isinstance(element, RawLine):
         yield "parse", element.text, (element.file, "line", element.line)

@@ -54,9 +54,11 @@ _MAGIC = {
 # CSV null markers: Arrow's defaults without the NaN spellings, so "NaN" reads as a number
 # (which the validator rejects unless the field allows it), never as a missing value.
 CSV_NULL_VALUES = ["", "NA", "N/A", "n/a", "#N/A", "#N/A N/A", "#NA", "NULL", "null"]
-# Arrow types of the first, typed CSV read; timestamps and booleans are read as text and
-# parsed by the validator, with the same rules as JSON lines.
-_CSV_TYPES = {"int": pa.int64(), "float": pa.float64()}
+# Arrow types of the first, typed CSV read. Arrow's timestamp parser is stricter than the
+# validator's (ISO-8601 with a zone, at most milliseconds), so what it accepts means the same
+# in both; anything else (epoch seconds, naive text) makes the file read as text and parsed
+# by the validator, with the same rules as JSON lines. Booleans are always read as text.
+_CSV_TYPES = {"int": pa.int64(), "float": pa.float64(), "timestamp": pa.timestamp("ms", tz="UTC")}
 
 
 _MARK_ERRORS = "skewless-mark-invalid-utf8"
