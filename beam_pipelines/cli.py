@@ -40,7 +40,10 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, run=None) -> None:
+    """`skewless <job> [options]`. `run` is the job's run function when the caller already has
+    it (a job module run as `python -m`, which must not be imported a second time: its
+    options classes would be declared twice)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = VERBOSE_FLAG in argv
     argv = [a for a in argv if a != VERBOSE_FLAG]
@@ -58,15 +61,16 @@ def main(argv: list[str] | None = None) -> None:
         # TensorFlow's C++ logging once running (e.g. "failed call to cuInit" on a machine
         # without a GPU); a real failure still surfaces as a Python exception.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    raise SystemExit(run_job(job, argv[1:], verbose))
+    raise SystemExit(run_job(job, argv[1:], verbose, run))
 
 
-def run_job(job: str, args: list[str], verbose: bool = False) -> int:
+def run_job(job: str, args: list[str], verbose: bool = False, run=None) -> int:
     """Run one job; report any error as one line on stderr and return the exit code."""
     try:
-        with _quiet_native_stderr(enabled=not verbose):
-            module = importlib.import_module(JOBS[job][0])
-        module.run(args)
+        if run is None:
+            with _quiet_native_stderr(enabled=not verbose):
+                run = importlib.import_module(JOBS[job][0]).run
+        run(args)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

@@ -265,4 +265,4 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
 if __name__ == "__main__":
     from beam_pipelines.cli import main
 
-    main(["prepare", *sys.argv[1:]])
+    main(["prepare", *sys.argv[1:]], run)

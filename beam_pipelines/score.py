@@ -407,4 +407,4 @@ def run(argv: Sequence[str] | None = None) -> dict:
 if __name__ == "__main__":
     from beam_pipelines.cli import main
 
-    main(["score", *sys.argv[1:]])
+    main(["score", *sys.argv[1:]], run)
