@@ -423,6 +423,13 @@ def test_the_command_prints_its_own_lines_only(tmp_path):
     lines = (proc.stdout + proc.stderr).splitlines()
     assert not [line for line in lines if any(n in line for n in noise)], lines
     assert [line for line in lines if "skewless.prepare" in line and "prepare finished" in line]
+    # The Flex Template entry point (python -m) reports errors the same way.
+    proc = subprocess.run(
+        [sys.executable, "-m", "beam_pipelines.prepare", "--input", str(tmp_path / "empty.csv"), "--output_dir", "o"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"skewless prepare: {tmp_path / 'empty.csv'}: the file is empty (0 bytes)"
 
 
 # --- streaming: message parsing never fails a bundle ----------------------------------------------
@@ -496,3 +503,49 @@ def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path
         with pytest.raises(InputError, match=message):
             prepare.run(["--bigquery_table", name, "--output_dir", str(out), *emulator_args(bq_emulator)])
         assert not out.exists()
+
+
+# --- score: the same inputs, the same promises -----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_score_on_the_hostile_inputs_and_bad_files(hostile_inputs, tmp_path_factory, tmp_path, capsys):
+    from beam_pipelines import score
+    from tests.test_train import prepared_and_trained
+
+    trained = prepared_and_trained(tmp_path_factory)
+    out = tmp_path / "scored"
+    summary = score.run(
+        ["--model_dir", str(trained["model_dir"]), "--input", str(hostile_inputs / "flights.*"), "--output", str(out)]
+    )
+    assert summary["records_read"] == 64 + 59 and summary["records_rejected"] == 5
+    assert summary["inference_failures"] == 0 and summary["examples_scored"] == summary["records_valid"]
+    letters = [json.loads(line) for f in (out / "dead_letters").glob("*.jsonl") for line in f.open()]
+    assert sorted((Path(d["file"]).name, d["line"]) for d in letters) == [
+        ("flights.csv", 62), ("flights.csv", 63), ("flights.csv", 64), ("flights.jsonl", 57), ("flights.jsonl", 58)
+    ]  # fmt: skip
+    (tmp_path / "empty.csv").write_bytes(b"")
+    args = ["--model_dir", str(trained["model_dir"]), "--input", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "o")]
+    assert run_job("score", args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"skewless score: {tmp_path / 'empty.csv'}: the file is empty (0 bytes)"
+
+
+def test_large_compressed_files_have_their_head_checked(tmp_path, monkeypatch):
+    """Above FULL_CHECK_BYTES only the head is read before the run; a truncated tail then
+    fails the reader with the same clear InputError instead of silently losing records."""
+    from beam_pipelines.io import files
+    from transforms.flights import bundled_flights_path
+
+    monkeypatch.setattr(files, "FULL_CHECK_BYTES", 0)
+    _bad_inputs(tmp_path)
+    check_input(bundled_flights_path(), None, FLIGHTS)
+    for name, message in [("two.zip", "expected one file"), ("plain.csv.gz", "not a valid gzip file")]:
+        with pytest.raises(InputError, match=message):
+            check_input(str(tmp_path / name), None, FLIGHTS)
+    big = tmp_path / "big.csv.gz"
+    big.write_bytes(gzip.compress(write_csv(tmp_path / "big.csv", real_flights(1, 1, days=3)).read_bytes())[:-5000])
+    check_input(str(big), None, FLIGHTS)  # the head is fine
+    with pytest.raises(InputError, match="not a valid gzip file"):
+        records_of(big, "csv")

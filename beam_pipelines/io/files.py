@@ -98,8 +98,8 @@ def check_input(
 
     Checks: the pattern matches files (not directories); each file's format is known; it is not
     empty (0 bytes: a CSV without rows still has its header, a Parquet file its schema); a
-    compressed file
-    decompresses (whole, up to FULL_CHECK_BYTES); a zip holds exactly one file; a Parquet file
+    compressed file decompresses (whole, up to FULL_CHECK_BYTES); a zip holds exactly one
+    file; a Parquet file
     has a valid footer; a CSV has a UTF-8 header line and a JSON-lines file is text; with `fs`,
     the CSV header or Parquet schema matches the feature set (no duplicate columns, no missing
     required ones, no unexpected ones if the feature set rejects unexpected fields).
@@ -226,15 +226,31 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _read_head(path: str) -> bytes:
+    """The first HEAD_BYTES of a file's (decompressed) content, without reading it all."""
+    name = path.lower()
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            if path.lower().endswith(".gz"):
+            if name.endswith(".gz"):
                 return gzip.GzipFile(fileobj=f).read(HEAD_BYTES)
-            if path.lower().endswith(".bz2"):
+            if name.endswith(".bz2"):
                 return bz2.BZ2File(f).read(HEAD_BYTES)
+            if name.endswith(".zip"):
+                with zipfile.ZipFile(f) as archive, archive.open(_only_member(path, archive)) as m:
+                    return m.read(HEAD_BYTES)
             return f.read(HEAD_BYTES)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: {_unreadable(path)} ({_one_line(exc)})") from None
+
+
+def _only_member(path: str, archive: zipfile.ZipFile) -> str:
+    members = [n for n in archive.namelist() if not n.endswith("/")]
+    if len(members) != 1:
+        raise InputError(
+            f"{path}: expected one file in the zip archive, found {len(members)}: {members[:5]}"
+        )
+    return members[0]
 
 
 def _unreadable(path: str) -> str:
@@ -243,6 +259,8 @@ def _unreadable(path: str) -> str:
         return "not a valid gzip file"
     if name.endswith(".bz2"):
         return "not a valid bzip2 file"
+    if name.endswith(".zip"):
+        return "not a valid zip archive"
     return "cannot be read"
 
 
@@ -270,13 +288,7 @@ def _read_bytes(path: str) -> bytes:
     if path.lower().endswith(".zip"):
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                members = [n for n in archive.namelist() if not n.endswith("/")]
-                if len(members) != 1:
-                    raise InputError(
-                        f"{path}: expected one file in the zip archive, found {len(members)}: "
-                        f"{members[:5]}"
-                    )
-                data = archive.read(members[0])
+                data = archive.read(_only_member(path, archive))
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
             raise InputError(f"{path}: not a valid zip archive ({_one_line(exc)})") from None
     return data
