@@ -25,6 +25,7 @@ from beam_pipelines.io.pubsub import (
 )
 from beam_pipelines.local_runner import (
     LOCAL_STREAMING_RUNNERS,
+    fix_direct_runner_bundle_overhead,
     fix_direct_runner_metrics,
     patch_local_pubsub_read,
 )
@@ -156,6 +157,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
             raise SystemExit(f"skewless aggregate: {exc}") from None
     if std.runner in LOCAL_STREAMING_RUNNERS:
         fix_direct_runner_metrics()
+        fix_direct_runner_bundle_overhead()
         # Bigger pulls, and a watermark that follows the event-time attribute as on Dataflow.
         patch_local_pubsub_read(event_time_attribute=timestamp_attribute)
     p = beam.Pipeline(options=options)

@@ -51,11 +51,21 @@ def bench_feature_set(long_windows: bool = False, week: bool = False):
         day = 86_400
         aggs = (
             WindowedAggregate("origin_departures_1d", "origin", "count", day, 300),
-            WindowedAggregate("origin_mean_dep_delay_1d", "origin", "mean", day, 300, "dep_delay", 0.0),
-            WindowedAggregate("carrier_mean_dep_delay_1d", "carrier", "mean", day, 300, "dep_delay", 0.0),
-        ) + ((WindowedAggregate("origin_departures_7d", "origin", "count", 7 * day, 300),) if week else ())
+            WindowedAggregate(
+                "origin_mean_dep_delay_1d", "origin", "mean", day, 300, "dep_delay", 0.0
+            ),
+            WindowedAggregate(
+                "carrier_mean_dep_delay_1d", "carrier", "mean", day, 300, "dep_delay", 0.0
+            ),
+        ) + (
+            (WindowedAggregate("origin_departures_7d", "origin", "count", 7 * day, 300),)
+            if week
+            else ()
+        )
     scaled = tuple(
-        WindowedAggregate(a.name, a.key, a.combiner, a.size_s // SCALE, a.period_s // SCALE, a.value, a.default)
+        WindowedAggregate(
+            a.name, a.key, a.combiner, a.size_s // SCALE, a.period_s // SCALE, a.value, a.default
+        )
         for a in aggs
     )
     return replace(FLIGHTS, name="flights", aggregates=scaled)
@@ -93,7 +103,9 @@ def publish_live(publisher, topic: str, fs, raws: list[dict], rate: float, heart
             time.sleep(delay)
         now_ms = int(time.time() * 1000)
         record = restamped(raw, now_ms)
-        futures.append(publisher.publish(topic, json.dumps(record).encode(), event_time=str(now_ms)))
+        futures.append(
+            publisher.publish(topic, json.dumps(record).encode(), event_time=str(now_ms))
+        )
         if raw["origin"] == "JFK":
             jfk.append(now_ms)
     for f in futures:
@@ -113,7 +125,9 @@ def publish_backlog(publisher, topic: str, raws: list[dict]) -> None:
     """Publish every flight at once (stamped now), so a job started afterwards drains a backlog."""
     now_ms = int(time.time() * 1000)
     futures = [
-        publisher.publish(topic, json.dumps(restamped(raw, now_ms)).encode(), event_time=str(now_ms))
+        publisher.publish(
+            topic, json.dumps(restamped(raw, now_ms)).encode(), event_time=str(now_ms)
+        )
         for raw in raws
     ]
     for f in futures:
@@ -193,17 +207,25 @@ def _job_pipeline(fs, sub: str, table_id: str, pull: int):
     from beam_pipelines.aggregate import build_pipeline
     from beam_pipelines.io.bigtable import WriteCells
     from beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
-    from beam_pipelines.local_runner import fix_direct_runner_metrics, patch_local_pubsub_read
+    from beam_pipelines.local_runner import (
+        fix_direct_runner_bundle_overhead,
+        fix_direct_runner_metrics,
+        patch_local_pubsub_read,
+    )
 
     fix_direct_runner_metrics()
+    fix_direct_runner_bundle_overhead()
     patch_local_pubsub_read(max_messages=pull, event_time_attribute="event_time")
     options = beam.options.pipeline_options.PipelineOptions(
         runner="BundleBasedDirectRunner", streaming=True, project=PROJECT
     )
     p = beam.Pipeline(options=options)
     build_pipeline(
-        p, fs, read_messages(sub, "event_time", False),
-        WriteCells(PROJECT, INSTANCE, table_id, fs.name), WriteDeadLetters(None),
+        p,
+        fs,
+        read_messages(sub, "event_time", False),
+        WriteCells(PROJECT, INSTANCE, table_id, fs.name),
+        WriteDeadLetters(None),
         allowed_lateness_s=60,
     )
     return p
@@ -248,8 +270,11 @@ def run_ceiling(raws, pull: int) -> float:
         def process(self, message):
             self.read.inc()
 
-    p = beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(
-        runner="BundleBasedDirectRunner", streaming=True, project=PROJECT))
+    p = beam.Pipeline(
+        options=beam.options.pipeline_options.PipelineOptions(
+            runner="BundleBasedDirectRunner", streaming=True, project=PROJECT
+        )
+    )
     _ = p | read_messages(sub, "event_time", False) | beam.ParDo(Count())
     result = p.run()
     try:
@@ -270,8 +295,14 @@ def run_job_backlog(fs, raws, pull: int) -> dict:
         counters = metric_counters(result)
     finally:
         result.cancel()
-    return {"events_per_s": rate, "contributions_per_event": round(
-        counters.get("aggregate_contributions", 0) / max(counters.get("aggregate_events", 1), 1), 3)}
+    return {
+        "events_per_s": rate,
+        "contributions_per_event": round(
+            counters.get("aggregate_contributions", 0)
+            / max(counters.get("aggregate_events", 1), 1),
+            3,
+        ),
+    }
 
 
 def run_job(fs, raws, rate, table_id, pull: int, profile=None) -> dict:
@@ -284,18 +315,30 @@ def run_job(fs, raws, rate, table_id, pull: int, profile=None) -> dict:
     if profiler:
         profiler.enable()
     result = p.run()
-    out = _drive(fs, raws, rate, table_id, publisher, topic,
-                 lambda: metric_counters(result).get("aggregate_events", 0),
-                 stop=result.cancel, profiler=profiler, profile=profile,
-                 table=open_table(PROJECT, INSTANCE, table_id))
+    out = _drive(
+        fs,
+        raws,
+        rate,
+        table_id,
+        publisher,
+        topic,
+        lambda: metric_counters(result).get("aggregate_events", 0),
+        stop=result.cancel,
+        profiler=profiler,
+        profile=profile,
+        table=open_table(PROJECT, INSTANCE, table_id),
+    )
     counters = metric_counters(result)
     out["contributions_per_event"] = round(
-        counters.get("aggregate_contributions", 0) / max(counters.get("aggregate_events", 1), 1), 3)
+        counters.get("aggregate_contributions", 0) / max(counters.get("aggregate_events", 1), 1), 3
+    )
     out["late_updates_dropped"] = counters.get("late_updates_dropped", 0)
     return out
 
 
-def _drive(fs, raws, rate, table_id, publisher, topic, read_count, stop, table, profiler=None, profile=None):
+def _drive(
+    fs, raws, rate, table_id, publisher, topic, read_count, stop, table, profiler=None, profile=None
+):
     t0 = time.time()
     duration = len(raws) / rate
     probe = LagProbe(table, fs, int(t0 * 1000), int((t0 + duration) * 1000))
@@ -317,11 +360,16 @@ def _drive(fs, raws, rate, table_id, publisher, topic, read_count, stop, table, 
     stop()
     lags, incomplete = probe.lags(jfk)
     return {
-        "target_rate": rate, "events": len(raws), "read": n_read,
-        "publish_rate": round(len(raws) / published_s), "events_per_s": round(n_read / all_read_s),
+        "target_rate": rate,
+        "events": len(raws),
+        "read": n_read,
+        "publish_rate": round(len(raws) / published_s),
+        "events_per_s": round(n_read / all_read_s),
         "seconds_to_read_all": round(all_read_s, 1),
-        "lag_p50_s": round(pct(lags, 0.5) / 1000, 2), "lag_p99_s": round(pct(lags, 0.99) / 1000, 2),
-        "windows_complete": len(lags), "windows_never_complete": incomplete,
+        "lag_p50_s": round(pct(lags, 0.5) / 1000, 2),
+        "lag_p99_s": round(pct(lags, 0.99) / 1000, 2),
+        "windows_complete": len(lags),
+        "windows_never_complete": incomplete,
     }
 
 
@@ -353,7 +401,9 @@ class Floor:
         while not self.stop.is_set():
             resp = sub.pull(subscription=self.sub, max_messages=1000, timeout=1)
             if resp.received_messages:
-                sub.acknowledge(subscription=self.sub, ack_ids=[m.ack_id for m in resp.received_messages])
+                sub.acknowledge(
+                    subscription=self.sub, ack_ids=[m.ack_id for m in resp.received_messages]
+                )
             for m in resp.received_messages:
                 if HEARTBEAT_ATTRIBUTE in m.message.attributes:
                     continue
@@ -363,7 +413,10 @@ class Floor:
                 for spec in self.specs:
                     key = (spec.key_name, entity_value(event[spec.key_name]))
                     bucket = (t // spec.period_ms) * spec.period_ms
-                    self.acc.add_input(self.buckets.setdefault(key, {}), (bucket, tuple(event.get(f) for f in spec.value_fields)))
+                    self.acc.add_input(
+                        self.buckets.setdefault(key, {}),
+                        (bucket, tuple(event.get(f) for f in spec.value_fields)),
+                    )
             now = int(time.time() * 1000)
             while next_w <= now:
                 rows = []
@@ -371,7 +424,9 @@ class Floor:
                     spec = next(s for s in self.specs if s.key_name == name)
                     cell = _cell(spec, buckets, next_w)
                     if cell is not None:
-                        rows.append(cell_row(self.table, self.fs.name, CellKey(name, value, next_w), cell))
+                        rows.append(
+                            cell_row(self.table, self.fs.name, CellKey(name, value, next_w), cell)
+                        )
                 if rows:
                     self.table.mutate_rows(rows)
                 next_w += period
@@ -386,7 +441,17 @@ def run_floor(fs, raws, rate, table_id) -> dict:
     floor = Floor(fs, sub, table)
     thread = threading.Thread(target=floor.run, daemon=True)
     thread.start()
-    return _drive(fs, raws, rate, table_id, publisher, topic, lambda: floor.read, stop=floor.stop.set, table=table)
+    return _drive(
+        fs,
+        raws,
+        rate,
+        table_id,
+        publisher,
+        topic,
+        lambda: floor.read,
+        stop=floor.stop.set,
+        table=table,
+    )
 
 
 def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
@@ -407,8 +472,14 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
     messages = []
     for i, raw in enumerate(raws):
         t = t0_ms + int(i * 1000 / rate)
-        messages.append(PubsubMessage(json.dumps(restamped(raw, t)).encode(), {"event_time": str(t)}))
-    parse, validate, tiles = _ParseMessages("event_time", fs.name), ValidateRecordsFn(fs), _ToTiles(fs)
+        messages.append(
+            PubsubMessage(json.dumps(restamped(raw, t)).encode(), {"event_time": str(t)})
+        )
+    parse, validate, tiles = (
+        _ParseMessages("event_time", fs.name),
+        ValidateRecordsFn(fs),
+        _ToTiles(fs),
+    )
     for fn in (parse, validate, tiles):
         fn.setup()
     specs = {s.key_name: s for s in key_specs(fs)}
@@ -480,7 +551,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, nargs="+", default=[400.0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--backlog", type=int, default=20_000, help="messages for the drain runs")
-    parser.add_argument("--pull", type=int, default=1000, help="the local pull patch's max_messages")
+    parser.add_argument(
+        "--pull", type=int, default=1000, help="the local pull patch's max_messages"
+    )
     parser.add_argument("--profile", help="cProfile output of the job run (last rate)")
     args = parser.parse_args()
     procs, _ = start_emulators()
@@ -491,7 +564,9 @@ def main() -> None:
         code = {
             "flights": job_code_cost_us(fs, sample[:20_000], max(args.rate), args.pull),
             "long_windows": job_code_cost_us(long_fs, sample[:20_000], max(args.rate), args.pull),
-            "long_windows_and_week": job_code_cost_us(week_fs, sample[:20_000], max(args.rate), args.pull),
+            "long_windows_and_week": job_code_cost_us(
+                week_fs, sample[:20_000], max(args.rate), args.pull
+            ),
         }
         print(json.dumps({"job_code_per_event": code}), flush=True)
         drains = {
@@ -511,25 +586,39 @@ def main() -> None:
         stop(procs)
     last = results[-1]
     ceiling = drains["ceiling"]
-    print(json.dumps({
-        "rate": last["rate"],
-        "job_events_per_s": last["job"]["events_per_s"],
-        "job_lag_p50_s": last["job"]["lag_p50_s"],
-        "job_lag_p99_s": last["job"]["lag_p99_s"],
-        "job_max_events_per_s": drains["job"]["events_per_s"],
-        "runner_ceiling_events_per_s": ceiling,
-        "runner_ceiling_stock_pull_events_per_s": drains["ceiling_stock_pull"],
-        "job_max_vs_ceiling": round(drains["job"]["events_per_s"] / ceiling, 3) if ceiling else None,
-        "floor_events_per_s": last["floor"]["events_per_s"],
-        "floor_lag_p99_s": last["floor"]["lag_p99_s"],
-        "job_code_us_per_event": code["flights"]["total_us"],
-        "job_code_us_per_event_long_windows": code["long_windows"]["total_us"],
-        "job_code_us_per_event_long_windows_and_week": code["long_windows_and_week"]["total_us"],
-        "contributions_per_event": last["job"]["contributions_per_event"],
-        "by_rate": {str(r["rate"]): {"job_events_per_s": r["job"]["events_per_s"],
-                                     "job_lag_p99_s": r["job"]["lag_p99_s"],
-                                     "floor_events_per_s": r["floor"]["events_per_s"]} for r in results},
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "rate": last["rate"],
+                "job_events_per_s": last["job"]["events_per_s"],
+                "job_lag_p50_s": last["job"]["lag_p50_s"],
+                "job_lag_p99_s": last["job"]["lag_p99_s"],
+                "job_max_events_per_s": drains["job"]["events_per_s"],
+                "runner_ceiling_events_per_s": ceiling,
+                "runner_ceiling_stock_pull_events_per_s": drains["ceiling_stock_pull"],
+                "job_max_vs_ceiling": round(drains["job"]["events_per_s"] / ceiling, 3)
+                if ceiling
+                else None,
+                "floor_events_per_s": last["floor"]["events_per_s"],
+                "floor_lag_p99_s": last["floor"]["lag_p99_s"],
+                "job_code_us_per_event": code["flights"]["total_us"],
+                "job_code_us_per_event_long_windows": code["long_windows"]["total_us"],
+                "job_code_us_per_event_long_windows_and_week": code["long_windows_and_week"][
+                    "total_us"
+                ],
+                "contributions_per_event": last["job"]["contributions_per_event"],
+                "by_rate": {
+                    str(r["rate"]): {
+                        "job_events_per_s": r["job"]["events_per_s"],
+                        "job_lag_p99_s": r["job"]["lag_p99_s"],
+                        "floor_events_per_s": r["floor"]["events_per_s"],
+                    }
+                    for r in results
+                },
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

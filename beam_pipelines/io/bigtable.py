@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -82,6 +84,21 @@ def open_table(project: str, instance: str, table: str, admin: bool = False):
 
     client = bigtable.Client(project=project, admin=admin)
     return client.instance(instance).table(table)
+
+
+_SHARED_TABLES: dict = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_table(project: str, instance: str, table: str):
+    """One data client per table and process, for DoFn.setup: the local runner calls setup
+    for every bundle, and a Bigtable client is costly to make and safe to share."""
+    key = (project, instance, table, os.environ.get("BIGTABLE_EMULATOR_HOST"))
+    with _SHARED_LOCK:
+        found = _SHARED_TABLES.get(key)
+        if found is None:
+            found = _SHARED_TABLES[key] = open_table(project, instance, table)
+        return found
 
 
 def gc_rule(max_age_s: int):
@@ -155,7 +172,7 @@ class _WriteCellsFn(beam.DoFn):
         self.retry_s = retry_s
 
     def setup(self) -> None:
-        self._table = open_table(self.project, self.instance, self.table_id)
+        self._table = shared_table(self.project, self.instance, self.table_id)
         self._written = Metrics.counter(NAMESPACE, "cells_written")
         self._failed = Metrics.counter(NAMESPACE, "cells_dead_lettered")
         self._retries = Metrics.counter(NAMESPACE, "cell_write_retries")
