@@ -175,6 +175,9 @@ def _parse_timestamp_text(text: str) -> int:
     if _NUMBER_TEXT.fullmatch(stripped):
         # Epoch seconds as text: what a CSV or a text column holds where JSON has a number.
         # (ISO-8601's basic form 20130101 is taken as epoch seconds too: one rule for digits.)
+        digits = stripped.lstrip("+-")
+        if digits.isdigit() and len(digits) <= 18:  # exact, no float rounding
+            return _epoch_seconds_to_ms(int(stripped))
         return _epoch_seconds_to_ms(float(stripped))
     try:
         parsed = dt.datetime.fromisoformat(stripped)
