@@ -461,6 +461,7 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
     and the per-key state logic (admit tiles, timers: cells on time, closure, freeing)."""
     import heapq
 
+    import apache_beam as beam
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
     from beam_pipelines.io.pubsub import _ParseMessages
@@ -487,7 +488,9 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
     logic = {k: KeyTiles(s, 60_000, True, block_ms) for k, s in specs.items()}
     states, partials, wakes = {}, {}, []  # per key; wakes: heap of (t, key)
     timings = {"parse_validate": 0.0, "tiles": 0.0, "state": 0.0}
-    cells = 0
+    cells = shuffled = shuffled_bytes = 0
+    # The coder the pipeline infers for the tiles (_ToTiles' output type): what Dataflow shuffles.
+    coder = beam.coders.registry.get_coder(tuple[tuple[str, str], dict])
 
     def fire_until(watermark):
         nonlocal cells
@@ -520,6 +523,8 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
             list(tiles.process(e, timestamp=0))
         keyed = [wv.value for wv in tiles.finish_bundle()]
         c = time.perf_counter()
+        shuffled += len(keyed)
+        shuffled_bytes += sum(len(coder.encode(kv)) for kv in keyed)
         fire_until(int(chunk[0].attributes["event_time"]))
         for key, tile in keyed:
             fresh = key not in states
@@ -542,7 +547,10 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
     timings["state"] += time.perf_counter() - a
     n = len(messages)
     out = {k + "_us": round(v / n * 1e6, 1) for k, v in timings.items()}
-    out.update(events=n, cells=cells, total_us=round(sum(timings.values()) / n * 1e6, 1))
+    out.update(
+        events=n, cells=cells, total_us=round(sum(timings.values()) / n * 1e6, 1),
+        shuffled_per_event=round(shuffled / n, 3), shuffled_bytes_per_event=round(shuffled_bytes / n, 1),
+    )  # fmt: skip
     return out
 
 
@@ -561,13 +569,15 @@ def main() -> None:
         fs, long_fs = bench_feature_set(), bench_feature_set(long_windows=True)
         week_fs = bench_feature_set(long_windows=True, week=True)
         sample = live_payloads(fs, max(args.backlog, int(max(args.rate) * args.seconds)))
-        code = {
-            "flights": job_code_cost_us(fs, sample[:20_000], max(args.rate), args.pull),
-            "long_windows": job_code_cost_us(long_fs, sample[:20_000], max(args.rate), args.pull),
-            "long_windows_and_week": job_code_cost_us(
-                week_fs, sample[:20_000], max(args.rate), args.pull
-            ),
-        }
+        # Three rounds, the sets alternating, the fastest round of each kept: the machine is
+        # shared and noisy, and the comparison between window sets is the point.
+        code: dict = {}
+        sets = (("flights", fs), ("long_windows", long_fs), ("long_windows_and_week", week_fs))
+        for _ in range(3):
+            for name, f in sets:
+                run = job_code_cost_us(f, sample[:20_000], max(args.rate), args.pull)
+                if name not in code or run["total_us"] < code[name]["total_us"]:
+                    code[name] = run
         print(json.dumps({"job_code_per_event": code}), flush=True)
         drains = {
             "ceiling": run_ceiling(sample[: args.backlog], args.pull),
@@ -607,6 +617,7 @@ def main() -> None:
                     "total_us"
                 ],
                 "contributions_per_event": last["job"]["contributions_per_event"],
+                "shuffled_bytes_per_event": code["flights"]["shuffled_bytes_per_event"],
                 "by_rate": {
                     str(r["rate"]): {
                         "job_events_per_s": r["job"]["events_per_s"],

@@ -90,7 +90,8 @@ def floor_to(t: int, period: int) -> int:
 
 
 class _ToTiles(beam.DoFn):
-    """Events -> ((key name, key value), {bucket: slot}), one tile per key and bundle."""
+    """Events (any window) -> ((key name, key value), {bucket: slot}) in the global window, one
+    tile per key and bundle: the per-key state spans every window end, so it lives in one window."""
 
     def __init__(self, fs: FeatureSet):
         self.fs = fs
@@ -128,8 +129,9 @@ class _ToTiles(beam.DoFn):
             add_to_slot(slot, [event.get(f) for f in spec.value_fields])
         self._buffered += 1
         if self._buffered >= MAX_BUFFERED_EVENTS:
-            for key, tile, stamp in self._flush():
-                yield window.TimestampedValue((key, tile), stamp)
+            # Mid-bundle, an output takes the current input's timestamp (it may not be earlier).
+            for key, tile, _ in self._flush():
+                yield WindowedValue((key, tile), timestamp, [window.GlobalWindow()])
 
     def finish_bundle(self) -> Iterator:
         for key, tile, stamp in self._flush():
@@ -408,7 +410,6 @@ class TiledAggregates(beam.PTransform):
     def expand(self, events):
         return (
             events
-            | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
             | "ToTiles"
             >> beam.ParDo(_ToTiles(self.fs)).with_output_types(tuple[tuple[str, str], dict])
             | "EmitCells" >> beam.ParDo(_EmitCells(self.fs, self.allowed_lateness_s))
