@@ -549,3 +549,42 @@ def test_large_compressed_files_have_their_head_checked(tmp_path, monkeypatch):
     check_input(str(big), None, FLIGHTS)  # the head is fine
     with pytest.raises(InputError, match="not a valid gzip file"):
         records_of(big, "csv")
+
+
+@pytest.mark.timeout(300)
+def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
+    """The aggregate job's first two steps (ParseMessages, ValidateRecords) on every kind of
+    poison message: one dead letter each, the good message through, no failed bundle."""
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    from beam_pipelines.io.pubsub import ParseMessages
+
+    good = dict(ROWS[0])
+    ts = {"event_time": str(to_epoch_ms(good["time_hour"]))}
+
+    def msg(i: int, attributes=ts, **changes) -> PubsubMessage:
+        return PubsubMessage(json.dumps({**good, "flight": 900_000 + i, **changes}).encode(), attributes)
+
+    poison = [
+        PubsubMessage(b"{not json", ts),
+        PubsubMessage(b'{"carrier": "\xff"}', ts),
+        PubsubMessage(b"[" * 50_000 + b"]" * 50_000, ts),
+        msg(1, flight=10**20),
+        msg(2, dep_delay=float("nan")),
+        msg(3, time_hour=1e13),
+        msg(4, tailnum="N\ud800X"),
+        msg(5, carrier="C" * 2000),
+        msg(6, attributes={}),
+        msg(7, attributes={"event_time": "99999999999999999999"}),
+    ]
+    with TestPipeline(runner="FnApiRunner") as p:
+        payloads, bad_times = p | beam.Create([msg(0), *poison]) | ParseMessages("event_time", "flights")
+        events, invalid = payloads | ValidateRecords(FLIGHTS)
+        assert_that(events | beam.Map(lambda e: e["flight"]), equal_to([900_000]), label="events")
+        letters = (bad_times, invalid) | beam.Flatten()
+        assert_that(letters | beam.combiners.Count.Globally(), equal_to([len(poison)]), label="count")
+        assert_that(
+            letters | beam.Map(lambda d: bool(d["stage"] and d["reason"] and d["record"] is not None)),
+            equal_to([True] * len(poison)),
+            label="complete",
+        )
