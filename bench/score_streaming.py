@@ -425,7 +425,7 @@ def run_scorer(topics, env, table_id, model_dir, events, rate, seconds, pull, lo
     command = [sys.executable, __file__, "--_scorer", str(pull), *argv]
     if profile:
         command = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "100",
-                   "--format", "raw", "--threads", "-o", profile, "--", *command]  # fmt: skip
+                   "--format", "raw", "--threads", "--gil", "-o", profile, "--", *command]  # fmt: skip
     with open(log_path, "wb") as log:
         scorer = subprocess.Popen(
             command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -480,29 +480,30 @@ def cpu_seconds(pid: int) -> float:
 # --- profile: runner vs job ------------------------------------------------------------------
 
 _OURS = ("(beam_pipelines/", "(models/", "(transforms/")  # py-spy prints paths from sys.path
-_INFERENCE = ("tensorflow", "/keras/")
-_CLIENTS = ("/google/cloud/", "/google/api_core/", "/grpc/")
+_INFERENCE = ("(tensorflow/", "(keras/")
+_CLIENTS = ("(grpc/", "(bigtable/", "(api_core/", "(pubsub_v1/", "(google/", "(proto/")
 
 
 def split_profile(path: str) -> dict:
-    """py-spy raw stacks of the pipeline's worker threads -> shares: the job's own code (its
-    frames, innermost), the model call (TensorFlow under it), the Pub/Sub and Bigtable clients
-    called by the job, and the runner (everything else on those threads)."""
+    """py-spy samples (taken with --gil: the thread holding the GIL, i.e. the Python work of a
+    GIL-bound process) of the pipeline's worker threads -> shares: the job's own code (its
+    frames, innermost), the model call (TensorFlow under it), the Bigtable/Pub/Sub clients
+    called by the job, and the runner (everything else: the local runner, Beam's transforms,
+    the Pub/Sub read patch). The one model load at start is left out."""
     shares = {"job_code": 0, "model_call": 0, "job_io_clients": 0, "runner": 0}
     for line in Path(path).read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        if not any("_MonitorTask" in f or "_ExecutorServiceWorker" in f or "run (apache_beam/runners/direct/executor.py" in f
-                   for f in frames):  # fmt: skip
-            continue  # not a pipeline thread (main thread, gRPC pollers, watcher)
-        ours = [i for i, f in enumerate(frames) if any(o in f for o in _OURS) and "local_runner" not in f]
+        if "ExecutorServiceWorker" not in frames[0] or any("load_model" in f for f in frames):
+            continue  # not a pipeline thread (main thread, gRPC pollers, watcher), or the load
+        ours = [i for i, f in enumerate(frames) if f.rpartition(" ")[2].startswith(_OURS) and "local_runner" not in f]
         if not ours:
             shares["runner"] += int(count)
             continue
         below = frames[ours[-1] + 1 :]
-        if any(any(t in f for t in _INFERENCE) for f in below):
+        if any(f.rpartition(" ")[2].startswith(_INFERENCE) for f in below):
             shares["model_call"] += int(count)
-        elif any(any(c in f for c in _CLIENTS) for f in below):
+        elif any(f.rpartition(" ")[2].startswith(_CLIENTS) for f in below):
             shares["job_io_clients"] += int(count)
         else:
             shares["job_code"] += int(count)
