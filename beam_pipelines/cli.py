@@ -38,6 +38,7 @@ VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "SKEWLESS_VERBOSE"  # read by common.configure_logging (and worker processes)
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+_RUNNING = " [while running"  # what Beam's runners append to an error raised in a step
 
 
 def main(argv: list[str] | None = None, run=None) -> None:
@@ -104,12 +105,16 @@ def describe_error(exc: BaseException) -> str:
     """
     if _before_run(exc):
         return _first_line(str(exc)) or type(exc).__name__
+    if _RUNNING in str(exc) and isinstance(exc, ValueError) and "\n" not in str(exc):
+        # The runner re-raised our own error (e.g. an InputError of a file that changed since
+        # the check) with the step appended.
+        return str(exc).split(_RUNNING)[0].strip()
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     cause = next(
         (line for line in reversed(lines) if _looks_like_exception_line(line)),
         lines[0] if lines else "",
     )
-    cause = cause.split(" [while running")[0]
+    cause = cause.split(_RUNNING)[0]
     if _looks_like_exception_line(cause):
         text = cause
     else:
@@ -137,6 +142,8 @@ def _before_run(exc: BaseException) -> bool:
         from transforms.featureset import FeatureSetError
     except ImportError:  # pragma: no cover
         FeatureSetError = InputError  # noqa: N806
+    if _RUNNING in str(exc):
+        return False
     return isinstance(exc, (InputError, FeatureSetError)) or getattr(exc, "skewless_before_run", False)
 
 

@@ -57,11 +57,13 @@ def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def configure_logging() -> None:
+def configure_logging(batch: bool = False) -> None:
     """The job's own progress and result at INFO; the libraries' logs only with --verbose.
 
     Quiet by default: Beam, TensorFlow, absl and tf.Transform log (and warn) a screen of
-    start-up and runner chatter that says nothing about the job; their errors still show.
+    start-up and runner chatter that says nothing about the job. Their errors still show, as
+    one line without the traceback, since a streaming job lives on through them; a batch job
+    (`batch=True`) hides them too, as its failure ends the run and the CLI reports it.
     """
     verbose = is_verbose()
     logging.basicConfig(
@@ -69,9 +71,13 @@ def configure_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("skewless").setLevel(logging.INFO)
+    library_level = logging.INFO if verbose else logging.CRITICAL if batch else logging.ERROR
     for noisy in LIBRARY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+        logging.getLogger(noisy).setLevel(library_level)
     if not verbose:
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _NoLibraryTracebacks) for f in handler.filters):
+                handler.addFilter(_NoLibraryTracebacks())
         try:
             import absl.logging
 
@@ -79,6 +85,16 @@ def configure_logging() -> None:
         except ImportError:
             pass
         warnings.filterwarnings("ignore", module=r"(apache_beam|tensorflow|tfx_bsl|keras)\b")
+
+
+class _NoLibraryTracebacks(logging.Filter):
+    """Library log records keep their message and lose their traceback (--verbose keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not record.name.startswith("skewless"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def metric_counters(result, namespace: str = "skewless") -> dict[str, int]:

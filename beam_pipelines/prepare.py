@@ -218,7 +218,7 @@ def library_versions() -> dict[str, str]:
 
 def run(argv: Sequence[str] | None = None) -> dict | None:
     """Parse options, build and run the prepare job; write and return summary.json."""
-    configure_logging()
+    configure_logging(batch=True)
     options = parse_job_options(
         argv,
         prog="skewless prepare",

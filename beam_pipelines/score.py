@@ -312,7 +312,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         from beam_pipelines import score_stream
 
         return score_stream.run(argv)
-    configure_logging()
+    configure_logging(batch=True)
     options = parse_job_options(
         argv,
         prog="skewless score",

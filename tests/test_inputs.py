@@ -588,3 +588,19 @@ def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
             equal_to([True] * len(poison)),
             label="complete",
         )
+
+
+@pytest.mark.timeout(300)
+def test_a_file_that_breaks_during_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    """A file that passed the check but fails when read (changed since, or corrupt past the
+    checked head) fails the job with the reader's one-line reason, not a worker traceback."""
+    from beam_pipelines.io import files
+
+    def broken(path, fmt, fs=None, batch_rows=0):
+        raise InputError(f"{path}: not a valid gzip file (truncated)")
+        yield
+
+    monkeypatch.setattr(files, "read_file_records", broken)
+    good = write_csv(tmp_path / "good.csv", ROWS[:5])
+    assert run_job("prepare", ["--input", str(good), "--output_dir", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip() == f"skewless prepare: {good}: not a valid gzip file (truncated)"
