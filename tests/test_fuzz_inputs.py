@@ -476,7 +476,7 @@ def test_fuzzed_files_through_the_real_batch_pipeline(tmp_path_factory):
     formats = st.sampled_from(["csv", "jsonl", "parquet"])
 
     # No shrinking: each example is a pipeline run of several seconds.
-    @settings(FUZZ, max_examples=max(2, EXAMPLES // 20), phases=(Phase.explicit, Phase.generate))
+    @settings(FUZZ, max_examples=min(10, max(2, EXAMPLES // 100)), phases=(Phase.explicit, Phase.generate))
     @given(st.lists(formats.flatmap(lambda fmt: cases(fmt, "flights")), min_size=3, max_size=6))
     def check(generated):
         root = tmp_path_factory.mktemp("pipeline")
