@@ -35,7 +35,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 # a feature set may declare its own range as extra["timestamp_range"] = (start, end).
 DEFAULT_TIMESTAMP_RANGE = ("1900-01-01T00:00:00+00:00", "2201-01-01T00:00:00+00:00")
 # A reader that must hand text to a parser marks each byte that is not UTF-8 with this
-# noncharacter (never valid in interchanged text); a value holding it is rejected.
+# noncharacter and turns the records holding it into dead letters (files.py).
 INVALID_UTF8_MARK = "\U0010ffff"
 # Entity key values end up in Bigtable row keys (at most 4 KiB with the key name and W).
 MAX_KEY_BYTES = 1024
@@ -161,8 +161,6 @@ def _check_utf8(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRecord("is not valid Unicode (a lone surrogate)") from None
-    if INVALID_UTF8_MARK in text:
-        raise InvalidRecord("is not valid UTF-8 in the input")
 
 
 _NUMBER_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")

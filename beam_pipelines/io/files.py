@@ -322,32 +322,46 @@ def _parse_csv(data: bytes, column_types: dict) -> tuple[pa.Table, list]:
     return table, invalid
 
 
-def _read_csv_typed(data: bytes, names: Sequence[str], types: dict) -> tuple[pa.Table, list]:
+def _read_csv_typed(
+    data: bytes, names: Sequence[str], types: dict
+) -> tuple[pa.Table, list, bool]:
     """Typed read first (fast); if a column does not convert, all text; if not UTF-8, all bytes.
 
     The fallbacks keep every row: the validator then rejects the bad values one record at a
     time, with the reason, instead of the whole file failing. Bytes that are not UTF-8 are
-    marked first (INVALID_UTF8_MARK): Arrow cannot hand an invalid row with such bytes to
-    the invalid-row handler, and would fail the whole file.
+    marked first (INVALID_UTF8_MARK; the third value says so): Arrow cannot hand an invalid
+    row with such bytes to the invalid-row handler, and would fail the whole file.
     """
+    marked = False
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
         data = data.decode("utf-8", errors=_MARK_ERRORS).encode("utf-8")
+        marked = True
     try:
-        return _parse_csv(data, types)
+        return (*_parse_csv(data, types), marked)
     except pa.ArrowInvalid:
         pass
     try:
-        return _parse_csv(data, {n: pa.string() for n in names})
+        return (*_parse_csv(data, {n: pa.string() for n in names}), marked)
     except pa.ArrowInvalid:
-        return _parse_csv(data, {n: pa.binary() for n in names})
+        return (*_parse_csv(data, {n: pa.binary() for n in names}), marked)
+
+
+def _marked_rows(table: pa.Table) -> np.ndarray:
+    """Rows holding a byte that was not UTF-8 (marked by _read_csv_typed)."""
+    marked = np.zeros(table.num_rows, bool)
+    for column in table.columns:
+        if pa.types.is_string(column.type):
+            hits = pc.match_substring(column, INVALID_UTF8_MARK).fill_null(False)
+            marked |= hits.to_numpy(zero_copy_only=False)
+    return marked
 
 
 def read_csv_table(data: bytes) -> tuple[pa.Table, list[UnparseableRow]]:
     """A whole CSV (inferred types) and its rows that do not have the header's field count."""
     names = csv_header(data)
-    table, invalid = _read_csv_typed(data, names, {})
+    table, invalid, _ = _read_csv_typed(data, names, {})
     blank = _blank_rows(table, data, _record_lines(table, invalid, data)[0])
     if blank.any():
         table = table.filter(pa.array(~blank))
@@ -425,7 +439,7 @@ def read_csv_records(
     if fs is not None:
         types = {f.name: _CSV_TYPES.get(f.type, pa.string()) for f in fs.schema if f.name in names}
     try:
-        table, invalid = _read_csv_typed(data, names, types)
+        table, invalid, marked = _read_csv_typed(data, names, types)
     except pa.ArrowException as exc:
         raise InputError(f"{path}: not a readable CSV file ({_one_line(exc)})") from None
     lines, invalid_lines = _record_lines(table, invalid, data)
@@ -433,6 +447,15 @@ def read_csv_records(
     if blank.any():
         table = table.filter(pa.array(~blank))
         lines = lines[~blank]
+    if marked:
+        not_utf8 = _marked_rows(table)
+        for i in np.flatnonzero(not_utf8):
+            values = table.slice(int(i), 1).to_pylist()[0].values()
+            text = ",".join("" if v is None else str(v) for v in values)
+            text = text.replace(INVALID_UTF8_MARK, "\ufffd")
+            yield UnparseableRow(text, "the record is not UTF-8 text", path, int(lines[i]))
+        table = table.filter(pa.array(~not_utf8))
+        lines = lines[~not_utf8]
     for batch_start in range(0, table.num_rows, batch_rows):
         batch = table.slice(batch_start, batch_rows).combine_chunks().to_batches()
         if batch:
