@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ from beam_pipelines.local_runner import fix_direct_runner_metrics
 from transforms.aggregations import ComputeAggregates, explode_cells
 from transforms.featureset import FeatureSet, Field, WindowedAggregate
 from transforms.tiles import Cell
-from transforms.validation import RecordValidator
+from transforms.validation import RecordValidator, ms_to_datetime
 
 TOY = FeatureSet(
     name="toy",
@@ -121,3 +122,34 @@ def typed_events(fs: FeatureSet, raws: Iterable[dict]) -> list[dict]:
         if event is not None:
             out.append(event)
     return out
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 1.0):
+    """Poll `predicate` until it returns something true or the timeout; return its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval_s)
+
+
+def flights_shifted_to_end_before_now(fs: FeatureSet, start: str, end: str, before_ms: int):
+    """Real flights of [start, end) (ISO instants) in event-time order, shifted by whole periods
+    to end `before_ms` before now: (events as (event ms, raw), the shift, the batch cells)."""
+    import json
+
+    from beam_pipelines.replay import ReplayStats, order_events, to_message
+    from transforms.validation import to_epoch_ms
+
+    lo, hi = to_epoch_ms(start), to_epoch_ms(end)
+    raws = flights_raw_slice(  # scheduled up to 12 h earlier: delayed departures in [lo, hi)
+        ms_to_datetime(lo - 12 * 3_600_000).strftime("%Y-%m-%d %H:%M:%S"),
+        ms_to_datetime(hi).strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    events = [e for e in order_events(fs, raws, ReplayStats()) if lo <= e[0] < hi]
+    now_ms = int(time.time() * 1000)
+    shift = ((now_ms - before_ms - events[-1][0]) // fs.period_ms) * fs.period_ms
+    validator = RecordValidator(fs)
+    typed = [validator.validate(json.loads(to_message(fs, raw, shift))) for _, raw in events]
+    return events, shift, batch_cells(fs, typed)

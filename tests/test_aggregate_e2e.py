@@ -1,15 +1,14 @@
 """End to end on the Pub/Sub and Bigtable emulators: replay real flights into the running job.
 
-The local runner's Pub/Sub watermark is the wall clock, so the replayed flights are shifted
-(by whole periods) to end two hours ago and the job allows six hours of lateness: every window
-is already past the watermark and fires a late pane per update, immediately, with the
-accumulated value. A heartbeat keeps the runner's pulls short.
+The replayed flights are shifted (by whole periods) to end two hours ago and published as fast
+as possible; the local watermark follows their event-time attribute, then the heartbeats (wall
+clock) move it to now, and the job allows six hours of lateness: every cell is emitted, and
+updated by any event that arrives after its window end, with the accumulated value.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -17,23 +16,13 @@ from beam_pipelines.aggregate import make_pipeline
 from beam_pipelines.bigtable_setup import ensure_table
 from beam_pipelines.common import metric_counters
 from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
-from beam_pipelines.replay import Heartbeat, ReplayStats, order_events, publish_events, to_message
-from tests.aggregate_support import batch_cells, flights_raw_slice
+from beam_pipelines.replay import Heartbeat, publish_events, to_message
+from tests.aggregate_support import flights_shifted_to_end_before_now, wait_for
 from transforms.flights import FLIGHTS
-from transforms.validation import RecordValidator, to_epoch_ms
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 LATENESS_S = 6 * 3600
 HOUR_MS = 3_600_000
-
-
-def _wait_for(predicate, timeout_s: float, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval_s)
 
 
 @pytest.mark.timeout(300)
@@ -48,15 +37,9 @@ def test_replayed_flights_reach_bigtable_and_bad_messages_the_dead_letter_topic(
     dead_topic = ps.topic("dead")
     dead_subscription = ps.subscription(dead_topic, "dead-reader")
 
-    stats = ReplayStats()
-    raws = flights_raw_slice("2013-01-02 08:00:00", "2013-01-02 14:00:00")
-    start, end = to_epoch_ms("2013-01-02T12:00:00Z"), to_epoch_ms("2013-01-02T14:00:00Z")
-    events = [e for e in order_events(FLIGHTS, raws, stats) if start <= e[0] < end]
-    now_ms = int(time.time() * 1000)
-    shift = ((now_ms - 2 * HOUR_MS - events[-1][0]) // FLIGHTS.period_ms) * FLIGHTS.period_ms
-    validator = RecordValidator(FLIGHTS)
-    shifted = [validator.validate(json.loads(to_message(FLIGHTS, raw, shift))) for _, raw in events]
-    expected = batch_cells(FLIGHTS, shifted)
+    events, shift, expected = flights_shifted_to_end_before_now(
+        FLIGHTS, "2013-01-02T12:00:00Z", "2013-01-02T14:00:00Z", 2 * HOUR_MS
+    )
 
     p, _ = make_pipeline(
         [
@@ -89,7 +72,7 @@ def test_replayed_flights_reach_bigtable_and_bad_messages_the_dead_letter_topic(
                 cells = {k: v for k, v, _ in read_cells_with_versions(table, FLIGHTS.name)}
                 return cells == expected
 
-            assert _wait_for(table_matches, 180), "Bigtable cells never matched the backfill"
+            assert wait_for(table_matches, 180), "Bigtable cells never matched the backfill"
             dead = ps.pull_all(dead_subscription, expect=4, timeout_s=60)
     finally:
         result.cancel()

@@ -12,10 +12,9 @@ from beam_pipelines.aggregate import make_pipeline
 from beam_pipelines.bigtable_setup import ensure_table
 from beam_pipelines.common import metric_counters
 from beam_pipelines.io.bigtable import open_table, read_cells
-from beam_pipelines.replay import Heartbeat, ReplayStats, order_events, publish_events, to_message
-from tests.aggregate_support import batch_cells, flights_raw_slice
+from beam_pipelines.replay import Heartbeat, publish_events, to_message
+from tests.aggregate_support import flights_shifted_to_end_before_now, wait_for
 from transforms.flights import FLIGHTS
-from transforms.validation import RecordValidator, to_epoch_ms
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 LATENESS_S = 6 * 3600
@@ -23,26 +22,11 @@ HOUR_MS = 3_600_000
 PAUSE_S = 20
 
 
-def _wait_for(predicate, timeout_s: float, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval_s)
-
-
 def _flights_two_hours_ago():
-    """Real flights of 12:00-14:00 on 2013-01-02, shifted by whole periods to end 2 h ago, and
-    the cells the batch backfill computes from them."""
-    raws = flights_raw_slice("2013-01-02 08:00:00", "2013-01-02 14:00:00")
-    start, end = to_epoch_ms("2013-01-02T12:00:00Z"), to_epoch_ms("2013-01-02T14:00:00Z")
-    events = [e for e in order_events(FLIGHTS, raws, ReplayStats()) if start <= e[0] < end]
-    now_ms = int(time.time() * 1000)
-    shift = ((now_ms - 2 * HOUR_MS - events[-1][0]) // FLIGHTS.period_ms) * FLIGHTS.period_ms
-    validator = RecordValidator(FLIGHTS)
-    typed = [validator.validate(json.loads(to_message(FLIGHTS, raw, shift))) for _, raw in events]
-    return events, shift, batch_cells(FLIGHTS, typed)
+    """Real flights of 12:00-14:00 on 2013-01-02 moved to end 2 h ago, and their batch cells."""
+    return flights_shifted_to_end_before_now(
+        FLIGHTS, "2013-01-02T12:00:00Z", "2013-01-02T14:00:00Z", 2 * HOUR_MS
+    )
 
 
 def _start_job(ps, bt, table_id: str, *extra: str):
@@ -85,7 +69,7 @@ def test_cells_that_cannot_be_written_are_dead_lettered_and_the_job_goes_on(
             assert first, "no dead letter for the unwritable cells"
             # The job is still running: later events are read and their cells dead-lettered too.
             publish_events(publisher, topic, FLIGHTS, events[50:], shift_ms=shift)
-            assert _wait_for(
+            assert wait_for(
                 lambda: metric_counters(result).get("messages_read", 0) == len(events), 120
             )
             wanted = {f"{k}#{v}#{w:013d}" for k, v, w in expected}
@@ -123,7 +107,7 @@ def test_a_20_second_outage_loses_nothing(pubsub_emulator, bigtable_emulator, fr
     try:
         with Heartbeat(publisher, topic, 0.5):
             publish_events(publisher, topic, FLIGHTS, events[:half], shift_ms=shift)
-            assert _wait_for(lambda: metric_counters(result).get("cells_written", 0) > 0, 120)
+            assert wait_for(lambda: metric_counters(result).get("cells_written", 0) > 0, 120)
             with emulator.paused(PAUSE_S):
                 # Published during the outage: Pub/Sub frozen -> the publisher waits and the
                 # job's pulls fail; Bigtable frozen -> the job's writes hang and are retried.
@@ -131,7 +115,7 @@ def test_a_20_second_outage_loses_nothing(pubsub_emulator, bigtable_emulator, fr
                                           event_time=str(t + shift)) for t, raw in events[half:]]  # fmt: skip
             for future in sent:
                 future.result(timeout=120)
-            assert _wait_for(lambda: read_cells(table, FLIGHTS.name) == expected, 180), (
+            assert wait_for(lambda: read_cells(table, FLIGHTS.name) == expected, 180), (
                 "the cells never matched the backfill after the outage"
             )
         counters = metric_counters(result)

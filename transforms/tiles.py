@@ -358,10 +358,7 @@ class _EmitCells(beam.DoFn):
         if new_state.wake is not None and new_state.wake != state.wake:
             wake.set(Timestamp(micros=new_state.wake * 1000))
         key_state.write(new_state)
-        if cells:
-            self._late.inc(len(cells))
-        for w, values, timing, index in cells:
-            yield Cell(CellKey(key_name, key_value, w), values, timing, index)
+        yield from _cells(key_name, key_value, cells, self._late)
 
     @userstate.on_timer(_WAKE)
     def on_wake(
@@ -390,10 +387,14 @@ class _EmitCells(beam.DoFn):
             if new_state.wake is not None:
                 wake.set(Timestamp(micros=new_state.wake * 1000))
             key_state.write(new_state)
-        if cells:
-            self._on_time.inc(len(cells))
-        for w, values, timing, index in cells:
-            yield Cell(CellKey(key_name, key_value, w), values, timing, index)
+        yield from _cells(key_name, key_value, cells, self._on_time)
+
+
+def _cells(key_name: str, key_value: str, cells: list, counter) -> Iterator[Cell]:
+    if cells:
+        counter.inc(len(cells))
+    for w, values, timing, index in cells:
+        yield Cell(CellKey(key_name, key_value, w), values, timing, index)
 
 
 class TiledAggregates(beam.PTransform):
