@@ -17,11 +17,11 @@ from beam_pipelines.aggregate import make_pipeline
 from beam_pipelines.bigtable_setup import ensure_table
 from beam_pipelines.common import metric_counters
 from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
-from beam_pipelines.replay import Heartbeat, ReplayStats, order_events, publish_events, to_message
-from tests.aggregate_support import batch_cells, flights_raw_slice
-from tests.test_aggregate_e2e import HOUR_MS, LATENESS_S, _wait_for
+from beam_pipelines.replay import Heartbeat, publish_events, to_message
+from tests.aggregate_support import flights_shifted_to_end_before_now, wait_for
+from tests.test_aggregate_e2e import HOUR_MS, LATENESS_S
 from transforms.flights import FLIGHTS
-from transforms.validation import RecordValidator, to_epoch_ms
+from transforms.validation import to_epoch_ms
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 
@@ -71,14 +71,9 @@ def test_every_poison_message_is_dead_lettered_once_and_cells_stay_correct(pubsu
     dead_topic = ps.topic("dead")
     dead_subscription = ps.subscription(dead_topic, "dead-reader")
 
-    raws = flights_raw_slice("2013-01-02 08:00:00", "2013-01-02 14:00:00")
-    start, end = to_epoch_ms("2013-01-02T12:00:00Z"), to_epoch_ms("2013-01-02T14:00:00Z")
-    events = [e for e in order_events(FLIGHTS, raws, ReplayStats()) if start <= e[0] < end]
-    now_ms = int(time.time() * 1000)
-    shift = ((now_ms - 2 * HOUR_MS - events[-1][0]) // FLIGHTS.period_ms) * FLIGHTS.period_ms
-    validator = RecordValidator(FLIGHTS)
-    shifted = [validator.validate(json.loads(to_message(FLIGHTS, raw, shift))) for _, raw in events]
-    expected_cells = batch_cells(FLIGHTS, shifted)
+    events, shift, expected_cells = flights_shifted_to_end_before_now(
+        FLIGHTS, "2013-01-02T12:00:00Z", "2013-01-02T14:00:00Z", 2 * HOUR_MS
+    )
     poison = _poison(events, shift)
 
     p, _ = make_pipeline(
@@ -107,7 +102,7 @@ def test_every_poison_message_is_dead_lettered_once_and_cells_stay_correct(pubsu
                 cells = {k: v for k, v, _ in read_cells_with_versions(table, FLIGHTS.name)}
                 return cells == expected_cells
 
-            assert _wait_for(table_matches, 240), "Bigtable cells never matched the backfill"
+            assert wait_for(table_matches, 240), "Bigtable cells never matched the backfill"
             dead = ps.pull_all(dead_subscription, expect=len(poison), timeout_s=90)
             # Exactly once: nothing more arrives (a failing bundle would be retried and
             # dead-letter its messages again, or never finish).
