@@ -40,6 +40,7 @@ def fix_direct_runner_metrics() -> None:
 
 
 DEFAULT_LOCAL_PULL = 1000
+IDLE_PULL_PAUSE_S = 0.05
 
 
 def fix_direct_runner_bundle_overhead() -> None:
@@ -62,11 +63,12 @@ def fix_direct_runner_bundle_overhead() -> None:
     cache: dict = {}
 
     def get_dofn_specs(dofn):
-        try:
-            key = (type(dofn), getattr(dofn, "_fn", None))
-            hit = cache.get(key)
-        except TypeError:  # an unhashable wrapped callable: inspect it every time
-            return original(dofn)
+        # The local runner unpickles the DoFn for every bundle, so the key must not be an
+        # object of one bundle (that would miss every time and keep each copy alive): the
+        # DoFn's class, and the class or the code of what a Map/ParDo wrapper wraps.
+        wrapped = getattr(dofn, "_fn", None)
+        key = (type(dofn), getattr(wrapped, "__code__", None) or type(wrapped))
+        hit = cache.get(key)
         if hit is None:
             hit = cache[key] = original(dofn)
         state_specs, timer_specs = hit
@@ -139,6 +141,9 @@ def _pull(sub_client, subscription: str, max_messages: int) -> list:
     except (exceptions.GoogleAPIError, exceptions.RetryError) as exc:
         _LOG.warning("local Pub/Sub pull failed, pulling again: %s", exc)
         time.sleep(1.0)
+        return []
+    if not response.received_messages:
+        time.sleep(IDLE_PULL_PAUSE_S)  # an idle topic: do not spin on empty pulls
         return []
     # The raw protobufs: proto-plus attribute access costs more than the rest of the read.
     received = [type(rm).pb(rm) for rm in response.received_messages]

@@ -51,7 +51,20 @@ class _KeySpec(NamedTuple):
     steps: tuple[tuple[int, tuple[int, ...]], ...]
 
 
+_SPECS: dict[int, tuple[FeatureSet, tuple[_KeySpec, ...]]] = {}
+
+
 def key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
+    """Per entity key with aggregates, what the partials need (computed once per feature set)."""
+    known = _SPECS.get(id(fs))
+    if known is not None and known[0] is fs:
+        return known[1]
+    specs = _key_specs(fs)
+    _SPECS[id(fs)] = (fs, specs)
+    return specs
+
+
+def _key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
     specs = []
     for key in fs.aggregate_keys:
         aggs = fs.aggregates_for(key)
