@@ -37,7 +37,13 @@ from beam_pipelines.io.pubsub import (
 )
 from beam_pipelines.options import FeatureSetOptions, SourceOptions
 from transforms.featureset import FeatureSet, load_feature_set
-from transforms.validation import InvalidRecord, RecordValidator, ms_to_datetime, to_epoch_ms
+from transforms.validation import (
+    InvalidRecord,
+    RawLine,
+    RecordValidator,
+    ms_to_datetime,
+    to_epoch_ms,
+)
 
 LOG = logging.getLogger("skewless.replay")
 DESCRIPTION = (
@@ -110,7 +116,13 @@ def read_raw_records(
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    from beam_pipelines.io.files import _read_bytes, check_input, detect_format, read_csv_table
+    from beam_pipelines.io.files import (
+        _read_bytes,
+        check_input,
+        detect_format,
+        iter_json_lines,
+        read_csv_table,
+    )
 
     rows: list[dict] = []
     skipped = 0
@@ -124,12 +136,13 @@ def read_raw_records(
             rows.extend(table.to_pylist())
             skipped += len(unparseable)
         else:
-            for line in _read_bytes(one).decode("utf-8", errors="replace").splitlines():
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        skipped += 1
+            for record in iter_json_lines(_read_bytes(one), one):  # split on "\n" only
+                try:
+                    if not isinstance(record, RawLine):  # not UTF-8
+                        raise ValueError(record.reason)
+                    rows.append(json.loads(record.text))
+                except ValueError:
+                    skipped += 1
     if stats is not None:
         stats.skipped_invalid += skipped
     return rows

@@ -97,3 +97,16 @@ def test_publish_events_goes_in_event_time_order_paced_by_speedup():
     assert stamps == [t for t, _ in events] and stamps == sorted(stamps)
     elapsed = publisher.calls[-1][0] - publisher.calls[0][0]
     assert 0.4 <= elapsed <= 1.5
+
+
+def test_a_line_separator_inside_a_json_string_is_one_replayed_record(tmp_path):
+    """JSON lines are split on newlines only: U+2028 inside a string is part of the record."""
+    raw = flights_raw_slice("2013-01-03 12:00:00", "2013-01-03 13:00:00")[0]
+    record = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in raw.items()}
+    record["tailnum"] = "N1\u2028X"
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n{broken\n", encoding="utf-8")
+    stats = replay.ReplayStats()
+    rows = replay.read_raw_records(str(path), "jsonl", stats)
+    assert [r["tailnum"] for r in rows] == ["N1\u2028X"]
+    assert stats.skipped_invalid == 1
