@@ -59,6 +59,19 @@ def main() -> None:
         f"{summary['records_not_events']} cancelled, {summary['records_rejected']} rejected; "
         "peak RSS of the multi-process run counts the launcher only"
     )
+    print(
+        json.dumps(
+            {
+                "rows": ROWS,
+                "runs": [
+                    {"name": r.name, "seconds": round(r.seconds, 2),
+                     "rows_per_s": round(ROWS / r.seconds),
+                     "x_floor": round(r.seconds / floor, 3), "peak_rss_mib": round(r.peak_rss_mib)}
+                    for r in runs
+                ],
+            }
+        )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 import tempfile
@@ -164,6 +165,11 @@ def main() -> None:
         f"  {n / max(score_1 - read_1, 1e-9):12,.0f} rows/s"
     )
     print(f"ratio stage/floor: {stage_rate / floor_rate:.2f} (target >= 0.5)")
+    figures = {
+        "examples": n, "batch_size": args.batch_size, "repeats": args.repeats,
+        "floor_rows_per_s": round(floor_rate), "stage_rows_per_s": round(stage_rate),
+        "stage_vs_floor": round(stage_rate / floor_rate, 3),
+    }  # fmt: skip
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as out:
             read, scored, t_job = job(args.model_dir, out)
@@ -171,6 +177,8 @@ def main() -> None:
             f"job    (skewless score, {read:,} flights -> {scored:,} predictions) {t_job:7.2f} s  "
             f"{read / t_job:10,.0f} flights/s  {scored / t_job:10,.0f} predictions/s"
         )
+        figures.update(job_seconds=round(t_job, 2), job_flights_per_s=round(read / t_job))
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

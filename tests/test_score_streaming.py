@@ -4,8 +4,7 @@ swap, dead letters, clear model errors.
 The scorer does no windowing, so the flights keep their 2013 timestamps: nothing is late. The
 Bigtable cells come from the aggregate job's real build_pipeline (Pub/Sub messages through
 ParseMessages, validation, the streaming composite, the real Bigtable sink) fed by TestStream,
-which makes them deterministic (ARCHITECTURE.md: a replay through the local runner's Pub/Sub
-source would be late by the wall clock).
+which makes them deterministic (a live replay through the emulator depends on timing).
 """
 
 from __future__ import annotations
