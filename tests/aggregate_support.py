@@ -153,3 +153,26 @@ def flights_shifted_to_end_before_now(fs: FeatureSet, start: str, end: str, befo
     validator = RecordValidator(fs)
     typed = [validator.validate(json.loads(to_message(fs, raw, shift))) for _, raw in events]
     return events, shift, batch_cells(fs, typed)
+
+
+def start_aggregate_job(ps, bt, table_id: str, lateness_s: int, *extra: str):
+    """The aggregate job (its real make_pipeline) on the emulators, reading a new topic and
+    dead-lettering to another: (running result, events topic, dead-letter subscription)."""
+    from beam_pipelines.aggregate import make_pipeline
+
+    topic = ps.topic("events")
+    dead_topic = ps.topic("dead")
+    dead_subscription = ps.subscription(dead_topic, "dead-reader")
+    p, _ = make_pipeline(
+        [
+            f"--subscription={ps.subscription(topic, 'job')}",
+            f"--bigtable_project={bt.project}",
+            f"--bigtable_instance={bt.instance}",
+            f"--bigtable_table={table_id}",
+            f"--dead_letter_topic={dead_topic}",
+            f"--allowed_lateness_s={lateness_s}",
+            f"--project={ps.project}",
+            *extra,
+        ]
+    )
+    return p.run(), topic, dead_subscription

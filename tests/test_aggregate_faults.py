@@ -8,12 +8,11 @@ import time
 
 import pytest
 
-from beam_pipelines.aggregate import make_pipeline
 from beam_pipelines.bigtable_setup import ensure_table
 from beam_pipelines.common import metric_counters
 from beam_pipelines.io.bigtable import open_table, read_cells
 from beam_pipelines.replay import Heartbeat, publish_events, to_message
-from tests.aggregate_support import flights_shifted_to_end_before_now, wait_for
+from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
 from transforms.flights import FLIGHTS
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
@@ -29,25 +28,6 @@ def _flights_two_hours_ago():
     )
 
 
-def _start_job(ps, bt, table_id: str, *extra: str):
-    topic = ps.topic("events")
-    dead_topic = ps.topic("dead")
-    dead_subscription = ps.subscription(dead_topic, "dead-reader")
-    p, _ = make_pipeline(
-        [
-            f"--subscription={ps.subscription(topic, 'job')}",
-            f"--bigtable_project={bt.project}",
-            f"--bigtable_instance={bt.instance}",
-            f"--bigtable_table={table_id}",
-            f"--dead_letter_topic={dead_topic}",
-            f"--allowed_lateness_s={LATENESS_S}",
-            f"--project={ps.project}",
-            *extra,
-        ]
-    )
-    return p.run(), topic, dead_subscription
-
-
 @pytest.mark.timeout(300)
 def test_cells_that_cannot_be_written_are_dead_lettered_and_the_job_goes_on(
     pubsub_emulator, bigtable_emulator
@@ -58,8 +38,8 @@ def test_cells_that_cannot_be_written_are_dead_lettered_and_the_job_goes_on(
         column_families={"other": None}
     )
     events, shift, expected = _flights_two_hours_ago()
-    result, topic, dead_subscription = _start_job(
-        ps, bt, table_id, "--skip_table_check", "--write_retry_s=1"
+    result, topic, dead_subscription = start_aggregate_job(
+        ps, bt, table_id, LATENESS_S, "--skip_table_check", "--write_retry_s=1"
     )
     publisher = ps.publisher()
     try:
@@ -99,7 +79,7 @@ def test_a_20_second_outage_loses_nothing(pubsub_emulator, bigtable_emulator, fr
     table_id = bt.table_name()
     ensure_table(bt.project, bt.instance, table_id, FLIGHTS, LATENESS_S, 7 * 86_400)
     events, shift, expected = _flights_two_hours_ago()
-    result, topic, dead_subscription = _start_job(ps, bt, table_id)
+    result, topic, dead_subscription = start_aggregate_job(ps, bt, table_id, LATENESS_S)
     publisher = ps.publisher()
     table = open_table(bt.project, bt.instance, table_id)
     half = len(events) // 2

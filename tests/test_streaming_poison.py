@@ -13,12 +13,11 @@ import time
 
 import pytest
 
-from beam_pipelines.aggregate import make_pipeline
 from beam_pipelines.bigtable_setup import ensure_table
 from beam_pipelines.common import metric_counters
 from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
 from beam_pipelines.replay import Heartbeat, publish_events, to_message
-from tests.aggregate_support import flights_shifted_to_end_before_now, wait_for
+from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
 from tests.test_aggregate_e2e import HOUR_MS, LATENESS_S
 from transforms.flights import FLIGHTS
 from transforms.validation import to_epoch_ms
@@ -62,32 +61,19 @@ def _poison(events: list, shift: int) -> list[tuple[str, bytes, dict, str, str]]
 
 
 @pytest.mark.timeout(420)
-def test_every_poison_message_is_dead_lettered_once_and_cells_stay_correct(pubsub_emulator, bigtable_emulator):
+def test_every_poison_message_is_dead_lettered_once_and_cells_stay_correct(
+    pubsub_emulator, bigtable_emulator
+):
     ps, bt = pubsub_emulator, bigtable_emulator
     table_id = bt.table_name()
     ensure_table(bt.project, bt.instance, table_id, FLIGHTS, LATENESS_S, 7 * 86_400)
-    topic = ps.topic("events")
-    subscription = ps.subscription(topic, "job")
-    dead_topic = ps.topic("dead")
-    dead_subscription = ps.subscription(dead_topic, "dead-reader")
 
     events, shift, expected_cells = flights_shifted_to_end_before_now(
         FLIGHTS, "2013-01-02T12:00:00Z", "2013-01-02T14:00:00Z", 2 * HOUR_MS
     )
     poison = _poison(events, shift)
 
-    p, _ = make_pipeline(
-        [
-            f"--subscription={subscription}",
-            f"--bigtable_project={bt.project}",
-            f"--bigtable_instance={bt.instance}",
-            f"--bigtable_table={table_id}",
-            f"--dead_letter_topic={dead_topic}",
-            f"--allowed_lateness_s={LATENESS_S}",
-            f"--project={ps.project}",
-        ]
-    )
-    result = p.run()
+    result, topic, dead_subscription = start_aggregate_job(ps, bt, table_id, LATENESS_S)
     publisher = ps.publisher()
     table = open_table(bt.project, bt.instance, table_id)
     half = len(events) // 2
