@@ -23,12 +23,7 @@ from beam_pipelines.io.pubsub import (
     WriteDeadLetters,
     read_messages,
 )
-from beam_pipelines.local_runner import (
-    LOCAL_STREAMING_RUNNERS,
-    fix_direct_runner_bundle_overhead,
-    fix_direct_runner_metrics,
-    patch_local_pubsub_read,
-)
+from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, prepare_local_runner
 from beam_pipelines.options import FeatureSetOptions
 from transforms.aggregations import ComputeAggregates
 from transforms.featureset import FeatureSet, load_feature_set
@@ -156,10 +151,8 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
         except BigtableSetupError as exc:
             raise SystemExit(f"skewless aggregate: {exc}") from None
     if std.runner in LOCAL_STREAMING_RUNNERS:
-        fix_direct_runner_metrics()
-        fix_direct_runner_bundle_overhead()
         # Bigger pulls, and a watermark that follows the event-time attribute as on Dataflow.
-        patch_local_pubsub_read(event_time_attribute=timestamp_attribute)
+        prepare_local_runner(event_time_attribute=timestamp_attribute)
     p = beam.Pipeline(options=options)
     build_pipeline(
         p,

@@ -43,6 +43,17 @@ DEFAULT_LOCAL_PULL = 1000
 IDLE_PULL_PAUSE_S = 0.05
 
 
+def prepare_local_runner(
+    event_time_attribute: str | None = None, max_messages: int = DEFAULT_LOCAL_PULL
+) -> None:
+    """Every workaround a streaming job needs on the local runner, in the launching process:
+    counters of every bundle, DoFn specs inspected once, and the Pub/Sub read patch (pull size;
+    with `event_time_attribute`, a watermark that follows it). Idempotent."""
+    fix_direct_runner_metrics()
+    fix_direct_runner_bundle_overhead()
+    patch_local_pubsub_read(max_messages, event_time_attribute)
+
+
 def fix_direct_runner_bundle_overhead() -> None:
     """Idempotent: inspect each DoFn's state and timer specs once, not several times a bundle.
 
@@ -108,8 +119,7 @@ def patch_local_pubsub_read(
     from apache_beam.utils.timestamp import Timestamp
 
     cls = te._PubSubReadEvaluator
-    if not hasattr(cls, "_skewless_original_finish_bundle"):
-        cls._skewless_original_finish_bundle = cls.finish_bundle
+    if not hasattr(cls, "_skewless_watermarks"):
         cls._skewless_watermarks = weakref.WeakKeyDictionary()
         cls._skewless_seen = weakref.WeakKeyDictionary()
     cls._skewless_settings = (max_messages, event_time_attribute)

@@ -38,12 +38,7 @@ from beam_pipelines.io.bigtable import (
     open_table,
 )
 from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, WriteDeadLetters
-from beam_pipelines.local_runner import (
-    LOCAL_STREAMING_RUNNERS,
-    fix_direct_runner_bundle_overhead,
-    fix_direct_runner_metrics,
-    patch_local_pubsub_read,
-)
+from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, prepare_local_runner
 from beam_pipelines.options import FeatureSetOptions
 from beam_pipelines.score import ScoreOptions, _FailedInferences
 from models.handler import InputError, SkewlessModelHandler, rows_to_feed
@@ -409,12 +404,10 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         except BigtableSetupError as exc:
             raise _fail(str(exc)) from None
     if std.runner in LOCAL_STREAMING_RUNNERS:
-        fix_direct_runner_metrics()
-        fix_direct_runner_bundle_overhead()
         # Pulls of many messages per bundle instead of Beam's 10: the local runner's price per
         # bundle of every step is paid once per pull. The watermark stays the wall clock (the
         # scorer does no windowing).
-        patch_local_pubsub_read()
+        prepare_local_runner()
     from apache_beam.io.gcp.pubsub import ReadFromPubSub
 
     p = beam.Pipeline(options=options)

@@ -207,15 +207,9 @@ def _job_pipeline(fs, sub: str, table_id: str, pull: int):
     from beam_pipelines.aggregate import build_pipeline
     from beam_pipelines.io.bigtable import WriteCells
     from beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
-    from beam_pipelines.local_runner import (
-        fix_direct_runner_bundle_overhead,
-        fix_direct_runner_metrics,
-        patch_local_pubsub_read,
-    )
+    from beam_pipelines.local_runner import prepare_local_runner
 
-    fix_direct_runner_metrics()
-    fix_direct_runner_bundle_overhead()
-    patch_local_pubsub_read(max_messages=pull, event_time_attribute="event_time")
+    prepare_local_runner("event_time", pull)
     options = beam.options.pipeline_options.PipelineOptions(
         runner="BundleBasedDirectRunner", streaming=True, project=PROJECT
     )
@@ -255,13 +249,12 @@ def run_ceiling(raws, pull: int) -> float:
 
     from beam_pipelines.common import metric_counters
     from beam_pipelines.io.pubsub import read_messages
-    from beam_pipelines.local_runner import fix_direct_runner_metrics, patch_local_pubsub_read
+    from beam_pipelines.local_runner import prepare_local_runner
 
     fs = bench_feature_set()
     publisher, topic, sub = _fresh_stream(fs, "ceiling")
     publish_backlog(publisher, topic, raws)
-    fix_direct_runner_metrics()
-    patch_local_pubsub_read(max_messages=pull, event_time_attribute="event_time")
+    prepare_local_runner("event_time", pull)  # the job's runner settings, for a fair ceiling
 
     class Count(beam.DoFn):
         def setup(self):

@@ -262,10 +262,9 @@ def ceiling_child(subscription: str, pull: int, expect: int) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beam_pipelines.common import metric_counters
-    from beam_pipelines.local_runner import fix_direct_runner_metrics, patch_local_pubsub_read
+    from beam_pipelines.local_runner import prepare_local_runner
 
-    fix_direct_runner_metrics()
-    patch_local_pubsub_read(max_messages=pull)
+    prepare_local_runner(max_messages=pull)  # the scorer's runner settings
     counter = Metrics.counter("skewless", "ceiling_read")
 
     def count(_):
