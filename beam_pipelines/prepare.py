@@ -83,17 +83,15 @@ class Split:
 
     @classmethod
     def from_options(cls, fs: FeatureSet, eval_start: str | None, eval_fraction: float | None):
-        key_fields = tuple(fs.extra.get("example_key", ())) or tuple(
-            f.name for f in fs.example_fields if f.name != fs.label
-        )
+        key_fields = fs.example_key
         if eval_fraction is not None:
             if not 0.0 <= eval_fraction <= 1.0:
                 raise ValueError(f"--eval_fraction must be in [0, 1], got {eval_fraction}")
             return cls(eval_fraction=eval_fraction, key_fields=key_fields)
-        eval_start = eval_start or fs.extra.get("default_eval_start")
+        eval_start = eval_start or fs.eval_start
         if eval_start:
             return cls(eval_start_ms=to_epoch_ms(eval_start), key_fields=key_fields)
-        return cls(eval_fraction=0.2, key_fields=key_fields)
+        return cls(eval_fraction=fs.eval_fraction, key_fields=key_fields)
 
     def is_eval(self, fs: FeatureSet, batch: pa.RecordBatch) -> pa.Array:
         if self.eval_start_ms is not None:

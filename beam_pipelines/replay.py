@@ -317,10 +317,9 @@ def run(argv: Sequence[str] | None = None) -> ReplayStats:
     fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
     path = source.input
     if path is None:
-        default = fs.extra.get("default_input")
-        if default is None:
-            raise SystemExit(f"skewless replay: feature set {fs.name!r} has no bundled input")
-        path = default() if callable(default) else default
+        path = fs.resolve_default_input()
+        if path is None:
+            raise SystemExit(f"skewless replay: feature set {fs.name!r} has no default input")
     stats = ReplayStats()
     events = order_events(fs, read_raw_records(path, source.input_format, stats), stats)
     if opts.start_time:

@@ -81,7 +81,7 @@ class ScoreOptions(PipelineOptions):
 def prediction_schema(fs: FeatureSet) -> pa.Schema:
     """Output rows: the example key, the event time, the probability and the model version."""
     by_name = {f.name: f for f in features_arrow_schema(fs)}
-    key = list(fs.extra.get("example_key") or (*fs.keys, fs.event_time))
+    key = list(fs.example_key)
     fields = [by_name[k] for k in dict.fromkeys([*key, fs.event_time])]
     return pa.schema([*fields, pa.field("probability", pa.float64()), pa.field("model_version", pa.int64())])
 

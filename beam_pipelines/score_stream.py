@@ -246,7 +246,7 @@ class _CheckExamples(beam.DoFn):
 
 def prediction_fields(fs: FeatureSet) -> list[str]:
     """Example key fields, then the event time (the batch job's prediction columns, in order)."""
-    key = list(fs.extra.get("example_key") or (*fs.keys, fs.event_time))
+    key = list(fs.example_key)
     return list(dict.fromkeys([*key, fs.event_time]))
 
 

@@ -74,7 +74,7 @@ def bench_feature_set(long_windows: bool = False, week: bool = False):
 def live_payloads(fs, n: int) -> list[dict]:
     from beam_pipelines.replay import ReplayStats, order_events, read_raw_records
 
-    raws = read_raw_records(fs.extra["default_input"]())
+    raws = read_raw_records(fs.resolve_default_input())
     events = order_events(fs, raws, ReplayStats())
     return [raw for _, raw in events[:n]]
 

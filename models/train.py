@@ -231,7 +231,7 @@ def train(args: argparse.Namespace) -> dict:
         "label": label,
         "serving_inputs": inputs,
         "serving_output": versions.OUTPUT,
-        "example_key": list(fs.extra.get("example_key", ())),
+        "example_key": list(fs.example_key),
         "event_time": fs.event_time,
         "transformed_features": {"numeric": numeric, "categorical": categorical},
         "transform_fingerprint": transform_fingerprint(transform_dir),

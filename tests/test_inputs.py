@@ -94,7 +94,11 @@ def test_timestamps_as_epoch_seconds_are_the_same_in_text_and_numbers():
     iso = validator.validate(dict(ROWS[0]))
     for value in (1357034400, 1357034400.0, "1357034400", "1357034400.0", " 1357034400 "):
         raw = {**ROWS[0], "time_hour": value}
-        assert validator.validate(raw)["time_hour"] == iso["time_hour"] == to_epoch_ms("2013-01-01T10:00:00Z")
+        assert (
+            validator.validate(raw)["time_hour"]
+            == iso["time_hour"]
+            == to_epoch_ms("2013-01-01T10:00:00Z")
+        )
 
 
 def test_a_declared_timestamp_range_and_non_finite_fields_are_honoured():
@@ -102,11 +106,15 @@ def test_a_declared_timestamp_range_and_non_finite_fields_are_honoured():
 
     fs = replace(
         FLIGHTS,
-        extra={**FLIGHTS.extra, "timestamp_range": ("2013-01-01", "2014-01-01"), "allow_non_finite": ("air_time",)},
+        timestamp_range=("2013-01-01T00:00:00+00:00", "2014-01-01T00:00:00+00:00"),
+        allow_non_finite=("air_time",),
     )
     validator = RecordValidator(fs)
     assert math.isnan(validator.validate({**ROWS[0], "air_time": float("nan")})["air_time"])
-    with pytest.raises(InvalidRecord, match=r"accepted time range \[2013-01-01, 2014-01-01\)"):
+    with pytest.raises(
+        InvalidRecord,
+        match=r"accepted time range \[2013-01-01T00:00:00\+00:00, 2014-01-01T00:00:00\+00:00\)",
+    ):
         validator.validate({**ROWS[0], "time_hour": "2012-12-31T23:00:00Z"})
 
 
@@ -173,7 +181,9 @@ def test_examples_path_survives_every_valid_record_and_dead_letters_the_rest(hos
         rows = examples | beam.Map(lambda b: b.num_rows) | beam.CombineGlobally(sum)
         cancelled = sum(1 for r in [*ROWS[:60], *ROWS[63:120]] if r["dep_delay"] is None)
         assert_that(rows, equal_to([60 + 1 + 56 + 1 - cancelled]), label="examples")
-        letters = dead | beam.Map(lambda d: (Path(d["file"]).name, d["line"], d["reason"].split(" ", 2)[1]))
+        letters = dead | beam.Map(
+            lambda d: (Path(d["file"]).name, d["line"], d["reason"].split(" ", 2)[1])
+        )
         assert_that(
             letters,
             equal_to(
@@ -210,7 +220,10 @@ def test_prepare_on_the_hostile_inputs_counts_every_record(hostile_inputs, tmp_p
     "renamed, message",
     [
         ("arr_time", r"duplicate column\(s\) \['dep_delay'\]"),
-        ("time_hour", r"duplicate column\(s\) \['dep_delay'\]; missing required column\(s\) \['time_hour'\]"),
+        (
+            "time_hour",
+            r"duplicate column\(s\) \['dep_delay'\]; missing required column\(s\) \['time_hour'\]",
+        ),
     ],
 )
 def test_duplicate_column_is_an_error_before_the_run(tmp_path, renamed, message):
@@ -294,24 +307,43 @@ def test_quoted_newlines_across_the_block_boundary_keep_every_record(tmp_path):
 def test_invalid_rows_and_blank_lines_keep_the_line_numbers(tmp_path):
     path = tmp_path / "mixed.csv"
     good = [csv_line(r) for r in ROWS[:4]]
-    text = "\n".join([HEADER, good[0], "", good[1], "2013,1,1,517", good[2], "", "", good[3]]) + "\n"
+    text = (
+        "\n".join([HEADER, good[0], "", good[1], "2013,1,1,517", good[2], "", "", good[3]]) + "\n"
+    )
     path.write_text(text)
     records = records_of(path, "csv")
-    rows = [(row["flight"], pos) for row, pos in (r for r in records if not isinstance(r, UnparseableRow))]
-    assert rows == [(ROWS[0]["flight"], 2), (ROWS[1]["flight"], 4), (ROWS[2]["flight"], 6), (ROWS[3]["flight"], 9)]
+    rows = [
+        (row["flight"], pos)
+        for row, pos in (r for r in records if not isinstance(r, UnparseableRow))
+    ]
+    assert rows == [
+        (ROWS[0]["flight"], 2),
+        (ROWS[1]["flight"], 4),
+        (ROWS[2]["flight"], 6),
+        (ROWS[3]["flight"], 9),
+    ]
     (bad,) = [r for r in records if isinstance(r, UnparseableRow)]
-    assert (bad.text, bad.line, bad.file, bad.reason) == ("2013,1,1,517", 5, str(path), "expected 19 fields, got 4")
+    assert (bad.text, bad.line, bad.file, bad.reason) == (
+        "2013,1,1,517",
+        5,
+        str(path),
+        "expected 19 fields, got 4",
+    )
 
 
 # --- 4. JSON lines split on \n only ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c", "\r"])
+@pytest.mark.parametrize(
+    "separator", ["\u2028", "\u2029", "\u0085", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c", "\r"]
+)
 def test_a_line_separator_inside_a_json_string_is_one_record(tmp_path, separator):
     rows = [dict(r) for r in ROWS[:5]]
     rows[2]["tailnum"] = f"N1{separator}X"
     path = write_jsonl(tmp_path / "f.jsonl", [])
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
     records = records_of(path, "jsonl")
     assert [r.line for r in records] == [1, 2, 3, 4, 5]
     typed = RecordValidator(FLIGHTS).typed(json.loads(records[2].text))
@@ -385,7 +417,10 @@ def test_bad_option_values_are_one_line(capsys):
     assert err.startswith("skewless prepare: argument --input_format: invalid choice: 'xls'")
     assert "\n" not in err
     assert run_job("prepare", ["--output_dir", "x", "--eval_fraction", "7"]) == 2
-    assert capsys.readouterr().err.strip() == "skewless prepare: --eval_fraction must be in [0, 1], got 7.0"
+    assert (
+        capsys.readouterr().err.strip()
+        == "skewless prepare: --eval_fraction must be in [0, 1], got 7.0"
+    )
 
 
 def test_a_failure_inside_the_pipeline_is_one_line_too(capsys, monkeypatch):
@@ -411,7 +446,9 @@ def test_the_command_prints_its_own_lines_only(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [f"skewless prepare: {tmp_path / 'empty.csv'}: the file is empty (0 bytes)"]
+    assert proc.stderr.splitlines() == [
+        f"skewless prepare: {tmp_path / 'empty.csv'}: the file is empty (0 bytes)"
+    ]
     assert proc.stdout == ""
     good = write_csv(tmp_path / "good.csv", ROWS[:40])
     proc = subprocess.run(
@@ -419,7 +456,15 @@ def test_the_command_prints_its_own_lines_only(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    noise = ("oneDNN", "cuda", "cpu_feature_guard", "absl::InitializeLog", "I0000", "E0000", "W0000")
+    noise = (
+        "oneDNN",
+        "cuda",
+        "cpu_feature_guard",
+        "absl::InitializeLog",
+        "I0000",
+        "E0000",
+        "W0000",
+    )
     lines = (proc.stdout + proc.stderr).splitlines()
     assert not [line for line in lines if any(n in line for n in noise)], lines
     assert [line for line in lines if "skewless.prepare" in line and "prepare finished" in line]
@@ -429,7 +474,10 @@ def test_the_command_prints_its_own_lines_only(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[-1] == f"skewless prepare: {tmp_path / 'empty.csv'}: the file is empty (0 bytes)"
+    assert (
+        proc.stderr.splitlines()[-1]
+        == f"skewless prepare: {tmp_path / 'empty.csv'}: the file is empty (0 bytes)"
+    )
 
 
 # --- streaming: message parsing never fails a bundle ----------------------------------------------
@@ -471,8 +519,13 @@ def test_parse_messages_turns_every_poison_message_into_one_dead_letter():
         PubsubMessage(None, {"event_time": 12}),  # not text
         "not a message at all",
     ]
-    outputs = [list(fn.process(m)) for m in [good, *poison, PubsubMessage(b"", {HEARTBEAT_ATTRIBUTE: "1"})]]
-    assert isinstance(outputs[0][0], TimestampedValue) and outputs[0][0].timestamp.micros == 1357034400000000
+    outputs = [
+        list(fn.process(m)) for m in [good, *poison, PubsubMessage(b"", {HEARTBEAT_ATTRIBUTE: "1"})]
+    ]
+    assert (
+        isinstance(outputs[0][0], TimestampedValue)
+        and outputs[0][0].timestamp.micros == 1357034400000000
+    )
     for out in outputs[1:-1]:
         assert len(out) == 1 and out[0].tag == "dead", out
         letter = out[0].value
@@ -491,7 +544,9 @@ def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path
 
     dataset = bq_emulator.create_dataset()
     table = flights_table([dict(r) for r in ROWS[:5]])
-    extra = bq_emulator.create_table(dataset, "extra", table.append_column("seat", pa.array(["1A"] * 5)))
+    extra = bq_emulator.create_table(
+        dataset, "extra", table.append_column("seat", pa.array(["1A"] * 5))
+    )
     missing = bq_emulator.create_table(dataset, "missing", table.drop_columns(["origin"]))
     cases = {
         extra: r"unexpected column\(s\) \['seat'\]",
@@ -501,7 +556,9 @@ def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path
     for name, message in cases.items():
         out = tmp_path / "out"
         with pytest.raises(InputError, match=message):
-            prepare.run(["--bigquery_table", name, "--output_dir", str(out), *emulator_args(bq_emulator)])
+            prepare.run(
+                ["--bigquery_table", name, "--output_dir", str(out), *emulator_args(bq_emulator)]
+            )
         assert not out.exists()
 
 
@@ -510,23 +567,44 @@ def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_score_on_the_hostile_inputs_and_bad_files(hostile_inputs, tmp_path_factory, tmp_path, capsys):
+def test_score_on_the_hostile_inputs_and_bad_files(
+    hostile_inputs, tmp_path_factory, tmp_path, capsys
+):
     from beam_pipelines import score
     from tests.test_train import prepared_and_trained
 
     trained = prepared_and_trained(tmp_path_factory)
     out = tmp_path / "scored"
     summary = score.run(
-        ["--model_dir", str(trained["model_dir"]), "--input", str(hostile_inputs / "flights.*"), "--output", str(out)]
+        [
+            "--model_dir",
+            str(trained["model_dir"]),
+            "--input",
+            str(hostile_inputs / "flights.*"),
+            "--output",
+            str(out),
+        ]
     )
     assert summary["records_read"] == 64 + 59 and summary["records_rejected"] == 5
-    assert summary["inference_failures"] == 0 and summary["examples_scored"] == summary["records_valid"]
-    letters = [json.loads(line) for f in (out / "dead_letters").glob("*.jsonl") for line in f.open()]
+    assert (
+        summary["inference_failures"] == 0
+        and summary["examples_scored"] == summary["records_valid"]
+    )
+    letters = [
+        json.loads(line) for f in (out / "dead_letters").glob("*.jsonl") for line in f.open()
+    ]
     assert sorted((Path(d["file"]).name, d["line"]) for d in letters) == [
         ("flights.csv", 62), ("flights.csv", 63), ("flights.csv", 64), ("flights.jsonl", 57), ("flights.jsonl", 58)
     ]  # fmt: skip
     (tmp_path / "empty.csv").write_bytes(b"")
-    args = ["--model_dir", str(trained["model_dir"]), "--input", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "o")]
+    args = [
+        "--model_dir",
+        str(trained["model_dir"]),
+        "--input",
+        str(tmp_path / "empty.csv"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     assert run_job("score", args) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"skewless score: {tmp_path / 'empty.csv'}: the file is empty (0 bytes)"
@@ -541,11 +619,18 @@ def test_large_compressed_files_have_their_head_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "FULL_CHECK_BYTES", 0)
     _bad_inputs(tmp_path)
     check_input(bundled_flights_path(), None, FLIGHTS)
-    for name, message in [("two.zip", "expected one file"), ("plain.csv.gz", "not a valid gzip file")]:
+    for name, message in [
+        ("two.zip", "expected one file"),
+        ("plain.csv.gz", "not a valid gzip file"),
+    ]:
         with pytest.raises(InputError, match=message):
             check_input(str(tmp_path / name), None, FLIGHTS)
     big = tmp_path / "big.csv.gz"
-    big.write_bytes(gzip.compress(write_csv(tmp_path / "big.csv", real_flights(1, 1, days=3)).read_bytes())[:-5000])
+    big.write_bytes(
+        gzip.compress(write_csv(tmp_path / "big.csv", real_flights(1, 1, days=3)).read_bytes())[
+            :-5000
+        ]
+    )
     check_input(str(big), None, FLIGHTS)  # the head is fine
     with pytest.raises(InputError, match="not a valid gzip file"):
         records_of(big, "csv")
@@ -563,7 +648,9 @@ def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
     ts = {"event_time": str(to_epoch_ms(good["time_hour"]))}
 
     def msg(i: int, attributes=ts, **changes) -> PubsubMessage:
-        return PubsubMessage(json.dumps({**good, "flight": 900_000 + i, **changes}).encode(), attributes)
+        return PubsubMessage(
+            json.dumps({**good, "flight": 900_000 + i, **changes}).encode(), attributes
+        )
 
     poison = [
         PubsubMessage(b"{not json", ts),
@@ -578,13 +665,18 @@ def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
         msg(7, attributes={"event_time": "99999999999999999999"}),
     ]
     with TestPipeline(runner="FnApiRunner") as p:
-        payloads, bad_times = p | beam.Create([msg(0), *poison]) | ParseMessages("event_time", "flights")
+        payloads, bad_times = (
+            p | beam.Create([msg(0), *poison]) | ParseMessages("event_time", "flights")
+        )
         events, invalid = payloads | ValidateRecords(FLIGHTS)
         assert_that(events | beam.Map(lambda e: e["flight"]), equal_to([900_000]), label="events")
         letters = (bad_times, invalid) | beam.Flatten()
-        assert_that(letters | beam.combiners.Count.Globally(), equal_to([len(poison)]), label="count")
         assert_that(
-            letters | beam.Map(lambda d: bool(d["stage"] and d["reason"] and d["record"] is not None)),
+            letters | beam.combiners.Count.Globally(), equal_to([len(poison)]), label="count"
+        )
+        assert_that(
+            letters
+            | beam.Map(lambda d: bool(d["stage"] and d["reason"] and d["record"] is not None)),
             equal_to([True] * len(poison)),
             label="complete",
         )
@@ -603,4 +695,7 @@ def test_a_file_that_breaks_during_the_run_is_one_line_and_exit_1(tmp_path, caps
     monkeypatch.setattr(files, "read_file_records", broken)
     good = write_csv(tmp_path / "good.csv", ROWS[:5])
     assert run_job("prepare", ["--input", str(good), "--output_dir", str(tmp_path / "o")]) == 1
-    assert capsys.readouterr().err.strip() == f"skewless prepare: {good}: not a valid gzip file (truncated)"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"skewless prepare: {good}: not a valid gzip file (truncated)"
+    )

@@ -61,7 +61,7 @@ def test_summary_counts_add_up(prepared):
     labelled = sum(1 for r in rows if r["dep_delay"] is not None and r["arr_delay"] is not None)
     assert summary["examples"] == labelled
     assert summary["examples_train"] + summary["examples_eval"] == labelled
-    assert summary["split"] == {"mode": "hash", "eval_fraction": 0.25, "key": list(FLIGHTS.extra["example_key"])}
+    assert summary["split"] == {"mode": "hash", "eval_fraction": 0.25, "key": list(FLIGHTS.example_key)}
 
 
 def test_every_bad_record_is_a_dead_letter_with_its_reason(prepared):

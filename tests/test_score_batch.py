@@ -22,7 +22,7 @@ from tests.flights_data import write_jsonl
 from tests.test_train import EVAL_START, prepared_and_trained
 from transforms.flights import FLIGHTS
 
-KEY = list(FLIGHTS.extra["example_key"])
+KEY = list(FLIGHTS.example_key)
 BAD_LINES = {
     '{"year": 2013, "month": 1': "not JSON",
     '{"year": 2013, "month": 1, "day": 6}': "missing required field",

@@ -12,7 +12,7 @@ from tests.flights_data import write_jsonl
 from tests.test_train import EVAL_START, prepared_and_trained
 from transforms.flights import FLIGHTS
 
-KEY = list(FLIGHTS.extra["example_key"])
+KEY = list(FLIGHTS.example_key)
 COUNTS = ("records_read", "records_valid", "records_rejected", "examples", "examples_scored", "inference_failures")
 
 

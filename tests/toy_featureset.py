@@ -46,5 +46,5 @@ CLICKS = FeatureSet(
     ),
     preprocessing_fn=preprocessing_fn,
     unexpected_fields="ignore",
-    extra={"example_key": ("user", "ts")},
+    example_key=("user", "ts"),
 )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import difflib
+import functools
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 MS = 1000  # event times, window sizes and window ends are integer epoch milliseconds inside
 
+# Timestamps outside this range are data errors (a year 318,857 or 1066 is not an event time).
+DEFAULT_TIMESTAMP_RANGE = ("1900-01-01T00:00:00+00:00", "2201-01-01T00:00:00+00:00")
 FIELD_TYPES = ("string", "int", "float", "bool", "timestamp")
 COMBINERS = ("count", "sum", "mean", "min", "max")
 UNEXPECTED_FIELD_POLICIES = ("reject", "ignore")
@@ -17,6 +22,30 @@ class FeatureSetError(ValueError):
     """A feature-set declaration is inconsistent; raised when it is built."""
 
 
+def checked_settings(cls):
+    """Make an unknown or misspelt keyword of a declaration class a FeatureSetError that names
+    the known settings (and the closest one), instead of the dataclass's bare TypeError."""
+    init = cls.__init__
+    known = tuple(f.name for f in fields(cls))
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise FeatureSetError(
+                f"{cls.__name__}: unknown setting(s) {', '.join(hints)}; known: {', '.join(known)}"
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@checked_settings
 @dataclass(frozen=True)
 class Field:
     """One field of the raw schema. Timestamps are parsed to integer epoch milliseconds."""
@@ -37,6 +66,7 @@ class Field:
             raise FeatureSetError(f"field {self.name!r}: a range needs an int or float field")
 
 
+@checked_settings
 @dataclass(frozen=True)
 class WindowedAggregate:
     """An aggregate of `value` over the events of one entity in the window [W - size, W).
@@ -80,6 +110,26 @@ Record = dict
 PreprocessingFn = Callable[[Mapping], dict]
 
 
+@checked_settings
+@dataclass(frozen=True)
+class Baseline:
+    """A one-field rule the model must beat: positive when `field` > `threshold`.
+
+    train reports it next to the majority class (AUC of the raw field as a score, accuracy of
+    the rule, log loss of a one-field logistic regression); `name` labels it in metrics.json
+    and the report (default: "<field> > <threshold>").
+    """
+
+    field: str
+    threshold: float
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.field} > {self.threshold:g}"
+
+
+@checked_settings
 @dataclass(frozen=True)
 class FeatureSet:
     """Everything every job needs to know about one set of features, declared once.
@@ -94,6 +144,19 @@ class FeatureSet:
     - `example_fields`: raw/derived fields kept on each example (the features/ output and the
       model input), besides the aggregates and the label.
     - `preprocessing_fn`: the tf.Transform function over example fields and aggregates.
+    - `example_key`: the example fields that identify one example (the hashed split, joining
+      predictions with labels in the report, the model's metadata). Default: the entity keys
+      then the event time, `(*keys, event_time)`; every field must be an example field.
+    - `default_input`: the input of prepare/score/replay when no source is given (a path, or
+      a function returning one), or None.
+    - `eval_start` / `eval_fraction`: the default train/eval split of prepare: a time split at
+      the ISO-8601 instant `eval_start` when given, else a hashed split (by example key)
+      sending `eval_fraction` of the examples to eval.
+    - `baseline`: the rule baseline train reports and the model must beat, or None (then only
+      the majority class is reported).
+    - `allow_non_finite`: raw float fields in which NaN and infinities are valid values.
+    - `timestamp_range`: (start, end) ISO-8601 instants, end excluded, outside which a raw
+      timestamp is a data error (default 1900-01-01 to 2201-01-01).
     """
 
     name: str
@@ -109,7 +172,13 @@ class FeatureSet:
     serving_delay_s: int = 0
     unexpected_fields: str = "reject"
     description: str = ""
-    extra: Mapping = field(default_factory=dict)
+    example_key: tuple[str, ...] = ()
+    default_input: str | Callable[[], str] | None = None
+    eval_start: str | None = None
+    eval_fraction: float = 0.2
+    baseline: Baseline | None = None
+    allow_non_finite: tuple[str, ...] = ()
+    timestamp_range: tuple[str, str] = DEFAULT_TIMESTAMP_RANGE
 
     def __post_init__(self) -> None:
         _check_unique("schema field", [f.name for f in self.schema])
@@ -158,6 +227,59 @@ class FeatureSet:
             raise FeatureSetError(f"all aggregates must share one period, got {sorted(periods)}")
         if not callable(self.preprocessing_fn):
             raise FeatureSetError("preprocessing_fn must be callable")
+        self._check_job_settings()
+
+    def _check_job_settings(self) -> None:
+        """The typed settings the jobs read: example key, split, baseline, validation."""
+        for name in ("keys", "example_key", "allow_non_finite", "timestamp_range"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise FeatureSetError(f"{name} must be a tuple of names, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        examples = {f.name: f for f in self.example_fields}
+        if not self.example_key:
+            object.__setattr__(self, "example_key", (*self.keys, self.event_time))
+        _check_unique("example key field", list(self.example_key))
+        for name in self.example_key:
+            if name not in examples:
+                raise FeatureSetError(
+                    f"example_key field {name!r} is not an example field (declare example_key "
+                    f"as example fields that identify one example)"
+                )
+        if self.eval_start is not None:
+            _parse_instant("eval_start", self.eval_start)
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise FeatureSetError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.default_input is not None and not (
+            isinstance(self.default_input, str) or callable(self.default_input)
+        ):
+            raise FeatureSetError("default_input must be a path or a function returning one")
+        known = self.fields_by_name
+        if self.baseline is not None:
+            if not isinstance(self.baseline, Baseline):
+                raise FeatureSetError("baseline must be a Baseline(field=..., threshold=...)")
+            found = known.get(self.baseline.field)
+            if found is None or found.type not in ("int", "float", "bool"):
+                raise FeatureSetError(
+                    f"baseline field {self.baseline.field!r} is not a numeric raw or derived field"
+                )
+            if self.baseline.field not in examples:
+                raise FeatureSetError(
+                    f"baseline field {self.baseline.field!r} is not an example field"
+                )
+        for name in self.allow_non_finite:
+            if name not in known or known[name].type != "float":
+                raise FeatureSetError(f"allow_non_finite: {name!r} is not a float field")
+        if len(self.timestamp_range) != 2:
+            raise FeatureSetError("timestamp_range must be (start, end)")
+        start, end = (_parse_instant("timestamp_range", t) for t in self.timestamp_range)
+        if start >= end:
+            raise FeatureSetError(f"timestamp_range {self.timestamp_range}: start must be < end")
+
+    def resolve_default_input(self) -> str | None:
+        """The default input path (calling `default_input` if it is a function), or None."""
+        default = self.default_input
+        return default() if callable(default) else default
 
     @property
     def fields_by_name(self) -> dict[str, Field]:
@@ -185,6 +307,16 @@ class FeatureSet:
 
     def aggregate_defaults(self) -> dict[str, float]:
         return {a.name: (0 if a.combiner == "count" else a.default) for a in self.aggregates}
+
+
+def _parse_instant(what: str, text: str) -> dt.datetime:
+    try:
+        instant = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise FeatureSetError(f"{what}: {text!r} is not an ISO-8601 instant") from exc
+    if instant.tzinfo is None:
+        raise FeatureSetError(f"{what}: {text!r} needs a time zone (e.g. +00:00)")
+    return instant
 
 
 def _check_unique(what: str, names: list[str]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from transforms.featureset import FeatureSet, Field, WindowedAggregate
+from transforms.featureset import Baseline, FeatureSet, Field, WindowedAggregate
 
 MINUTE_MS = 60_000
 LATE_ARRIVAL_MIN = 15
@@ -210,9 +210,9 @@ FLIGHTS = FeatureSet(
     example_fields=EXAMPLE_FIELDS,
     preprocessing_fn=preprocessing_fn,
     unexpected_fields="reject",
-    extra={
-        "default_input": bundled_flights_path,
-        "default_eval_start": "2013-11-01T00:00:00+00:00",
-        "example_key": ("carrier", "flight", "origin", "scheduled_departure"),
-    },
+    example_key=("carrier", "flight", "origin", "scheduled_departure"),
+    default_input=bundled_flights_path,
+    eval_start="2013-11-01T00:00:00+00:00",
+    # The rule a dispatcher would use: a flight that leaves more than 15 min late arrives late.
+    baseline=Baseline(field="dep_delay", threshold=15.0, name="dep_delay rule"),
 )

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.featureset import FeatureSet
+from transforms.featureset import DEFAULT_TIMESTAMP_RANGE, FeatureSet
 
 VALID = "valid"
 DEAD = "dead"
@@ -31,9 +31,6 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
 # silently turn into an infinity there.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
-# Timestamps outside this range are data errors (a year 318,857 or 1066 is not an event time);
-# a feature set may declare its own range as extra["timestamp_range"] = (start, end).
-DEFAULT_TIMESTAMP_RANGE = ("1900-01-01T00:00:00+00:00", "2201-01-01T00:00:00+00:00")
 # A reader that must hand text to a parser marks each byte that is not UTF-8 with this
 # noncharacter and turns the records holding it into dead letters (files.py).
 INVALID_UTF8_MARK = "\U0010ffff"
@@ -236,15 +233,15 @@ class RecordValidator:
     Besides each field's declared type, nullability and range, a value must be one the typed
     pipeline can carry, whatever the input format: integers within int64, floats finite and
     within float32 (NaN and infinities only in fields listed in the feature set's
-    extra["allow_non_finite"]), timestamps within extra["timestamp_range"] (default
+    `allow_non_finite`), timestamps within the feature set's `timestamp_range` (default
     1900-01-01 to 2201-01-01, end excluded), text that is valid Unicode, entity keys of at most
     MAX_KEY_BYTES bytes. NaN is never taken for null.
     """
 
     def __init__(self, fs: FeatureSet):
         self.fs = fs
-        non_finite_ok = frozenset(fs.extra.get("allow_non_finite", ()))
-        start, end = fs.extra.get("timestamp_range", DEFAULT_TIMESTAMP_RANGE)
+        non_finite_ok = frozenset(fs.allow_non_finite)
+        start, end = fs.timestamp_range
         self.timestamp_range = (str(start), str(end))
         self._ts_lo, self._ts_hi = to_epoch_ms(start), to_epoch_ms(end)
         self._plan = [

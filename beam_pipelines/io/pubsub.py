@@ -60,7 +60,7 @@ class BadTimestamp(ValueError):
 def parse_timestamp_attribute(text: str | None) -> int:
     """Attribute value -> epoch ms. Accepts integer epoch ms or RFC 3339 text (with a zone).
 
-    Times outside the accepted range (validation.DEFAULT_TIMESTAMP_RANGE) are BadTimestamp:
+    Times outside the accepted range (featureset.DEFAULT_TIMESTAMP_RANGE) are BadTimestamp:
     a garbled attribute must never become an element timestamp or a watermark Beam cannot
     encode (a bundle that fails is retried for ever on a streaming runner).
     """

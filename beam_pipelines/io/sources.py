@@ -12,10 +12,10 @@ from transforms.featureset import FeatureSet
 
 
 def default_input(fs: FeatureSet) -> str:
-    default = fs.extra.get("default_input")
+    default = fs.resolve_default_input()
     if default is None:
-        raise ValueError(f"feature set {fs.name!r} has no bundled input: pass --input")
-    return default() if callable(default) else default
+        raise ValueError(f"feature set {fs.name!r} has no default input: pass --input")
+    return default
 
 
 def read_source(options: PipelineOptions, fs: FeatureSet) -> beam.PTransform:
