@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.featureset import DEFAULT_TIMESTAMP_RANGE, FeatureSet
+from transforms.featureset import FeatureSet
 
 VALID = "valid"
 DEAD = "dead"

@@ -30,7 +30,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import window
 
-from transforms.validation import DEFAULT_TIMESTAMP_RANGE, dead_letter, to_epoch_ms
+from transforms.featureset import DEFAULT_TIMESTAMP_RANGE
+from transforms.validation import dead_letter, to_epoch_ms
 
 NAMESPACE = "skewless"
 HEARTBEAT_ATTRIBUTE = "skewless_heartbeat"
