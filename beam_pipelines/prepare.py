@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
 import sys
 import time
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
@@ -40,7 +37,8 @@ from transforms.example_schema import (
 )
 from transforms.examples import BuildExamples
 from transforms.featureset import FeatureSet, load_feature_set
-from transforms.validation import ValidateRecords, to_epoch_ms
+from transforms.split import Split
+from transforms.validation import ValidateRecords
 
 LOG = logging.getLogger("skewless.prepare")
 DESCRIPTION = (
@@ -71,44 +69,6 @@ class PrepareOptions(PipelineOptions):
             help="Hashed split: this fraction of examples (by a stable hash of the example key) "
             "goes to eval/. Overrides the time split.",
         )
-
-
-@dataclass(frozen=True)
-class Split:
-    """A deterministic train/eval split: by event time, or by a stable hash of the example key."""
-
-    eval_start_ms: int | None = None
-    eval_fraction: float | None = None
-    key_fields: tuple[str, ...] = ()
-
-    @classmethod
-    def from_options(cls, fs: FeatureSet, eval_start: str | None, eval_fraction: float | None):
-        key_fields = fs.example_key
-        if eval_fraction is not None:
-            if not 0.0 <= eval_fraction <= 1.0:
-                raise ValueError(f"--eval_fraction must be in [0, 1], got {eval_fraction}")
-            return cls(eval_fraction=eval_fraction, key_fields=key_fields)
-        eval_start = eval_start or fs.eval_start
-        if eval_start:
-            return cls(eval_start_ms=to_epoch_ms(eval_start), key_fields=key_fields)
-        return cls(eval_fraction=fs.eval_fraction, key_fields=key_fields)
-
-    def is_eval(self, fs: FeatureSet, batch: pa.RecordBatch) -> pa.Array:
-        if self.eval_start_ms is not None:
-            times = batch.column(fs.event_time).cast(pa.int64())
-            return pc.greater_equal(times, self.eval_start_ms)
-        cols = [batch.column(k).to_pylist() for k in self.key_fields]
-        threshold = int(self.eval_fraction * 10_000)
-        # crc32 of the key: the same example lands in the same split in every run and process.
-        return pa.array(
-            [zlib.crc32(repr(key).encode()) % 10_000 < threshold for key in zip(*cols, strict=True)]
-        )
-
-    def describe(self) -> dict:
-        if self.eval_start_ms is not None:
-            start = dt.datetime.fromtimestamp(self.eval_start_ms / 1000, dt.UTC).isoformat()
-            return {"mode": "time", "eval_start": start}
-        return {"mode": "hash", "eval_fraction": self.eval_fraction, "key": list(self.key_fields)}
 
 
 class ToTFTBatches(beam.PTransform):
@@ -228,7 +188,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     feature_set = options.view_as(FeatureSetOptions).feature_set
     with before_run():
         fs = load_feature_set(feature_set)
-        split = Split.from_options(fs, opts.eval_start, opts.eval_fraction)
+        split = Split.from_settings(fs, opts.eval_start, opts.eval_fraction)
         source = read_source(options, fs)
         input_desc = describe_source(options, fs)
         check_output_dir(opts.output_dir, "--output_dir")

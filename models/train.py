@@ -112,10 +112,9 @@ def load_split_features(prepared_dir: str, fs, summary: dict):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from beam_pipelines.prepare import Split
+    from transforms.split import Split
 
-    split = summary.get("split", {})
-    splitter = Split.from_options(fs, split.get("eval_start"), split.get("eval_fraction"))
+    splitter = Split.from_description(fs, summary.get("split"))
     table = pq.read_table(os.path.join(prepared_dir, "features"))
     is_eval = splitter.is_eval(fs, table.combine_chunks().to_batches()[0]) if table.num_rows else None
     return table.filter(pc.invert(is_eval)), table.filter(is_eval)

@@ -16,6 +16,7 @@ from beam_pipelines.io.files import InputError
 from tests.flights_data import real_flights, write_csv, write_jsonl
 from transforms.example_schema import features_arrow_schema
 from transforms.flights import FLIGHTS
+from transforms.split import Split
 
 BAD_LINES = {
     "2013,13,1,517,515,2,830,819,11,UA,1545,N14228,EWR,IAH,227,1400,5,15,2013-01-01T10:00:00Z": "'month' = 13 is above the maximum 12",
@@ -104,7 +105,7 @@ def test_tfrecords_parse_with_the_transformed_spec_and_match_the_summary(prepare
 def test_hashed_split_is_the_same_for_the_same_example(prepared):
     out, summary, _ = prepared
     features = pq.read_table(out / "features")
-    split = prepare.Split.from_options(FLIGHTS, None, 0.25)
+    split = Split.from_settings(FLIGHTS, None, 0.25)
     is_eval = split.is_eval(FLIGHTS, features.combine_chunks().to_batches()[0])
     assert sum(is_eval.to_pylist()) == summary["examples_eval"]
 
