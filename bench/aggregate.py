@@ -64,7 +64,7 @@ def bench_feature_set(long_windows: bool = False, week: bool = False):
         )
     scaled = tuple(
         WindowedAggregate(
-            a.name, a.key, a.combiner, a.size_s // SCALE, a.period_s // SCALE, a.value, a.default
+            a.name, a.key, a.operation, a.size_s // SCALE, a.period_s // SCALE, a.value, a.default
         )
         for a in aggs
     )
@@ -376,7 +376,7 @@ class Floor:
         self.fs, self.sub, self.table = fs, subscription, table
         self.validator = RecordValidator(fs)
         self.specs = key_specs(fs)
-        self.acc = BucketAccumulatorFn()
+        self.acc = BucketAccumulatorFn(fs)
         self.buckets: dict = {}  # (key name, key value) -> {bucket: slot}
         self.read = 0
         self.stop = threading.Event()
@@ -403,12 +403,12 @@ class Floor:
                 self.read += 1
                 event = self.validator.validate(json.loads(m.message.data))
                 t = event[self.fs.event_time]
-                for spec in self.specs:
+                for index, spec in enumerate(self.specs):
                     key = (spec.key_name, entity_value(event[spec.key_name]))
                     bucket = (t // spec.period_ms) * spec.period_ms
                     self.acc.add_input(
                         self.buckets.setdefault(key, {}),
-                        (bucket, tuple(event.get(f) for f in spec.value_fields)),
+                        (index, bucket, t, tuple(event.get(f) for f in spec.value_fields)),
                     )
             now = int(time.time() * 1000)
             while next_w <= now:

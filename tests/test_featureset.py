@@ -67,7 +67,7 @@ def test_window_size_must_be_a_multiple_of_the_period():
 def test_count_takes_no_value_and_others_need_one():
     with pytest.raises(FeatureSetError, match="count"):
         WindowedAggregate("x", "origin", "count", 600, 300, value="dep_delay")
-    with pytest.raises(FeatureSetError, match="need one"):
+    with pytest.raises(FeatureSetError, match="needs a value field"):
         WindowedAggregate("x", "origin", "mean", 600, 300)
     with pytest.raises(FeatureSetError, match="combiner"):
         WindowedAggregate("x", "origin", "median", 600, 300, "dep_delay")
@@ -89,7 +89,7 @@ def test_count_takes_no_value_and_others_need_one():
         ),
         (
             {"aggregates": (WindowedAggregate("a", "origin", "mean", 600, 300, "carrier"),)},
-            "not numeric",
+            "mean needs a field of type int or float or bool",
         ),
         (
             {

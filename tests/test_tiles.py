@@ -62,7 +62,7 @@ def _exact_cells(fs: FeatureSet, events: list[dict]) -> dict:
                 if agg.combiner == "count":
                     cell[agg.name] = len(inside)
                 elif not values:
-                    cell[agg.name] = agg.default
+                    cell[agg.name] = agg.empty_value
                 elif agg.combiner == "sum":
                     cell[agg.name] = float(sum(Fraction(v) for v in values))
                 elif agg.combiner == "mean":
@@ -172,8 +172,8 @@ def test_a_cell_from_blocks_equals_the_cell_from_buckets():
     tile: dict = {}
     for _ in range(400):
         bucket = rng.randrange(0, 60) * 60_000
-        slot = tile.setdefault(bucket, new_slot(1))
-        add_to_slot(slot, [None if rng.random() < 0.2 else rng.uniform(-5, 5)])
+        slot = tile.setdefault(bucket, new_slot(spec))
+        add_to_slot(slot, [None if rng.random() < 0.2 else rng.uniform(-5, 5)] * 3, bucket)
     for block_periods in (2, 3, 5, 7):
         buckets, blocks = to_partials(tile, block_periods * 60_000)
         for w in range(0, 100 * 60_000, 60_000):

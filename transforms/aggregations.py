@@ -34,6 +34,7 @@ from transforms.partials import (
     CellKey,
     _cell,
     add_to_slot,
+    cell_columns,
     entity_value,
     key_specs,
     merge_buckets,
@@ -119,7 +120,8 @@ def parse_row_key(key: str | bytes) -> CellKey:
 
 
 class _ToBlockContributions(beam.DoFn):
-    """Event -> ((key name, key value, block end), (bucket, values)) for each block it feeds."""
+    """Event -> ((key name, key value, block end), (spec index, bucket, time, values)) for each
+    block it feeds (values: one per partial of the key's slot)."""
 
     def __init__(self, fs: FeatureSet, block_ms: int):
         self.fs = fs
@@ -132,7 +134,7 @@ class _ToBlockContributions(beam.DoFn):
     def process(self, event: dict) -> Iterator:
         t = event[self.fs.event_time]
         block = self.block_ms
-        for spec in self._specs:
+        for index, spec in enumerate(self._specs):
             key_value = entity_value(event.get(spec.key_name))
             if key_value is None:
                 self._null_keys.inc()
@@ -144,21 +146,24 @@ class _ToBlockContributions(beam.DoFn):
             first_block = -(-(bucket + period) // block) * block
             last_block = -(-(bucket + spec.max_size_ms) // block) * block
             for block_end in range(first_block, last_block + 1, block):
-                yield (spec.key_name, key_value, block_end), (bucket, values)
+                yield (spec.key_name, key_value, block_end), (index, bucket, t, values)
 
 
 class BucketAccumulatorFn(beam.CombineFn):
     """Per (key, block): bucket start -> slot of per-bucket partials (partials.py)."""
 
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+
     def create_accumulator(self) -> dict:
         return {}
 
     def add_input(self, acc: dict, element: tuple) -> dict:
-        bucket, values = element
+        index, bucket, t, values = element
         slot = acc.get(bucket)
         if slot is None:
-            slot = acc[bucket] = new_slot(len(values))
-        add_to_slot(slot, values)
+            slot = acc[bucket] = new_slot(key_specs(self.fs)[index])
+        add_to_slot(slot, values, t)
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
@@ -229,7 +234,7 @@ class ComputeAggregates(beam.PTransform):
         return (
             events
             | "ToBlockContributions" >> beam.ParDo(_ToBlockContributions(self.fs, self.block_ms))
-            | "CombineBuckets" >> beam.CombinePerKey(BucketAccumulatorFn())
+            | "CombineBuckets" >> beam.CombinePerKey(BucketAccumulatorFn(self.fs))
             | "ToBlocks" >> beam.ParDo(_ToBlocks(self.fs, self.block_ms))
         )
 
@@ -255,8 +260,7 @@ def attach_aggregates(fs: FeatureSet, event: dict, lookup) -> dict:
     for spec in key_specs(fs):
         key_value = entity_value(event.get(spec.key_name))
         cell = lookup(CellKey(spec.key_name, key_value, w)) if key_value is not None else None
-        for agg in spec.aggregates:
-            out[agg.name] = agg.default if cell is None or agg.name not in cell else cell[agg.name]
+        out.update(cell_columns(spec, cell))
     return out
 
 
@@ -324,7 +328,14 @@ class _JoinBlock(beam.DoFn):
                 block = blocks.get((spec.key_name, entity_value(key)))
                 cells.append(block.cell(w) if block is not None else None)
             for agg in spec.aggregates:
-                columns[agg.name] = [agg.default if c is None else c[agg.name] for c in cells]
+                default, name = agg.default, agg.name
+                values = [default if c is None else c[name] for c in cells]
+                if len(agg.columns) == 1:
+                    columns[name] = values
+                    continue
+                split = [agg.operation.columns_of(v) for v in values]
+                for j, column in enumerate(agg.columns):
+                    columns[column] = [parts[j] for parts in split]
         joined = with_aggregate_columns(fs, table, columns)
         self._examples.inc(joined.num_rows)
         yield from joined.to_batches()

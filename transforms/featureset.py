@@ -7,14 +7,16 @@ import difflib
 import functools
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from transforms.operations import OPERATIONS, Operation
 
 MS = 1000  # event times, window sizes and window ends are integer epoch milliseconds inside
 
 # Timestamps outside this range are data errors (a year 318,857 or 1066 is not an event time).
 DEFAULT_TIMESTAMP_RANGE = ("1900-01-01T00:00:00+00:00", "2201-01-01T00:00:00+00:00")
 FIELD_TYPES = ("string", "int", "float", "bool", "timestamp")
-COMBINERS = ("count", "sum", "mean", "min", "max")
 UNEXPECTED_FIELD_POLICIES = ("reject", "ignore")
 
 
@@ -26,7 +28,7 @@ def checked_settings(cls):
     """Make an unknown or misspelt keyword of a declaration class a FeatureSetError that names
     the known settings (and the closest one), instead of the dataclass's bare TypeError."""
     init = cls.__init__
-    known = tuple(f.name for f in fields(cls))
+    known = tuple(f.name for f in fields(cls) if f.init)
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
@@ -69,32 +71,65 @@ class Field:
 @checked_settings
 @dataclass(frozen=True)
 class WindowedAggregate:
-    """An aggregate of `value` over the events of one entity in the window [W - size, W).
+    """One aggregate over the events of one entity in the window [W - size, W).
 
-    `value` is None for `count`. `default` is the value of an empty window (count: 0).
+    `combiner` is an operation (operations.py: `Mean("dep_delay")`, `LastK("dest", k=3)`) or
+    its registered name with the value field in `value` (`"mean", value="dep_delay"`).
+    `default` is the value of an empty window (default: the operation's, e.g. 0 for counts,
+    0.0 for numbers, [] for lists). Most declarations use `Aggregate`, which yields one of
+    these per window size.
     """
 
     name: str
     key: str
-    combiner: str
+    combiner: str | Operation
     size_s: int
     period_s: int
     value: str | None = None
-    default: float = 0.0
+    default: Any = None
+    operation: Operation = field(init=False, compare=False, repr=False)
+    # The value field's type, set by the FeatureSet that holds the aggregate.
+    value_type: str | None = field(init=False, default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.combiner not in COMBINERS:
-            raise FeatureSetError(f"aggregate {self.name!r}: combiner must be one of {COMBINERS}")
-        if self.period_s <= 0 or self.size_s <= 0:
-            raise FeatureSetError(f"aggregate {self.name!r}: size and period must be positive")
+        op = self.combiner
+        if isinstance(op, str):
+            cls = OPERATIONS.get(op)
+            if cls is None:
+                raise FeatureSetError(
+                    f"aggregate {self.name!r}: combiner {op!r} is not an operation; known: "
+                    f"{', '.join(OPERATIONS)}"
+                )
+            op = cls(self.value) if cls.takes_value else cls()
+            if not cls.takes_value and self.value is not None:
+                raise FeatureSetError(f"aggregate {self.name!r}: {op.name} takes no value field")
+        elif isinstance(op, Operation):
+            if self.value is not None and self.value != op.value:
+                raise FeatureSetError(
+                    f"aggregate {self.name!r}: value {self.value!r} differs from the operation's "
+                    f"{op.value!r}"
+                )
+        else:
+            raise FeatureSetError(
+                f"aggregate {self.name!r}: combiner must be an Operation or one of "
+                f"{', '.join(OPERATIONS)}, got {op!r}"
+            )
+        object.__setattr__(self, "operation", op)
+        object.__setattr__(self, "combiner", op.name)
+        object.__setattr__(self, "value", op.value)
+        if op.takes_value and op.value is None:
+            raise FeatureSetError(f"aggregate {self.name!r}: {op.name} needs a value field")
+        for what in ("size_s", "period_s"):
+            number = getattr(self, what)
+            if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+                raise FeatureSetError(
+                    f"aggregate {self.name!r}: {what} must be a positive whole number of "
+                    f"seconds, got {number!r}"
+                )
         if self.size_s % self.period_s:
             raise FeatureSetError(
                 f"aggregate {self.name!r}: window size {self.size_s}s is not a multiple of "
                 f"the period {self.period_s}s"
-            )
-        if (self.value is None) != (self.combiner == "count"):
-            raise FeatureSetError(
-                f"aggregate {self.name!r}: `count` takes no value field, the others need one"
             )
 
     @property
@@ -104,6 +139,110 @@ class WindowedAggregate:
     @property
     def period_ms(self) -> int:
         return self.period_s * MS
+
+    @property
+    def empty_value(self) -> Any:
+        """The value of an empty window: the declared default, else the operation's."""
+        if self.default is not None:
+            return self.default
+        return self.operation.empty(self.value_type)
+
+    @property
+    def columns(self) -> tuple[tuple[str, str, bool], ...]:
+        """The example columns of this aggregate: (name, type, repeated) each."""
+        return tuple(
+            (self.name + c.suffix, c.type, c.repeated)
+            for c in self.operation.outputs(self.value_type)
+        )
+
+    def column_values(self, value: Any) -> tuple:
+        """A cell value (or the empty value) -> one entry per column."""
+        return self.operation.columns_of(value)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def duration_s(value: int | str, what: str = "duration") -> int:
+    """Seconds, or a duration like "90s", "15m", "1h", "1d", "7d", "2w" -> seconds."""
+    if isinstance(value, bool):
+        raise FeatureSetError(f"{what}: {value!r} is not a duration")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS or not number.isdigit() or int(number) <= 0:
+        raise FeatureSetError(
+            f"{what}: {value!r} is not a duration (seconds, or a whole number with s, m, h, d "
+            f"or w: '15m', '1h', '7d')"
+        )
+    return int(number) * _UNITS[unit]
+
+
+def duration_label(seconds: int) -> str:
+    """The shortest exact label of a duration: 900 -> "15m", 86400 -> "1d", 90 -> "90s"."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+@checked_settings
+@dataclass(frozen=True)
+class Aggregate:
+    """A declaration of windowed aggregates: one operation per entity key over several windows.
+
+        Aggregate(key="origin", operation=Mean("dep_delay"), windows=["15m", "1h"], period="5m")
+
+    yields `origin_mean_dep_delay_15m` and `origin_mean_dep_delay_1h`. `name` replaces the
+    generated stem (`{key}_{operation}[_{value}]`); the window label is always appended.
+    Windows and the period are seconds or durations ("90s", "15m", "1h", "1d", "7d").
+    """
+
+    key: str
+    operation: Operation | str
+    windows: tuple[int | str, ...]
+    period: int | str
+    name: str = ""
+    default: Any = None
+
+    def __post_init__(self) -> None:
+        windows = self.windows
+        if isinstance(windows, (str, int)):
+            windows = (windows,)
+        if not windows:
+            raise FeatureSetError(f"aggregate over {self.key!r}: windows must not be empty")
+        object.__setattr__(self, "windows", tuple(windows))
+        self.expand()  # every check, now
+
+    def expand(self) -> tuple[WindowedAggregate, ...]:
+        op = self.operation
+        if isinstance(op, str):
+            cls = OPERATIONS.get(op)
+            if cls is None or cls.takes_value:
+                raise FeatureSetError(
+                    f"aggregate over {self.key!r}: operation {op!r}: give an Operation instance "
+                    f"(e.g. Mean('field')); only operations without a value field may be named"
+                )
+            op = cls()
+        if not isinstance(op, Operation):
+            raise FeatureSetError(f"aggregate over {self.key!r}: {op!r} is not an Operation")
+        stem = self.name or "_".join(p for p in (self.key, op.name, op.value) if p)
+        period = duration_s(self.period, f"aggregate {stem!r}: period")
+        out = []
+        for window in self.windows:
+            size = duration_s(window, f"aggregate {stem!r}: window")
+            out.append(
+                WindowedAggregate(
+                    name=f"{stem}_{duration_label(size)}",
+                    key=self.key,
+                    combiner=op,
+                    size_s=size,
+                    period_s=period,
+                    default=self.default,
+                )
+            )
+        return tuple(out)
 
 
 Record = dict
@@ -145,8 +284,9 @@ class FeatureSet:
       model input), besides the aggregates and the label.
     - `preprocessing_fn`: the tf.Transform function over example fields and aggregates.
     - `example_key`: the example fields that identify one example (the hashed split, joining
-      predictions with labels in the report, the model's metadata). Default: the entity keys
-      then the event time, `(*keys, event_time)`; every field must be an example field.
+      predictions with labels in the report, the model's metadata). Default: those of the
+      entity keys and the event time, `(*keys, event_time)`, that are example fields (if none
+      is, every example field but the label). A declared key must be example fields.
     - `default_input`: the input of prepare/score/replay when no source is given (a path, or
       a function returning one), or None.
     - `eval_start` / `eval_fraction`: the default train/eval split of prepare: a time split at
@@ -196,23 +336,7 @@ class FeatureSet:
                 raise FeatureSetError(f"entity key {key!r} is not a raw or derived field")
             if "#" in key:
                 raise FeatureSetError(f"entity key {key!r} may not contain '#' (row-key separator)")
-        _check_unique("aggregate", [a.name for a in self.aggregates])
-        for agg in self.aggregates:
-            if agg.key not in self.keys:
-                raise FeatureSetError(
-                    f"aggregate {agg.name!r}: key {agg.key!r} is not an entity key"
-                )
-            if agg.value is not None:
-                if agg.value not in known:
-                    raise FeatureSetError(
-                        f"aggregate {agg.name!r}: unknown value field {agg.value!r}"
-                    )
-                if known[agg.value].type not in ("int", "float", "bool"):
-                    raise FeatureSetError(
-                        f"aggregate {agg.name!r}: value {agg.value!r} is not numeric"
-                    )
-            if agg.name in known:
-                raise FeatureSetError(f"aggregate {agg.name!r} has the name of a field")
+        self._expand_aggregates()
         for f in self.example_fields:
             if f.name not in known:
                 raise FeatureSetError(f"example field {f.name!r} is not a raw or derived field")
@@ -229,6 +353,52 @@ class FeatureSet:
             raise FeatureSetError("preprocessing_fn must be callable")
         self._check_job_settings()
 
+    def _expand_aggregates(self) -> None:
+        """Aggregate declarations -> WindowedAggregates, each checked against the fields."""
+        if isinstance(self.aggregates, (Aggregate, WindowedAggregate)):
+            raise FeatureSetError("aggregates must be a list of Aggregate / WindowedAggregate")
+        expanded: list[WindowedAggregate] = []
+        for agg in self.aggregates:
+            if isinstance(agg, Aggregate):
+                expanded.extend(agg.expand())
+            elif isinstance(agg, WindowedAggregate):
+                # A copy: the value type set below belongs to this feature set's schema.
+                expanded.append(replace(agg, combiner=agg.operation))
+            else:
+                raise FeatureSetError(f"aggregates: {agg!r} is not an Aggregate")
+        object.__setattr__(self, "aggregates", tuple(expanded))
+        known = self.fields_by_name
+        _check_unique("aggregate", [a.name for a in expanded])
+        columns: dict[str, str] = {}
+        for agg in expanded:
+            if agg.key not in self.keys:
+                raise FeatureSetError(
+                    f"aggregate {agg.name!r}: key {agg.key!r} is not an entity key"
+                )
+            value_type = None
+            if agg.value is not None:
+                if agg.value not in known:
+                    raise FeatureSetError(
+                        f"aggregate {agg.name!r}: unknown value field {agg.value!r}"
+                    )
+                value_type = known[agg.value].type
+                if agg.value in self.allow_non_finite:
+                    raise FeatureSetError(
+                        f"aggregate {agg.name!r}: {agg.value!r} allows NaN and infinities, "
+                        f"which no aggregate can sum or order exactly"
+                    )
+            agg.operation.check(agg.name, value_type, FeatureSetError)
+            object.__setattr__(agg, "value_type", value_type)
+            _check_default(agg)
+            for name, _, _ in agg.columns:
+                if name in known:
+                    raise FeatureSetError(f"aggregate {agg.name!r}: column {name!r} is a field")
+                if name in columns:
+                    raise FeatureSetError(
+                        f"aggregates {columns[name]!r} and {agg.name!r} both make column {name!r}"
+                    )
+                columns[name] = agg.name
+
     def _check_job_settings(self) -> None:
         """The typed settings the jobs read: example key, split, baseline, validation."""
         for name in ("keys", "example_key", "allow_non_finite", "timestamp_range"):
@@ -238,7 +408,12 @@ class FeatureSet:
             object.__setattr__(self, name, tuple(value))
         examples = {f.name: f for f in self.example_fields}
         if not self.example_key:
-            object.__setattr__(self, "example_key", (*self.keys, self.event_time))
+            default = tuple(k for k in (*self.keys, self.event_time) if k in examples)
+            object.__setattr__(
+                self,
+                "example_key",
+                default or tuple(n for n in examples if n != self.label),
+            )
         _check_unique("example key field", list(self.example_key))
         for name in self.example_key:
             if name not in examples:
@@ -305,8 +480,30 @@ class FeatureSet:
         """Entity keys that have at least one aggregate, in declaration order."""
         return tuple(k for k in self.keys if self.aggregates_for(k))
 
-    def aggregate_defaults(self) -> dict[str, float]:
-        return {a.name: (0 if a.combiner == "count" else a.default) for a in self.aggregates}
+    def aggregate_defaults(self) -> dict[str, Any]:
+        return {a.name: a.empty_value for a in self.aggregates}
+
+
+def _check_default(agg: WindowedAggregate) -> None:
+    """A declared default must look like the aggregate's value (a count's is always 0)."""
+    default = agg.default
+    if default is None:
+        return
+    columns = agg.columns
+    kind, repeated = columns[0][1], columns[0][2]
+    if len(columns) > 1 or repeated:
+        ok = isinstance(default, dict if len(columns) > 1 else list)
+    elif kind == "string":
+        ok = isinstance(default, str)
+    elif kind == "int":
+        ok = default == 0 and not isinstance(default, bool)
+    else:
+        ok = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if not ok:
+        raise FeatureSetError(
+            f"aggregate {agg.name!r}: default {default!r} does not fit a {agg.combiner} "
+            f"(counts: 0; lists: a list; histograms: a dict)"
+        )
 
 
 def _parse_instant(what: str, text: str) -> dt.datetime:

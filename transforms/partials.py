@@ -4,13 +4,13 @@ Every aggregate of one entity key shares the period P, so an event at t falls in
 b = floor(t / P) * P and the windows ending at W = b + P, ..., b + S need it. Batch (day
 blocks, aggregations.py) and streaming (tiles, tiles.py) keep the same per-bucket *slot*:
 
-    [count, then per value field: n, sum mantissa, sum exponent, min, max]
+    [event count, then one partial per distinct operation partial (operations.py)]
 
-Sums are exact: each value is added as the binary fraction it is (mantissa * 2**exponent, Python
-integers), so a sum or mean does not depend on the order in which events were added or merged,
-and `_cell` rounds once, correctly, at the end. Batch and streaming therefore give bit-identical
-cells for any float input delivered in any order. A new operation keeps its partial in the slot
-and reads it off in `_cell`: nothing else in either path changes.
+Aggregates whose operations keep the same partial over the same field (a 1 h and a 15 min
+mean, a variance and a stddev) share it. Every partial is exact and merges in any order, and
+`_cell` reads each aggregate off the merged partials, so batch and streaming give bit-identical
+cells for any input delivered in any order. A new operation is one class in operations.py:
+nothing here or in either path changes.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from transforms.featureset import FeatureSet
+from transforms.operations import Operation
 
 NAMESPACE = "skewless"
-STRIDE = 5  # slot entries per value field: n, sum mantissa, sum exponent, min, max
 
 
 class CellKey(NamedTuple):
@@ -33,17 +33,19 @@ class CellKey(NamedTuple):
 
 class _AggSpec(NamedTuple):
     name: str
-    combiner: str
+    operation: Operation
     size_ms: int
-    field_index: int  # which value field of the slot
-    default: float
+    partial_index: int  # which slot entry it reads (0: the event count)
+    default: Any
+    columns: tuple[str, ...]  # the example columns of its value (operation.columns_of)
 
 
 class _KeySpec(NamedTuple):
-    """For one entity key: the value fields its aggregates read, the period, the largest window."""
+    """For one entity key: the partials its aggregates keep, the period, the largest window."""
 
     key_name: str
-    value_fields: tuple[str, ...]
+    value_fields: tuple[str | None, ...]  # the field each partial adds, slot[1:] aligned
+    operations: tuple[Operation, ...]  # the operation that makes each partial
     period_ms: int
     max_size_ms: int
     aggregates: tuple[_AggSpec, ...]
@@ -68,24 +70,54 @@ def _key_specs(fs: FeatureSet) -> tuple[_KeySpec, ...]:
     specs = []
     for key in fs.aggregate_keys:
         aggs = fs.aggregates_for(key)
-        fields = tuple(dict.fromkeys(a.value for a in aggs if a.value is not None))
-        agg_specs = tuple(
-            _AggSpec(
-                a.name,
-                a.combiner,
-                a.size_ms,
-                fields.index(a.value) if a.value is not None else 0,
-                0 if a.combiner == "count" else a.default,
+        partials: dict[tuple, int] = {}  # partial key -> slot index
+        operations = []
+        agg_specs = []
+        for a in aggs:
+            op = a.operation
+            index = 0
+            if op.partial() is not None:
+                index = partials.get(op.partial_key())
+                if index is None:
+                    index = partials[op.partial_key()] = len(operations) + 1
+                    operations.append(op)
+            agg_specs.append(
+                _AggSpec(
+                    a.name, op, a.size_ms, index, a.empty_value, tuple(c[0] for c in a.columns)
+                )
             )
-            for a in aggs
-        )
         period, max_size = aggs[0].period_ms, max(a.size_ms for a in aggs)
         sizes = sorted({a.size_ms // period for a in agg_specs})
         steps = tuple(
             (k, tuple(i for i, a in enumerate(agg_specs) if a.size_ms == k * period)) for k in sizes
         )
-        specs.append(_KeySpec(key, fields, period, max_size, agg_specs, steps))
+        specs.append(
+            _KeySpec(
+                key,
+                tuple(op.value for op in operations),
+                tuple(operations),
+                period,
+                max_size,
+                tuple(agg_specs),
+                steps,
+            )
+        )
     return tuple(specs)
+
+
+def cell_columns(spec: _KeySpec, cell: dict | None) -> dict:
+    """A cell {aggregate: value} (None: an empty window) -> {example column: value}, with the
+    declared defaults for aggregates the cell lacks."""
+    out = {}
+    for agg in spec.aggregates:
+        value = None if cell is None else cell.get(agg.name)
+        if value is None:
+            value = agg.default
+        if len(agg.columns) == 1:
+            out[agg.name] = value
+        else:
+            out.update(zip(agg.columns, agg.operation.columns_of(value), strict=True))
+    return out
 
 
 def entity_value(value: Any) -> str | None:
@@ -97,51 +129,32 @@ def entity_value(value: Any) -> str | None:
     return str(value)
 
 
-def new_slot(nfields: int) -> list:
-    return [0] + [0, 0, 0, None, None] * nfields
+def new_slot(spec: _KeySpec) -> list:
+    return [0, *(op.partial() for op in spec.operations)]
 
 
-def add_to_slot(slot: list, values: Iterable) -> None:
-    """Add one event (its value per field, None = null) to a slot, in place."""
+def add_to_slot(slot: list, values: Iterable, time_ms: int) -> None:
+    """Add one event (its value per partial, None = null) at `time_ms` to a slot, in place."""
     slot[0] += 1
     i = 1
     for v in values:
         if v is not None:
-            slot[i] += 1
-            mantissa, denominator = v.as_integer_ratio()  # denominator: a power of two
-            exponent = 1 - denominator.bit_length()
-            _add_exact(slot, i + 1, mantissa, exponent)
-            if slot[i + 3] is None or v < slot[i + 3]:
-                slot[i + 3] = v
-            if slot[i + 4] is None or v > slot[i + 4]:
-                slot[i + 4] = v
-        i += STRIDE
-
-
-def _add_exact(acc: list, at: int, mantissa: int, exponent: int) -> None:
-    """acc[at] * 2**acc[at + 1] += mantissa * 2**exponent, exactly."""
-    mine, mine_exp = acc[at], acc[at + 1]
-    if exponent == mine_exp:
-        acc[at] = mine + mantissa
-    elif exponent > mine_exp:
-        acc[at] = mine + (mantissa << (exponent - mine_exp))
-    else:
-        acc[at] = (mine << (mine_exp - exponent)) + mantissa
-        acc[at + 1] = exponent
+            slot[i].add(v, time_ms)
+        i += 1
 
 
 def merge_slot(into: list, other: list) -> None:
-    """Merge slot `other` into slot `into`, in place (order-independent)."""
+    """Merge slot `other` into slot `into`, in place (order-independent; `other` unchanged)."""
     into[0] += other[0]
-    for i in range(1, len(other), STRIDE):
-        if not other[i]:
-            continue
-        into[i] += other[i]
-        _add_exact(into, i + 1, other[i + 1], other[i + 2])
-        if into[i + 3] is None or other[i + 3] < into[i + 3]:
-            into[i + 3] = other[i + 3]
-        if into[i + 4] is None or other[i + 4] > into[i + 4]:
-            into[i + 4] = other[i + 4]
+    for i in range(1, len(other)):
+        into[i].merge(other[i])
+
+
+def copy_slot(slot: list) -> list:
+    """A deep copy: no partial is ever shared between two slots."""
+    out = [slot[0]]
+    out.extend(p.copy() for p in slot[1:])
+    return out
 
 
 def merge_buckets(into: dict, other: dict) -> dict:
@@ -149,17 +162,10 @@ def merge_buckets(into: dict, other: dict) -> dict:
     for bucket, slot in other.items():
         mine = into.get(bucket)
         if mine is None:
-            into[bucket] = list(slot)
+            into[bucket] = copy_slot(slot)
         else:
             merge_slot(mine, slot)
     return into
-
-
-def exact_to_float(mantissa: int, exponent: int, divisor: int = 1) -> float:
-    """mantissa * 2**exponent / divisor, correctly rounded (Python's int / int rounds exactly)."""
-    if exponent >= 0:
-        return (mantissa << exponent) / divisor
-    return mantissa / (divisor << -exponent)
 
 
 def block_periods(fs: FeatureSet) -> int:
@@ -187,8 +193,7 @@ def _cell(
     """
     period = spec.period_ms
     get = buckets.get
-    nfields = len(spec.value_fields)
-    running = new_slot(nfields)
+    running = new_slot(spec)
     found = False
     results = [None] * len(spec.aggregates)
     position = w - period  # the bucket read next
@@ -208,23 +213,12 @@ def _cell(
             if slot is not None:
                 found = True
                 merge_slot(running, slot)
+        events = running[0]
         for index in ending:
             agg = spec.aggregates[index]
-            if agg.combiner == "count":
-                results[index] = running[0]
-                continue
-            i = 1 + STRIDE * agg.field_index
-            n = running[i]
-            if n == 0:
-                results[index] = agg.default
-            elif agg.combiner == "mean":
-                results[index] = exact_to_float(running[i + 1], running[i + 2], n)
-            elif agg.combiner == "sum":
-                results[index] = exact_to_float(running[i + 1], running[i + 2])
-            elif agg.combiner == "min":
-                results[index] = float(running[i + 3])
-            else:
-                results[index] = float(running[i + 4])
+            i = agg.partial_index
+            value = agg.operation.finalize(running[i] if i else None, events)
+            results[index] = agg.default if value is None else value
     if not found:
         return None
     return {agg.name: value for agg, value in zip(spec.aggregates, results, strict=True)}

@@ -50,6 +50,7 @@ from transforms.partials import (
     add_to_slot,
     block_periods,
     block_start,
+    copy_slot,
     entity_value,
     key_specs,
     merge_buckets,
@@ -125,8 +126,8 @@ class _ToTiles(beam.DoFn):
             bucket = (t // spec.period_ms) * spec.period_ms
             slot = buckets.get(bucket)
             if slot is None:
-                slot = buckets[bucket] = new_slot(len(spec.value_fields))
-            add_to_slot(slot, [event.get(f) for f in spec.value_fields])
+                slot = buckets[bucket] = new_slot(spec)
+            add_to_slot(slot, [event.get(f) for f in spec.value_fields], t)
         self._buffered += 1
         if self._buffered >= MAX_BUFFERED_EVENTS:
             # Mid-bundle, an output takes the current input's timestamp (it may not be earlier).
@@ -154,7 +155,7 @@ def to_partials(tile: dict, block_ms: int) -> tuple[dict, dict]:
         start = block_start(bucket, block_ms)
         mine = blocks.get(start)
         if mine is None:
-            blocks[start] = list(slot)
+            blocks[start] = copy_slot(slot)
         else:
             merge_slot(mine, slot)
     return dict(tile), blocks

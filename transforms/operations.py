@@ -1,0 +1,542 @@
+"""Aggregate operations: one class each, the only place an operation's arithmetic lives.
+
+An operation keeps a *partial* per entity and P-bucket (`Partial`: add one value, merge
+another partial, copy) and reads its value off the partial merged over a window
+(`Operation.finalize`); like a Beam CombineFn split into the per-bucket state and the read-off.
+Every partial is exact and its merge order-independent (sums as exact binary fractions, ties
+in event time broken by the value), so the batch day blocks and the streaming tiles, which
+merge the same partials in different orders, give the same cells bit for bit.
+
+An operation also says what its value looks like (`outputs`: the example columns, their type,
+scalar or list) and what an empty window gives (`empty`). The example schema, the tf.Transform
+input spec, the serving signature and the Bigtable encoding all follow from that. Adding an
+operation is one class here, registered in OPERATIONS.
+
+Nulls are skipped by every operation (`count` counts events, nulls included; the others see
+the non-null values only); a window without a non-null value gives the declared default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple
+
+NUMERIC = ("int", "float", "bool")
+SCALAR = ("int", "float", "bool", "string")
+
+
+class Column(NamedTuple):
+    """One example column an aggregate produces: name suffix, type, and whether it is a list."""
+
+    suffix: str
+    type: str
+    repeated: bool = False
+
+
+def exact(value) -> tuple[int, int]:
+    """A finite int or float as the exact binary fraction mantissa * 2**exponent."""
+    mantissa, denominator = value.as_integer_ratio()  # denominator: a power of two
+    return mantissa, 1 - denominator.bit_length()
+
+
+def add_exact(m1: int, e1: int, m2: int, e2: int) -> tuple[int, int]:
+    """m1 * 2**e1 + m2 * 2**e2, exactly, as (mantissa, exponent)."""
+    if e1 == e2:
+        return m1 + m2, e1
+    if e1 > e2:
+        return (m1 << (e1 - e2)) + m2, e2
+    return m1 + (m2 << (e2 - e1)), e1
+
+
+def exact_to_float(mantissa: int, exponent: int, divisor: int = 1) -> float:
+    """mantissa * 2**exponent / divisor, correctly rounded (Python's int / int rounds exactly)."""
+    if exponent >= 0:
+        return (mantissa << exponent) / divisor
+    return mantissa / (divisor << -exponent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Partials: the per-bucket state. `merge` never keeps a reference to the other partial's
+# mutable parts, and `copy` is deep, so a bucket's partial is never shared between states.
+
+
+class Partial:
+    __slots__ = ()
+
+    def add(self, value, time_ms: int) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: Partial) -> None:
+        raise NotImplementedError
+
+    def copy(self) -> Partial:
+        raise NotImplementedError
+
+    def __reduce__(self):
+        return (type(self)._restore, (tuple(getattr(self, s) for s in self.__slots__),))
+
+    @classmethod
+    def _restore(cls, values: tuple) -> Partial:
+        out = cls.__new__(cls)
+        for name, value in zip(cls.__slots__, values, strict=True):
+            setattr(out, name, value)
+        return out
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and all(
+            getattr(self, s) == getattr(other, s) for s in self.__slots__
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(getattr(self, s)) for s in self.__slots__)})"
+
+
+class ExactSum(Partial):
+    """Non-null count and exact sum (and, with squares, exact sum of squares)."""
+
+    __slots__ = ("n", "m", "e", "m2", "e2")
+
+    def __init__(self, squares: bool = False):
+        self.n, self.m, self.e = 0, 0, 0
+        self.m2, self.e2 = (0, 0) if squares else (None, None)
+
+    def add(self, value, time_ms: int) -> None:
+        m, e = exact(value)
+        self.n += 1
+        self.m, self.e = add_exact(self.m, self.e, m, e)
+        if self.m2 is not None:
+            self.m2, self.e2 = add_exact(self.m2, self.e2, m * m, 2 * e)
+
+    def merge(self, other: ExactSum) -> None:
+        if other.n:
+            self.n += other.n
+            self.m, self.e = add_exact(self.m, self.e, other.m, other.e)
+            if self.m2 is not None:
+                self.m2, self.e2 = add_exact(self.m2, self.e2, other.m2, other.e2)
+
+    def copy(self) -> ExactSum:
+        return ExactSum._restore((self.n, self.m, self.e, self.m2, self.e2))
+
+
+class Extreme(Partial):
+    """The smallest (sign 1) or largest (sign -1) value."""
+
+    __slots__ = ("largest", "value")
+
+    def __init__(self, largest: bool):
+        self.largest, self.value = largest, None
+
+    def add(self, value, time_ms: int) -> None:
+        mine = self.value
+        if mine is None or (value > mine if self.largest else value < mine):
+            self.value = value
+
+    def merge(self, other: Extreme) -> None:
+        if other.value is not None:
+            self.add(other.value, 0)
+
+    def copy(self) -> Extreme:
+        return Extreme._restore((self.largest, self.value))
+
+
+class Latest(Partial):
+    """The k latest (event time, value) pairs, or the k earliest: ties in time broken by the
+    value, so the result does not depend on arrival order. Kept newest (or oldest) first."""
+
+    __slots__ = ("k", "earliest", "items")
+
+    def __init__(self, k: int, earliest: bool = False):
+        self.k, self.earliest, self.items = k, earliest, []
+
+    def add(self, value, time_ms: int) -> None:
+        self._take([(time_ms, value)])
+
+    def merge(self, other: Latest) -> None:
+        if other.items:
+            self._take(other.items)
+
+    def _take(self, pairs: list) -> None:
+        items = self.items + pairs
+        items.sort(reverse=not self.earliest)
+        del items[self.k :]
+        self.items = items
+
+    def copy(self) -> Latest:
+        return Latest._restore((self.k, self.earliest, list(self.items)))
+
+
+class Distinct(Partial):
+    __slots__ = ("values",)
+
+    def __init__(self):
+        self.values = set()
+
+    def add(self, value, time_ms: int) -> None:
+        self.values.add(value)
+
+    def merge(self, other: Distinct) -> None:
+        self.values |= other.values
+
+    def copy(self) -> Distinct:
+        return Distinct._restore((set(self.values),))
+
+
+class Counts(Partial):
+    __slots__ = ("counts",)
+
+    def __init__(self):
+        self.counts = {}
+
+    def add(self, value, time_ms: int) -> None:
+        counts = self.counts
+        counts[value] = counts.get(value, 0) + 1
+
+    def merge(self, other: Counts) -> None:
+        counts = self.counts
+        for value, n in other.counts.items():
+            counts[value] = counts.get(value, 0) + n
+
+    def copy(self) -> Counts:
+        return Counts._restore((dict(self.counts),))
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+
+
+class Operation:
+    """What an aggregate computes over its window. Subclasses set `name` and implement
+    `partial` (a fresh per-bucket partial), `finalize` (partial merged over the window ->
+    value, None if the window had no value) and `outputs` (the example columns)."""
+
+    name: ClassVar[str]
+    takes_value: ClassVar[bool] = True
+    value_types: ClassVar[tuple[str, ...]] = NUMERIC
+
+    def __init__(self, value: str | None = None):
+        self.value = value
+
+    def params(self) -> tuple:
+        """Parameters beyond the value field (e.g. k), part of the identity of the partial."""
+        return ()
+
+    def partial_key(self) -> tuple:
+        """Aggregates whose operations give equal keys share one partial per bucket."""
+        return (type(self).partial_kind, self.value, *self.params())
+
+    partial_kind: ClassVar[str] = ""
+
+    def partial(self) -> Partial | None:
+        """A fresh partial, or None for an operation that reads only the event count."""
+        raise NotImplementedError
+
+    def finalize(self, partial: Partial | None, events: int) -> Any:
+        raise NotImplementedError
+
+    def outputs(self, value_type: str | None) -> tuple[Column, ...]:
+        """The example columns of this operation over a field of `value_type`."""
+        return (Column("", "float"),)
+
+    def empty(self, value_type: str | None) -> Any:
+        """The value of an empty window when the declaration gives no default."""
+        return 0.0
+
+    def columns_of(self, value) -> tuple:
+        """The value read off a cell -> one entry per output column."""
+        return (value,)
+
+    def check(self, agg_name: str, value_type: str | None, error) -> None:
+        """Raise `error(message)` if this operation cannot run over `value_type`."""
+        if not self.takes_value:
+            if self.value is not None:
+                raise error(f"aggregate {agg_name!r}: {self.name} takes no value field")
+            return
+        if self.value is None:
+            raise error(f"aggregate {agg_name!r}: {self.name} needs a value field")
+        if value_type not in self.value_types:
+            raise error(
+                f"aggregate {agg_name!r}: {self.name} needs a field of type "
+                f"{' or '.join(self.value_types)}, {self.value!r} is {value_type}"
+            )
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and (self.value, self.params()) == (
+            other.value,
+            other.params(),
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.value, self.params()))
+
+    def __repr__(self) -> str:
+        args = [repr(self.value)] if self.value is not None else []
+        args += [f"{k}={v!r}" for k, v in self._named_params()]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def _named_params(self) -> list[tuple[str, Any]]:
+        return []
+
+
+class Count(Operation):
+    """Number of events in the window (nulls included)."""
+
+    name = "count"
+    takes_value = False
+    partial_kind = "count"
+
+    def partial(self) -> None:
+        return None
+
+    def finalize(self, partial, events: int) -> int:
+        return events
+
+    def outputs(self, value_type):
+        return (Column("", "int"),)
+
+    def empty(self, value_type):
+        return 0
+
+
+class Sum(Operation):
+    """Exact sum of the non-null values (rounded once)."""
+
+    name = "sum"
+    partial_kind = "sum"
+
+    def partial(self) -> ExactSum:
+        return ExactSum()
+
+    def finalize(self, partial: ExactSum, events: int):
+        return exact_to_float(partial.m, partial.e) if partial.n else None
+
+
+class Mean(Sum):
+    """Mean of the non-null values: exact sum / non-null count, rounded once."""
+
+    name = "mean"
+
+    def finalize(self, partial: ExactSum, events: int):
+        return exact_to_float(partial.m, partial.e, partial.n) if partial.n else None
+
+
+class Variance(Operation):
+    """Variance of the non-null values, from exact sums: (n * S2 - S1**2) / (n * (n - ddof)),
+    rounded once. ddof=0 (default) is the population variance, ddof=1 the sample variance; a
+    window with n <= ddof values gives the default."""
+
+    name = "variance"
+    partial_kind = "moments"
+
+    def __init__(self, value: str | None = None, *, ddof: int = 0):
+        super().__init__(value)
+        if ddof not in (0, 1):
+            raise ValueError(f"{self.name}: ddof must be 0 or 1, got {ddof!r}")
+        self.ddof = ddof
+
+    def params(self) -> tuple:
+        return ()  # ddof only changes the read-off: the moments partial is shared
+
+    def __eq__(self, other) -> bool:
+        return super().__eq__(other) and self.ddof == other.ddof
+
+    def __hash__(self) -> int:
+        return hash((super().__hash__(), self.ddof))
+
+    def _named_params(self):
+        return [("ddof", self.ddof)] if self.ddof else []
+
+    def partial(self) -> ExactSum:
+        return ExactSum(squares=True)
+
+    def finalize(self, partial: ExactSum, events: int):
+        n = partial.n
+        if n <= self.ddof:
+            return None
+        # n * m2 * 2**e2 - m**2 * 2**(2e), on the common exponent
+        numerator, exponent = add_exact(n * partial.m2, partial.e2, -(partial.m**2), 2 * partial.e)
+        return exact_to_float(numerator, exponent, n * (n - self.ddof))
+
+
+class StdDev(Variance):
+    """Square root of the variance (the correctly rounded variance, then math.sqrt)."""
+
+    name = "stddev"
+
+    def finalize(self, partial: ExactSum, events: int):
+        variance = super().finalize(partial, events)
+        return None if variance is None else math.sqrt(variance)
+
+
+class Min(Operation):
+    name = "min"
+    partial_kind = "min"
+    largest = False
+
+    def partial(self) -> Extreme:
+        return Extreme(self.largest)
+
+    def finalize(self, partial: Extreme, events: int):
+        return None if partial.value is None else float(partial.value)
+
+
+class Max(Min):
+    name = "max"
+    partial_kind = "max"
+    largest = True
+
+
+class _ByTime(Operation):
+    """Base of the operations that order values by event time (ties: by the value)."""
+
+    value_types = SCALAR
+
+    def outputs(self, value_type):
+        return (Column("", "string" if value_type == "string" else "float"),)
+
+    def empty(self, value_type):
+        return "" if value_type == "string" else 0.0
+
+    @staticmethod
+    def _typed(value):
+        return value if isinstance(value, str) else float(value)
+
+
+class First(_ByTime):
+    """The value of the earliest event in the window (ties in time: the smallest value)."""
+
+    name = "first"
+    partial_kind = "first"
+
+    def partial(self) -> Latest:
+        return Latest(1, earliest=True)
+
+    def finalize(self, partial: Latest, events: int):
+        return self._typed(partial.items[0][1]) if partial.items else None
+
+
+class Last(_ByTime):
+    """The value of the latest event in the window (ties in time: the largest value)."""
+
+    name = "last"
+    partial_kind = "last"
+
+    def partial(self) -> Latest:
+        return Latest(1)
+
+    def finalize(self, partial: Latest, events: int):
+        return self._typed(partial.items[0][1]) if partial.items else None
+
+
+class LastK(_ByTime):
+    """A list of the k latest values, newest first (ties in time: the larger value first)."""
+
+    name = "last_k"
+    partial_kind = "last"
+
+    def __init__(self, value: str | None = None, *, k: int = 5):
+        super().__init__(value)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"{self.name}: k must be a positive integer, got {k!r}")
+        self.k = k
+
+    def params(self) -> tuple:
+        return (self.k,)
+
+    def _named_params(self):
+        return [("k", self.k)]
+
+    def partial(self) -> Latest:
+        return Latest(self.k)
+
+    def finalize(self, partial: Latest, events: int):
+        return [self._typed(v) for _, v in partial.items] if partial.items else None
+
+    def outputs(self, value_type):
+        return (Column("", "string" if value_type == "string" else "float", repeated=True),)
+
+    def empty(self, value_type):
+        return []
+
+
+class UniqueCount(Operation):
+    """Exact number of distinct non-null values."""
+
+    name = "unique_count"
+    partial_kind = "distinct"
+    value_types = SCALAR
+
+    def partial(self) -> Distinct:
+        return Distinct()
+
+    def finalize(self, partial: Distinct, events: int):
+        return len(partial.values) if partial.values else None
+
+    def outputs(self, value_type):
+        return (Column("", "int"),)
+
+    def empty(self, value_type):
+        return 0
+
+
+class Histogram(Operation):
+    """Counts per category of a string field, the k most frequent (ties: by category), as two
+    aligned list columns `<name>_keys` and `<name>_counts`, most frequent first."""
+
+    name = "histogram"
+    partial_kind = "counts"
+    value_types = ("string",)
+
+    def __init__(self, value: str | None = None, *, k: int = 10):
+        super().__init__(value)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"{self.name}: k must be a positive integer, got {k!r}")
+        self.k = k
+
+    def params(self) -> tuple:
+        return ()  # k only changes the read-off: the counts partial is shared
+
+    def __eq__(self, other) -> bool:
+        return super().__eq__(other) and self.k == other.k
+
+    def __hash__(self) -> int:
+        return hash((super().__hash__(), self.k))
+
+    def _named_params(self):
+        return [("k", self.k)]
+
+    def partial(self) -> Counts:
+        return Counts()
+
+    def finalize(self, partial: Counts, events: int):
+        if not partial.counts:
+            return None
+        top = sorted(partial.counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.k]
+        return dict(top)
+
+    def outputs(self, value_type):
+        return (Column("_keys", "string", repeated=True), Column("_counts", "int", repeated=True))
+
+    def empty(self, value_type):
+        return {}
+
+    def columns_of(self, value) -> tuple:
+        return list(value), list(value.values())
+
+
+OPERATIONS: dict[str, type[Operation]] = {
+    op.name: op
+    for op in (
+        Count,
+        Sum,
+        Mean,
+        Variance,
+        StdDev,
+        Min,
+        Max,
+        First,
+        Last,
+        LastK,
+        UniqueCount,
+        Histogram,
+    )
+}
