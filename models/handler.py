@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from models.model import PRESENT_SUFFIX
+from models.model import LENGTHS_SUFFIX, PRESENT_SUFFIX
 from models.versions import OUTPUT, SIGNATURE, ModelVersion, resolve
 
 Example = pa.RecordBatch | Mapping[str, Any]
@@ -42,7 +42,9 @@ def example_count(element: Any) -> int:
     return element.num_rows if isinstance(element, pa.RecordBatch) else 1
 
 
-def arrow_to_feed(batch: pa.RecordBatch | pa.Table, inputs: Sequence[dict]) -> dict[str, np.ndarray]:
+def arrow_to_feed(
+    batch: pa.RecordBatch | pa.Table, inputs: Sequence[dict]
+) -> dict[str, np.ndarray]:
     """Columns of a batch -> {signature input: 1-D NumPy array}; InputError if one does not fit."""
     feed = {}
     names = batch.schema.names
@@ -53,15 +55,22 @@ def arrow_to_feed(batch: pa.RecordBatch | pa.Table, inputs: Sequence[dict]) -> d
         column = batch.column(name)
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
+        if spec.get("repeated"):
+            feed.update(_arrow_list_to_feed(name, dtype, column))
+            continue
         try:
             if pa.types.is_timestamp(column.type):
                 column = column.cast(pa.int64())
             values = column.cast(_ARROW[dtype])
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise InputError(f"feature {name!r} of type {column.type} is not {dtype}: {exc}") from None
+            raise InputError(
+                f"feature {name!r} of type {column.type} is not {dtype}: {exc}"
+            ) from None
         if values.null_count:
             if not spec["nullable"]:
-                raise InputError(f"required feature {name!r} is null in {values.null_count} example(s)")
+                raise InputError(
+                    f"required feature {name!r} is null in {values.null_count} example(s)"
+                )
             feed[name + PRESENT_SUFFIX] = values.is_valid().to_numpy(zero_copy_only=False)
             values = pc.fill_null(values, _FILL[dtype])
         elif spec["nullable"]:
@@ -70,7 +79,48 @@ def arrow_to_feed(batch: pa.RecordBatch | pa.Table, inputs: Sequence[dict]) -> d
     return feed
 
 
-def rows_to_feed(rows: Sequence[Mapping[str, Any]], inputs: Sequence[dict]) -> dict[str, np.ndarray]:
+def _arrow_list_to_feed(name: str, dtype: str, column: pa.Array) -> dict[str, np.ndarray]:
+    """A list column -> its values flat and one length per example (a null list is empty)."""
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise InputError(f"feature {name!r} of type {column.type} is not a list")
+    lengths = pc.fill_null(pc.list_value_length(column), 0).cast(pa.int64())
+    try:
+        values = pc.list_flatten(column).cast(_ARROW[dtype])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(
+            f"feature {name!r} of type {column.type} is not a list of {dtype}: {exc}"
+        ) from None
+    if values.null_count:
+        raise InputError(f"list feature {name!r} holds null values")
+    return {name: values.to_numpy(zero_copy_only=False), name + LENGTHS_SUFFIX: lengths.to_numpy()}
+
+
+def _rows_list_to_feed(name: str, dtype: str, lists: list) -> dict[str, np.ndarray]:
+    flat, lengths = [], []
+    for value in lists:
+        if value is None:
+            value = []
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"feature {name!r} is not a list: {value!r}")
+        flat.extend(value)
+        lengths.append(len(value))
+    try:
+        if dtype == "string":
+            if not all(isinstance(v, (str, bytes)) for v in flat):
+                raise TypeError("not a string")
+            values = np.array(flat, dtype=object)
+        else:
+            if any(isinstance(v, (str, bytes)) or v is None for v in flat):
+                raise TypeError("a string or a null")
+            values = np.asarray(flat, dtype=_NUMPY[dtype])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"list feature {name!r} is not a list of {dtype}: {exc}") from None
+    return {name: values, name + LENGTHS_SUFFIX: np.asarray(lengths, dtype=np.int64)}
+
+
+def rows_to_feed(
+    rows: Sequence[Mapping[str, Any]], inputs: Sequence[dict]
+) -> dict[str, np.ndarray]:
     """Example dicts (timestamps as epoch ms) -> {signature input: 1-D NumPy array}."""
     feed = {}
     for spec in inputs:
@@ -81,6 +131,9 @@ def rows_to_feed(rows: Sequence[Mapping[str, Any]], inputs: Sequence[dict]) -> d
             raise InputError(f"missing feature {name!r}") from None
         except TypeError:
             raise InputError("an example is not a mapping of feature names to values") from None
+        if spec.get("repeated"):
+            feed.update(_rows_list_to_feed(name, dtype, values))
+            continue
         present = np.array([v is not None for v in values], dtype=bool)
         if not present.all():
             if not spec["nullable"]:
@@ -125,7 +178,9 @@ _KEPT: list = [None]  # (key, model) of the last model loaded in this process
 _KEPT_LOCK = threading.Lock()
 
 
-def keep_alive(key: tuple, load: Callable[[], T], usable: Callable[[T], bool] = lambda _: True) -> T:
+def keep_alive(
+    key: tuple, load: Callable[[], T], usable: Callable[[T], bool] = lambda _: True
+) -> T:
     """The model last loaded under `key` in this process, or `load()` (then kept).
 
     RunInference shares a model between DoFn instances through a weak reference, and the local
@@ -183,7 +238,9 @@ class SkewlessModelHandler(ModelHandler[Example, PredictionResult, LoadedModel])
         max_batch_duration_secs: int | None = None,
     ):
         if min_batch_size < 1 or max_batch_size < min_batch_size:
-            raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}")
+            raise ValueError(
+                f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}"
+            )
         super().__init__(
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
@@ -216,7 +273,9 @@ class SkewlessModelHandler(ModelHandler[Example, PredictionResult, LoadedModel])
         return self._split(batch, probabilities, str(model.version))
 
     @staticmethod
-    def _split(batch: Sequence[Example], probabilities: np.ndarray, model_id: str) -> Iterator[PredictionResult]:
+    def _split(
+        batch: Sequence[Example], probabilities: np.ndarray, model_id: str
+    ) -> Iterator[PredictionResult]:
         start = 0
         for element in batch:
             if isinstance(element, (pa.RecordBatch, pa.Table)):
@@ -228,7 +287,9 @@ class SkewlessModelHandler(ModelHandler[Example, PredictionResult, LoadedModel])
             start = end
 
     def get_num_bytes(self, batch: Sequence[Example]) -> int:
-        return sum(e.nbytes if isinstance(e, (pa.RecordBatch, pa.Table)) else 64 * len(e) for e in batch)
+        return sum(
+            e.nbytes if isinstance(e, (pa.RecordBatch, pa.Table)) else 64 * len(e) for e in batch
+        )
 
     def get_metrics_namespace(self) -> str:
         return "skewless_inference"

@@ -12,8 +12,15 @@ from transforms.example_schema import example_columns
 from transforms.featureset import FeatureSet
 
 PRESENT_SUFFIX = "__present"
+LENGTHS_SUFFIX = "__lengths"
 # Serving dtypes follow the raw feature spec tf.Transform was analyzed with (example_schema).
-_SERVING_DTYPES = {"string": "string", "int": "int64", "float": "float32", "bool": "int64", "timestamp": "int64"}
+_SERVING_DTYPES = {
+    "string": "string",
+    "int": "int64",
+    "float": "float32",
+    "bool": "int64",
+    "timestamp": "int64",
+}
 
 
 def serving_inputs(fs: FeatureSet) -> list[dict]:
@@ -22,9 +29,18 @@ def serving_inputs(fs: FeatureSet) -> list[dict]:
     Each is a dense 1-D tensor (one value per example). A nullable column also takes a bool
     `<name>__present` tensor; the signature turns the pair into the SparseTensor tf.Transform
     was analyzed with, so a missing value is handled by the same graph as in training.
+    A list column (last_k, histogram) takes its values flat, every example's after the
+    previous one's, and an int64 `<name>__lengths` tensor (one length per example); the
+    signature turns the pair into the SparseTensor of the VarLen feature.
     """
     return [
-        {"name": c.name, "field_type": c.type, "dtype": _SERVING_DTYPES[c.type], "nullable": c.nullable}
+        {
+            "name": c.name,
+            "field_type": c.type,
+            "dtype": _SERVING_DTYPES[c.type],
+            "nullable": c.nullable,
+            "repeated": c.repeated,
+        }
         for c in example_columns(fs)
         if c.name != fs.label
     ]
@@ -37,6 +53,9 @@ def signature_specs(inputs: list[dict]) -> dict[str, tf.TensorSpec]:
         if i["nullable"]:
             present = i["name"] + PRESENT_SUFFIX
             specs[present] = tf.TensorSpec([None], tf.bool, name=present)
+        if i.get("repeated"):
+            lengths = i["name"] + LENGTHS_SUFFIX
+            specs[lengths] = tf.TensorSpec([None], tf.int64, name=lengths)
     return specs
 
 
@@ -69,7 +88,9 @@ def build_model(
     for name in numeric:
         inputs[name] = keras.Input(shape=(), name=name, dtype="float32")
     numeric_block = (
-        keras.layers.Concatenate(name="numeric")([keras.ops.expand_dims(inputs[n], -1) for n in numeric])
+        keras.layers.Concatenate(name="numeric")(
+            [keras.ops.expand_dims(inputs[n], -1) for n in numeric]
+        )
         if numeric
         else None
     )
@@ -77,7 +98,9 @@ def build_model(
         inputs[name] = keras.Input(shape=(), name=name, dtype="int64")
         # Ids outside the training range (a schema drift) land on the last id instead of failing.
         ids = keras.ops.clip(inputs[name], 0, size - 1)
-        deep.append(keras.layers.Embedding(size, embedding_dim(size), name=f"{name}_embedding")(ids))
+        deep.append(
+            keras.layers.Embedding(size, embedding_dim(size), name=f"{name}_embedding")(ids)
+        )
         wide.append(keras.layers.Embedding(size, 1, name=f"{name}_wide")(ids))
     if numeric_block is not None:
         deep.append(numeric_block)
@@ -105,14 +128,24 @@ class ServingModule(tf.Module):
         super().__init__()
         self.model = model
         self.tft_layer = tft_layer
-        model_inputs = list(model.input.keys()) if isinstance(model.input, dict) else model.input_names
+        model_inputs = (
+            list(model.input.keys()) if isinstance(model.input, dict) else model.input_names
+        )
         nullable = [i["name"] for i in inputs if i["nullable"]]
+        repeated = [i["name"] for i in inputs if i.get("repeated")]
 
         @tf.function(input_signature=[signature_specs(inputs)])
         def serve(features):
-            raw = {k: v for k, v in features.items() if not k.endswith(PRESENT_SUFFIX)}
+            raw = {
+                k: v
+                for k, v in features.items()
+                if not k.endswith(PRESENT_SUFFIX) and not k.endswith(LENGTHS_SUFFIX)
+            }
             for name in nullable:
                 raw[name] = _to_sparse(raw[name], features[name + PRESENT_SUFFIX])
+            for name in repeated:
+                lengths = features[name + LENGTHS_SUFFIX]
+                raw[name] = tf.RaggedTensor.from_row_lengths(raw[name], lengths).to_sparse()
             transformed = self.tft_layer(raw)
             probability = self.model({k: transformed[k] for k in model_inputs}, training=False)
             return {"probability": tf.reshape(probability, [-1])}
@@ -126,6 +159,10 @@ def export_serving_model(path: str, model: keras.Model, tft_output, inputs: list
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
 
 
-def predict_numpy(model: keras.Model, features: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+def predict_numpy(
+    model: keras.Model, features: dict[str, np.ndarray], batch_size: int = 8192
+) -> np.ndarray:
     names = list(model.input.keys()) if isinstance(model.input, dict) else model.input_names
-    return np.asarray(model.predict({k: features[k] for k in names}, batch_size=batch_size, verbose=0)).reshape(-1)
+    return np.asarray(
+        model.predict({k: features[k] for k in names}, batch_size=batch_size, verbose=0)
+    ).reshape(-1)

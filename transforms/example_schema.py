@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import pyarrow as pa
 import tensorflow as tf
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
 
-from transforms.featureset import FeatureSet, Field
+from transforms.featureset import FeatureSet
 
 _ARROW = {
     "string": pa.string(),
@@ -35,17 +36,40 @@ _TF_ARROW_VALUES = {
 }
 
 
-def example_columns(fs: FeatureSet) -> list[Field]:
-    """Columns of one example: the declared example fields, then one per aggregate."""
-    cols = list(fs.example_fields)
+class Column(NamedTuple):
+    """One column of an example: a declared example field, or one column of an aggregate
+    (most aggregates have one; list operations give lists, a histogram two aligned lists)."""
+
+    name: str
+    type: str
+    nullable: bool = True
+    repeated: bool = False
+
+
+def example_columns(fs: FeatureSet) -> list[Column]:
+    """Columns of one example: the declared example fields, then the aggregates' columns.
+
+    Aggregates are never null (an empty window has the declared default); list columns may
+    be empty."""
+    cols = [Column(f.name, f.type, f.nullable) for f in fs.example_fields]
     for agg in fs.aggregates:
-        cols.append(Field(agg.name, "int" if agg.combiner == "count" else "float", nullable=False))
+        for name, kind, repeated in agg.columns:
+            cols.append(Column(name, kind, nullable=False, repeated=repeated))
     return cols
+
+
+def aggregate_column_names(fs: FeatureSet) -> list[str]:
+    return [name for agg in fs.aggregates for name, _, _ in agg.columns]
+
+
+def _arrow_type(col: Column) -> pa.DataType:
+    kind = _ARROW[col.type]
+    return pa.list_(kind) if col.repeated else kind
 
 
 def features_arrow_schema(fs: FeatureSet) -> pa.Schema:
     return pa.schema(
-        [pa.field(c.name, _ARROW[c.type], nullable=c.nullable) for c in example_columns(fs)]
+        [pa.field(c.name, _arrow_type(c), nullable=c.nullable) for c in example_columns(fs)]
     )
 
 
@@ -61,18 +85,21 @@ def with_aggregate_columns(fs: FeatureSet, table: pa.Table, columns: dict) -> pa
     """Example-field table + {aggregate: values} -> table of the features/ schema."""
     schema = features_arrow_schema(fs)
     arrays = [table.column(f.name) for f in fs.example_fields]
-    for agg in fs.aggregates:
-        arrays.append(pa.array(columns[agg.name], type=schema.field(agg.name).type))
+    for name in aggregate_column_names(fs):
+        arrays.append(pa.array(columns[name], type=schema.field(name).type))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def tft_feature_spec(fs: FeatureSet) -> dict:
-    """Raw feature spec of the preprocessing_fn: required -> dense scalar, nullable -> sparse."""
+    """Raw feature spec of the preprocessing_fn: required -> dense scalar, nullable or list
+    -> VarLen (a SparseTensor of 0 or 1 values per row, or of the list's values)."""
     spec = {}
     for col in example_columns(fs):
         dtype = _TF[col.type]
         spec[col.name] = (
-            tf.io.VarLenFeature(dtype) if col.nullable else tf.io.FixedLenFeature([], dtype)
+            tf.io.VarLenFeature(dtype)
+            if col.nullable or col.repeated
+            else tf.io.FixedLenFeature([], dtype)
         )
     return spec
 
@@ -98,6 +125,9 @@ def to_tft_record_batch(fs: FeatureSet, flat: pa.RecordBatch) -> pa.RecordBatch:
     target = tft_arrow_schema(fs)
     for col, field in zip(example_columns(fs), target, strict=True):
         values = flat.column(col.name)
+        if col.repeated:
+            arrays.append(values.cast(field.type))
+            continue
         if col.type == "timestamp":
             values = values.cast(pa.int64())
         values = values.cast(_TF_ARROW_VALUES[col.type])

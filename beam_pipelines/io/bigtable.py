@@ -2,8 +2,9 @@
 
 Cell layout (docs/architecture.md): row key `{key name}#{key value}#{W zero-padded epoch ms}`, one
 column family per feature set (its name), one column per aggregate, cell timestamp W. Values
-are UTF-8 text (`repr` of the number: counts as integers, the others as floats that round-trip
-exactly), which is what Beam's `BigTableEnrichmentHandler` hands to stream scoring.
+are UTF-8 text: numbers as `repr` (counts as integers, the others as floats that round-trip
+exactly), texts (first/last of a string field), lists (last_k) and maps (histogram, most
+frequent first) as JSON.
 
 Idempotency: every write of a cell uses the same timestamp W, and Bigtable keeps one version per
 (row, column, timestamp): a retry, a replay or a late pane REPLACES the value instead of adding a
@@ -13,6 +14,7 @@ version. The family's GC rule also keeps at most one version (and bounds the age
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import threading
@@ -52,18 +54,26 @@ class BigtableSetupError(RuntimeError):
     """The table or the column family the job writes to does not exist (or cannot be reached)."""
 
 
-def encode_value(value: int | float) -> bytes:
+def encode_value(value: int | float | str | list | dict) -> bytes:
+    """A number as its text (`repr`: counts as integers, floats that round-trip exactly); a
+    text, list (last_k) or map (histogram) as JSON, whose text never parses as a number."""
     if isinstance(value, bool):
         value = int(value)
-    return repr(value).encode("utf-8")
+    if isinstance(value, (int, float)):
+        return repr(value).encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def decode_value(raw: bytes) -> int | float:
+def decode_value(raw: bytes) -> int | float | str | list | dict:
     text = raw.decode("utf-8")
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
         return float(text)
+    except ValueError:
+        return json.loads(text)
 
 
 def window_end_timestamp(window_end_ms: int) -> dt.datetime:
