@@ -179,9 +179,13 @@ def duration_s(value: int | str, what: str = "duration") -> int:
     return int(number) * _UNITS[unit]
 
 
-def duration_label(seconds: int) -> str:
-    """The shortest exact label of a duration: 900 -> "15m", 86400 -> "1d", 90 -> "90s"."""
-    for unit in ("w", "d", "h", "m"):
+def duration_label(value: int | str) -> str:
+    """The label of a window in generated names: a duration as written ("7d"), or seconds as
+    the largest exact unit (900 -> "15m", 86400 -> "1d", 90 -> "90s")."""
+    if isinstance(value, str):
+        return value.strip().lower()
+    seconds = value
+    for unit in ("d", "h", "m"):
         if seconds % _UNITS[unit] == 0:
             return f"{seconds // _UNITS[unit]}{unit}"
     return f"{seconds}s"
@@ -234,7 +238,7 @@ class Aggregate:
             size = duration_s(window, f"aggregate {stem!r}: window")
             out.append(
                 WindowedAggregate(
-                    name=f"{stem}_{duration_label(size)}",
+                    name=f"{stem}_{duration_label(window)}",
                     key=self.key,
                     combiner=op,
                     size_s=size,
