@@ -23,15 +23,24 @@ from beam_pipelines.io.pubsub import (
     WriteDeadLetters,
     read_messages,
 )
-from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, prepare_local_runner
-from beam_pipelines.options import FeatureSetOptions
+from beam_pipelines.local_runner import (
+    LOCAL_STREAMING_RUNNER,
+    LOCAL_STREAMING_RUNNERS,
+    prepare_local_runner,
+)
+from beam_pipelines.options import (
+    DEFAULT_ALLOWED_LATENESS_S,
+    FeatureSetOptions,
+    LatenessOptions,
+    SubscriptionOptions,
+    TableCheckOptions,
+    feature_set_spec,
+)
 from transforms.aggregations import ComputeAggregates
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.validation import ValidateRecords
 
 LOG = logging.getLogger("skewless.aggregate")
-LOCAL_STREAMING_RUNNER = "BundleBasedDirectRunner"
-DEFAULT_ALLOWED_LATENESS_S = 600
 DESCRIPTION = (
     "Streaming job: read JSON events of the feature set's raw schema from a Pub/Sub "
     "subscription (event time in a message attribute), validate them, compute the shared "
@@ -45,25 +54,11 @@ DESCRIPTION = (
 class AggregateOptions(PipelineOptions):
     """The aggregate job's own flags. Shared ones live with their owner (Beam parses every
     options class of the process with one parser): --bigtable_* in io/bigtable.py,
-    --timestamp_attribute in io/pubsub.py, --feature_set in options.py."""
+    --timestamp_attribute in io/pubsub.py; --subscription, --dead_letter_topic,
+    --allowed_lateness_s, --skip_table_check and --feature_set in options.py."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--subscription", help="projects/P/subscriptions/S to read events from (required)."
-        )
-        parser.add_argument(
-            "--dead_letter_topic",
-            help="projects/P/topics/D for bad messages (payload + stage/reason attributes). "
-            "Without it, bad messages are counted and logged.",
-        )
-        parser.add_argument(
-            "--allowed_lateness_s",
-            type=int,
-            default=DEFAULT_ALLOWED_LATENESS_S,
-            help="Events up to this late (after the watermark passed their window end) update "
-            "their cells; later updates are dropped and counted.",
-        )
         parser.add_argument(
             "--source_timestamps",
             choices=("auto", "on", "off"),
@@ -82,11 +77,17 @@ class AggregateOptions(PipelineOptions):
             "internal) is retried before its cells go to the dead-letter topic; permanent "
             "failures (invalid argument, not found, permission) are dead-lettered at once.",
         )
-        parser.add_argument(
-            "--skip_table_check",
-            action="store_true",
-            help="Do not check at start that the Bigtable table and column family exist.",
-        )
+
+
+GROUPS = (
+    AggregateOptions,
+    SubscriptionOptions,
+    LatenessOptions,
+    TableCheckOptions,
+    BigtableOptions,
+    EventTimeOptions,
+    FeatureSetOptions,
+)
 
 
 def build_pipeline(
@@ -119,15 +120,15 @@ def source_timestamps(opts: AggregateOptions, runner: str | None) -> bool:
     return opts.source_timestamps == "on"
 
 
-def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateOptions]:
+def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, SubscriptionOptions]:
     """Parse options, check the table, and build (not run) the job."""
     options = parse_job_options(
         argv,
         prog="skewless aggregate",
         description=DESCRIPTION,
-        groups=(AggregateOptions, BigtableOptions, EventTimeOptions, FeatureSetOptions),
+        groups=GROUPS,
         required=(
-            (AggregateOptions, "subscription"),
+            (SubscriptionOptions, "subscription"),
             (BigtableOptions, "bigtable_project"),
             (BigtableOptions, "bigtable_instance"),
             (BigtableOptions, "bigtable_table"),
@@ -138,14 +139,16 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
     std = options.view_as(StandardOptions)
     std.streaming = True
     opts = options.view_as(AggregateOptions)
+    pubsub = options.view_as(SubscriptionOptions)
+    lateness_s = options.view_as(LatenessOptions).allowed_lateness_s
     bt = options.view_as(BigtableOptions)
     timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
-    if opts.allowed_lateness_s < 0:
+    if lateness_s < 0:
         raise SystemExit("skewless aggregate: --allowed_lateness_s must be >= 0")
     if opts.write_retry_s < 0:
         raise SystemExit("skewless aggregate: --write_retry_s must be >= 0")
-    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
-    if not opts.skip_table_check:
+    fs = load_feature_set(feature_set_spec(options))
+    if not options.view_as(TableCheckOptions).skip_table_check:
         try:
             check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)
         except BigtableSetupError as exc:
@@ -157,7 +160,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
     build_pipeline(
         p,
         fs,
-        read_messages(opts.subscription, timestamp_attribute, source_timestamps(opts, std.runner)),
+        read_messages(pubsub.subscription, timestamp_attribute, source_timestamps(opts, std.runner)),
         WriteCells(
             bt.bigtable_project,
             bt.bigtable_instance,
@@ -165,21 +168,21 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, AggregateO
             fs.name,
             retry_s=opts.write_retry_s,
         ),
-        WriteDeadLetters(opts.dead_letter_topic),
+        WriteDeadLetters(pubsub.dead_letter_topic),
         timestamp_attribute=timestamp_attribute,
-        allowed_lateness_s=opts.allowed_lateness_s,
+        allowed_lateness_s=lateness_s,
     )
-    return p, opts
+    return p, pubsub
 
 
 def run(argv: Sequence[str] | None = None):
     """Parse options, build and start the job; blocks until it ends (the local runner: Ctrl-C)."""
     configure_logging()
-    p, opts = make_pipeline(argv)
-    if opts.dead_letter_topic is None:
+    p, pubsub = make_pipeline(argv)
+    if pubsub.dead_letter_topic is None:
         LOG.warning("no --dead_letter_topic: bad messages are only counted and logged")
     result = p.run()
-    LOG.info("aggregate job started, reading %s", opts.subscription)
+    LOG.info("aggregate job started, reading %s", pubsub.subscription)
     result.wait_until_finish()
     return result
 

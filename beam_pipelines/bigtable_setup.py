@@ -17,10 +17,9 @@ from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_pipelines.aggregate import DEFAULT_ALLOWED_LATENESS_S, AggregateOptions
 from beam_pipelines.common import configure_logging, parse_job_options
 from beam_pipelines.io.bigtable import BigtableOptions, gc_rule, open_table
-from beam_pipelines.options import FeatureSetOptions
+from beam_pipelines.options import FeatureSetOptions, LatenessOptions, feature_set_spec
 from transforms.featureset import FeatureSet, load_feature_set
 
 LOG = logging.getLogger("skewless.bigtable_setup")
@@ -42,19 +41,6 @@ class BigtableSetupOptions(PipelineOptions):
             type=int,
             default=DEFAULT_RETENTION_S,
             help="How long a cell stays after its window can no longer change.",
-        )
-
-
-class _LatenessFlag:
-    """--allowed_lateness_s for --help; declared by AggregateOptions."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--allowed_lateness_s",
-            type=int,
-            default=DEFAULT_ALLOWED_LATENESS_S,
-            help="The aggregate job's allowed lateness.",
         )
 
 
@@ -96,7 +82,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         argv,
         prog="skewless bigtable-setup",
         description=DESCRIPTION,
-        groups=(BigtableSetupOptions, BigtableOptions, _LatenessFlag, FeatureSetOptions),
+        groups=(BigtableSetupOptions, BigtableOptions, LatenessOptions, FeatureSetOptions),
         required=(
             (BigtableOptions, "bigtable_project"),
             (BigtableOptions, "bigtable_instance"),
@@ -104,11 +90,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
         ),
     )
     bt = options.view_as(BigtableOptions)
-    lateness = options.view_as(AggregateOptions).allowed_lateness_s
+    lateness = options.view_as(LatenessOptions).allowed_lateness_s
     retention = options.view_as(BigtableSetupOptions).retention_s
     if lateness < 0 or retention < 0:
         raise SystemExit("skewless bigtable-setup: lateness and retention must be >= 0")
-    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
+    fs = load_feature_set(feature_set_spec(options))
     summary = ensure_table(
         bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs, lateness, retention
     )

@@ -34,6 +34,8 @@ JOBS = {
     "report": ("models.report", "print a model + scoring report and write a PNG chart"),
     "score": ("beam_pipelines.score", "batch or streaming scoring with RunInference"),
 }
+# A job whose module depends on a flag: `skewless score --streaming` is the streaming scorer.
+MODES = {("score", "--streaming"): "beam_pipelines.score_stream"}
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "SKEWLESS_VERBOSE"  # read by common.configure_logging (and worker processes)
 EXIT_USAGE = 2
@@ -70,7 +72,7 @@ def run_job(job: str, args: list[str], verbose: bool = False, run=None) -> int:
     try:
         if run is None:
             with _quiet_native_stderr(enabled=not verbose):
-                run = importlib.import_module(JOBS[job][0]).run
+                run = importlib.import_module(job_module(job, args)).run
         run(args)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
@@ -86,6 +88,14 @@ def run_job(job: str, args: list[str], verbose: bool = False, run=None) -> int:
         print(error_line(job, describe_error(exc)), file=sys.stderr)
         return EXIT_USAGE if _before_run(exc) else EXIT_FAILED
     return 0
+
+
+def job_module(job: str, args: list[str]) -> str:
+    """The module that runs `skewless <job> <args>`."""
+    for (name, flag), module in MODES.items():
+        if name == job and flag in args:
+            return module
+    return JOBS[job][0]
 
 
 def error_line(job: str, message: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 _LOG = logging.getLogger("skewless.local_runner")
+LOCAL_STREAMING_RUNNER = "BundleBasedDirectRunner"  # the streaming jobs' default runner
 LOCAL_STREAMING_RUNNERS = ("BundleBasedDirectRunner", "DirectRunner", "SwitchingDirectRunner")
 
 

@@ -8,14 +8,88 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+DEFAULT_FEATURE_SET = "flights"  # of the jobs that read raw events; the others follow the model
+DEFAULT_ALLOWED_LATENESS_S = 600
+
 
 class FeatureSetOptions(PipelineOptions):
+    """--feature_set. No parser default: the jobs that read raw events (prepare, aggregate,
+    replay, bigtable-setup) use `feature_set_spec(options)`, i.e. the bundled default, and the
+    scorers use the feature set recorded with the model unless this names one."""
+
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
             "--feature_set",
-            default="flights",
-            help="The feature set: 'flights' (bundled) or package.module:NAME.",
+            help=f"The feature set: '{DEFAULT_FEATURE_SET}' (bundled) or package.module:NAME. "
+            f"Default: jobs that read raw events use '{DEFAULT_FEATURE_SET}'; score takes the "
+            "feature set recorded with the model version (naming another one is an error).",
+        )
+
+
+def feature_set_spec(options: PipelineOptions, default: str = DEFAULT_FEATURE_SET) -> str:
+    """The --feature_set given, else the default of the jobs that read raw events."""
+    return options.view_as(FeatureSetOptions).feature_set or default
+
+
+class SubscriptionOptions(PipelineOptions):
+    """The events subscription and the dead-letter topic of the streaming jobs (aggregate,
+    score --streaming)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--subscription", help="projects/P/subscriptions/S to read events from (required)."
+        )
+        parser.add_argument(
+            "--dead_letter_topic",
+            help="projects/P/topics/D for bad messages (payload + stage/reason attributes). "
+            "Without it, bad messages are counted and logged.",
+        )
+
+
+class TableCheckOptions(PipelineOptions):
+    """The start-up check of the Bigtable feature table (aggregate, score --streaming)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--skip_table_check",
+            action="store_true",
+            help="Do not check at start that the Bigtable table and column family exist.",
+        )
+
+
+class LatenessOptions(PipelineOptions):
+    """The aggregate job's allowed lateness, which bigtable-setup needs for the GC rule."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--allowed_lateness_s",
+            type=int,
+            default=DEFAULT_ALLOWED_LATENESS_S,
+            help="Events up to this late (after the watermark passed their window end) update "
+            "their cells; later updates are dropped and counted.",
+        )
+
+
+class ModelOptions(PipelineOptions):
+    """The model version the scorers use and their inference batches (score, score --streaming)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--model_dir", help="Base directory of numbered model versions (required)."
+        )
+        parser.add_argument(
+            "--model_version", type=int, help="Version to use (default: the highest)."
+        )
+        parser.add_argument(
+            "--min_batch_size", type=int, default=1, help="Inference batch, examples."
+        )
+        parser.add_argument(
+            "--max_batch_size", type=int, default=8192, help="Inference batch, examples."
         )
 
 
@@ -27,7 +101,7 @@ class SourceOptions(PipelineOptions):
         parser.add_argument(
             "--input",
             help="Local or gs:// path or glob of CSV (.csv, .csv.gz, .zip), Parquet or JSON-lines "
-            "files. Default: the bundled input of the feature set (all 336,776 NYC flights of 2013).",
+            "files. Default: the feature set's bundled input (default_input), if it has one.",
         )
         parser.add_argument(
             "--input_format", choices=("csv", "parquet", "jsonl"), help="Override format detection."
@@ -43,7 +117,7 @@ class SourceOptions(PipelineOptions):
             "--bigquery_query_param",
             action="append",
             default=[],
-            help="A query parameter NAME=TYPE:VALUE (e.g. origin=STRING:JFK); repeatable.",
+            help="A query parameter NAME=TYPE:VALUE (e.g. region=STRING:EU); repeatable.",
         )
         parser.add_argument(
             "--bigquery_project",

@@ -29,7 +29,7 @@ from beam_pipelines.common import (
 )
 from beam_pipelines.io.sinks import WriteDeadLetters, WriteFeaturesParquet, WriteTFRecords
 from beam_pipelines.io.sources import describe_source, read_source
-from beam_pipelines.options import FeatureSetOptions, SourceOptions
+from beam_pipelines.options import FeatureSetOptions, SourceOptions, feature_set_spec
 from transforms.example_schema import (
     features_arrow_schema,
     tft_tensor_adapter_config,
@@ -60,8 +60,8 @@ class PrepareOptions(PipelineOptions):
         parser.add_argument(
             "--eval_start",
             help="Time split: examples with event time at or after this ISO-8601 instant go to "
-            "eval/. Default: the feature set's default_eval_start (flights: 2013-11-01), else a "
-            "hashed split.",
+            "eval/. Default: the feature set's eval_start, else a hashed split of its "
+            "eval_fraction.",
         )
         parser.add_argument(
             "--eval_fraction",
@@ -185,7 +185,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         required=((PrepareOptions, "output_dir"),),
     )
     opts = options.view_as(PrepareOptions)
-    feature_set = options.view_as(FeatureSetOptions).feature_set
+    feature_set = feature_set_spec(options)
     with before_run():
         fs = load_feature_set(feature_set)
         split = Split.from_settings(fs, opts.eval_start, opts.eval_fraction)

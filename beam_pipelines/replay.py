@@ -35,7 +35,7 @@ from beam_pipelines.io.pubsub import (
     HEARTBEAT_ATTRIBUTE,
     EventTimeOptions,
 )
-from beam_pipelines.options import FeatureSetOptions, SourceOptions
+from beam_pipelines.options import FeatureSetOptions, SourceOptions, feature_set_spec
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.validation import (
     InvalidRecord,
@@ -314,7 +314,7 @@ def run(argv: Sequence[str] | None = None) -> ReplayStats:
     timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
     from google.cloud import pubsub_v1
 
-    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
+    fs = load_feature_set(feature_set_spec(options))
     path = source.input
     if path is None:
         path = fs.resolve_default_input()

@@ -18,9 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
-from apache_beam.pvalue import TaggedOutput
 
 from beam_pipelines.common import (
     before_run,
@@ -32,16 +30,20 @@ from beam_pipelines.common import (
 )
 from beam_pipelines.io.sinks import WriteDeadLetters
 from beam_pipelines.io.sources import read_source
-from beam_pipelines.options import FeatureSetOptions, SourceOptions
-from models.handler import InputError, SkewlessModelHandler, example_count
-from models.versions import ModelDirError
-from transforms.example_schema import features_arrow_schema
+from beam_pipelines.options import FeatureSetOptions, ModelOptions, SourceOptions
+from beam_pipelines.scoring import (
+    MODEL_ERRORS,
+    ScoreWithModel,
+    ToPredictionBatch,
+    load_model,
+    prediction_schema,
+)
+from models.handler import SkewlessModelHandler
 from transforms.examples import BuildExamples
-from transforms.featureset import FeatureSet, load_feature_set
-from transforms.validation import NAMESPACE, ValidateRecords, dead_letter, to_epoch_ms
+from transforms.featureset import FeatureSet
+from transforms.validation import NAMESPACE, ValidateRecords, to_epoch_ms
 
 LOG = logging.getLogger("skewless.score")
-DEAD = "dead"
 OUTPUT_FORMATS = ("parquet", "jsonl")
 DESCRIPTION = (
     "Batch scoring: read raw events (files or BigQuery), validate them, build the same "
@@ -50,17 +52,16 @@ DESCRIPTION = (
     "or --output_table (BigQuery). Bad records and failed inferences go to dead letters. "
     "Source options as for `skewless prepare`: --input, --input_format, --bigquery_table, "
     "--bigquery_query, --bigquery_query_param, --bigquery_project, --bigquery_endpoint, "
-    "--bigquery_storage_endpoint, --feature_set."
+    "--bigquery_storage_endpoint. The feature set is the one recorded with the model version."
 )
 
 
 class ScoreOptions(PipelineOptions):
-    """The score job's own flags; the source flags and --feature_set are in options.py."""
+    """The batch scorer's own flags; --model_dir, the batch sizes, the source flags and
+    --feature_set are shared (options.py)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--model_dir", help="Base directory of numbered model versions (required).")
-        parser.add_argument("--model_version", type=int, help="Version to use (default: the highest).")
         parser.add_argument("--output", help="Directory for predictions/, dead_letters/, summary.json.")
         parser.add_argument("--output_format", choices=OUTPUT_FORMATS, default="parquet")
         parser.add_argument("--output_table", help="Write predictions to this BigQuery table instead.")
@@ -74,16 +75,9 @@ class ScoreOptions(PipelineOptions):
             "--start", help="Score only examples with event time >= this ISO-8601 instant."
         )
         parser.add_argument("--end", help="Score only examples with event time < this ISO-8601 instant.")
-        parser.add_argument("--min_batch_size", type=int, default=1, help="Inference batch, examples.")
-        parser.add_argument("--max_batch_size", type=int, default=8192, help="Inference batch, examples.")
 
 
-def prediction_schema(fs: FeatureSet) -> pa.Schema:
-    """Output rows: the example key, the event time, the probability and the model version."""
-    by_name = {f.name: f for f in features_arrow_schema(fs)}
-    key = list(fs.example_key)
-    fields = [by_name[k] for k in dict.fromkeys([*key, fs.event_time])]
-    return pa.schema([*fields, pa.field("probability", pa.float64()), pa.field("model_version", pa.int64())])
+GROUPS = (ScoreOptions, ModelOptions, SourceOptions, FeatureSetOptions)
 
 
 class _SelectPeriod(beam.DoFn):
@@ -116,123 +110,20 @@ def _rechunk(batch: pa.RecordBatch, max_rows: int) -> Iterator[pa.RecordBatch]:
         yield batch.slice(start, max_rows)
 
 
-class _CheckExample(beam.DoFn):
-    """Per element, before batching: an example that does not fit the model's inputs becomes a
-    dead letter on its own instead of failing the whole inference batch it would join."""
-
-    def __init__(self, inputs: list[dict]):
-        self.inputs = inputs
-
-    def setup(self) -> None:
-        self._rejected = Metrics.counter(NAMESPACE, "examples_rejected_by_model_inputs")
-
-    def process(self, element) -> Iterator:
-        names = set(element.schema.names) if isinstance(element, pa.RecordBatch) else None
-        try:
-            if names is None:
-                raise InputError(f"an example is a {type(element).__name__}, expected a RecordBatch")
-            for spec in self.inputs:
-                if spec["name"] not in names:
-                    raise InputError(f"missing feature {spec['name']!r}")
-                column = element.column(spec["name"])
-                if not spec["nullable"] and column.null_count:
-                    raise InputError(f"required feature {spec['name']!r} is null")
-                if not _castable(column.type, spec["dtype"]):
-                    raise InputError(f"feature {spec['name']!r} has type {column.type}, expected {spec['dtype']}")
-        except InputError as exc:
-            self._rejected.inc(example_count(element))
-            for row in _rows(element):
-                yield TaggedOutput(DEAD, dead_letter("model_input", str(exc), row))
-            return
-        yield element
-
-
-def _castable(arrow_type: pa.DataType, dtype: str) -> bool:
-    if dtype == "string":
-        return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
-    return (
-        pa.types.is_integer(arrow_type)
-        or pa.types.is_floating(arrow_type)
-        or pa.types.is_timestamp(arrow_type)
-        or pa.types.is_boolean(arrow_type)
-    )
-
-
-def _rows(element) -> list:
-    if isinstance(element, pa.RecordBatch):
-        return element.to_pylist()
-    return [element]
-
-
-class _ToPredictions(beam.DoFn):
-    """PredictionResult (a batch of examples + their probabilities) -> output RecordBatch."""
-
-    def __init__(self, schema: pa.Schema):
-        self.schema = schema
-
-    def setup(self) -> None:
-        self._scored = Metrics.counter(NAMESPACE, "examples_scored")
-
-    def process(self, result: PredictionResult) -> Iterator[pa.RecordBatch]:
-        batch, probabilities = result.example, result.inference
-        n = batch.num_rows
-        arrays = [batch.column(f.name) for f in self.schema if f.name not in ("probability", "model_version")]
-        arrays.append(pa.array(probabilities, type=pa.float32()).cast(pa.float64()))
-        arrays.append(pa.array([int(result.model_id)] * n, type=pa.int64()))
-        self._scored.inc(n)
-        yield pa.RecordBatch.from_arrays(arrays, schema=self.schema)
-
-
-class _FailedInferences(beam.DoFn):
-    """(failed batch, exception) from RunInference -> one dead letter per example, with the reason."""
-
-    def setup(self) -> None:
-        self._failed = Metrics.counter(NAMESPACE, "inference_failures")
-
-    def process(self, failure) -> Iterator[dict]:
-        batch, error = failure
-        reason = _reason(error)
-        for element in batch:
-            rows = _rows(element)
-            self._failed.inc(len(rows))
-            for row in rows:
-                yield dead_letter("inference", reason, row)
-
-
-def _reason(error) -> str:
-    """RunInference reports (exception type, repr, traceback lines); keep 'Type: message'."""
-    if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    if isinstance(error, tuple) and len(error) == 3 and error[2]:
-        return str(error[2][-1]).strip()
-    return str(error)
-
-
-class ScoreExamples(beam.PTransform):
+class ScoreExamples(ScoreWithModel):
     """Example RecordBatches -> (prediction RecordBatches, dead letters).
 
     Elements larger than the handler's max batch are sliced (zero-copy) first; RunInference
-    then packs them into batches of min..max examples; inference failures become dead letters.
+    then packs them into batches of min..max examples (beam_pipelines.scoring).
     """
 
     def __init__(self, fs: FeatureSet, handler: SkewlessModelHandler):
-        super().__init__()
+        super().__init__(handler, ToPredictionBatch(fs))
         self.fs = fs
-        self.handler = handler
 
     def expand(self, examples):
-        handler = self.handler
-        max_rows = handler.batch_elements_kwargs().get("max_batch_size", 8192)
-        checked = (
-            examples
-            | "Rechunk" >> beam.FlatMap(_rechunk, max_rows)
-            | "CheckInputs" >> beam.ParDo(_CheckExample(handler.inputs)).with_outputs(DEAD, main="ok")
-        )
-        results, failures = checked.ok | "RunInference" >> RunInference(handler).with_exception_handling()
-        predictions = results | "ToPredictions" >> beam.ParDo(_ToPredictions(prediction_schema(self.fs)))
-        failed = failures.failed_inferences | "FailedInferences" >> beam.ParDo(_FailedInferences())
-        dead = (checked[DEAD], failed) | "DeadLetters" >> beam.Flatten()
-        return predictions, dead
+        max_rows = self.handler.batch_elements_kwargs().get("max_batch_size", 8192)
+        return super().expand(examples | "Rechunk" >> beam.FlatMap(_rechunk, max_rows))
 
 
 class WritePredictionFiles(beam.PTransform):
@@ -305,23 +196,24 @@ def _instant(value: str | None, flag: str) -> int | None:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse options, check the model, build and run the batch score job; return its summary.
-
-    With --streaming, runs the streaming scorer instead (beam_pipelines.score_stream)."""
-    if "--streaming" in (sys.argv[1:] if argv is None else argv):
-        from beam_pipelines import score_stream
-
-        return score_stream.run(argv)
+    """Parse options, check the model, build and run the batch score job; return its summary."""
     configure_logging(batch=True)
+    if "--streaming" in (sys.argv[1:] if argv is None else argv):
+        # The streaming scorer is its own job (beam_pipelines.score_stream); the CLI picks it.
+        raise SystemExit(
+            "skewless score: --streaming is the streaming scorer: run `skewless score "
+            "--streaming ...` (beam_pipelines.score_stream)"
+        )
     options = parse_job_options(
         argv,
         prog="skewless score",
         description=DESCRIPTION,
-        groups=(ScoreOptions, SourceOptions, FeatureSetOptions),
-        required=((ScoreOptions, "model_dir"),),
+        groups=GROUPS,
+        required=((ModelOptions, "model_dir"),),
     )
     with before_run():
         opts = options.view_as(ScoreOptions)
+        model_opts = options.view_as(ModelOptions)
         source_opts = options.view_as(SourceOptions)
         if bool(opts.output) == bool(opts.output_table):
             raise SystemExit("skewless score: give exactly one of --output or --output_table")
@@ -332,21 +224,16 @@ def run(argv: Sequence[str] | None = None) -> dict:
         if start_ms is not None and end_ms is not None and start_ms >= end_ms:
             raise SystemExit("skewless score: --start must be before --end")
         try:
-            handler = SkewlessModelHandler(
-                opts.model_dir,
-                opts.model_version,
-                min_batch_size=opts.min_batch_size,
-                max_batch_size=opts.max_batch_size,
+            model = load_model(
+                model_opts.model_dir,
+                model_opts.model_version,
+                options.view_as(FeatureSetOptions).feature_set,
+                min_batch_size=model_opts.min_batch_size,
+                max_batch_size=model_opts.max_batch_size,
             )
-        except (ModelDirError, ValueError) as exc:
+        except MODEL_ERRORS as exc:
             raise SystemExit(f"skewless score: {exc}") from None
-        metadata = handler.model_version.metadata
-        fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
-        if metadata.get("feature_set") not in (None, fs.name):
-            raise SystemExit(
-                f"skewless score: model version {handler.version} was trained on feature set "
-                f"{metadata['feature_set']!r}, not {fs.name!r}"
-            )
+        handler, fs = model.handler, model.fs
         schema = prediction_schema(fs)
         if opts.output_table:
             from beam_pipelines.io.bigquery_sink import WriteArrowToBigQuery
@@ -388,7 +275,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "examples_rejected_by_model_inputs": counters.get("examples_rejected_by_model_inputs", 0),
         "inference_failures": counters.get("inference_failures", 0),
         "rows_write_failed": counters.get("rows_write_failed", 0),
-        "model_dir": opts.model_dir,
+        "model_dir": model_opts.model_dir,
         "model_version": handler.version,
         "feature_set": fs.name,
         "period": {"start": opts.start, "end": opts.end},
@@ -407,4 +294,4 @@ def run(argv: Sequence[str] | None = None) -> dict:
 if __name__ == "__main__":
     from beam_pipelines.cli import main
 
-    main(["score", *sys.argv[1:]], run)
+    main(["score", *sys.argv[1:]], None if "--streaming" in sys.argv else run)

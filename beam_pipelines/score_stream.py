@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.pvalue import TaggedOutput
 
-from beam_pipelines.aggregate import LOCAL_STREAMING_RUNNER, AggregateOptions
 from beam_pipelines.common import configure_logging, parse_job_options
 from beam_pipelines.io.bigtable import (
     BigtableOptions,
@@ -38,18 +36,30 @@ from beam_pipelines.io.bigtable import (
     open_table,
 )
 from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, WriteDeadLetters
-from beam_pipelines.local_runner import LOCAL_STREAMING_RUNNERS, prepare_local_runner
-from beam_pipelines.options import FeatureSetOptions
-from beam_pipelines.score import ScoreOptions, _FailedInferences
-from models.handler import InputError, SkewlessModelHandler, rows_to_feed
-from models.versions import ModelDirError
+from beam_pipelines.local_runner import (
+    LOCAL_STREAMING_RUNNER,
+    LOCAL_STREAMING_RUNNERS,
+    prepare_local_runner,
+)
+from beam_pipelines.options import (
+    FeatureSetOptions,
+    ModelOptions,
+    SubscriptionOptions,
+    TableCheckOptions,
+)
+from beam_pipelines.scoring import (
+    MODEL_ERRORS,
+    ScoreWithModel,
+    ToPredictionDict,
+    load_model,
+)
+from models.handler import SkewlessModelHandler
 from models.watch import WatchingModelHandler
 from transforms.aggregations import CellKey, attach_aggregates, parse_row_key, row_key
-from transforms.featureset import FeatureSet, load_feature_set
-from transforms.validation import NAMESPACE, ValidateRecords, dead_letter, ms_to_datetime
+from transforms.featureset import FeatureSet
+from transforms.validation import NAMESPACE, ValidateRecords
 
 LOG = logging.getLogger("skewless.score_stream")
-DEAD = "dead"
 DEFAULT_MODEL_POLL_S = 30.0
 LOOKUP_BATCH = 500  # events per Bigtable read and model call, at most (--max_batch_size lowers it)
 DESCRIPTION = (
@@ -58,14 +68,15 @@ DESCRIPTION = (
     "the aggregate job writes (absent row = empty window), score them with the highest model "
     "version under --model_dir (a newly published version is picked up without a restart; "
     "--model_version pins one) and publish one JSON prediction per event to --output_topic. "
-    "Bad messages and failed inferences go to --dead_letter_topic with their stage and reason."
+    "Bad messages and failed inferences go to --dead_letter_topic with their stage and reason. "
+    "The feature set is the one recorded with the model version."
 )
 
 
 class ScoreStreamOptions(PipelineOptions):
-    """Streaming scoring's own flags. Shared ones live with their owners (one parser per
-    process): --subscription, --dead_letter_topic, --skip_table_check (aggregate.py),
-    --bigtable_* (io/bigtable.py), --model_dir, --model_version, batch sizes (score.py)."""
+    """Streaming scoring's own flags. Shared ones live in options.py (one parser per process):
+    --subscription, --dead_letter_topic, --skip_table_check, --model_dir, --model_version, the
+    batch sizes, --feature_set; --bigtable_* in io/bigtable.py."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -78,6 +89,18 @@ class ScoreStreamOptions(PipelineOptions):
             default=DEFAULT_MODEL_POLL_S,
             help="How often the scorer looks for a higher model version under --model_dir.",
         )
+
+
+GROUPS = (
+    ScoreStreamOptions,
+    ModelOptions,
+    SubscriptionOptions,
+    TableCheckOptions,
+    BigtableOptions,
+    FeatureSetOptions,
+)
+# The batch scorer's flags: given with --streaming they would be silently ignored.
+BATCH_ONLY_FLAGS = ("output", "output_table", "output_format", "output_method", "start", "end", "dead_letter_dir")
 
 
 # --- Bigtable cells -> the lookup of attach_aggregates -------------------------------------------
@@ -212,89 +235,16 @@ class _Payloads(beam.DoFn):
         yield message.data
 
 
-class _CheckExamples(beam.DoFn):
-    """A batch of examples -> the batch minus the examples that do not fit the model's inputs,
-    which are dead-lettered alone before they can fail the inference batch they would join.
-    One check of the whole batch; only a batch that fails is checked example by example."""
-
-    def __init__(self, inputs: list[dict]):
-        self.inputs = inputs
-
-    def setup(self) -> None:
-        self._rejected = Metrics.counter(NAMESPACE, "examples_rejected_by_model_inputs")
-
-    def process(self, examples: list[dict]) -> Iterator:
-        try:
-            rows_to_feed(examples, self.inputs)
-        except InputError:
-            pass
-        else:
-            yield examples
-            return
-        fit = []
-        for example in examples:
-            try:
-                rows_to_feed([example], self.inputs)
-            except InputError as exc:
-                self._rejected.inc()
-                yield TaggedOutput(DEAD, dead_letter("model_input", str(exc), example))
-                continue
-            fit.append(example)
-        if fit:
-            yield fit
-
-
-def prediction_fields(fs: FeatureSet) -> list[str]:
-    """Example key fields, then the event time (the batch job's prediction columns, in order)."""
-    key = list(fs.example_key)
-    return list(dict.fromkeys([*key, fs.event_time]))
-
-
-class _ToPrediction(beam.DoFn):
-    """PredictionResult -> {key fields, event_time (ISO-8601 UTC), probability, model_version}."""
-
-    def __init__(self, fs: FeatureSet):
-        self.fs = fs
-
-    def setup(self) -> None:
-        by_name = self.fs.fields_by_name
-        self._fields = [(n, by_name[n].type == "timestamp") for n in prediction_fields(self.fs)]
-        self._scored = Metrics.counter(NAMESPACE, "examples_scored")
-
-    def process(self, result: PredictionResult) -> Iterator[dict]:
-        example = result.example
-        out = {}
-        for name, is_time in self._fields:
-            value = example.get(name)
-            out[name] = ms_to_datetime(value).isoformat() if is_time and value is not None else value
-        out["probability"] = float(result.inference)
-        out["model_version"] = int(result.model_id)
-        self._scored.inc()
-        yield out
-
-
-class ScoreEvents(beam.PTransform):
+class ScoreEvents(ScoreWithModel):
     """Batches (lists) of examples, timestamps as epoch ms -> (prediction dicts, dead letters).
 
     RunInference gets the batches as they are (`with_no_batching`): one model call per batch.
-    A batch whose inference fails is dead-lettered example by example.
+    A batch whose inference fails is dead-lettered example by example (beam_pipelines.scoring).
     """
 
     def __init__(self, fs: FeatureSet, handler: SkewlessModelHandler):
-        super().__init__()
+        super().__init__(handler, ToPredictionDict(fs), prebatched=True)
         self.fs = fs
-        self.handler = handler
-
-    def expand(self, batches):
-        checked = batches | "CheckInputs" >> beam.ParDo(_CheckExamples(self.handler.inputs)).with_outputs(
-            DEAD, main="ok"
-        )
-        results, failures = checked.ok | "RunInference" >> RunInference(
-            self.handler.with_no_batching()
-        ).with_exception_handling()
-        predictions = results | "ToPredictions" >> beam.ParDo(_ToPrediction(self.fs))
-        failed = failures.failed_inferences | "FailedInferences" >> beam.ParDo(_FailedInferences())
-        return predictions, (checked[DEAD], failed) | "DeadLetters" >> beam.Flatten()
 
 
 def to_prediction_message(prediction: dict):
@@ -353,16 +303,22 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(f"skewless score --streaming: {message}")
 
 
+def _batch_only(argv: Sequence[str]) -> list[str]:
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return [f"--{name}" for name in BATCH_ONLY_FLAGS if f"--{name}" in given]
+
+
 def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     """Parse options, check the model and the table, and build (not run) the job."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     options = parse_job_options(
         argv,
         prog="skewless score --streaming",
         description=DESCRIPTION,
-        groups=(ScoreStreamOptions, ScoreOptions, AggregateOptions, BigtableOptions, FeatureSetOptions),
+        groups=GROUPS,
         required=(
-            (ScoreOptions, "model_dir"),
-            (AggregateOptions, "subscription"),
+            (ModelOptions, "model_dir"),
+            (SubscriptionOptions, "subscription"),
             (ScoreStreamOptions, "output_topic"),
             (BigtableOptions, "bigtable_project"),
             (BigtableOptions, "bigtable_instance"),
@@ -373,32 +329,28 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     std = options.view_as(StandardOptions)
     std.streaming = True  # set in code: Flex Template metadata cannot carry it
     opts = options.view_as(ScoreStreamOptions)
-    score = options.view_as(ScoreOptions)
-    stream = options.view_as(AggregateOptions)
+    model_opts = options.view_as(ModelOptions)
+    pubsub = options.view_as(SubscriptionOptions)
     bt = options.view_as(BigtableOptions)
-    batch_only = [
-        f"--{name}"
-        for name in ("output", "output_table", "start", "end", "dead_letter_dir")
-        if getattr(score, name, None)
-    ]
+    batch_only = _batch_only(argv)
     if batch_only:
         raise _fail(
             f"batch-only option(s) {', '.join(batch_only)}: streaming predictions go to "
             "--output_topic and dead letters to --dead_letter_topic"
         )
-    fs = load_feature_set(options.view_as(FeatureSetOptions).feature_set)
-    batching = {"min_batch_size": score.min_batch_size, "max_batch_size": score.max_batch_size}
     try:
-        if score.model_version is not None:
-            handler = SkewlessModelHandler(score.model_dir, score.model_version, **batching)
-        else:
-            handler = WatchingModelHandler(score.model_dir, poll_s=opts.model_poll_s, **batching)
-    except (ModelDirError, ValueError) as exc:
+        model = load_model(
+            model_opts.model_dir,
+            model_opts.model_version,
+            options.view_as(FeatureSetOptions).feature_set,
+            min_batch_size=model_opts.min_batch_size,
+            max_batch_size=model_opts.max_batch_size,
+            watch_poll_s=opts.model_poll_s,
+        )
+    except MODEL_ERRORS as exc:
         raise _fail(str(exc)) from None
-    trained_on = handler.model_version.metadata.get("feature_set")
-    if trained_on not in (None, fs.name):
-        raise _fail(f"model version {handler.version} was trained on feature set {trained_on!r}, not {fs.name!r}")
-    if not stream.skip_table_check:
+    handler, fs = model.handler, model.fs
+    if not options.view_as(TableCheckOptions).skip_table_check:
         try:
             check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)
         except BigtableSetupError as exc:
@@ -415,20 +367,21 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         p,
         fs,
         handler,
-        ReadFromPubSub(subscription=stream.subscription, with_attributes=True),
+        ReadFromPubSub(subscription=pubsub.subscription, with_attributes=True),
         LookupAggregates.from_bigtable(
             fs, bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table,
-            max_batch=min(score.max_batch_size, LOOKUP_BATCH),
+            max_batch=min(model_opts.max_batch_size, LOOKUP_BATCH),
         ),  # fmt: skip
         WritePredictions(opts.output_topic),
-        WriteDeadLetters(stream.dead_letter_topic),
+        WriteDeadLetters(pubsub.dead_letter_topic),
     )
     info = {
-        "subscription": stream.subscription,
+        "subscription": pubsub.subscription,
         "output_topic": opts.output_topic,
-        "dead_letter_topic": stream.dead_letter_topic,
-        "model_dir": score.model_dir,
+        "dead_letter_topic": pubsub.dead_letter_topic,
+        "model_dir": model_opts.model_dir,
         "model_version": handler.version,
+        "feature_set": fs.name,
         "hot_swap": isinstance(handler, WatchingModelHandler),
     }
     return p, info

@@ -346,6 +346,7 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
     from beam_pipelines import score_stream as ss
     from beam_pipelines.io.bigtable import open_table
     from beam_pipelines.replay import to_message
+    from beam_pipelines.scoring import CheckExamples, ToPredictionDict
     from models.watch import WatchingModelHandler
     from transforms.flights import FLIGHTS
     from transforms.validation import ValidateRecordsFn
@@ -359,11 +360,11 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
         "payloads": ss._Payloads(),
         "validate": ValidateRecordsFn(FLIGHTS),
         "lookup": ss._LookupAggregatesFn(FLIGHTS, lambda: _DictTable(rows)),
-        "check_inputs": ss._CheckExamples(handler.inputs),
-        "to_predictions": ss._ToPrediction(FLIGHTS),
+        "check_inputs": CheckExamples(handler.inputs),
     }
     for fn in fns.values():
         fn.setup()
+    to_prediction = ToPredictionDict(FLIGHTS)
     messages = [PubsubMessage(to_message(FLIGHTS, raw), {}) for _, raw in events]
     stages = ("payloads", "validate", "lookup", "check_inputs", "inference", "to_predictions", "to_messages")
     try:
@@ -382,7 +383,7 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
                 laps.lap("check_inputs")
                 results = list(handler.with_no_batching().run_inference(fit, model))
                 laps.lap("inference")
-                predictions = [p for r in results for p in fns["to_predictions"].process(r)]
+                predictions = [to_prediction(r) for r in results]
                 laps.lap("to_predictions")
                 out += len([ss.to_prediction_message(p) for p in predictions])
                 laps.lap("to_messages")

@@ -26,6 +26,10 @@ class ModelDirError(ValueError):
     """The model directory or version is missing, incomplete or corrupt."""
 
 
+class FeatureSetMismatch(ValueError):
+    """A --feature_set that is not the one the model or the prepared data was made with."""
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     path: str
@@ -35,6 +39,46 @@ class ModelVersion:
     @property
     def serving_inputs(self) -> list[dict]:
         return self.metadata["serving_inputs"]
+
+    def feature_set(self, override: str | None = None):
+        """The FeatureSet this version was trained on (model.json), or `override` when it is
+        the same feature set (same name); anything else is a FeatureSetMismatch."""
+        return recorded_feature_set(
+            {"feature_set": self.metadata.get("feature_set"),
+             "feature_set_spec": self.metadata.get("feature_set_spec")},
+            override,
+            f"model version {self.version}",
+            "was trained on",
+        )  # fmt: skip
+
+
+def recorded_feature_set(
+    recorded: dict, override: str | None, what: str, verb: str = "was made with"
+):
+    """Load the feature set `recorded` names ({"feature_set": name, "feature_set_spec": spec},
+    as prepare's summary.json and model.json hold them), or `override` if it has that name.
+
+    `what` and `verb` word the error: "model version 3 was trained on feature set 'a', not 'b'".
+    """
+    from transforms.featureset import load_feature_set
+
+    name, spec = recorded.get("feature_set"), recorded.get("feature_set_spec")
+    if override:
+        fs = load_feature_set(override)
+        if name is not None and fs.name != name:
+            raise FeatureSetMismatch(
+                f"{what} {verb} feature set {name!r}, not {fs.name!r} (--feature_set "
+                f"{override}); leave out --feature_set to use {spec or name!r}"
+            )
+        return fs
+    if not (spec or name):
+        raise FeatureSetMismatch(f"{what} records no feature set: give --feature_set")
+    fs = load_feature_set(spec or name)
+    if name is not None and fs.name != name:
+        raise FeatureSetMismatch(
+            f"{what} {verb} feature set {name!r}, but {spec!r} is now {fs.name!r}"
+        )
+    return fs
 
 
 def list_versions(base: str) -> list[int]:

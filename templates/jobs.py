@@ -20,13 +20,6 @@ _EMULATOR_ONLY = {
 # A Flex Template passes every parameter as --name=value; a store_true flag rejects a value
 # ("ignored explicit argument"), so it cannot be a parameter.
 _FLAG_ONLY = "store_true flag: Flex Templates pass --name=value, which such a flag rejects"
-# Streaming scoring parses the batch scorer's and the aggregate job's option classes (a flag is
-# declared once per process) but reads only some of their flags.
-_BATCH_SCORING_FLAGS = (
-    "output", "output_format", "output_table", "output_method", "dead_letter_dir", "start", "end",
-)  # fmt: skip
-_BATCH_SCORING_ONLY = "batch scoring only: streaming scoring publishes to --output_topic"
-_AGGREGATE_ONLY = "aggregate job only: streaming scoring reads no event-time attribute"
 
 
 @dataclass(frozen=True)
@@ -70,6 +63,9 @@ JOBS: dict[str, TemplateJob] = {
             module="beam_pipelines.aggregate",
             option_classes=(
                 "beam_pipelines.aggregate:AggregateOptions",
+                "beam_pipelines.options:SubscriptionOptions",
+                "beam_pipelines.options:LatenessOptions",
+                "beam_pipelines.options:TableCheckOptions",
                 "beam_pipelines.io.bigtable:BigtableOptions",
                 "beam_pipelines.io.pubsub:EventTimeOptions",
                 "beam_pipelines.options:FeatureSetOptions",
@@ -83,6 +79,7 @@ JOBS: dict[str, TemplateJob] = {
             module="beam_pipelines.score",
             option_classes=(
                 "beam_pipelines.score:ScoreOptions",
+                "beam_pipelines.options:ModelOptions",
                 "beam_pipelines.options:SourceOptions",
                 "beam_pipelines.options:FeatureSetOptions",
             ),
@@ -92,11 +89,12 @@ JOBS: dict[str, TemplateJob] = {
         ),
         TemplateJob(
             name="score_streaming",
-            module="beam_pipelines.score",
+            module="beam_pipelines.score_stream",
             option_classes=(
                 "beam_pipelines.score_stream:ScoreStreamOptions",
-                "beam_pipelines.score:ScoreOptions",
-                "beam_pipelines.aggregate:AggregateOptions",
+                "beam_pipelines.options:ModelOptions",
+                "beam_pipelines.options:SubscriptionOptions",
+                "beam_pipelines.options:TableCheckOptions",
                 "beam_pipelines.io.bigtable:BigtableOptions",
                 "beam_pipelines.options:FeatureSetOptions",
             ),
@@ -110,14 +108,7 @@ JOBS: dict[str, TemplateJob] = {
             ),
             streaming=True,
             fixed_args=("--streaming",),
-            not_parameters={
-                "skip_table_check": _FLAG_ONLY,
-                **{flag: _BATCH_SCORING_ONLY for flag in _BATCH_SCORING_FLAGS},
-                **{
-                    flag: _AGGREGATE_ONLY
-                    for flag in ("allowed_lateness_s", "source_timestamps", "write_retry_s")
-                },
-            },
+            not_parameters={"skip_table_check": _FLAG_ONLY},
         ),
     )
 }

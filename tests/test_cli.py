@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from beam_pipelines.cli import JOBS, main
+from beam_pipelines.cli import JOBS, job_module, main
 
 
 def test_top_level_help_lists_every_job(capsys):
@@ -39,3 +39,17 @@ def test_prepare_runs_as_a_module_and_names_missing_options():
     )
     assert proc.returncode != 0
     assert "--output_dir" in proc.stderr
+
+
+def test_score_streaming_is_its_own_job_module():
+    assert job_module("score", ["--model_dir=m"]) == "beam_pipelines.score"
+    assert job_module("score", ["--streaming", "--model_dir=m"]) == "beam_pipelines.score_stream"
+
+
+def test_score_streaming_help_lists_only_its_own_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["score", "--streaming", "--help"])
+    out = capsys.readouterr().out
+    assert "--output_topic" in out and "--subscription" in out and "--model_dir" in out
+    for other in ("--allowed_lateness_s", "--source_timestamps", "--write_retry_s", "--output_table"):
+        assert other not in out, other

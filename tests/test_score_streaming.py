@@ -338,17 +338,20 @@ def test_missing_or_corrupt_model_dir_is_a_clear_error_before_the_job_starts(tra
         "--bigtable_table=t",
     ]
     with pytest.raises(SystemExit, match="score --streaming: model directory .* does not exist"):
-        score.run([*base, f"--model_dir={tmp_path / 'none'}"])
+        score_stream.run([*base, f"--model_dir={tmp_path / 'none'}"])
     broken = tmp_path / "models"
     shutil.copytree(trained["result"]["path"], broken / "1")
     (broken / "1" / "saved_model.pb").write_bytes(b"not a saved model")
     with pytest.raises(SystemExit, match="corrupt: saved_model.pb does not parse"):
-        score.run([*base, f"--model_dir={broken}"])
+        score_stream.run([*base, f"--model_dir={broken}"])
     with pytest.raises(SystemExit, match="missing required option.*--output_topic"):
-        score.run([a for a in base if not a.startswith("--output_topic")] + [f"--model_dir={broken}"])
+        score_stream.run([a for a in base if not a.startswith("--output_topic")] + [f"--model_dir={broken}"])
     with pytest.raises(SystemExit, match="batch-only option.*--output, --start"):
         model_dir = str(trained["result"]["path"]).rsplit("/", 1)[0]
-        score.run([*base, f"--model_dir={model_dir}", "--output=/tmp/x", "--start=2013-01-01T00:00:00Z"])
+        score_stream.run([*base, f"--model_dir={model_dir}", "--output=/tmp/x", "--start=2013-01-01T00:00:00Z"])
+    # The batch job's entry point points to the streaming one (the CLI picks it by --streaming).
+    with pytest.raises(SystemExit, match="--streaming is the streaming scorer"):
+        score.run([*base, f"--model_dir={model_dir}"])
 
 
 def _expected(model_dir: str, version: int, raws: list[dict]) -> dict:

@@ -6,7 +6,7 @@ metadata, and the job sets Beam's streaming option in code anyway.
 
 import sys
 
-from beam_pipelines.score import run
+from beam_pipelines.score_stream import run
 
 if __name__ == "__main__":
     run(["--streaming", *sys.argv[1:]])
