@@ -60,33 +60,71 @@ def fit_logistic_1d(x: np.ndarray, y: np.ndarray, steps: int = 25) -> tuple[floa
     return float(w[0] - w[1] * mu / sd), float(w[1] / sd)
 
 
-def baseline_metrics(
-    train_labels: np.ndarray,
-    eval_labels: np.ndarray,
-    train_dep_delay: np.ndarray,
-    eval_dep_delay: np.ndarray,
-    rule_threshold: float,
-) -> dict:
-    """The two baselines on the eval split, with parameters learned on the train split only.
-
-    - majority: always the train set's majority class; its probability is the train base rate.
-    - dep_delay_rule: AUC of raw dep_delay as a score, accuracy of `dep_delay > threshold`,
-      log loss of a one-feature logistic regression on dep_delay.
-    """
+def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> dict:
+    """Always the train split's majority class; its probability is the train base rate."""
     base_rate = float(np.mean(train_labels))
-    majority = {
+    return {
         "auc": 0.5,
         "log_loss": log_loss(eval_labels, np.full(len(eval_labels), base_rate)),
         "accuracy": accuracy(eval_labels, np.full(len(eval_labels), base_rate >= 0.5)),
         "train_base_rate": base_rate,
     }
-    a, b = fit_logistic_1d(train_dep_delay, train_labels)
-    rule_p = 1.0 / (1.0 + np.exp(-(a + b * np.asarray(eval_dep_delay, dtype=np.float64))))
-    rule = {
-        "auc": roc_auc(eval_labels, eval_dep_delay),
+
+
+def rule_baseline(
+    train_labels: np.ndarray,
+    eval_labels: np.ndarray,
+    train_values: np.ndarray,
+    eval_values: np.ndarray,
+    threshold: float,
+    label: str,
+) -> dict:
+    """A one-field rule on the eval split, fitted on the train split only: AUC of the raw field
+    as a score, accuracy of `field > threshold`, log loss of a one-field logistic regression.
+    `label` names it in metrics.json and the report."""
+    train_values = np.asarray(train_values, dtype=np.float64)
+    eval_values = np.asarray(eval_values, dtype=np.float64)
+    # A missing value (NaN) is below every threshold and the lowest score.
+    finite = train_values[np.isfinite(train_values)]
+    low = float(finite.min()) - 1.0 if finite.size else 0.0
+    train_values = np.where(np.isnan(train_values), low, train_values)
+    eval_values = np.where(np.isnan(eval_values), low, eval_values)
+    a, b = fit_logistic_1d(train_values, train_labels)
+    rule_p = 1.0 / (1.0 + np.exp(-(a + b * eval_values)))
+    return {
+        "auc": roc_auc(eval_labels, eval_values),
         "log_loss": log_loss(eval_labels, rule_p),
-        "accuracy": accuracy(eval_labels, np.asarray(eval_dep_delay) > rule_threshold),
-        "rule": f"dep_delay > {rule_threshold:g} min (AUC: dep_delay as the score)",
+        "accuracy": accuracy(eval_labels, eval_values > threshold),
+        "label": label,
+        "threshold": threshold,
         "logistic": {"intercept": a, "slope": b},
     }
-    return {"majority": majority, "dep_delay_rule": rule}
+
+
+def baseline_metrics(
+    train_labels: np.ndarray,
+    eval_labels: np.ndarray,
+    rule: dict | None = None,
+) -> dict:
+    """The baselines on the eval split, with parameters learned on the train split only:
+    `majority` always, `rule` when `rule` gives the keyword arguments of `rule_baseline`
+    (train_values, eval_values, threshold, label)."""
+    out = {"majority": majority_baseline(train_labels, eval_labels)}
+    if rule is not None:
+        out["rule"] = rule_baseline(train_labels, eval_labels, **rule)
+    return out
+
+
+def compare_with_baselines(model: dict, baselines: dict) -> dict:
+    """Whether the model's AUC beats the rule baseline's, or the majority class's when there is
+    no rule: `compared_with` names the baseline; `beats_baseline` / `auc_gain_over_baseline`,
+    and the same under the baseline's name (`beats_rule_baseline`, ...)."""
+    name = "rule" if "rule" in baselines else "majority"
+    beats, gain = bool(model["auc"] > baselines[name]["auc"]), model["auc"] - baselines[name]["auc"]
+    return {
+        "compared_with": name,
+        "beats_baseline": beats,
+        "auc_gain_over_baseline": gain,
+        f"beats_{name}_baseline": beats,
+        f"auc_gain_over_{name}_baseline": gain,
+    }

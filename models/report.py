@@ -44,13 +44,19 @@ def report(
     prepared_dir: str | None = None,
     chart_path: str | None = None,
     model_version: int | None = None,
+    feature_set: str | None = None,
 ) -> dict:
-    """Build the report dict, print nothing; `format_report` renders it, `chart_path` gets a PNG."""
+    """Build the report dict, print nothing; `format_report` renders it, `chart_path` gets a PNG.
+
+    The example key and the label are the model's (model.json, else its feature set);
+    `feature_set` may only name the feature set the model was trained on."""
     model = versions.resolve(model_dir, model_version)
     metrics = _load_json(os.path.join(model.path, versions.METRICS_FILE))
     summary_path = os.path.join(score_dir, "summary.json")
     summary = _load_json(summary_path) if os.path.exists(summary_path) else {}
-    key, label = model.metadata.get("example_key") or [], model.metadata.get("label", "label")
+    fs = model.feature_set(feature_set)
+    key = list(model.metadata.get("example_key") or fs.example_key)
+    label = model.metadata.get("label") or fs.label
     predictions = labelled_predictions(score_dir, prepared_dir, key, label)
     out = {
         "model_version": model.version,
@@ -69,7 +75,8 @@ def report(
         "predictions": len(predictions),
         "training_eval": metrics["model"],
         "baselines": metrics["baselines"],
-        "beats_dep_delay_rule": metrics["beats_dep_delay_rule"],
+        "compared_with": metrics["compared_with"],
+        "beats_baseline": metrics["beats_baseline"],
     }
     labelled = predictions.dropna(subset=[label]) if label in predictions else predictions.iloc[:0]
     if len(labelled):
@@ -106,11 +113,11 @@ def write_chart(path: str, predictions, label: str | None, version: int, bins: i
         left.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
         left.plot(mean_p, rate, "o-", label=f"model v{version}")
         left.set_xlabel("mean predicted probability")
-        left.set_ylabel("observed delay rate")
+        left.set_ylabel("observed positive rate")
         left.set_title("Calibration")
         left.legend()
-        right.hist(q[y == 0], bins=edges, histtype="step", linewidth=2, label="on time")
-        right.hist(q[y == 1], bins=edges, histtype="step", linewidth=2, label="delayed")
+        right.hist(q[y == 0], bins=edges, histtype="step", linewidth=2, label="negative (0)")
+        right.hist(q[y == 1], bins=edges, histtype="step", linewidth=2, label="positive (1)")
     else:
         left.text(0.5, 0.5, "no labels: pass the prepared dir", ha="center")
         right.hist(p, bins=edges)
@@ -135,11 +142,16 @@ def format_report(r: dict) -> str:
         "counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None),
         "eval split (trainer):",
         row("model", r["training_eval"]),
-        row("dep_delay rule", r["baselines"]["dep_delay_rule"]),
-        row("majority class", r["baselines"]["majority"]),
     ]
-    if not r["beats_dep_delay_rule"]:
-        lines.append("  WARNING: the model does not beat the dep_delay rule on AUC")
+    rule = r["baselines"].get("rule")
+    if rule is not None:
+        lines.append(row(f"rule: {rule['label']}", rule))
+    lines.append(row("majority class", r["baselines"]["majority"]))
+    if rule is None:
+        lines.append("  (no rule baseline: the feature set declares none; compared with the majority class)")
+    if not r["beats_baseline"]:
+        reference = "the rule baseline" if r["compared_with"] == "rule" else "the majority class"
+        lines.append(f"  WARNING: the model does not beat {reference} on AUC")
     if "scored_period" in r:
         lines.append(row("scored period", r["scored_period"]))
     if "skew_check" in r:
@@ -158,8 +170,23 @@ def run(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--score_dir", required=True, help="--output of `skewless score`.")
     parser.add_argument("--prepared_dir", help="Output of `skewless prepare` (for the labels).")
     parser.add_argument("--chart", help="Write the PNG chart here.")
+    parser.add_argument(
+        "--feature_set",
+        help="Feature set (default: the one recorded with the model version; another one is an "
+        "error).",
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    r = report(args.model_dir, args.score_dir, args.prepared_dir, args.chart, args.model_version)
+    try:
+        r = report(
+            args.model_dir,
+            args.score_dir,
+            args.prepared_dir,
+            args.chart,
+            args.model_version,
+            args.feature_set,
+        )
+    except versions.FeatureSetMismatch as exc:
+        raise SystemExit(f"skewless report: {exc}") from None
     print(format_report(r))
     return r
 

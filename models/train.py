@@ -34,7 +34,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--prepared_dir", required=True, help="Output directory of `skewless prepare`.")
     parser.add_argument("--model_dir", required=True, help="Base directory of numbered model versions.")
-    parser.add_argument("--feature_set", help="Feature set (default: the one prepare recorded, else flights).")
+    parser.add_argument(
+        "--feature_set",
+        help="Feature set (default: the one prepare recorded in its summary.json; another one "
+        "is an error).",
+    )
     parser.add_argument("--epochs", type=int, default=10, help="Maximum epochs.")
     parser.add_argument("--patience", type=int, default=2, help="Early stopping: epochs without eval AUC gain.")
     parser.add_argument("--batch_size", type=int, default=1024)
@@ -42,15 +46,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden_units", default="64,32", help="Comma-separated dense layer sizes.")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--baseline_feature", default="dep_delay", help="Raw feature of the rule baseline.")
     parser.add_argument(
-        "--baseline_threshold", type=float, default=15.0, help="Rule baseline: positive when feature > this."
+        "--baseline_feature",
+        help="Numeric example field of the rule baseline (positive when field > threshold). "
+        "Default: the feature set's baseline; without one only the majority class is reported.",
+    )
+    parser.add_argument(
+        "--baseline_threshold",
+        type=float,
+        help="Rule baseline threshold (default: the feature set's baseline threshold, else 0).",
     )
     parser.add_argument(
         "--fail_if_worse_than_baseline",
         action="store_true",
         help=f"Exit {EXIT_WORSE_THAN_BASELINE} and publish no version (it goes to BASE/rejected/) when "
-        "the model's eval AUC does not beat the rule baseline's.",
+        "the model's eval AUC does not beat the rule baseline's (the majority class's when "
+        "there is no rule baseline).",
     )
     return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
@@ -120,6 +131,50 @@ def load_split_features(prepared_dir: str, fs, summary: dict):
     return table.filter(pc.invert(is_eval)), table.filter(is_eval)
 
 
+def prepared_feature_set(prepared_dir: str, summary: dict, override: str | None):
+    """(spec, FeatureSet) of the prepared data: the one prepare recorded in summary.json, or
+    `override` when it is that same feature set (a FeatureSetMismatch otherwise)."""
+    from models.versions import FeatureSetMismatch, recorded_feature_set
+
+    what = f"the prepared data in {prepared_dir!r}"
+    if not summary and not override:
+        raise SystemExit(f"skewless train: {what} has no summary.json: give --feature_set")
+    try:
+        fs = recorded_feature_set(summary, override, what)
+    except FeatureSetMismatch as exc:
+        raise SystemExit(f"skewless train: {exc}") from None
+    return override or summary.get("feature_set_spec") or summary.get("feature_set"), fs
+
+
+def rule_settings(
+    fs, field: str | None, threshold: float | None
+) -> tuple[str, float, str] | None:
+    """(field, threshold, label) of the rule baseline: the flags, else the feature set's
+    `baseline`; None when neither names a field (then only the majority class is reported)."""
+    base = fs.baseline
+    if field is None and base is None:
+        if threshold is not None:
+            raise SystemExit(
+                "skewless train: --baseline_threshold needs --baseline_feature (the feature set "
+                "declares no baseline)"
+            )
+        return None
+    if field is None or (base is not None and field == base.field and threshold in (None, base.threshold)):
+        return base.field, base.threshold, base.label
+    threshold = 0.0 if threshold is None else threshold
+    return field, threshold, f"{field} > {threshold:g}"
+
+
+def _numeric(table, field: str) -> np.ndarray:
+    """A numeric column as float64 (nulls as NaN count as below any threshold)."""
+    import pyarrow as pa
+
+    column = table.column(field)
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)):
+        raise SystemExit(f"skewless train: baseline field {field!r} is {column.type}, not numeric")
+    return column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
 def _time_range(table, column: str) -> dict:
     import pyarrow.compute as pc
 
@@ -144,16 +199,12 @@ def train(args: argparse.Namespace) -> dict:
 
     from models import versions
     from models.handler import LoadedModel, arrow_to_feed, predict
-    from models.metrics import baseline_metrics, binary_metrics, roc_auc
+    from models.metrics import baseline_metrics, binary_metrics, compare_with_baselines, roc_auc
     from models.model import build_model, export_serving_model, serving_inputs
-    from transforms.featureset import load_feature_set
-
     started = time.monotonic()
     summary_path = os.path.join(args.prepared_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    fs = load_feature_set(
-        args.feature_set or summary.get("feature_set_spec") or summary.get("feature_set") or "flights"
-    )
+    fs_spec, fs = prepared_feature_set(args.prepared_dir, summary, args.feature_set)
     transform_dir = os.path.join(args.prepared_dir, "transform")
     tft_output = tft.TFTransformOutput(transform_dir)
     spec = tft_output.transformed_feature_spec()
@@ -188,13 +239,23 @@ def train(args: argparse.Namespace) -> dict:
     model_metrics = binary_metrics(y_eval, p_eval)
 
     train_rows, eval_rows = load_split_features(args.prepared_dir, fs, summary)
-    feature = args.baseline_feature
+    rule = rule_settings(fs, args.baseline_feature, args.baseline_threshold)
+    if rule is not None:
+        field, threshold, rule_label = rule
+        for rows, split in ((train_rows, "train"), (eval_rows, "eval")):
+            if field not in rows.column_names:
+                raise SystemExit(
+                    f"skewless train: baseline field {field!r} is not a column of the prepared "
+                    f"features ({split}); example fields: {', '.join(rows.column_names)}"
+                )
+        rule = {
+            "train_values": _numeric(train_rows, field),
+            "eval_values": _numeric(eval_rows, field),
+            "threshold": threshold,
+            "label": rule_label,
+        }
     baselines = baseline_metrics(
-        train_rows.column(label).to_numpy(),
-        eval_rows.column(label).to_numpy(),
-        train_rows.column(feature).to_numpy(),
-        eval_rows.column(feature).to_numpy(),
-        args.baseline_threshold,
+        train_rows.column(label).to_numpy(), eval_rows.column(label).to_numpy(), rule
     )
     if eval_rows.num_rows != len(y_eval):
         LOG.warning("features/ has %d eval rows, eval/ %d examples", eval_rows.num_rows, len(y_eval))
@@ -212,13 +273,12 @@ def train(args: argparse.Namespace) -> dict:
     )
     serving_auc = roc_auc(eval_rows.column(label).to_numpy(), served)
 
-    rule_auc = baselines["dep_delay_rule"]["auc"]
-    beats = bool(model_metrics["auc"] > rule_auc)
+    comparison = compare_with_baselines(model_metrics, baselines)
+    beats = comparison["beats_baseline"]
     metrics = {
         "model": model_metrics,
         "baselines": baselines,
-        "beats_dep_delay_rule": beats,
-        "auc_gain_over_dep_delay_rule": model_metrics["auc"] - rule_auc,
+        **comparison,
         "serving_signature_eval_auc": serving_auc,
         "epochs_run": len(history.history["loss"]),
         "best_epoch": int(np.argmax(history.history["val_auc"])) + 1,
@@ -227,6 +287,7 @@ def train(args: argparse.Namespace) -> dict:
     }
     metadata = {
         "feature_set": fs.name,
+        "feature_set_spec": fs_spec,
         "label": label,
         "serving_inputs": inputs,
         "serving_output": versions.OUTPUT,
@@ -251,11 +312,14 @@ def train(args: argparse.Namespace) -> dict:
     versions.write_json(os.path.join(staging, versions.METRICS_FILE), metrics)
     versions.write_json(os.path.join(staging, versions.MODEL_FILE), metadata)
 
+    reference = baselines[comparison["compared_with"]]
+    reference_name = reference.get("label", "the majority class")
     if not beats:
         LOG.warning(
-            "MODEL DOES NOT BEAT THE dep_delay RULE: eval AUC %.4f <= rule AUC %.4f",
+            "MODEL DOES NOT BEAT THE BASELINE (%s): eval AUC %.4f <= baseline AUC %.4f",
+            reference_name,
             model_metrics["auc"],
-            rule_auc,
+            reference["auc"],
         )
         if args.fail_if_worse_than_baseline:
             rejected = os.path.join(args.model_dir, "rejected", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
@@ -265,12 +329,12 @@ def train(args: argparse.Namespace) -> dict:
             raise SystemExit(EXIT_WORSE_THAN_BASELINE)
     number, path = versions.publish(args.model_dir, staging)
     LOG.info(
-        "published model version %d at %s: AUC %.4f (dep_delay rule %.4f, majority 0.5), "
-        "log loss %.4f, accuracy %.4f",
+        "published model version %d at %s: AUC %.4f (%s %.4f), log loss %.4f, accuracy %.4f",
         number,
         path,
         model_metrics["auc"],
-        rule_auc,
+        reference_name,
+        reference["auc"],
         model_metrics["log_loss"],
         model_metrics["accuracy"],
     )

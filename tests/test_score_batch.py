@@ -202,4 +202,6 @@ def test_report_checks_scores_against_training_and_draws_the_chart(trained, scor
     # The scored period is the trainer's eval split: same examples, same AUC, or there is skew.
     assert r["skew_check"]["ok"], r["skew_check"]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "dep_delay rule" in format_report(r)
+    text = format_report(r)
+    assert f"rule: {FLIGHTS.baseline.label}" in text and "majority class" in text
+    assert r["compared_with"] == "rule"

@@ -19,8 +19,16 @@ import tensorflow_transform as tft
 
 from models import train, versions
 from models.handler import SkewlessModelHandler, arrow_to_feed, predict
-from models.metrics import fit_logistic_1d, log_loss, roc_auc
+from models.metrics import (
+    baseline_metrics,
+    compare_with_baselines,
+    fit_logistic_1d,
+    log_loss,
+    roc_auc,
+)
 from tests.flights_data import real_flights, write_csv
+from tests.toy_featureset import CLICKS
+from transforms.flights import FLIGHTS
 
 EVAL_START = "2013-01-06T00:00:00Z"
 _CACHE: dict = {}
@@ -88,17 +96,22 @@ def test_version_holds_metrics_and_metadata(trained):
     path = Path(result["path"])
     assert path.name == str(result["version"]) and result["version"] >= 1
     metrics = json.loads((path / versions.METRICS_FILE).read_text())
-    for block in (metrics["model"], metrics["baselines"]["majority"], metrics["baselines"]["dep_delay_rule"]):
+    for block in (metrics["model"], metrics["baselines"]["majority"], metrics["baselines"]["rule"]):
         assert {"auc", "log_loss", "accuracy"} <= block.keys()
     assert metrics["baselines"]["majority"]["auc"] == 0.5
-    assert metrics["beats_dep_delay_rule"] == (
-        metrics["model"]["auc"] > metrics["baselines"]["dep_delay_rule"]["auc"]
+    # The rule baseline is the feature set's own (FLIGHTS.baseline), with its label.
+    assert metrics["baselines"]["rule"]["label"] == FLIGHTS.baseline.label
+    assert metrics["baselines"]["rule"]["threshold"] == FLIGHTS.baseline.threshold
+    assert metrics["compared_with"] == "rule"
+    assert metrics["beats_rule_baseline"] == metrics["beats_baseline"] == (
+        metrics["model"]["auc"] > metrics["baselines"]["rule"]["auc"]
     )
     # Same examples through the exported signature (raw) and the Keras model (transformed).
     assert metrics["serving_signature_eval_auc"] == pytest.approx(metrics["model"]["auc"], abs=1e-5)
 
     meta = json.loads((path / versions.MODEL_FILE).read_text())
-    assert meta["feature_set"] == "flights"
+    assert meta["feature_set"] == "flights" and meta["feature_set_spec"] == "flights"
+    assert meta["example_key"] == list(FLIGHTS.example_key)
     assert meta["transform_fingerprint"] == train.transform_fingerprint(str(trained["prepared"] / "transform"))
     assert meta["training_data"]["train"]["last"] < "2013-01-06T00:00:00+00:00"
     assert meta["training_data"]["eval"]["first"] >= "2013-01-06T00:00:00+00:00"
@@ -116,11 +129,11 @@ def test_next_run_takes_the_next_number_and_a_worse_model_can_fail_the_run(train
     model_dir = tmp_path / "models"
     shutil.copytree(Path(trained["result"]["path"]), model_dir / "3")
     args = ["--prepared_dir", str(trained["prepared"]), "--model_dir", str(model_dir), "--epochs", "1"]
-    # A learning rate of ~0 leaves the model at its random start: worse than the dep_delay rule.
+    # A learning rate of ~0 leaves the model at its random start: worse than the rule baseline.
     weak = [*args, "--learning_rate", "1e-12", "--hidden_units", "4"]
     result = train.run(weak)
-    assert result["version"] == 4 and not result["beats_dep_delay_rule"]
-    assert json.loads((model_dir / "4" / versions.METRICS_FILE).read_text())["beats_dep_delay_rule"] is False
+    assert result["version"] == 4 and not result["beats_rule_baseline"]
+    assert json.loads((model_dir / "4" / versions.METRICS_FILE).read_text())["beats_rule_baseline"] is False
     with pytest.raises(SystemExit) as exc:
         train.run([*weak, "--fail_if_worse_than_baseline"])
     assert exc.value.code == train.EXIT_WORSE_THAN_BASELINE
@@ -172,3 +185,43 @@ def test_logistic_baseline_recovers_known_coefficients():
     y = rng.random(20000) < 1 / (1 + np.exp(-(-2.0 + 0.1 * x)))
     a, b = fit_logistic_1d(x, y)
     assert a == pytest.approx(-2.0, abs=0.15) and b == pytest.approx(0.1, abs=0.01)
+
+
+def test_the_rule_baseline_comes_from_the_feature_set_unless_the_flags_set_one():
+    flights_rule = train.rule_settings(FLIGHTS, None, None)
+    assert flights_rule == (FLIGHTS.baseline.field, FLIGHTS.baseline.threshold, FLIGHTS.baseline.label)
+    assert train.rule_settings(FLIGHTS, FLIGHTS.baseline.field, FLIGHTS.baseline.threshold) == flights_rule
+    assert train.rule_settings(FLIGHTS, "distance", 500.0) == ("distance", 500.0, "distance > 500")
+    # A feature set without a baseline: no rule, unless the flags name a field.
+    assert CLICKS.baseline is None
+    assert train.rule_settings(CLICKS, None, None) is None
+    assert train.rule_settings(CLICKS, "price", 2.5) == ("price", 2.5, "price > 2.5")
+    with pytest.raises(SystemExit, match="--baseline_threshold needs --baseline_feature"):
+        train.rule_settings(CLICKS, None, 3.0)
+
+
+def test_without_a_rule_baseline_the_model_is_compared_with_the_majority_class():
+    labels = np.array([0, 1, 0, 1, 1, 0, 0, 0])
+    baselines = baseline_metrics(labels, labels)
+    assert set(baselines) == {"majority"}
+    comparison = compare_with_baselines({"auc": 0.7}, baselines)
+    assert comparison["compared_with"] == "majority"
+    assert comparison["beats_baseline"] is comparison["beats_majority_baseline"] is True
+    assert comparison["auc_gain_over_majority_baseline"] == pytest.approx(0.2)
+    assert not any("rule" in key for key in comparison)
+    scores = np.array([0.0, 9.0, np.nan, 7.0, 8.0, 1.0, 2.0, 0.5])  # a missing value scores lowest
+    rule = {"train_values": scores, "eval_values": scores, "threshold": 5.0, "label": "x > 5"}
+    with_rule = baseline_metrics(labels, labels, rule)
+    assert with_rule["rule"]["auc"] == 1.0 and with_rule["rule"]["accuracy"] == 1.0
+    assert compare_with_baselines({"auc": 0.9}, with_rule)["beats_rule_baseline"] is False
+
+
+def test_train_takes_the_feature_set_prepare_recorded_and_refuses_another(tmp_path):
+    summary = {"feature_set": "clicks", "feature_set_spec": "tests.toy_featureset:CLICKS"}
+    spec, fs = train.prepared_feature_set(str(tmp_path), summary, None)
+    assert (spec, fs) == ("tests.toy_featureset:CLICKS", CLICKS)
+    assert train.prepared_feature_set(str(tmp_path), summary, "tests.toy_featureset:CLICKS")[1] is CLICKS
+    with pytest.raises(SystemExit, match="was made with feature set 'clicks', not 'flights'"):
+        train.prepared_feature_set(str(tmp_path), summary, "flights")
+    with pytest.raises(SystemExit, match="no summary.json: give --feature_set"):
+        train.prepared_feature_set(str(tmp_path), {}, None)
