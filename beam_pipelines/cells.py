@@ -55,7 +55,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--family", default="flights", help="Column family = the feature set's name."
     )
-    parser.add_argument("--prefix", default="", help="Row-key prefix, e.g. origin#JFK#")
+    parser.add_argument("--prefix", default="", help="Row-key prefix: <key name>#<key value>#")
     parser.add_argument(
         "--limit", type=int, default=20, help="At most this many cells (newest first)."
     )

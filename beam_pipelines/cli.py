@@ -73,6 +73,11 @@ def run_job(job: str, args: list[str], verbose: bool = False, run=None) -> int:
         if run is None:
             with _quiet_native_stderr(enabled=not verbose):
                 run = importlib.import_module(job_module(job, args)).run
+        # Every job's logging, also of the jobs in models/ (which may not import this layer);
+        # a job module may configure it again (a batch job quiets the libraries further).
+        from beam_pipelines.common import configure_logging
+
+        configure_logging()
         run(args)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):

@@ -82,7 +82,7 @@ def build_model(
     Deep: an embedding per categorical id (vocabularies incl. their OOV bucket, quantile
     buckets, day of week) concatenated with the numeric (z-scored) features, then dense layers.
     Wide: one learned weight per id and a linear term per numeric feature, added to the logit,
-    so the strong near-linear signals (dep_delay) need no depth.
+    so strong near-linear signals need no depth.
     """
     inputs, deep, wide = {}, [], []
     for name in numeric:

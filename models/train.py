@@ -342,9 +342,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    from beam_pipelines.common import configure_logging
-
-    configure_logging()
+    """The train job (`skewless train`; the CLI configures logging, as for every job)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return train(parse_args(argv))
 

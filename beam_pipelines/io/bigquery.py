@@ -155,7 +155,7 @@ def parse_query_parameter(spec: str) -> bigquery.ScalarQueryParameter:
     bq_type, colon, raw = typed_value.partition(":")
     if not eq or not colon:
         raise ValueError(
-            f"Query parameter {spec!r} must look like name=TYPE:value, e.g. origin=STRING:JFK"
+            f"Query parameter {spec!r} must look like name=TYPE:value, e.g. region=STRING:EU"
         )
     if not _PARAMETER_NAME_RE.match(name):
         raise ValueError(
