@@ -1,0 +1,161 @@
+"""A user's own feature set through every job, with no flights-specific option.
+
+tests/weather_featureset.py (real NYC weather, every aggregate operation, list and map
+features, D = 1 h, a 1-day period) goes through prepare -> train -> score -> report ->
+bigtable-setup -> aggregate -> score --streaming. Only the jobs that start from raw data take
+`--feature_set`; train, score, report and the streaming scorer take it from the prepared data
+and the model. The streaming predictions (aggregates read back from the Bigtable emulator)
+equal the batch ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.testing.test_stream import TestStream
+
+from beam_pipelines import aggregate, bigtable_setup, prepare, score, score_stream
+from beam_pipelines.common import metric_counters
+from beam_pipelines.io.bigtable import WriteCells
+from beam_pipelines.io.files import _read_bytes, read_csv_table
+from beam_pipelines.replay import ReplayStats, order_events, to_message
+from models import report, train
+from tests.aggregate_support import streaming_options
+from tests.flights_data import write_jsonl
+from tests.weather_featureset import WEATHER, weather_path
+from transforms.validation import to_epoch_ms
+
+SPEC = "tests.weather_featureset:WEATHER"
+INPUT_START, INPUT_END = "2013-01-01T00:00:00Z", "2013-01-22T00:00:00Z"
+SCORE_START, SCORE_END = "2013-01-15T00:00:00Z", "2013-01-22T00:00:00Z"
+RETENTION_S = 20 * 365 * 86_400  # the cells are stamped in 2013: keep them
+
+
+def _raws() -> list[dict]:
+    table, _ = read_csv_table(_read_bytes(weather_path()))
+    rows = []
+    for row in table.to_pylist():
+        row["time_hour"] = row["time_hour"].strftime("%Y-%m-%dT%H:%M:%SZ")
+        if INPUT_START <= row["time_hour"] < INPUT_END:
+            rows.append(row)
+    return rows
+
+
+def _key(prediction: dict) -> tuple:
+    return prediction["origin"], to_epoch_ms(prediction["observed"])
+
+
+def _write_cells_with_the_aggregate_job(bt, table_id: str, raws: list[dict]) -> int:
+    events = order_events(WEATHER, raws, ReplayStats())
+    messages = [
+        PubsubMessage(to_message(WEATHER, raw), {"event_time": str(t)}) for t, raw in events
+    ]
+    stream = (
+        TestStream()
+        .advance_watermark_to(events[0][0] / 1000.0 - 1)
+        .add_elements(messages)
+        .advance_watermark_to_infinity()
+    )
+    p = beam.Pipeline(options=streaming_options())
+    aggregate.build_pipeline(
+        p,
+        WEATHER,
+        stream,
+        WriteCells(bt.project, bt.instance, table_id, WEATHER.name),
+        beam.Map(print),
+    )
+    result = p.run()
+    result.wait_until_finish()
+    return metric_counters(result)["cells_written"]
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+@pytest.mark.timeout(900)
+def test_a_user_feature_set_runs_through_every_job_and_streaming_equals_batch(
+    tmp_path, pubsub_emulator, bigtable_emulator
+):
+    ps, bt = pubsub_emulator, bigtable_emulator
+    prepared, models, scores = tmp_path / "prepared", tmp_path / "models", tmp_path / "scores"
+
+    # prepare: the feature set's default input (all of weather.csv) and default time split.
+    summary = prepare.run(["--feature_set", SPEC, "--output_dir", str(prepared)])
+    assert summary["feature_set"] == "weather" and summary["records_rejected"] == 0
+    assert summary["split"]["eval_start"].startswith("2013-11-01")
+
+    metrics = train.run(
+        ["--prepared_dir", str(prepared), "--model_dir", str(models), "--epochs", "2"]
+    )
+    rule = metrics["baselines"]["rule"]
+    assert rule["label"] == "humid > 90"  # the feature set's baseline, not a flights column
+    assert abs(metrics["serving_signature_eval_auc"] - metrics["model"]["auc"]) < 1e-4
+
+    raws = _raws()
+    input_path = write_jsonl(tmp_path / "weather.jsonl", raws)
+    scored = score.run(
+        [
+            "--model_dir", str(models), "--input", str(input_path), "--output", str(scores),
+            "--start", SCORE_START, "--end", SCORE_END,
+        ]
+    )  # fmt: skip
+    batch = pq.read_table(scores / "predictions").to_pylist()
+    assert scored["examples_scored"] == len(batch) == 3 * 24 * 7
+    for row in batch:
+        row["observed"] = row["observed"].isoformat()
+
+    reported = report.run(
+        ["--model_dir", str(models), "--score_dir", str(scores), "--prepared_dir", str(prepared)]
+    )
+    assert reported["baselines"]["rule"]["label"] == "humid > 90"
+    assert reported["scored_period"]["examples"] == len(batch)  # labels joined by example key
+
+    table_id = bt.table_name()
+    bigtable_setup.run(
+        [
+            "--feature_set", SPEC, f"--bigtable_project={bt.project}",
+            f"--bigtable_instance={bt.instance}", f"--bigtable_table={table_id}",
+            f"--retention_s={RETENTION_S}",
+        ]
+    )  # fmt: skip
+    assert _write_cells_with_the_aggregate_job(bt, table_id, raws) > 0
+
+    inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
+    inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
+    p, info = score_stream.make_pipeline(
+        [
+            "--streaming", f"--subscription={inp_sub}", f"--output_topic={out}",
+            f"--dead_letter_topic={dead}", f"--bigtable_project={bt.project}",
+            f"--bigtable_instance={bt.instance}", f"--bigtable_table={table_id}",
+            f"--model_dir={models}", f"--project={ps.project}",
+        ]
+    )  # fmt: skip
+    start, end = to_epoch_ms(SCORE_START), to_epoch_ms(SCORE_END)
+    to_score = [r for t, r in order_events(WEATHER, raws, ReplayStats()) if start <= t < end]
+    result = p.run()
+    try:
+        publisher = ps.publisher()
+        for future in [publisher.publish(inp, to_message(WEATHER, r)) for r in to_score]:
+            future.result(timeout=30)
+        streamed: list = []
+        deadline = time.monotonic() + 180
+        while len(streamed) < len(to_score) and time.monotonic() < deadline:
+            streamed += [json.loads(m.data) for m in ps.pull_all(out_sub, expect=1, timeout_s=5)]
+    finally:
+        result.cancel()
+    assert info["feature_set"] == "weather"
+    by_key = {_key(s): s for s in streamed}
+    assert len(by_key) == len(streamed) == len(batch)
+    assert set(by_key) == {_key(b) for b in batch}
+    np.testing.assert_allclose(
+        [by_key[_key(b)]["probability"] for b in batch],
+        [b["probability"] for b in batch],
+        rtol=0,
+        atol=1e-6,
+    )
+    assert metric_counters(result)["cells_found"] > 0
