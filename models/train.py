@@ -208,6 +208,12 @@ def train(args: argparse.Namespace) -> dict:
     transform_dir = os.path.join(args.prepared_dir, "transform")
     tft_output = tft.TFTransformOutput(transform_dir)
     spec = tft_output.transformed_feature_spec()
+    if fs.label not in spec:
+        raise SystemExit(
+            f"skewless train: the preprocessing_fn of feature set {fs.name!r} outputs no "
+            f"{fs.label!r} (the label must come out under the feature set's label name); "
+            f"it outputs {', '.join(sorted(spec))}"
+        )
     train_data = read_transformed(os.path.join(args.prepared_dir, "train", "*.tfrecord.gz"), spec)
     eval_data = read_transformed(os.path.join(args.prepared_dir, "eval", "*.tfrecord.gz"), spec)
     label = fs.label

@@ -225,3 +225,18 @@ def test_train_takes_the_feature_set_prepare_recorded_and_refuses_another(tmp_pa
         train.prepared_feature_set(str(tmp_path), summary, "flights")
     with pytest.raises(SystemExit, match="no summary.json: give --feature_set"):
         train.prepared_feature_set(str(tmp_path), {}, None)
+
+
+def test_a_model_version_names_its_feature_set_and_refuses_another():
+    clicks = versions.ModelVersion(
+        "/m/1", 1, {"feature_set": "clicks", "feature_set_spec": "tests.toy_featureset:CLICKS"}
+    )
+    assert clicks.feature_set() is CLICKS
+    assert clicks.feature_set("tests.toy_featureset:CLICKS") is CLICKS
+    with pytest.raises(versions.FeatureSetMismatch, match="model version 1 was trained on feature set 'clicks', not 'flights'"):
+        clicks.feature_set("flights")
+    # A model that records only the name of the bundled set; one that records nothing.
+    assert versions.ModelVersion("/m/2", 2, {"feature_set": "flights"}).feature_set() is FLIGHTS
+    with pytest.raises(versions.FeatureSetMismatch, match="records no feature set: give --feature_set"):
+        versions.ModelVersion("/m/3", 3, {}).feature_set()
+    assert versions.ModelVersion("/m/3", 3, {}).feature_set("flights") is FLIGHTS
