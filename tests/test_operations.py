@@ -13,23 +13,24 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import functools
-import math
 import random
 from collections import Counter
 from dataclasses import replace
-from fractions import Fraction
 
 import apache_beam as beam
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
 
 from beam_pipelines.common import metric_counters
 from tests.aggregate_support import CollectPanes, batch_cells, streaming_options, typed_events
+from tests.brute_force import brute_cells, brute_example
 from tests.flights_data import real_flights
 from tests.weather_featureset import WEATHER, weather_path
 from transforms.aggregations import ComputeAggregates, attach_aggregates
-from transforms.featureset import Aggregate, FeatureSetError, WindowedAggregate
+from transforms.featureset import Aggregate, FeatureSetError
 from transforms.flights import FLIGHTS
 from transforms.operations import (
     OPERATIONS,
@@ -70,85 +71,6 @@ def weather_events(start: str, days: int, skip_day: str | None = None) -> list[d
         and not (skip_day and r["time_hour"].startswith(skip_day))
     ]
     return typed_events(WEATHER, rows)
-
-
-# --- the brute force --------------------------------------------------------------------------
-
-
-def _variance(values: list, ddof: int):
-    n = len(values)
-    if n <= ddof:
-        return None
-    mean = sum(Fraction(v) for v in values) / n
-    return float(sum((Fraction(v) - mean) ** 2 for v in values) / (n - ddof))
-
-
-def _by_time(pairs: list, newest_first: bool) -> list:
-    return sorted(pairs, reverse=newest_first)  # (t, value): ties in time by the value
-
-
-def brute_value(agg: WindowedAggregate, inside: list[dict], event_time: str):
-    """One aggregate over the events of one window, from its definition; None = empty."""
-    op = agg.operation
-    if isinstance(op, Count):
-        return len(inside)
-    pairs = [(e[event_time], e[agg.value]) for e in inside if e[agg.value] is not None]
-    values = [v for _, v in pairs]
-    if not values:
-        return None
-    if isinstance(op, Mean):
-        return float(sum(Fraction(v) for v in values) / len(values))
-    if isinstance(op, Sum):
-        return float(sum(Fraction(v) for v in values))
-    if isinstance(op, StdDev):
-        variance = _variance(values, op.ddof)
-        return None if variance is None else math.sqrt(variance)
-    if isinstance(op, Variance):
-        return _variance(values, op.ddof)
-    if isinstance(op, Max):
-        return float(max(values))
-    if isinstance(op, Min):
-        return float(min(values))
-    typed = (lambda v: v) if isinstance(values[0], str) else float
-    if isinstance(op, LastK):
-        return [typed(v) for _, v in _by_time(pairs, True)[: op.k]]
-    if isinstance(op, Last):
-        return typed(_by_time(pairs, True)[0][1])
-    if isinstance(op, First):
-        return typed(_by_time(pairs, False)[0][1])
-    if isinstance(op, UniqueCount):
-        return len(set(values))
-    if isinstance(op, Histogram):
-        counted = sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0]))
-        return dict(counted[: op.k])
-    raise AssertionError(f"no brute force for {op!r}")
-
-
-def brute_cells(fs, events: list[dict]) -> dict:
-    """(key name, key value, W) -> {aggregate: value} for every W whose largest window of the
-    key is non-empty; empty smaller windows give the declared default."""
-    out = {}
-    period = fs.period_ms
-    for key in fs.aggregate_keys:
-        aggs = fs.aggregates_for(key)
-        largest = max(a.size_ms for a in aggs)
-        by_value: dict = {}
-        for e in events:
-            if e[key] is not None:
-                by_value.setdefault(str(e[key]), []).append(e)
-        for value, mine in by_value.items():
-            times = [e[fs.event_time] for e in mine]
-            first_w = (min(times) // period + 1) * period
-            for w in range(first_w, max(times) + largest + 1, period):
-                if not any(w - largest <= t < w for t in times):
-                    continue
-                cell = {}
-                for agg in aggs:
-                    inside = [e for e in mine if w - agg.size_ms <= e[fs.event_time] < w]
-                    result = brute_value(agg, inside, fs.event_time)
-                    cell[agg.name] = agg.empty_value if result is None else result
-                out[(key, value, w)] = cell
-    return out
 
 
 def _diff(expected: dict, actual: dict) -> list:
@@ -253,26 +175,37 @@ def test_the_as_of_lookup_with_a_serving_delay_equals_the_brute_force(weather):
     """D = 1 h, P = 1 d: an observation at 00:30 sees the window ending the day before."""
     cells = batch_cells(WEATHER, weather)
     assert WEATHER.serving_delay_s == 3600
-    checked = 0
     for event in weather:
         joined = attach_aggregates(WEATHER, event, lambda key: cells.get(tuple(key)))
-        t = event["observed"]
-        w = max(w for w in range(0, t + 1, DAY_MS) if w <= t - 3_600_000)  # from the definition
-        for agg in WEATHER.aggregates:
-            key_value = event[agg.key]
-            inside = [
-                e
-                for e in weather
-                if key_value is not None
-                and e[agg.key] == key_value
-                and w - agg.size_ms <= e["observed"] < w
-            ]
-            value = brute_value(agg, inside, "observed")
-            value = agg.empty_value if value is None else value
-            got = tuple(joined[name] for name, _, _ in agg.columns)
-            assert got == agg.column_values(value), (agg.name, event["observed"])
-            checked += 1
-    assert checked == len(weather) * len(WEATHER.aggregates)
+        assert joined == brute_example(WEATHER, event, weather), event["observed"]
+
+
+def test_the_batch_as_of_join_with_a_serving_delay_equals_the_brute_force(weather):
+    from transforms.examples import BuildExamples
+
+    columns = [c for a in WEATHER.aggregates for c, _, _ in a.columns]
+    expected = {}
+    for event in weather:
+        example = brute_example(WEATHER, event, weather)
+        expected[(event["origin"], event["observed"])] = {c: example[c] for c in columns}
+
+    def check(rows):
+        got = {}
+        for row in rows:
+            t = round(row["observed"].timestamp() * 1000)
+            got[(row["origin"], t)] = {c: row[c] for c in columns}
+        assert len(got) == len(rows) == len(expected)
+        wrong = [k for k in expected if got.get(k) != expected[k]]
+        assert not wrong, (len(wrong), [(got.get(k), expected[k]) for k in wrong[:1]])
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        examples = (
+            p
+            | beam.Create(weather)
+            | BuildExamples(WEATHER)
+            | beam.FlatMap(lambda batch: batch.to_pylist())
+        )
+        assert_that(examples, check)
 
 
 def test_list_and_map_values_become_aligned_columns():
