@@ -22,11 +22,13 @@ from apache_beam.testing.test_stream import TestStream
 
 from beam_pipelines import aggregate, bigtable_setup, prepare, score, score_stream
 from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import WriteCells
+from beam_pipelines.io.bigtable import WriteCells, open_table, read_cells
 from beam_pipelines.io.files import _read_bytes, read_csv_table
 from beam_pipelines.replay import ReplayStats, order_events, to_message
 from models import report, train
-from tests.aggregate_support import streaming_options
+from models.handler import SkewlessModelHandler, predict, rows_to_feed
+from tests.aggregate_support import batch_cells, streaming_options, typed_events
+from tests.brute_force import brute_cells, brute_example
 from tests.flights_data import write_jsonl
 from tests.weather_featureset import WEATHER, weather_path
 from transforms.validation import to_epoch_ms
@@ -108,6 +110,22 @@ def test_a_user_feature_set_runs_through_every_job_and_streaming_equals_batch(
     assert scored["examples_scored"] == len(batch) == 3 * 24 * 7
     for row in batch:
         row["observed"] = row["observed"].isoformat()
+    # Batch scoring equals the model on the brute-force examples (D = 1 h as of each event).
+    events = typed_events(WEATHER, raws)
+    start, end = to_epoch_ms(SCORE_START), to_epoch_ms(SCORE_END)
+    scored_events = [e for e in events if start <= e["observed"] < end]
+    handler = SkewlessModelHandler(str(models))
+    brute = [brute_example(WEATHER, e, events) for e in scored_events]
+    probabilities = predict(handler.load_model(), rows_to_feed(brute, handler.inputs))
+    by_key = {
+        (e["origin"], e["observed"]): float(p) for e, p in zip(brute, probabilities, strict=True)
+    }
+    np.testing.assert_allclose(
+        [row["probability"] for row in batch],
+        [by_key[_key(row)] for row in batch],
+        rtol=0,
+        atol=1e-6,
+    )
 
     reported = report.run(
         ["--model_dir", str(models), "--score_dir", str(scores), "--prepared_dir", str(prepared)]
@@ -124,6 +142,11 @@ def test_a_user_feature_set_runs_through_every_job_and_streaming_equals_batch(
         ]
     )  # fmt: skip
     assert _write_cells_with_the_aggregate_job(bt, table_id, raws) > 0
+    # Cell by cell, the Bigtable cells (lists and maps as JSON) equal the batch backfill and
+    # the brute force of the contract.
+    events = typed_events(WEATHER, raws)
+    stored = read_cells(open_table(bt.project, bt.instance, table_id), WEATHER.name)
+    assert stored == batch_cells(WEATHER, events) == brute_cells(WEATHER, events)
 
     inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
     inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
@@ -135,7 +158,6 @@ def test_a_user_feature_set_runs_through_every_job_and_streaming_equals_batch(
             f"--model_dir={models}", f"--project={ps.project}",
         ]
     )  # fmt: skip
-    start, end = to_epoch_ms(SCORE_START), to_epoch_ms(SCORE_END)
     to_score = [r for t, r in order_events(WEATHER, raws, ReplayStats()) if start <= t < end]
     result = p.run()
     try:
