@@ -1,7 +1,7 @@
 """Aggregate operations: one class each, the only place an operation's arithmetic lives.
 
-An operation keeps a *partial* per entity and P-bucket (`Partial`: add one value, merge
-another partial, copy) and reads its value off the partial merged over a window
+An operation keeps a *partial* per entity and P-bucket (a plain list whose `PartialKind` adds
+one value, merges another partial, copies) and reads its value off the partial merged over a window
 (`Operation.finalize`); like a Beam CombineFn split into the per-bucket state and the read-off.
 Every partial is exact and its merge order-independent (sums as exact binary fractions, ties
 in event time broken by the value), so the batch day blocks and the streaming tiles, which
@@ -56,148 +56,225 @@ def exact_to_float(mantissa: int, exponent: int, divisor: int = 1) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Partials: the per-bucket state. `merge` never keeps a reference to the other partial's
-# mutable parts, and `copy` is deep, so a bucket's partial is never shared between states.
+# Partials: the per-bucket state, each a plain list `[kind code, ...]`, so tiles, state and
+# shuffles pickle at C speed (an object per partial made them several times slower). A kind
+# is a class of static functions; `merge` never keeps a reference to the other partial's
+# mutable parts and `copy` is deep, so a partial is never shared between two slots.
 
 
-class Partial:
-    __slots__ = ()
+class PartialKind:
+    code: ClassVar[int]
 
-    def add(self, value, time_ms: int) -> None:
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
         raise NotImplementedError
 
-    def merge(self, other: Partial) -> None:
+    @staticmethod
+    def merge(p: list, q: list) -> None:
         raise NotImplementedError
 
-    def copy(self) -> Partial:
-        raise NotImplementedError
-
-    def __reduce__(self):
-        return (type(self)._restore, (tuple(getattr(self, s) for s in self.__slots__),))
-
-    @classmethod
-    def _restore(cls, values: tuple) -> Partial:
-        out = cls.__new__(cls)
-        for name, value in zip(cls.__slots__, values, strict=True):
-            setattr(out, name, value)
-        return out
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and all(
-            getattr(self, s) == getattr(other, s) for s in self.__slots__
-        )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(repr(getattr(self, s)) for s in self.__slots__)})"
+    @staticmethod
+    def copy(p: list) -> list:
+        return list(p)
 
 
-class ExactSum(Partial):
-    """Non-null count and exact sum (and, with squares, exact sum of squares)."""
+class ExactSum(PartialKind):
+    """[code, non-null count, sum mantissa, sum exponent]: the exact sum."""
 
-    __slots__ = ("n", "m", "e", "m2", "e2")
+    code = 1
 
-    def __init__(self, squares: bool = False):
-        self.n, self.m, self.e = 0, 0, 0
-        self.m2, self.e2 = (0, 0) if squares else (None, None)
+    @staticmethod
+    def new() -> list:
+        return [1, 0, 0, 0]
 
-    def add(self, value, time_ms: int) -> None:
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
         m, e = exact(value)
-        self.n += 1
-        self.m, self.e = add_exact(self.m, self.e, m, e)
-        if self.m2 is not None:
-            self.m2, self.e2 = add_exact(self.m2, self.e2, m * m, 2 * e)
+        p[1] += 1
+        p[2], p[3] = add_exact(p[2], p[3], m, e)
 
-    def merge(self, other: ExactSum) -> None:
-        if other.n:
-            self.n += other.n
-            self.m, self.e = add_exact(self.m, self.e, other.m, other.e)
-            if self.m2 is not None:
-                self.m2, self.e2 = add_exact(self.m2, self.e2, other.m2, other.e2)
-
-    def copy(self) -> ExactSum:
-        return ExactSum._restore((self.n, self.m, self.e, self.m2, self.e2))
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        if q[1]:
+            p[1] += q[1]
+            p[2], p[3] = add_exact(p[2], p[3], q[2], q[3])
 
 
-class Extreme(Partial):
-    """The smallest (sign 1) or largest (sign -1) value."""
+class ExactMoments(PartialKind):
+    """[code, n, sum mantissa, exponent, sum of squares mantissa, exponent]."""
 
-    __slots__ = ("largest", "value")
+    code = 2
 
-    def __init__(self, largest: bool):
-        self.largest, self.value = largest, None
+    @staticmethod
+    def new() -> list:
+        return [2, 0, 0, 0, 0, 0]
 
-    def add(self, value, time_ms: int) -> None:
-        mine = self.value
-        if mine is None or (value > mine if self.largest else value < mine):
-            self.value = value
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
+        m, e = exact(value)
+        p[1] += 1
+        p[2], p[3] = add_exact(p[2], p[3], m, e)
+        p[4], p[5] = add_exact(p[4], p[5], m * m, 2 * e)
 
-    def merge(self, other: Extreme) -> None:
-        if other.value is not None:
-            self.add(other.value, 0)
-
-    def copy(self) -> Extreme:
-        return Extreme._restore((self.largest, self.value))
-
-
-class Latest(Partial):
-    """The k latest (event time, value) pairs, or the k earliest: ties in time broken by the
-    value, so the result does not depend on arrival order. Kept newest (or oldest) first."""
-
-    __slots__ = ("k", "earliest", "items")
-
-    def __init__(self, k: int, earliest: bool = False):
-        self.k, self.earliest, self.items = k, earliest, []
-
-    def add(self, value, time_ms: int) -> None:
-        self._take([(time_ms, value)])
-
-    def merge(self, other: Latest) -> None:
-        if other.items:
-            self._take(other.items)
-
-    def _take(self, pairs: list) -> None:
-        items = self.items + pairs
-        items.sort(reverse=not self.earliest)
-        del items[self.k :]
-        self.items = items
-
-    def copy(self) -> Latest:
-        return Latest._restore((self.k, self.earliest, list(self.items)))
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        if q[1]:
+            p[1] += q[1]
+            p[2], p[3] = add_exact(p[2], p[3], q[2], q[3])
+            p[4], p[5] = add_exact(p[4], p[5], q[4], q[5])
 
 
-class Distinct(Partial):
-    __slots__ = ("values",)
+class Smallest(PartialKind):
+    """[code, the smallest value or None]."""
 
-    def __init__(self):
-        self.values = set()
+    code = 3
 
-    def add(self, value, time_ms: int) -> None:
-        self.values.add(value)
+    @staticmethod
+    def new() -> list:
+        return [3, None]
 
-    def merge(self, other: Distinct) -> None:
-        self.values |= other.values
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
+        if p[1] is None or value < p[1]:
+            p[1] = value
 
-    def copy(self) -> Distinct:
-        return Distinct._restore((set(self.values),))
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        if q[1] is not None and (p[1] is None or q[1] < p[1]):
+            p[1] = q[1]
 
 
-class Counts(Partial):
-    __slots__ = ("counts",)
+class Largest(PartialKind):
+    """[code, the largest value or None]."""
 
-    def __init__(self):
-        self.counts = {}
+    code = 4
 
-    def add(self, value, time_ms: int) -> None:
-        counts = self.counts
+    @staticmethod
+    def new() -> list:
+        return [4, None]
+
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
+        if p[1] is None or value > p[1]:
+            p[1] = value
+
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        if q[1] is not None and (p[1] is None or q[1] > p[1]):
+            p[1] = q[1]
+
+
+class Latest(PartialKind):
+    """[code, k, [(event time, value), ...]]: the k latest pairs, newest first; ties in time
+    broken by the value, so the result does not depend on arrival order."""
+
+    code = 5
+
+    @staticmethod
+    def new(k: int) -> list:
+        return [5, k, []]
+
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
+        items = p[2]
+        items.append((time_ms, value))
+        if len(items) > 1:
+            items.sort(reverse=True)
+            del items[p[1] :]
+
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        if q[2]:
+            items = p[2] + q[2]
+            items.sort(reverse=True)
+            del items[p[1] :]
+            p[2] = items
+
+    @staticmethod
+    def copy(p: list) -> list:
+        return [p[0], p[1], list(p[2])]
+
+
+class Earliest(Latest):
+    """[code, k, pairs]: the k earliest (event time, value) pairs, oldest first."""
+
+    code = 6
+
+    @staticmethod
+    def new(k: int) -> list:
+        return [6, k, []]
+
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
+        items = p[2]
+        items.append((time_ms, value))
+        if len(items) > 1:
+            items.sort()
+            del items[p[1] :]
+
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        if q[2]:
+            items = p[2] + q[2]
+            items.sort()
+            del items[p[1] :]
+            p[2] = items
+
+
+class Distinct(PartialKind):
+    """[code, set of values]."""
+
+    code = 7
+
+    @staticmethod
+    def new() -> list:
+        return [7, set()]
+
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
+        p[1].add(value)
+
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        p[1] |= q[1]
+
+    @staticmethod
+    def copy(p: list) -> list:
+        return [7, set(p[1])]
+
+
+class Counts(PartialKind):
+    """[code, {value: count}]."""
+
+    code = 8
+
+    @staticmethod
+    def new() -> list:
+        return [8, {}]
+
+    @staticmethod
+    def add(p: list, value, time_ms: int) -> None:
+        counts = p[1]
         counts[value] = counts.get(value, 0) + 1
 
-    def merge(self, other: Counts) -> None:
-        counts = self.counts
-        for value, n in other.counts.items():
+    @staticmethod
+    def merge(p: list, q: list) -> None:
+        counts = p[1]
+        for value, n in q[1].items():
             counts[value] = counts.get(value, 0) + n
 
-    def copy(self) -> Counts:
-        return Counts._restore((dict(self.counts),))
+    @staticmethod
+    def copy(p: list) -> list:
+        return [8, dict(p[1])]
+
+
+_KINDS = (ExactSum, ExactMoments, Smallest, Largest, Latest, Earliest, Distinct, Counts)
+# Dispatch by the code in p[0]: list indexing is the cheapest lookup on the per-event path.
+ADD = [None] * (max(k.code for k in _KINDS) + 1)
+MERGE = list(ADD)
+COPY = list(ADD)
+for _kind in _KINDS:
+    ADD[_kind.code], MERGE[_kind.code], COPY[_kind.code] = _kind.add, _kind.merge, _kind.copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +303,11 @@ class Operation:
 
     partial_kind: ClassVar[str] = ""
 
-    def partial(self) -> Partial | None:
+    def partial(self) -> list | None:
         """A fresh partial, or None for an operation that reads only the event count."""
         raise NotImplementedError
 
-    def finalize(self, partial: Partial | None, events: int) -> Any:
+    def finalize(self, partial: list | None, events: int) -> Any:
         raise NotImplementedError
 
     def outputs(self, value_type: str | None) -> tuple[Column, ...]:
@@ -303,11 +380,12 @@ class Sum(Operation):
     name = "sum"
     partial_kind = "sum"
 
-    def partial(self) -> ExactSum:
-        return ExactSum()
+    def partial(self) -> list:
+        return ExactSum.new()
 
-    def finalize(self, partial: ExactSum, events: int):
-        return exact_to_float(partial.m, partial.e) if partial.n else None
+    def finalize(self, partial: list, events: int):
+        _, n, m, e = partial
+        return exact_to_float(m, e) if n else None
 
 
 class Mean(Sum):
@@ -315,8 +393,9 @@ class Mean(Sum):
 
     name = "mean"
 
-    def finalize(self, partial: ExactSum, events: int):
-        return exact_to_float(partial.m, partial.e, partial.n) if partial.n else None
+    def finalize(self, partial: list, events: int):
+        _, n, m, e = partial
+        return exact_to_float(m, e, n) if n else None
 
 
 class Variance(Operation):
@@ -345,15 +424,15 @@ class Variance(Operation):
     def _named_params(self):
         return [("ddof", self.ddof)] if self.ddof else []
 
-    def partial(self) -> ExactSum:
-        return ExactSum(squares=True)
+    def partial(self) -> list:
+        return ExactMoments.new()
 
-    def finalize(self, partial: ExactSum, events: int):
-        n = partial.n
+    def finalize(self, partial: list, events: int):
+        _, n, m, e, m2, e2 = partial
         if n <= self.ddof:
             return None
         # n * m2 * 2**e2 - m**2 * 2**(2e), on the common exponent
-        numerator, exponent = add_exact(n * partial.m2, partial.e2, -(partial.m**2), 2 * partial.e)
+        numerator, exponent = add_exact(n * m2, e2, -(m**2), 2 * e)
         return exact_to_float(numerator, exponent, n * (n - self.ddof))
 
 
@@ -362,7 +441,7 @@ class StdDev(Variance):
 
     name = "stddev"
 
-    def finalize(self, partial: ExactSum, events: int):
+    def finalize(self, partial: list, events: int):
         variance = super().finalize(partial, events)
         return None if variance is None else math.sqrt(variance)
 
@@ -372,11 +451,11 @@ class Min(Operation):
     partial_kind = "min"
     largest = False
 
-    def partial(self) -> Extreme:
-        return Extreme(self.largest)
+    def partial(self) -> list:
+        return Largest.new() if self.largest else Smallest.new()
 
-    def finalize(self, partial: Extreme, events: int):
-        return None if partial.value is None else float(partial.value)
+    def finalize(self, partial: list, events: int):
+        return None if partial[1] is None else float(partial[1])
 
 
 class Max(Min):
@@ -407,11 +486,11 @@ class First(_ByTime):
     name = "first"
     partial_kind = "first"
 
-    def partial(self) -> Latest:
-        return Latest(1, earliest=True)
+    def partial(self) -> list:
+        return Earliest.new(1)
 
-    def finalize(self, partial: Latest, events: int):
-        return self._typed(partial.items[0][1]) if partial.items else None
+    def finalize(self, partial: list, events: int):
+        return self._typed(partial[2][0][1]) if partial[2] else None
 
 
 class Last(_ByTime):
@@ -420,11 +499,11 @@ class Last(_ByTime):
     name = "last"
     partial_kind = "last"
 
-    def partial(self) -> Latest:
-        return Latest(1)
+    def partial(self) -> list:
+        return Latest.new(1)
 
-    def finalize(self, partial: Latest, events: int):
-        return self._typed(partial.items[0][1]) if partial.items else None
+    def finalize(self, partial: list, events: int):
+        return self._typed(partial[2][0][1]) if partial[2] else None
 
 
 class LastK(_ByTime):
@@ -445,11 +524,11 @@ class LastK(_ByTime):
     def _named_params(self):
         return [("k", self.k)]
 
-    def partial(self) -> Latest:
-        return Latest(self.k)
+    def partial(self) -> list:
+        return Latest.new(self.k)
 
-    def finalize(self, partial: Latest, events: int):
-        return [self._typed(v) for _, v in partial.items] if partial.items else None
+    def finalize(self, partial: list, events: int):
+        return [self._typed(v) for _, v in partial[2]] if partial[2] else None
 
     def outputs(self, value_type):
         return (Column("", "string" if value_type == "string" else "float", repeated=True),)
@@ -465,11 +544,11 @@ class UniqueCount(Operation):
     partial_kind = "distinct"
     value_types = SCALAR
 
-    def partial(self) -> Distinct:
-        return Distinct()
+    def partial(self) -> list:
+        return Distinct.new()
 
-    def finalize(self, partial: Distinct, events: int):
-        return len(partial.values) if partial.values else None
+    def finalize(self, partial: list, events: int):
+        return len(partial[1]) if partial[1] else None
 
     def outputs(self, value_type):
         return (Column("", "int"),)
@@ -504,13 +583,13 @@ class Histogram(Operation):
     def _named_params(self):
         return [("k", self.k)]
 
-    def partial(self) -> Counts:
-        return Counts()
+    def partial(self) -> list:
+        return Counts.new()
 
-    def finalize(self, partial: Counts, events: int):
-        if not partial.counts:
+    def finalize(self, partial: list, events: int):
+        if not partial[1]:
             return None
-        top = sorted(partial.counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.k]
+        top = sorted(partial[1].items(), key=lambda kv: (-kv[1], kv[0]))[: self.k]
         return dict(top)
 
     def outputs(self, value_type):

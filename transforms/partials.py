@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from transforms.featureset import FeatureSet
-from transforms.operations import Operation
+from transforms.operations import ADD, COPY, MERGE, Operation
 
 NAMESPACE = "skewless"
 
@@ -139,7 +139,8 @@ def add_to_slot(slot: list, values: Iterable, time_ms: int) -> None:
     i = 1
     for v in values:
         if v is not None:
-            slot[i].add(v, time_ms)
+            p = slot[i]
+            ADD[p[0]](p, v, time_ms)
         i += 1
 
 
@@ -147,13 +148,14 @@ def merge_slot(into: list, other: list) -> None:
     """Merge slot `other` into slot `into`, in place (order-independent; `other` unchanged)."""
     into[0] += other[0]
     for i in range(1, len(other)):
-        into[i].merge(other[i])
+        q = other[i]
+        MERGE[q[0]](into[i], q)
 
 
 def copy_slot(slot: list) -> list:
     """A deep copy: no partial is ever shared between two slots."""
     out = [slot[0]]
-    out.extend(p.copy() for p in slot[1:])
+    out.extend(COPY[p[0]](p) for p in slot[1:])
     return out
 
 
