@@ -9,11 +9,13 @@ and the same code runs on every runner:
 
 - `load_model` (once per worker process, through RunInference's shared-model cache) loads the
   highest version and starts a daemon thread that lists the base directory every `poll_s`.
-- A higher, complete version (models.versions.check_version_dir) is loaded in that thread and
-  swapped in atomically, so no inference call waits for a TensorFlow load. Predictions carry the
+- The highest complete version (models.versions.check_version_dir) above the serving one is
+  loaded in that thread and swapped in atomically, so no inference call waits for a
+  TensorFlow load. Predictions carry the
   version of the model that actually made them (`PredictionResult.model_id`).
-- An incomplete version (being copied) is retried at the next poll; one that TensorFlow cannot
-  load is logged and skipped until a higher version appears. The current version keeps serving.
+- An incomplete version (being copied) is passed over (a lower complete one above the serving
+  version is taken meanwhile) and retried at the next poll; one that TensorFlow cannot load is
+  logged and skipped for good. The current version keeps serving.
 """
 
 from __future__ import annotations
@@ -68,27 +70,35 @@ class LiveModel:
         return self._serving
 
     def check_now(self) -> bool:
-        """Load and swap in a higher complete version if there is one; True if it swapped."""
-        versions = [v for v in list_versions(self.base) if v > self.version and v not in self._failed]
-        if not versions:
-            return False
-        newest = versions[-1]
-        try:
-            candidate = resolve(self.base, newest)
-        except ModelDirError as exc:  # e.g. still being copied: try again at the next poll
-            LOG.info("model version %s not ready yet: %s", newest, exc)
-            return False
-        try:
-            loaded = _load(candidate)
-        except Exception as exc:  # noqa: BLE001 - any load failure keeps the serving version
-            self._failed.add(newest)
-            LOG.error("model version %s cannot be loaded, keeping version %s: %s", newest, self.version, exc)
-            return False
-        previous = self.version
-        self._serving = (loaded, list(candidate.serving_inputs))
-        self.swaps += 1
-        LOG.warning("model hot swap: version %s -> %s (%s)", previous, newest, candidate.path)
-        return True
+        """Swap in the highest complete, loadable version above the serving one, if there is
+        one; True if it swapped. An incomplete version (still being copied) is passed over for
+        now and tried again at the next poll; one that does not load is never tried again."""
+        versions = [
+            v for v in list_versions(self.base) if v > self.version and v not in self._failed
+        ]
+        for newest in reversed(versions):
+            try:
+                candidate = resolve(self.base, newest)
+            except ModelDirError as exc:  # e.g. still being copied: try again at the next poll
+                LOG.info("model version %s not ready yet: %s", newest, exc)
+                continue
+            try:
+                loaded = _load(candidate)
+            except Exception as exc:  # noqa: BLE001 - any load failure keeps the serving version
+                self._failed.add(newest)
+                LOG.error(
+                    "model version %s cannot be loaded, keeping version %s: %s",
+                    newest,
+                    self.version,
+                    exc,
+                )
+                continue
+            previous = self.version
+            self._serving = (loaded, list(candidate.serving_inputs))
+            self.swaps += 1
+            LOG.warning("model hot swap: version %s -> %s (%s)", previous, newest, candidate.path)
+            return True
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,4 +159,6 @@ class WatchingModelHandler(SkewlessModelHandler):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         loaded, inputs = model.current()  # one version for the whole batch
-        return self._split(batch, predict(loaded, batch_to_feed(batch, inputs)), str(loaded.version))
+        return self._split(
+            batch, predict(loaded, batch_to_feed(batch, inputs)), str(loaded.version)
+        )

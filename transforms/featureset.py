@@ -538,12 +538,6 @@ def as_of_window_end(event_time_ms: int, period_ms: int, delay_ms: int = 0) -> i
     return ((event_time_ms - delay_ms) // period_ms) * period_ms
 
 
-def window_ends_containing(event_time_ms: int, size_ms: int, period_ms: int) -> range:
-    """Window ends W (multiples of P) whose window [W - S, W) contains the event time."""
-    first = (event_time_ms // period_ms + 1) * period_ms
-    return range(first, event_time_ms + size_ms + 1, period_ms)
-
-
 def load_feature_set(spec: str) -> FeatureSet:
     """Resolve `package.module:NAME` (or a bare bundled name like `flights`) to a FeatureSet."""
     if ":" not in spec:
