@@ -16,7 +16,7 @@ def preprocessing_fn(inputs):
         "site_id": tft.compute_and_apply_vocabulary(inputs["site"], num_oov_buckets=1),
         "user_clicks_10m_z": tft.scale_to_z_score(tf.cast(inputs["user_clicks_10m"], tf.float32)),
         "site_max_price_30m": tf.cast(inputs["site_max_price_30m"], tf.float32),
-        "label": tf.cast(inputs["bought"], tf.int64),
+        "bought": tf.cast(inputs["bought"], tf.int64),
     }
 
 

@@ -73,8 +73,8 @@ class Field:
 class WindowedAggregate:
     """One aggregate over the events of one entity in the window [W - size, W).
 
-    `combiner` is an operation (operations.py: `Mean("dep_delay")`, `LastK("dest", k=3)`) or
-    its registered name with the value field in `value` (`"mean", value="dep_delay"`).
+    `combiner` is an operation (operations.py: `Mean("price")`, `LastK("page", k=3)`) or
+    its registered name with the value field in `value` (`"mean", value="price"`).
     `default` is the value of an empty window (default: the operation's, e.g. 0 for counts,
     0.0 for numbers, [] for lists). Most declarations use `Aggregate`, which yields one of
     these per window size.
@@ -196,9 +196,9 @@ def duration_label(value: int | str) -> str:
 class Aggregate:
     """A declaration of windowed aggregates: one operation per entity key over several windows.
 
-        Aggregate(key="origin", operation=Mean("dep_delay"), windows=["15m", "1h"], period="5m")
+        Aggregate(key="user", operation=Mean("price"), windows=["15m", "1h"], period="5m")
 
-    yields `origin_mean_dep_delay_15m` and `origin_mean_dep_delay_1h`. `name` replaces the
+    yields `user_mean_price_15m` and `user_mean_price_1h`. `name` replaces the
     generated stem (`{key}_{operation}[_{value}]`); the window label is always appended.
     Windows and the period are seconds or durations ("90s", "15m", "1h", "1d", "7d").
     """
