@@ -6,6 +6,7 @@ import apache_beam as beam
 
 from transforms.aggregations import AsOfJoin, ComputeAggregates
 from transforms.featureset import FeatureSet
+from transforms.reference import JoinReferences
 
 
 class BuildExamples(beam.PTransform):
@@ -15,13 +16,22 @@ class BuildExamples(beam.PTransform):
     job, then the point-in-time join, then columnar batches for the writers and tf.Transform.
 
     Training needs a label (`require_label=True`, events without one are not examples);
-    scoring does not: every event is scored, diverted flights included.
+    scoring does not: every event is scored. A feature set with reference tables needs
+    `references` ({table name: its BuildReferenceIndex output}): their columns are joined as
+    of each event (reference.py).
     """
 
-    def __init__(self, fs: FeatureSet, *, require_label: bool = True):
+    def __init__(
+        self, fs: FeatureSet, *, require_label: bool = True, references: dict | None = None
+    ):
         super().__init__()
+        if fs.references and references is None:
+            raise ValueError(
+                f"feature set {fs.name!r} declares reference tables: give their indexes"
+            )
         self.fs = fs
         self.require_label = require_label
+        self.references = references or {}
 
     def expand(self, events):
         fs = self.fs
@@ -30,4 +40,6 @@ class BuildExamples(beam.PTransform):
         if self.require_label:
             label = fs.label
             examples = events | "Examples" >> beam.Filter(lambda e: e.get(label) is not None)
+        if fs.references:
+            examples = examples | "JoinReferences" >> JoinReferences(fs, self.references)
         return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs)

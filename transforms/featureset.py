@@ -249,6 +249,80 @@ class Aggregate:
         return tuple(out)
 
 
+@checked_settings
+@dataclass(frozen=True)
+class ReferenceTable:
+    """A table of entity attributes joined onto every example as of its event time.
+
+    - `name`: the table's name (the Bigtable row-key prefix, the joined columns' default
+      prefix `{name}_`, the `--reference NAME=PATH` option).
+    - `key`: the event field looked up (e.g. `origin`); `table_key`: the table's column holding
+      it (default: the same name).
+    - `fields`: the table's fields joined onto examples, each as a nullable example column
+      `{prefix}{field}` (null when no row applies: counted).
+    - `valid_from`: the table's timestamp column from which a row holds (slowly changing), or
+      None (static: one row per key, always valid).
+    - `availability_delay_s` (D_ref): a row valid from v is usable from v + D_ref on, so the
+      row joined to an event at t is the latest with valid_from <= t - D_ref; a row that became
+      valid later is never seen.
+    - `default_input`: the table's file (or a function returning its path) when no
+      `--reference` option names one.
+    """
+
+    name: str
+    key: str
+    fields: tuple[Field, ...]
+    table_key: str = ""
+    valid_from: str | None = None
+    availability_delay_s: int | str = 0
+    default_input: str | Callable[[], str] | None = None
+    prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or "#" in self.name:
+            raise FeatureSetError(f"reference table {self.name!r}: a name without '#' is needed")
+        object.__setattr__(self, "fields", tuple(self.fields))
+        object.__setattr__(self, "table_key", self.table_key or self.key)
+        object.__setattr__(
+            self,
+            "availability_delay_s",
+            duration_s(self.availability_delay_s, f"reference table {self.name!r}: delay"),
+        )
+        if self.prefix is None:
+            object.__setattr__(self, "prefix", f"{self.name}_")
+        names = [f.name for f in self.fields]
+        _check_unique(f"reference table {self.name!r} field", names)
+        if not self.fields:
+            raise FeatureSetError(f"reference table {self.name!r}: no fields to join")
+        for special in (self.table_key, self.valid_from):
+            if special in names:
+                raise FeatureSetError(
+                    f"reference table {self.name!r}: {special!r} is the key or validity "
+                    f"column, not a field to join"
+                )
+
+    @property
+    def availability_delay_ms(self) -> int:
+        return self.availability_delay_s * MS
+
+    @property
+    def columns(self) -> tuple[Field, ...]:
+        """The example columns this table adds: every field, nullable, with the prefix."""
+        return tuple(replace(f, name=f"{self.prefix}{f.name}", nullable=True) for f in self.fields)
+
+    @property
+    def schema(self) -> tuple[Field, ...]:
+        """The table's own columns: the key, the validity time if any, the fields."""
+        out = [Field(self.table_key, "string", nullable=False)]
+        if self.valid_from is not None:
+            out.append(Field(self.valid_from, "timestamp", nullable=False))
+        return (*out, *self.fields)
+
+    def resolve_default_input(self) -> str | None:
+        default = self.default_input
+        return default() if callable(default) else default
+
+
 Record = dict
 PreprocessingFn = Callable[[Mapping], dict]
 
@@ -301,6 +375,8 @@ class FeatureSet:
     - `allow_non_finite`: raw float fields in which NaN and infinities are valid values.
     - `timestamp_range`: (start, end) ISO-8601 instants, end excluded, outside which a raw
       timestamp is a data error (default 1900-01-01 to 2201-01-01).
+    - `references`: reference tables joined as of each event (ReferenceTable); their columns
+      are appended to `example_fields` when the feature set is built.
     """
 
     name: str
@@ -323,6 +399,7 @@ class FeatureSet:
     baseline: Baseline | None = None
     allow_non_finite: tuple[str, ...] = ()
     timestamp_range: tuple[str, str] = DEFAULT_TIMESTAMP_RANGE
+    references: tuple[ReferenceTable, ...] = ()
 
     def __post_init__(self) -> None:
         _check_unique("schema field", [f.name for f in self.schema])
@@ -341,9 +418,12 @@ class FeatureSet:
             if "#" in key:
                 raise FeatureSetError(f"entity key {key!r} may not contain '#' (row-key separator)")
         self._expand_aggregates()
+        joined = self._check_references()
         for f in self.example_fields:
-            if f.name not in known:
+            if f.name not in known and f.name not in joined:
                 raise FeatureSetError(f"example field {f.name!r} is not a raw or derived field")
+        declared = [f for f in self.example_fields if f.name not in joined]
+        object.__setattr__(self, "example_fields", (*declared, *joined.values()))
         if self.unexpected_fields not in UNEXPECTED_FIELD_POLICIES:
             raise FeatureSetError(f"unexpected_fields must be one of {UNEXPECTED_FIELD_POLICIES}")
         if self.serving_delay_s < 0:
@@ -356,6 +436,34 @@ class FeatureSet:
         if not callable(self.preprocessing_fn):
             raise FeatureSetError("preprocessing_fn must be callable")
         self._check_job_settings()
+
+    def _check_references(self) -> dict[str, Field]:
+        """The reference tables' example columns by name, after checking the declarations."""
+        known = self.fields_by_name
+        object.__setattr__(self, "references", tuple(self.references))
+        _check_unique("reference table", [t.name for t in self.references])
+        joined: dict[str, Field] = {}
+        aggregate_columns = {c[0] for a in self.aggregates for c in a.columns}
+        for table in self.references:
+            if not isinstance(table, ReferenceTable):
+                raise FeatureSetError(f"references: {table!r} is not a ReferenceTable")
+            if table.key not in known:
+                raise FeatureSetError(
+                    f"reference table {table.name!r}: key {table.key!r} is not a raw or "
+                    f"derived field"
+                )
+            for column in table.columns:
+                if column.name in known or column.name in aggregate_columns:
+                    raise FeatureSetError(
+                        f"reference table {table.name!r}: column {column.name!r} is already "
+                        f"a field or an aggregate (set prefix=...)"
+                    )
+                if column.name in joined:
+                    raise FeatureSetError(
+                        f"reference tables make column {column.name!r} twice (set prefix=...)"
+                    )
+                joined[column.name] = column
+        return joined
 
     def _expand_aggregates(self) -> None:
         """Aggregate declarations -> WindowedAggregates, each checked against the fields."""

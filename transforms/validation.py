@@ -369,7 +369,9 @@ class RecordValidator:
                     )
             elif kind == "int":
                 if not INT64_MIN <= value <= INT64_MAX:
-                    raise InvalidRecord(f"derived {name!r} = {value!r} is outside the 64-bit integer range")
+                    raise InvalidRecord(
+                        f"derived {name!r} = {value!r} is outside the 64-bit integer range"
+                    )
             elif kind == "float" and not -FLOAT32_MAX <= value <= FLOAT32_MAX:
                 raise InvalidRecord(f"derived {name!r} = {value!r} is not a finite float32")
         for key in self._keys:
@@ -498,15 +500,17 @@ class ValidateRecordsFn(beam.DoFn):
     Counts every record read, valid, rejected and valid-but-not-an-event.
     """
 
-    def __init__(self, fs: FeatureSet):
+    def __init__(self, fs: FeatureSet, counters: str = "records"):
         self.fs = fs
+        self.counters = counters
 
     def setup(self) -> None:
         self._validator = RecordValidator(self.fs)
-        self._read = Metrics.counter(NAMESPACE, "records_read")
-        self._valid = Metrics.counter(NAMESPACE, "records_valid")
-        self._rejected = Metrics.counter(NAMESPACE, "records_rejected")
-        self._not_events = Metrics.counter(NAMESPACE, "records_not_events")
+        prefix = self.counters
+        self._read = Metrics.counter(NAMESPACE, f"{prefix}_read")
+        self._valid = Metrics.counter(NAMESPACE, f"{prefix}_valid")
+        self._rejected = Metrics.counter(NAMESPACE, f"{prefix}_rejected")
+        self._not_events = Metrics.counter(NAMESPACE, f"{prefix}_not_events")
 
     def process(self, element: Any) -> Iterable:
         validator = self._validator
@@ -545,14 +549,16 @@ class ValidateRecordsFn(beam.DoFn):
 
 
 class ValidateRecords(beam.PTransform):
-    """PCollection of raw elements -> (events, dead letters). Used by every job."""
+    """PCollection of raw elements -> (events, dead letters). Used by every job; `counters`
+    names the counters (`records_read`, ...; a reference table's rows count apart)."""
 
-    def __init__(self, fs: FeatureSet):
+    def __init__(self, fs: FeatureSet, counters: str = "records"):
         super().__init__()
         self.fs = fs
+        self.counters = counters
 
     def expand(self, pcoll):
         results = pcoll | "ValidateAndDerive" >> beam.ParDo(
-            ValidateRecordsFn(self.fs)
+            ValidateRecordsFn(self.fs, self.counters)
         ).with_outputs(DEAD, main=VALID)
         return results[VALID], results[DEAD]

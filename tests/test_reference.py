@@ -1,0 +1,232 @@
+"""Reference tables joined point-in-time: real flights x weather / planes / airports against a
+brute force, the edges of the rule, no leakage, and the batch join inside a Beam pipeline."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_pipelines.io.files import _read_bytes, read_csv_table
+from tests.aggregate_support import typed_events
+from tests.flights_data import real_flights
+from transforms.examples import BuildExamples
+from transforms.featureset import FeatureSetError, ReferenceTable
+from transforms.flights import DEST_AIRPORTS, FLIGHTS, PLANES, REFERENCE_TABLES, WEATHER_AT_ORIGIN
+from transforms.reference import (
+    DEAD,
+    BuildReferenceIndex,
+    _BuildIndex,
+    join_references,
+    rows_feature_set,
+)
+from transforms.validation import RecordValidator
+
+HOUR_MS = 3_600_000
+FS = replace(
+    FLIGHTS,
+    name="flights_ref",
+    references=REFERENCE_TABLES,
+    example_fields=(*FLIGHTS.example_fields, FLIGHTS.fields_by_name["tailnum"]),
+)
+
+
+@functools.cache
+def table_rows(table: ReferenceTable) -> tuple[dict, ...]:
+    """The bundled table's rows, typed by the table's own schema."""
+    data, _ = read_csv_table(_read_bytes(table.resolve_default_input()))
+    validator = RecordValidator(rows_feature_set(table))
+    return tuple(validator.validate(row) for row in data.to_pylist())
+
+
+def index_of(table: ReferenceTable, rows) -> dict:
+    (index,) = [x for x in _BuildIndex(table).process(list(rows)) if isinstance(x, dict)]
+    return index
+
+
+def brute_join(event: dict, table: ReferenceTable, rows) -> dict:
+    """From the rule's words: the latest row of the key valid at t - D_ref, by a scan."""
+    key = event[table.key]
+    t = event[FS.event_time]
+    candidates = [
+        r
+        for r in rows
+        if key is not None
+        and r[table.table_key] == key
+        and (table.valid_from is None or r[table.valid_from] + table.availability_delay_ms <= t)
+    ]
+    best = max(candidates, key=lambda r: r[table.valid_from]) if table.valid_from else None
+    if table.valid_from is None:
+        best = candidates[0] if candidates else None
+    return {
+        c.name: (None if best is None else best[f.name])
+        for c, f in zip(table.columns, table.fields, strict=True)
+    }
+
+
+@pytest.fixture(scope="module")
+def flights():
+    return typed_events(FS, real_flights(month=2, day=11, days=2))
+
+
+@pytest.fixture(scope="module")
+def indexes():
+    return {t.name: index_of(t, table_rows(t)) for t in REFERENCE_TABLES}
+
+
+def test_the_join_equals_a_brute_force_on_real_flights(flights, indexes):
+    ordered = [indexes[t.name] for t in FS.references]
+    for event in flights:
+        joined = join_references(FS, event, ordered)
+        expected = {}
+        for table in FS.references:
+            expected.update(brute_join(event, table, table_rows(table)))
+        assert {k: joined[k] for k in expected} == expected, event["event_time"]
+
+
+def test_the_edges_of_the_rule_are_in_the_sample_and_hold(flights, indexes):
+    weather = table_rows(WEATHER_AT_ORIGIN)
+    at_edge = [e for e in flights if e["event_time"] % HOUR_MS == 0]
+    assert at_edge, "a departure exactly on the hour: valid_from + D_ref"
+    ordered = [indexes[t.name] for t in FS.references]
+    for event in at_edge[:20]:
+        t = event["event_time"]
+        # The observation of the hour before (valid from t - 1 h) is usable exactly at t ...
+        row = next(
+            r for r in weather if r["origin"] == event["origin"] and r["time_hour"] == t - HOUR_MS
+        )
+        assert join_references(FS, event, ordered)["origin_weather_temp"] == row["temp"]
+        # ... and 1 ms earlier it is not: the one before it is joined.
+        before = join_references(FS, {**event, "event_time": t - 1}, ordered)
+        older = next(
+            r
+            for r in weather
+            if r["origin"] == event["origin"] and r["time_hour"] == t - 2 * HOUR_MS
+        )
+        assert before["origin_weather_pressure"] == older["pressure"]
+    # A tailnum that is not in planes.csv gives nulls; one with a row gives its values.
+    planes = {r["tailnum"] for r in table_rows(PLANES)}
+    unknown = [e for e in flights if e["tailnum"] and e["tailnum"] not in planes]
+    assert unknown
+    joined = join_references(FS, unknown[0], ordered)
+    assert all(joined[c.name] is None for c in PLANES.columns)
+    # The weather row changes between two departures of one origin an hour apart.
+    jfk = sorted((e for e in flights if e["origin"] == "JFK"), key=lambda e: e["event_time"])
+    first, later = (
+        jfk[0],
+        next(e for e in jfk if e["event_time"] >= jfk[0]["event_time"] + 2 * HOUR_MS),
+    )
+    a, b = (join_references(FS, e, ordered) for e in (first, later))
+    assert (a["origin_weather_temp"], a["origin_weather_dewp"]) != (
+        b["origin_weather_temp"],
+        b["origin_weather_dewp"],
+    )
+
+
+def test_no_leakage_rows_usable_only_after_t_change_nothing_up_to_t(flights):
+    cut = sorted(e["event_time"] for e in flights)[len(flights) // 2]
+    weather = table_rows(WEATHER_AT_ORIGIN)
+    changed = [
+        {**r, "temp": -99.0, "pressure": -1.0}
+        if r["time_hour"] + WEATHER_AT_ORIGIN.availability_delay_ms > cut
+        else r
+        for r in weather
+    ]
+    assert sum(r["temp"] == -99.0 for r in changed) > 1000
+    plain = [index_of(t, table_rows(t)) for t in FS.references]
+    poisoned = [index_of(WEATHER_AT_ORIGIN, changed), *plain[1:]]
+    early = [e for e in flights if e["event_time"] <= cut]
+    assert all(join_references(FS, e, plain) == join_references(FS, e, poisoned) for e in early)
+    late = [e for e in flights if e["event_time"] > cut + HOUR_MS]
+    assert any(join_references(FS, e, poisoned)["origin_weather_temp"] == -99.0 for e in late)
+
+
+def test_duplicate_rows_are_dead_letters_and_the_join_runs_in_the_pipeline(flights):
+    weather = list(table_rows(WEATHER_AT_ORIGIN)[:500])
+    duplicate = {**weather[10], "temp": 1234.0}
+    sample = flights[:200]
+    tables = {
+        WEATHER_AT_ORIGIN.name: [*weather, duplicate],
+        PLANES.name: list(table_rows(PLANES)),
+        DEST_AIRPORTS.name: list(table_rows(DEST_AIRPORTS)),
+    }
+    expected_indexes = [index_of(t, tables[t.name]) for t in FS.references]
+    expected = sorted(
+        (
+            e["flight"],
+            e["event_time"],
+            join_references(FS, e, expected_indexes)["origin_weather_temp"],
+        )
+        for e in sample
+        if e["label"] is not None
+    )
+    with TestPipeline(runner="FnApiRunner") as p:
+        indexes, dead = {}, []
+        for table in FS.references:
+            rows = p | f"Rows{table.name}" >> beam.Create(tables[table.name])
+            index, letters = rows | f"Index{table.name}" >> BuildReferenceIndex(table)
+            indexes[table.name], dead = index, [*dead, letters]
+        examples = (
+            p
+            | beam.Create(sample)
+            | BuildExamples(FS, references=indexes)
+            | beam.FlatMap(lambda batch: batch.to_pylist())
+        )
+        assert_that(
+            examples
+            | beam.Map(
+                lambda r: (
+                    r["flight"],
+                    round(r["event_time"].timestamp() * 1000),
+                    r["origin_weather_temp"],
+                )
+            ),
+            equal_to(expected),
+        )
+        assert_that(
+            dead
+            | beam.Flatten()
+            | beam.Map(lambda d: (d["stage"], d["reason"].split(" valid")[0])),
+            equal_to([("reference", "duplicate row for origin='EWR'")]),
+            label="Duplicates",
+        )
+    assert DEAD == "dead"
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (
+            lambda: ReferenceTable(name="w#", key="origin", fields=(FLIGHTS.schema[0],)),
+            "without '#'",
+        ),
+        (lambda: ReferenceTable(name="w", key="origin", fields=()), "no fields"),
+        (
+            lambda: ReferenceTable(name="w", key="nope", fields=(FLIGHTS.schema[0],)),
+            "not a raw or derived",
+        ),
+        (
+            lambda: ReferenceTable(name="w", key="origin", fields=(FLIGHTS.schema[0],), prefix=""),
+            "already a field",
+        ),
+        (
+            lambda: ReferenceTable(
+                name="w", key="origin", fields=(FLIGHTS.schema[0],), availability_delay_s="soon"
+            ),
+            "not a duration",
+        ),
+        (
+            lambda: ReferenceTable(
+                name="w", key="origin", fields=(FLIGHTS.schema[0],), valid_fro="t"
+            ),
+            "did you mean 'valid_from'",
+        ),
+    ],
+)
+def test_wrong_reference_declarations_fail_when_built(table, message):
+    with pytest.raises(FeatureSetError, match=message):
+        replace(FLIGHTS, references=(table(),))
