@@ -134,3 +134,10 @@ class SourceOptions(PipelineOptions):
         parser.add_argument(
             "--bigquery_storage_endpoint", help="BigQuery Storage Read gRPC host:port (emulators)."
         )
+        parser.add_argument(
+            "--reference",
+            action="append",
+            default=[],
+            help="NAME=PATH: read the feature set's reference table NAME from this file (CSV, "
+            "Parquet or JSON lines, local or gs://) instead of its default_input; repeatable.",
+        )

@@ -28,7 +28,13 @@ from beam_pipelines.common import (
     parse_job_options,
 )
 from beam_pipelines.io.sinks import WriteDeadLetters, WriteFeaturesParquet, WriteTFRecords
-from beam_pipelines.io.sources import describe_source, read_source
+from beam_pipelines.io.sources import (
+    ReadReferenceIndexes,
+    describe_references,
+    describe_source,
+    read_source,
+    reference_sources,
+)
 from beam_pipelines.options import FeatureSetOptions, SourceOptions, feature_set_spec
 from transforms.example_schema import (
     features_arrow_schema,
@@ -115,13 +121,19 @@ def build_pipeline(
     source: beam.PTransform,
     split: Split,
     temp_dir: str,
+    references: dict[str, beam.PTransform] | None = None,
 ) -> None:
-    """Wire the prepare job. `source` yields raw elements; every output lands under output_dir."""
+    """Wire the prepare job. `source` yields raw elements, `references` ({table name: source})
+    the rows of the feature set's reference tables; every output lands under output_dir."""
     raw = p | "Read" >> source
     events, dead = raw | "Validate" >> ValidateRecords(fs)
+    indexes = None
+    if fs.references:
+        indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
+        dead = (dead, reference_dead) | "AllDeadLetters" >> beam.Flatten()
     _ = dead | "DeadLetters" >> WriteDeadLetters(os.path.join(output_dir, "dead_letters", "part"))
 
-    examples = events | "BuildExamples" >> BuildExamples(fs)
+    examples = events | "BuildExamples" >> BuildExamples(fs, references=indexes)
     _ = examples | "WriteFeatures" >> WriteFeaturesParquet(
         os.path.join(output_dir, "features", "part"), features_arrow_schema(fs)
     )
@@ -167,6 +179,17 @@ def summarize(counters: dict[str, int], **extra) -> dict:
     }
 
 
+def reference_counts(fs: FeatureSet, counters: dict[str, int]) -> dict:
+    """Per reference table: rows read, valid, rejected, indexed, and examples without a row."""
+    return {
+        t.name: {
+            what: counters.get(f"reference_{t.name}_{what}", 0)
+            for what in ("rows_read", "rows_valid", "rows_rejected", "rows", "missing")
+        }
+        for t in fs.references
+    }
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -191,18 +214,26 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         split = Split.from_settings(fs, opts.eval_start, opts.eval_fraction)
         source = read_source(options, fs)
         input_desc = describe_source(options, fs)
+        references = reference_sources(options, fs)
         check_output_dir(opts.output_dir, "--output_dir")
     temp_dir = os.path.join(opts.output_dir, "tmp")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
-    build_pipeline(p, fs, opts.output_dir, source, split, temp_dir)
+    build_pipeline(p, fs, opts.output_dir, source, split, temp_dir, references)
     result = p.run()
     result.wait_until_finish()
     if is_dry_run(options):
         LOG.info("dry run: the job graph was built and not run")
         return None
+    counters = metric_counters(result)
+    reference_desc = (
+        {"references": reference_counts(fs, counters), "reference_inputs": describe_references(options, fs)}
+        if fs.references
+        else {}
+    )
     summary = summarize(
-        metric_counters(result),
+        counters,
+        **reference_desc,
         feature_set=fs.name,
         feature_set_spec=feature_set,
         split=split.describe(),

@@ -29,7 +29,7 @@ from beam_pipelines.common import (
     parse_job_options,
 )
 from beam_pipelines.io.sinks import WriteDeadLetters
-from beam_pipelines.io.sources import read_source
+from beam_pipelines.io.sources import ReadReferenceIndexes, read_source, reference_sources
 from beam_pipelines.options import FeatureSetOptions, ModelOptions, SourceOptions
 from beam_pipelines.scoring import (
     MODEL_ERRORS,
@@ -174,11 +174,19 @@ def build_pipeline(
     dead_letters: beam.PTransform,
     start_ms: int | None = None,
     end_ms: int | None = None,
+    references: dict[str, beam.PTransform] | None = None,
 ) -> None:
-    """Wire the batch score job. `sink` takes prediction RecordBatches and returns dead letters."""
+    """Wire the batch score job. `sink` takes prediction RecordBatches and returns dead letters;
+    `references` ({table name: source}) reads the feature set's reference tables."""
     raw = p | "Read" >> source
     events, invalid = raw | "Validate" >> ValidateRecords(fs)
-    examples = events | "BuildExamples" >> BuildExamples(fs, require_label=False)
+    indexes = None
+    if fs.references:
+        indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
+        invalid = (invalid, reference_dead) | "InvalidAndReferences" >> beam.Flatten()
+    examples = events | "BuildExamples" >> BuildExamples(
+        fs, require_label=False, references=indexes
+    )
     if start_ms is not None or end_ms is not None:
         examples = examples | "SelectPeriod" >> beam.ParDo(_SelectPeriod(fs, start_ms, end_ms))
     predictions, failed = examples | "Score" >> ScoreExamples(fs, handler)
@@ -250,13 +258,22 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 os.path.join(opts.output, "predictions", "part"), schema, opts.output_format
             )
         source = read_source(options, fs)
+        references = reference_sources(options, fs)
         if opts.output:
             check_output_dir(opts.output, "--output")
         check_output_dir(dead_dir, "--dead_letter_dir")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build_pipeline(
-        p, fs, handler, source, sink, WriteDeadLetters(os.path.join(dead_dir, "part")), start_ms, end_ms
+        p,
+        fs,
+        handler,
+        source,
+        sink,
+        WriteDeadLetters(os.path.join(dead_dir, "part")),
+        start_ms,
+        end_ms,
+        references,
     )
     result = p.run()
     result.wait_until_finish()

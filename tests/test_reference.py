@@ -230,3 +230,68 @@ def test_duplicate_rows_are_dead_letters_and_the_join_runs_in_the_pipeline(fligh
 def test_wrong_reference_declarations_fail_when_built(table, message):
     with pytest.raises(FeatureSetError, match=message):
         replace(FLIGHTS, references=(table(),))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prepare_train_and_score_join_the_tables_read_from_files(tmp_path, flights):
+    import csv
+    import json
+
+    import pyarrow.parquet as pq
+
+    from beam_pipelines import prepare, score
+    from models import train
+    from tests.flights_data import write_csv
+
+    raws = real_flights(month=2, day=10, days=3)
+    events_path = write_csv(tmp_path / "flights.csv", raws)
+    weather_path = tmp_path / "weather.csv"
+    with open(WEATHER_AT_ORIGIN.resolve_default_input(), newline="") as src:
+        reader = csv.DictReader(src)
+        rows = [r for r in reader if r["time_hour"].startswith("2013-02")]
+    with open(weather_path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        writer.writerow({**rows[0], "humid": "140"})  # above the declared maximum: a dead letter
+    common = [
+        "--feature_set",
+        "tests.test_reference:FS",
+        "--reference",
+        f"origin_weather={weather_path}",
+    ]
+    summary = prepare.run(
+        [*common, "--input", str(events_path), "--output_dir", str(tmp_path / "prepared"),
+         "--eval_start", "2013-02-12T00:00:00Z"]
+    )  # fmt: skip
+    weather = summary["references"]["origin_weather"]
+    assert weather["rows_read"] == len(rows) + 1 and weather["rows_rejected"] == 1
+    assert summary["references"]["plane"]["missing"] > 0  # tailnums without a plane row
+    assert summary["references"]["dest_airport"]["rows"] == 1458  # every airport indexed
+    dead = [
+        json.loads(line)
+        for path in (tmp_path / "prepared" / "dead_letters").glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert [d["stage"] for d in dead if d["feature_set"] == "reference:origin_weather"] == [
+        "validate"
+    ]
+    features = pq.read_table(tmp_path / "prepared" / "features").to_pylist()
+    assert sum(r["origin_weather_temp"] is not None for r in features) > 0.9 * len(features)
+
+    train.run(
+        [
+            "--prepared_dir",
+            str(tmp_path / "prepared"),
+            "--model_dir",
+            str(tmp_path / "m"),
+            "--epochs",
+            "1",
+        ]
+    )
+    scored = score.run(
+        ["--model_dir", str(tmp_path / "m"), "--input", str(events_path), "--output", str(tmp_path / "s"),
+         "--reference", f"origin_weather={weather_path}", "--start", "2013-02-12T00:00:00Z"]
+    )  # fmt: skip
+    assert scored["examples_scored"] > 500

@@ -64,6 +64,10 @@ SAMPLES = {
     "bigtable_instance": (["skewless-features", "abcdef"], ["abc", "Skewless", "skewless-", "1skewless"]),
     "bigtable_table": (["features", "flights_v1.2", "a"], ["", "bad/name", "bad name", "x" * 51]),
     "timestamp_attribute": (["event_time", "ts"], ["googts", "event time", ""]),
+    "reference": (
+        ["origin_weather=gs://my-bucket/weather.csv", "plane=gs://b-1.example/planes.parquet"],
+        ["origin_weather", "=gs://my-bucket/x", "plane=/tmp/planes.csv", "a b=gs://my-bucket/x"],
+    ),
 }
 SAMPLE_OF = {
     "input": "gs", "output_dir": "gs", "output": "gs", "dead_letter_dir": "gs", "model_dir": "gs",

@@ -9,6 +9,8 @@ from beam_pipelines.common import is_dry_run
 from beam_pipelines.io.files import ReadRawFiles, check_input
 from beam_pipelines.options import SourceOptions
 from transforms.featureset import FeatureSet
+from transforms.reference import BuildReferenceIndex, rows_feature_set
+from transforms.validation import ValidateRecords
 
 
 def default_input(fs: FeatureSet) -> str:
@@ -57,3 +59,68 @@ def describe_source(options: PipelineOptions, fs: FeatureSet) -> dict:
     if opts.bigquery_query:
         return {"bigquery_query": opts.bigquery_query, "bigquery_query_param": opts.bigquery_query_param}
     return {"input": opts.input or default_input(fs)}
+
+
+def reference_sources(options: PipelineOptions, fs: FeatureSet) -> dict[str, beam.PTransform]:
+    """A file source per reference table of the feature set: `--reference NAME=PATH`, else the
+    table's default_input; each file is checked against the table's schema before the run."""
+    given = {}
+    for spec in options.view_as(SourceOptions).reference:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--reference {spec!r}: expected NAME=PATH")
+        given[name] = path
+    tables = {t.name: t for t in fs.references}
+    unknown = sorted(set(given) - set(tables))
+    if unknown:
+        raise ValueError(
+            f"--reference names {unknown}, not reference tables of {fs.name!r} "
+            f"({sorted(tables) or 'none'})"
+        )
+    sources = {}
+    for name, table in tables.items():
+        path = given.get(name) or table.resolve_default_input()
+        if path is None:
+            raise ValueError(f"reference table {name!r} has no default input: pass --reference")
+        rows_fs = rows_feature_set(table)
+        if not is_dry_run(options):
+            check_input(path, None, rows_fs)
+        sources[name] = ReadRawFiles(path, fs=rows_fs)
+    return sources
+
+
+def describe_references(options: PipelineOptions, fs: FeatureSet) -> dict:
+    given = dict(s.partition("=")[::2] for s in options.view_as(SourceOptions).reference)
+    return {t.name: given.get(t.name) or t.resolve_default_input() for t in fs.references}
+
+
+class ReadReferenceIndexes(beam.PTransform):
+    """Every reference table's rows -> ({table name: its index}, dead letters of its rows).
+
+    Rows are validated against the table's schema like events (counters
+    `reference_<name>_rows_read`, `_valid`, `_rejected`); duplicates are dead letters too."""
+
+    def __init__(self, fs: FeatureSet, sources: dict[str, beam.PTransform]):
+        super().__init__()
+        self.fs = fs
+        self.sources = sources
+
+    def expand(self, pbegin):
+        indexes, dead = {}, []
+        for table in self.fs.references:
+            name = table.name
+            rows, invalid = (
+                pbegin
+                | f"Read_{name}" >> self.sources[name]
+                | f"Validate_{name}"
+                >> ValidateRecords(rows_feature_set(table), counters=f"reference_{name}_rows")
+            )
+            index, duplicates = rows | f"Index_{name}" >> BuildReferenceIndex(table)
+            indexes[name] = index
+            dead += [invalid, duplicates]
+        letters = (
+            dead | "ReferenceDeadLetters" >> beam.Flatten()
+            if dead
+            else pbegin | "NoReferenceDeadLetters" >> beam.Create([])
+        )
+        return indexes, letters
