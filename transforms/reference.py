@@ -174,3 +174,22 @@ class JoinReferences(beam.PTransform):
     def expand(self, events):
         sides = [AsSingleton(self.indexes[t.name]) for t in self.fs.references]
         return events | "Join" >> beam.ParDo(_Join(self.fs), *sides)
+
+
+# --- the online store layout (Bigtable), shared by publish-reference and streaming scoring ---
+
+
+def reference_row_key(table: ReferenceTable, key: str) -> str:
+    """Row key of one entity's rows of a table: `{table name}#{key}` (every version in one row)."""
+    return f"{table.name}#{key}"
+
+
+def reference_family(fs: FeatureSet, table: ReferenceTable) -> str:
+    """Column family of a table's cells: `{feature set}_ref` for slowly changing tables (every
+    version kept until the retention age, cell timestamp = valid_from), `{feature set}_static`
+    for static ones (one version, cell timestamp 0)."""
+    return f"{fs.name}_ref" if table.valid_from is not None else f"{fs.name}_static"
+
+
+def reference_families(fs: FeatureSet) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(reference_family(fs, t) for t in fs.references))
