@@ -10,9 +10,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_pipelines.common import configure_logging, parse_job_options
 from beam_pipelines.io.bigtable import (
-    DEFAULT_WRITE_RETRY_S,
     BigtableOptions,
     BigtableSetupError,
+    BigtableWriteOptions,
     WriteCells,
     check_table,
 )
@@ -53,8 +53,8 @@ DESCRIPTION = (
 
 class AggregateOptions(PipelineOptions):
     """The aggregate job's own flags. Shared ones live with their owner (Beam parses every
-    options class of the process with one parser): --bigtable_* in io/bigtable.py,
-    --timestamp_attribute in io/pubsub.py; --subscription, --dead_letter_topic,
+    options class of the process with one parser): --bigtable_* and --write_retry_s in
+    io/bigtable.py, --timestamp_attribute in io/pubsub.py; --subscription, --dead_letter_topic,
     --allowed_lateness_s, --skip_table_check and --feature_set in options.py."""
 
     @classmethod
@@ -69,14 +69,6 @@ class AggregateOptions(PipelineOptions):
             "time; the local runner's follows the attribute either way). auto: on for "
             "DataflowRunner, off otherwise.",
         )
-        parser.add_argument(
-            "--write_retry_s",
-            type=float,
-            default=DEFAULT_WRITE_RETRY_S,
-            help="How long a Bigtable write that fails transiently (unavailable, deadline, "
-            "internal) is retried before its cells go to the dead-letter topic; permanent "
-            "failures (invalid argument, not found, permission) are dead-lettered at once.",
-        )
 
 
 GROUPS = (
@@ -85,6 +77,7 @@ GROUPS = (
     LatenessOptions,
     TableCheckOptions,
     BigtableOptions,
+    BigtableWriteOptions,
     EventTimeOptions,
     FeatureSetOptions,
 )
@@ -145,7 +138,8 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, Subscripti
     timestamp_attribute = options.view_as(EventTimeOptions).timestamp_attribute
     if lateness_s < 0:
         raise SystemExit("skewless aggregate: --allowed_lateness_s must be >= 0")
-    if opts.write_retry_s < 0:
+    write_retry_s = options.view_as(BigtableWriteOptions).write_retry_s
+    if write_retry_s < 0:
         raise SystemExit("skewless aggregate: --write_retry_s must be >= 0")
     fs = load_feature_set(feature_set_spec(options))
     if not options.view_as(TableCheckOptions).skip_table_check:
@@ -166,7 +160,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, Subscripti
             bt.bigtable_instance,
             bt.bigtable_table,
             fs.name,
-            retry_s=opts.write_retry_s,
+            retry_s=write_retry_s,
         ),
         WriteDeadLetters(pubsub.dead_letter_topic),
         timestamp_attribute=timestamp_attribute,

@@ -25,7 +25,11 @@ JOBS = {
     ),
     "bigtable-setup": (
         "beam_pipelines.bigtable_setup",
-        "create the Bigtable table and column family",
+        "create the Bigtable table and its column families",
+    ),
+    "publish-reference": (
+        "beam_pipelines.publish_reference",
+        "batch: publish a reference table's rows to Bigtable for serving",
     ),
     "pubsub-setup": ("beam_pipelines.pubsub_setup", "create Pub/Sub topics and subscriptions"),
     "replay": ("beam_pipelines.replay", "publish events (default: bundled flights) to Pub/Sub"),

@@ -93,6 +93,19 @@ class ModelOptions(PipelineOptions):
         )
 
 
+class DeadLetterDirOptions(PipelineOptions):
+    """Where the batch jobs that write elsewhere than files write their dead letters (score,
+    publish-reference); each job's description says its default."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--dead_letter_dir",
+            help="Directory (local or gs://) for the dead letters, JSON lines with stage and "
+            "reason. score: default --output/dead_letters; publish-reference: required.",
+        )
+
+
 class SourceOptions(PipelineOptions):
     """Where batch jobs read raw records: files (default: the bundled input) or BigQuery."""
 

@@ -30,7 +30,12 @@ from beam_pipelines.common import (
 )
 from beam_pipelines.io.sinks import WriteDeadLetters
 from beam_pipelines.io.sources import ReadReferenceIndexes, read_source, reference_sources
-from beam_pipelines.options import FeatureSetOptions, ModelOptions, SourceOptions
+from beam_pipelines.options import (
+    DeadLetterDirOptions,
+    FeatureSetOptions,
+    ModelOptions,
+    SourceOptions,
+)
 from beam_pipelines.scoring import (
     MODEL_ERRORS,
     ScoreWithModel,
@@ -57,8 +62,8 @@ DESCRIPTION = (
 
 
 class ScoreOptions(PipelineOptions):
-    """The batch scorer's own flags; --model_dir, the batch sizes, the source flags and
-    --feature_set are shared (options.py)."""
+    """The batch scorer's own flags; --model_dir, the batch sizes, the source flags,
+    --dead_letter_dir and --feature_set are shared (options.py)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -69,15 +74,12 @@ class ScoreOptions(PipelineOptions):
             "--output_method", choices=("load", "insert"), default="load", help="BigQuery write method."
         )
         parser.add_argument(
-            "--dead_letter_dir", help="Dead-letter directory (default: --output/dead_letters)."
-        )
-        parser.add_argument(
             "--start", help="Score only examples with event time >= this ISO-8601 instant."
         )
         parser.add_argument("--end", help="Score only examples with event time < this ISO-8601 instant.")
 
 
-GROUPS = (ScoreOptions, ModelOptions, SourceOptions, FeatureSetOptions)
+GROUPS = (ScoreOptions, DeadLetterDirOptions, ModelOptions, SourceOptions, FeatureSetOptions)
 
 
 class _SelectPeriod(beam.DoFn):
@@ -225,8 +227,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         source_opts = options.view_as(SourceOptions)
         if bool(opts.output) == bool(opts.output_table):
             raise SystemExit("skewless score: give exactly one of --output or --output_table")
-        dead_dir = opts.dead_letter_dir or (os.path.join(opts.output, "dead_letters") if opts.output else None)
-        if dead_dir is None:
+        dead_dir = options.view_as(DeadLetterDirOptions).dead_letter_dir
+        if not dead_dir and opts.output:
+            dead_dir = os.path.join(opts.output, "dead_letters")
+        if not dead_dir:
             raise SystemExit("skewless score: --output_table needs --dead_letter_dir")
         start_ms, end_ms = _instant(opts.start, "--start"), _instant(opts.end, "--end")
         if start_ms is not None and end_ms is not None and start_ms >= end_ms:

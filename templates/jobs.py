@@ -67,6 +67,7 @@ JOBS: dict[str, TemplateJob] = {
                 "beam_pipelines.options:LatenessOptions",
                 "beam_pipelines.options:TableCheckOptions",
                 "beam_pipelines.io.bigtable:BigtableOptions",
+                "beam_pipelines.io.bigtable:BigtableWriteOptions",
                 "beam_pipelines.io.pubsub:EventTimeOptions",
                 "beam_pipelines.options:FeatureSetOptions",
             ),
@@ -79,6 +80,7 @@ JOBS: dict[str, TemplateJob] = {
             module="beam_pipelines.score",
             option_classes=(
                 "beam_pipelines.score:ScoreOptions",
+                "beam_pipelines.options:DeadLetterDirOptions",
                 "beam_pipelines.options:ModelOptions",
                 "beam_pipelines.options:SourceOptions",
                 "beam_pipelines.options:FeatureSetOptions",

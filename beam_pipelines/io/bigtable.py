@@ -9,6 +9,12 @@ frequent first) as JSON.
 Idempotency: every write of a cell uses the same timestamp W, and Bigtable keeps one version per
 (row, column, timestamp): a retry, a replay or a late pane REPLACES the value instead of adding a
 version. The family's GC rule also keeps at most one version (and bounds the age).
+
+Reference rows (transforms/reference.py owns the layout): row key `{table}#{key}`, family
+`{feature set}_ref` (slowly changing: every version, cell timestamp = valid_from, GC by age) or
+`{feature set}_static` (one version, cell timestamp 0); one column per declared field (the
+field's own name), values encoded as above with a null as JSON `null`, so every version of a
+row has every column. Re-publishing writes the same cells at the same timestamps.
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.aggregations import CellKey, explode_cells, parse_row_key, row_key
+from transforms.featureset import FeatureSet, ReferenceTable
+from transforms.partials import entity_value
+from transforms.reference import reference_families, reference_family, reference_row_key
 from transforms.validation import dead_letter
 
 NAMESPACE = "skewless"
 LOG = logging.getLogger("skewless.bigtable")
 FLUSH_ROWS = 500
+DEFAULT_WRITE_RETRY_S = 600.0
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -47,6 +57,21 @@ class BigtableOptions(PipelineOptions):
         parser.add_argument("--bigtable_instance", help="Bigtable instance (required).")
         parser.add_argument(
             "--bigtable_table", help="Bigtable table of the feature cells (required)."
+        )
+
+
+class BigtableWriteOptions(PipelineOptions):
+    """The retry budget of the jobs that write to Bigtable (aggregate, publish-reference)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--write_retry_s",
+            type=float,
+            default=DEFAULT_WRITE_RETRY_S,
+            help="How long a Bigtable write that fails transiently (unavailable, deadline, "
+            "internal) is retried before its rows go to dead letters; permanent failures "
+            "(invalid argument, not found, permission) are dead-lettered at once.",
         )
 
 
@@ -123,8 +148,27 @@ def gc_rule(max_age_s: int):
     )
 
 
-def check_table(project: str, instance: str, table_id: str, family: str) -> None:
-    """Fail with a clear message, before the job starts, if the table or the family is missing."""
+def reference_gc_rules(fs: FeatureSet, retention_s: int) -> dict:
+    """{family: GC rule} of the feature set's reference families: `{fs}_ref` keeps every
+    version up to `retention_s` old (counted from the cell timestamp, valid_from; no version
+    limit, so an as-of read finds the row valid at any t within the retention); `{fs}_static`
+    keeps one version and no age limit (its cells are stamped 0: an age limit would delete
+    them at once)."""
+    from google.cloud.bigtable import column_family
+
+    rules = {}
+    for table in fs.references:
+        family = reference_family(fs, table)
+        if table.valid_from is None:
+            rules[family] = column_family.MaxVersionsGCRule(1)
+        else:
+            rules[family] = column_family.MaxAgeGCRule(dt.timedelta(seconds=retention_s))
+    return rules
+
+
+def check_table(project: str, instance: str, table_id: str, family: str | Iterable[str]) -> None:
+    """Fail with a clear message, before the job starts, if the table or a family is missing."""
+    wanted = [family] if isinstance(family, str) else list(family)
     try:
         table = open_table(project, instance, table_id, admin=True)
         if not table.exists():
@@ -140,11 +184,32 @@ def check_table(project: str, instance: str, table_id: str, family: str) -> None
             f"cannot reach Bigtable table {table_id!r} in projects/{project}/instances/{instance}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    if family not in families:
+    missing = [f for f in wanted if f not in families]
+    if missing:
+        names = ", ".join(repr(f) for f in missing)
         raise BigtableSetupError(
-            f"Bigtable table {table_id!r} has no column family {family!r} (has "
+            f"Bigtable table {table_id!r} has no column family {names} (has "
             f"{sorted(families)}): run `skewless bigtable-setup` for this feature set"
         )
+
+
+def check_reference_families(
+    project: str,
+    instance: str,
+    table_id: str,
+    fs: FeatureSet,
+    tables: Iterable[ReferenceTable] | None = None,
+) -> None:
+    """check_table for the reference families of `tables` (default: every reference table of
+    the feature set); nothing to check when there are none."""
+    chosen = fs.references if tables is None else tuple(tables)
+    families = (
+        reference_families(fs)
+        if tables is None
+        else tuple(dict.fromkeys(reference_family(fs, t) for t in chosen))
+    )
+    if families:
+        check_table(project, instance, table_id, families)
 
 
 # Status codes that no retry can fix: the row goes to dead letters at once. Every other
@@ -159,40 +224,58 @@ PERMANENT_CODES = {
     12: "UNIMPLEMENTED",
     16: "UNAUTHENTICATED",
 }
-DEFAULT_WRITE_RETRY_S = 600.0
 ATTEMPT_TIMEOUT_S = 10.0
 
 
-class _WriteCellsFn(beam.DoFn):
-    """Cells (or AggregateBlocks) -> one DirectRow per (key, W), written with mutate_rows per
-    batch; rows that cannot be written -> dead letters (the DoFn's output).
+class _MutateRowsFn(beam.DoFn):
+    """Elements -> DirectRows written with mutate_rows per batch of FLUSH_ROWS; rows that cannot
+    be written -> dead letters (the DoFn's output). The one retrying write loop of every writer.
 
-    Writes are idempotent (same timestamp W), so a failed row is simply written again: rows
-    that failed transiently (or a call that raised) are retried with exponential backoff for
-    up to `retry_s` (a Bigtable or network outage delays cells, it loses none); rows rejected
-    with a permanent status, or still failing after the budget, become dead letters with
-    stage `write`, the status as reason and the cell as record, and the job goes on.
+    Subclasses say how an element becomes rows (`rows`) and what a dead letter holds
+    (`record`). Writes must be idempotent (each cell at a fixed timestamp), so a failed row is
+    simply written again: rows that failed transiently (or a call that raised) are retried with
+    exponential backoff for up to `retry_s` (a Bigtable or network outage delays rows, it loses
+    none); rows rejected with a permanent status, or still failing after the budget, become
+    dead letters with stage `write`, the status as reason, and the job goes on.
     """
 
-    def __init__(self, project: str, instance: str, table: str, family: str, retry_s: float):
+    def __init__(
+        self,
+        project: str,
+        instance: str,
+        table: str,
+        family: str,
+        retry_s: float,
+        counters: tuple[str, str, str],
+    ):
         self.project = project
         self.instance = instance
         self.table_id = table
         self.family = family
         self.retry_s = retry_s
+        self.counters = counters  # (written, dead-lettered, retries)
+        self.letter_source = family  # the dead letters' feature_set field
+
+    def rows(self, element) -> Iterator[tuple]:
+        """(DirectRow, payload) pairs of an element; `payload` is what `record` gets."""
+        raise NotImplementedError
+
+    def record(self, payload) -> dict:
+        """The dead-letter record of a row that could not be written."""
+        raise NotImplementedError
 
     def setup(self) -> None:
         self._table = shared_table(self.project, self.instance, self.table_id)
-        self._written = Metrics.counter(NAMESPACE, "cells_written")
-        self._failed = Metrics.counter(NAMESPACE, "cells_dead_lettered")
-        self._retries = Metrics.counter(NAMESPACE, "cell_write_retries")
+        written, failed, retries = self.counters
+        self._written = Metrics.counter(NAMESPACE, written)
+        self._failed = Metrics.counter(NAMESPACE, failed)
+        self._retries = Metrics.counter(NAMESPACE, retries)
 
     def start_bundle(self) -> None:
         self._rows = []
 
     def process(self, element) -> Iterator[dict]:
-        for key, values in explode_cells(element):
-            self._rows.append((key, values, cell_row(self._table, self.family, key, values)))
+        self._rows.extend(self.rows(element))
         if len(self._rows) >= FLUSH_ROWS:
             yield from self._flush()
 
@@ -208,7 +291,7 @@ class _WriteCellsFn(beam.DoFn):
             try:
                 # One attempt per call (retry=None): the backoff and its budget are this loop's.
                 statuses = self._table.mutate_rows(
-                    [row for *_, row in pending], retry=None, timeout=ATTEMPT_TIMEOUT_S
+                    [row for row, _ in pending], retry=None, timeout=ATTEMPT_TIMEOUT_S
                 )
             except Exception as exc:  # noqa: BLE001 - the call failed as a whole: retry it all
                 statuses, retry = None, pending
@@ -240,9 +323,33 @@ class _WriteCellsFn(beam.DoFn):
             pending = retry
 
     def _dead_letter(self, item, reason: str) -> dict:
-        key, values, _ = item
-        record = {"row_key": row_key(*key), "cells": values}
-        return dead_letter("write", f"Bigtable write failed: {reason}", record, self.family)
+        _, payload = item
+        return dead_letter(
+            "write", f"Bigtable write failed: {reason}", self.record(payload), self.letter_source
+        )
+
+
+class _WriteCellsFn(_MutateRowsFn):
+    """Cells (or AggregateBlocks) -> one DirectRow per (key, W); a dead letter holds the row
+    key and the cell's values."""
+
+    def __init__(self, project: str, instance: str, table: str, family: str, retry_s: float):
+        super().__init__(
+            project,
+            instance,
+            table,
+            family,
+            retry_s,
+            ("cells_written", "cells_dead_lettered", "cell_write_retries"),
+        )
+
+    def rows(self, element) -> Iterator[tuple]:
+        for key, values in explode_cells(element):
+            yield cell_row(self._table, self.family, key, values), (key, values)
+
+    def record(self, payload) -> dict:
+        key, values = payload
+        return {"row_key": row_key(*key), "cells": values}
 
 
 class WriteCells(beam.PTransform):
@@ -268,6 +375,79 @@ class WriteCells(beam.PTransform):
         return cells | "MutateRows" >> beam.ParDo(
             _WriteCellsFn(self.project, self.instance, self.table, self.family, self.retry_s)
         )
+
+
+def valid_from_ms(table: ReferenceTable, row: dict) -> int:
+    """The cell timestamp of a typed table row: its valid_from (epoch ms), 0 for a static table."""
+    return int(row[table.valid_from]) if table.valid_from is not None else 0
+
+
+def reference_row(bt_table, fs: FeatureSet, table: ReferenceTable, row: dict):
+    """One DirectRow setting every declared field of a typed table row (a null as JSON null)
+    at timestamp valid_from (static: 0), in the table's reference family."""
+    key = reference_row_key(table, entity_value(row[table.table_key]))
+    out = bt_table.direct_row(key.encode("utf-8"))
+    family = reference_family(fs, table)
+    stamp = window_end_timestamp(valid_from_ms(table, row))
+    for field in table.fields:
+        value = encode_value(row.get(field.name))
+        out.set_cell(family, field.name.encode("utf-8"), value, timestamp=stamp)
+    return out
+
+
+class _WriteReferenceRowsFn(_MutateRowsFn):
+    """Typed rows of a reference table -> one DirectRow each; a dead letter holds the row key
+    and the typed row."""
+
+    def __init__(
+        self,
+        project: str,
+        instance: str,
+        table: str,
+        fs: FeatureSet,
+        ref: ReferenceTable,
+        retry_s: float,
+    ):
+        prefix = f"reference_{ref.name}"
+        super().__init__(
+            project,
+            instance,
+            table,
+            reference_family(fs, ref),
+            retry_s,
+            (f"{prefix}_rows_written", f"{prefix}_rows_write_failed", f"{prefix}_write_retries"),
+        )
+        self.fs = fs
+        self.ref = ref
+        self.letter_source = f"reference:{ref.name}"
+
+    def rows(self, row: dict) -> Iterator[tuple]:
+        yield reference_row(self._table, self.fs, self.ref, row), row
+
+    def record(self, row: dict) -> dict:
+        key = reference_row_key(self.ref, entity_value(row[self.ref.table_key]))
+        return {"row_key": key, "row": row}
+
+
+class WriteReferenceRows(beam.PTransform):
+    """Typed rows of one reference table (one per key and valid_from) -> Bigtable rows of the
+    reference layout (counted as `reference_<name>_rows_written`); returns the dead letters of
+    rows that could not be written (stage `write`)."""
+
+    def __init__(
+        self,
+        project: str,
+        instance: str,
+        table: str,
+        fs: FeatureSet,
+        ref: ReferenceTable,
+        retry_s: float = DEFAULT_WRITE_RETRY_S,
+    ):
+        super().__init__()
+        self.fn = _WriteReferenceRowsFn(project, instance, table, fs, ref, retry_s)
+
+    def expand(self, rows):
+        return rows | "MutateRows" >> beam.ParDo(self.fn)
 
 
 def read_cells(table, family: str) -> dict[CellKey, dict]:

@@ -8,7 +8,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from beam_pipelines.common import is_dry_run
 from beam_pipelines.io.files import ReadRawFiles, check_input
 from beam_pipelines.options import SourceOptions
-from transforms.featureset import FeatureSet
+from transforms.featureset import FeatureSet, ReferenceTable
 from transforms.reference import BuildReferenceIndex, rows_feature_set
 from transforms.validation import ValidateRecords
 
@@ -61,24 +61,31 @@ def describe_source(options: PipelineOptions, fs: FeatureSet) -> dict:
     return {"input": opts.input or default_input(fs)}
 
 
-def reference_sources(options: PipelineOptions, fs: FeatureSet) -> dict[str, beam.PTransform]:
-    """A file source per reference table of the feature set: `--reference NAME=PATH`, else the
-    table's default_input; each file is checked against the table's schema before the run."""
+def _given_references(options: PipelineOptions, fs: FeatureSet) -> dict[str, str]:
+    """{table name: path} of the `--reference NAME=PATH` options; unknown names are an error."""
     given = {}
     for spec in options.view_as(SourceOptions).reference:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--reference {spec!r}: expected NAME=PATH")
         given[name] = path
-    tables = {t.name: t for t in fs.references}
-    unknown = sorted(set(given) - set(tables))
+    tables = {t.name for t in fs.references}
+    unknown = sorted(set(given) - tables)
     if unknown:
         raise ValueError(
             f"--reference names {unknown}, not reference tables of {fs.name!r} "
             f"({sorted(tables) or 'none'})"
         )
+    return given
+
+
+def reference_sources(options: PipelineOptions, fs: FeatureSet) -> dict[str, beam.PTransform]:
+    """A file source per reference table of the feature set: `--reference NAME=PATH`, else the
+    table's default_input; each file is checked against the table's schema before the run."""
+    given = _given_references(options, fs)
     sources = {}
-    for name, table in tables.items():
+    for table in fs.references:
+        name = table.name
         path = given.get(name) or table.resolve_default_input()
         if path is None:
             raise ValueError(f"reference table {name!r} has no default input: pass --reference")
@@ -87,6 +94,26 @@ def reference_sources(options: PipelineOptions, fs: FeatureSet) -> dict[str, bea
             check_input(path, None, rows_fs)
         sources[name] = ReadRawFiles(path, fs=rows_fs)
     return sources
+
+
+def reference_table_source(
+    options: PipelineOptions, fs: FeatureSet, table: ReferenceTable
+) -> tuple[beam.PTransform, dict]:
+    """The source of one reference table's rows and what it reads (for the summary): the
+    source options of the batch jobs, read as the table's rows (`rows_feature_set`):
+    --bigquery_table/--bigquery_query, else the file of --input, else of `--reference
+    NAME=PATH`, else the table's default_input. Checked before the run like read_source."""
+    opts = options.view_as(SourceOptions)
+    rows_fs = rows_feature_set(table)
+    if opts.bigquery_table or opts.bigquery_query:
+        return read_source(options, rows_fs), describe_source(options, rows_fs)
+    path = opts.input or _given_references(options, fs).get(table.name)
+    path = path or table.resolve_default_input()
+    if path is None:
+        raise ValueError(f"reference table {table.name!r} has no default input: pass --input")
+    if not is_dry_run(options):
+        check_input(path, opts.input_format, rows_fs)
+    return ReadRawFiles(path, opts.input_format, fs=rows_fs), {"input": path}
 
 
 def describe_references(options: PipelineOptions, fs: FeatureSet) -> dict:
