@@ -90,6 +90,30 @@ JOBS: dict[str, TemplateJob] = {
             not_parameters=dict(_EMULATOR_ONLY),
         ),
         TemplateJob(
+            name="publish_reference",
+            module="beam_pipelines.publish_reference",
+            option_classes=(
+                "beam_pipelines.publish_reference:PublishReferenceOptions",
+                "beam_pipelines.options:DeadLetterDirOptions",
+                "beam_pipelines.options:SourceOptions",
+                "beam_pipelines.io.bigtable:BigtableOptions",
+                "beam_pipelines.io.bigtable:BigtableWriteOptions",
+                "beam_pipelines.options:FeatureSetOptions",
+            ),
+            required=(
+                "table",
+                "bigtable_project",
+                "bigtable_instance",
+                "bigtable_table",
+                "dead_letter_dir",
+            ),
+            streaming=False,
+            not_parameters={
+                **_EMULATOR_ONLY,
+                "reference": "publish_reference reads one table: its file is the input parameter",
+            },
+        ),
+        TemplateJob(
             name="score_streaming",
             module="beam_pipelines.score_stream",
             option_classes=(

@@ -64,6 +64,7 @@ SAMPLES = {
     "bigtable_instance": (["skewless-features", "abcdef"], ["abc", "Skewless", "skewless-", "1skewless"]),
     "bigtable_table": (["features", "flights_v1.2", "a"], ["", "bad/name", "bad name", "x" * 51]),
     "timestamp_attribute": (["event_time", "ts"], ["googts", "event time", ""]),
+    "table": (["origin_weather", "plane", "dest_airport", "t1"], ["", "a#b", "a b", "1x", "w/x", "x" * 129]),
     "reference": (
         ["origin_weather=gs://my-bucket/weather.csv", "plane=gs://b-1.example/planes.parquet"],
         ["origin_weather", "=gs://my-bucket/x", "plane=/tmp/planes.csv", "a b=gs://my-bucket/x"],
@@ -96,8 +97,8 @@ def all_parameters():
 
 @pytest.mark.timeout(60)
 def test_there_is_a_template_per_job():
-    assert sorted(JOBS) == ["aggregate", "prepare", "score_batch", "score_streaming"]
-    assert sorted(p.name for p in (ROOT / "templates").glob("*/metadata.json")) == ["metadata.json"] * 4
+    assert sorted(JOBS) == ["aggregate", "prepare", "publish_reference", "score_batch", "score_streaming"]
+    assert sorted(p.name for p in (ROOT / "templates").glob("*/metadata.json")) == ["metadata.json"] * 5
     for job in JOBS.values():
         assert job.metadata_path.is_file() and job.main_path.is_file(), job.name
 
@@ -419,3 +420,19 @@ def test_score_streaming_builds_for_dataflow_as_a_streaming_job(trained, dataflo
     steps = step_names(job)
     assert {s for s in steps if "/" not in s and not s.startswith("ref_")} == SCORE_STREAM_STEPS
     assert "Score/RunInference" in steps and "LookupAggregates/ReadCells" in steps
+
+
+@pytest.mark.timeout(120)
+def test_publish_reference_builds_for_dataflow_as_a_batch_job(dataflow_jobs):
+    """A dry run checks neither the input nor the Bigtable table (as for BigQuery tables)."""
+    argv = template_argv(
+        "publish_reference",
+        {"table": "origin_weather", "feature_set": "tests.test_reference:FS",
+         "dead_letter_dir": "gs://fake-bucket/dead", **BIGTABLE},
+    )  # fmt: skip
+    assert run_job(JOBS["publish_reference"], [*argv, *DATAFLOW]) is None
+    (job,) = dataflow_jobs
+    assert job.proto.type.name == "JOB_TYPE_BATCH"
+    steps = step_names(job)
+    for step in ("Read", "Validate", "Deduplicate/Group", "Write/MutateRows", "DeadLetters"):
+        assert step in steps, step
