@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 BQ_STAMP := $(BQ_VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean venv bqemulator
+.PHONY: demo test test-fast lint bench clean venv bqemulator mutation
 
 venv: $(STAMP)
 
@@ -48,6 +48,20 @@ test: $(STAMP) $(BQ_STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
+# Mutation testing (not in CI: too slow) over transforms/ and models/versions.py with the fast
+# tests (pyproject.toml [tool.mutmut]); report in out/mutation/report.md. One file at a time:
+#   make mutation FILES="transforms/operations.py transforms/partials.py"
+FILES ?=
+MUTATION_JOBS ?= 1
+DEV_STAMP := $(VENV)/.installed-dev
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+mutation: $(DEV_STAMP)
+	$(VENV)/bin/python scripts/mutation.py --jobs $(MUTATION_JOBS) $(if $(FILES),--files $(FILES))
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -55,4 +69,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/prepare.py
 
 clean:
-	rm -rf $(VENV) $(BQ_VENV) out .pytest_cache
+	rm -rf $(VENV) $(BQ_VENV) out .pytest_cache mutants

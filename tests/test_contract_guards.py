@@ -771,3 +771,36 @@ def test_entity_values_are_text_and_booleans_are_lowercase_words():
     assert entity_value(None) is None
     assert entity_value(True) == "true" and entity_value(False) == "false"
     assert entity_value(7) == "7" and entity_value("JFK") == "JFK"
+
+
+def test_aggregates_of_one_partial_kind_and_field_share_one_partial_per_bucket():
+    """architecture.md: a 1-hour and a 15-minute mean, or a variance and a stddev, share one."""
+    fs = replace(
+        GUARD,
+        name="shared",
+        aggregates=(
+            WindowedAggregate("n", "k", Count(), 120, 60),
+            WindowedAggregate("mean_2m", "k", Mean("v"), 120, 60),
+            WindowedAggregate("mean_1m", "k", Mean("v"), 60, 60),
+            WindowedAggregate("sum_2m", "k", Sum("v"), 120, 60),
+            WindowedAggregate("var", "k", Variance("v"), 120, 60),
+            WindowedAggregate("sd", "k", StdDev("v", ddof=1), 120, 60),
+        ),
+    )
+    (spec,) = key_specs(fs)
+    assert [op.partial_key() for op in spec.operations] == [("sum", "v"), ("moments", "v")]
+    assert spec.value_fields == ("v", "v")
+    assert [a.partial_index for a in spec.aggregates] == [0, 1, 1, 1, 2, 2]
+    assert spec.steps == ((1, (2,)), (2, (0, 1, 3, 4, 5)))
+    assert new_slot(spec)[0] == 0 and len(new_slot(spec)) == 3
+
+
+def test_key_specs_are_computed_once_per_feature_set_and_never_taken_from_another():
+    from transforms import partials
+
+    first = key_specs(GUARD)
+    assert key_specs(GUARD) is first  # cached
+    other = replace(GUARD, name="other", aggregates=GUARD.aggregates[:1])
+    partials._SPECS[id(other)] = (GUARD, first)  # as if GUARD had had other's id
+    (spec,) = key_specs(other)
+    assert [a.name for a in spec.aggregates] == ["n"]
