@@ -804,3 +804,40 @@ def test_key_specs_are_computed_once_per_feature_set_and_never_taken_from_anothe
     partials._SPECS[id(other)] = (GUARD, first)  # as if GUARD had had other's id
     (spec,) = key_specs(other)
     assert [a.name for a in spec.aggregates] == ["n"]
+
+
+def test_operation_parameters_default_and_accept_their_smallest_value():
+    assert LastK("v").k == 5 and Histogram("tag").k == 10 and Variance("v").ddof == 0
+    assert LastK("v", k=1).k == 1 and Histogram("tag", k=1).k == 1
+
+
+def test_by_time_operations_read_ints_as_floats_and_strings_as_lists_of_strings():
+    fs = replace(
+        GUARD,
+        name="typed",
+        schema=(*GUARD.schema, Field("i", "int")),
+        aggregates=(
+            WindowedAggregate("first_i", "k", First("i"), 60, 60),
+            WindowedAggregate("last2_tag", "k", LastK("tag", k=2), 60, 60),
+            WindowedAggregate("last2_v", "k", LastK("v", k=2), 60, 60, default=[-1.0]),
+        ),
+    )
+    assert [a.columns for a in fs.aggregates] == [
+        (("first_i", "float", False),),
+        (("last2_tag", "string", True),),
+        (("last2_v", "float", True),),
+    ]
+    (spec,) = key_specs(fs)
+    slot = new_slot(spec)
+    values = {"i": 3, "tag": "x", "v": None}  # v only null: last_k reads its default
+    add_to_slot(slot, [values[f] for f in spec.value_fields], T0)
+    cell = _cell(spec, {T0: slot}, T0 + 60_000)
+    assert cell == {"first_i": 3.0, "last2_tag": ["x"], "last2_v": [-1.0]}
+    assert type(cell["first_i"]) is float
+
+
+def test_an_operation_that_takes_no_value_refuses_one():
+    from transforms.featureset import FeatureSetError
+
+    with pytest.raises(FeatureSetError, match="count takes no value field"):
+        replace(GUARD, aggregates=(WindowedAggregate("n", "k", Count("v"), 60, 60),))
