@@ -820,19 +820,21 @@ def test_by_time_operations_read_ints_as_floats_and_strings_as_lists_of_strings(
             WindowedAggregate("first_i", "k", First("i"), 60, 60),
             WindowedAggregate("last2_tag", "k", LastK("tag", k=2), 60, 60),
             WindowedAggregate("last2_v", "k", LastK("v", k=2), 60, 60, default=[-1.0]),
+            WindowedAggregate("sum_v", "k", Sum("v"), 60, 60, default=70.5),
         ),
     )
     assert [a.columns for a in fs.aggregates] == [
         (("first_i", "float", False),),
         (("last2_tag", "string", True),),
         (("last2_v", "float", True),),
+        (("sum_v", "float", False),),
     ]
     (spec,) = key_specs(fs)
     slot = new_slot(spec)
-    values = {"i": 3, "tag": "x", "v": None}  # v only null: last_k reads its default
+    values = {"i": 3, "tag": "x", "v": None}  # v only null: last_k and sum read their defaults
     add_to_slot(slot, [values[f] for f in spec.value_fields], T0)
     cell = _cell(spec, {T0: slot}, T0 + 60_000)
-    assert cell == {"first_i": 3.0, "last2_tag": ["x"], "last2_v": [-1.0]}
+    assert cell == {"first_i": 3.0, "last2_tag": ["x"], "last2_v": [-1.0], "sum_v": 70.5}
     assert type(cell["first_i"]) is float
 
 
