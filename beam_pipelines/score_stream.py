@@ -35,6 +35,7 @@ from beam_pipelines.io.bigtable import (
     decode_value,
     open_table,
 )
+from beam_pipelines.io.online_store import OnlineLookup
 from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, WriteDeadLetters
 from beam_pipelines.local_runner import (
     LOCAL_STREAMING_RUNNER,
@@ -144,8 +145,8 @@ def read_cells(table, family: str, keys: Iterable[CellKey]) -> dict[CellKey, dic
 
 
 class _LookupAggregatesFn(beam.DoFn):
-    """A batch of events -> one element: the batch's examples with their as-of aggregates, read
-    from Bigtable in one request.
+    """A batch of events -> one element: the batch's examples with their as-of aggregates and
+    reference columns, read from Bigtable in one request (io/online_store.py).
 
     A failed read raises, so the runner retries the bundle (reads are idempotent): a Bigtable
     outage delays predictions instead of scoring events with made-up empty windows.
@@ -156,18 +157,38 @@ class _LookupAggregatesFn(beam.DoFn):
         self.open_cells = open_cells
 
     def setup(self) -> None:
-        self._table = self.open_cells()
-        self._found = Metrics.counter(NAMESPACE, "cells_found")
-        self._missing = Metrics.counter(NAMESPACE, "cells_missing")
+        self._lookup = _shared_lookup(self.fs, self.open_cells)
+        self._counters = {
+            name: Metrics.counter(NAMESPACE, name)
+            for name in ("cells_found", "cells_missing", "reference_reads", "reference_cache_hits")
+        }
 
     def process(self, events: list[dict]) -> Iterator[list[dict]]:
-        fs = self.fs
-        wanted = [cell_keys(fs, e) for e in events]
-        cells = read_cells(self._table, fs.name, (k for keys in wanted for k in keys))
-        found = sum(k in cells for keys in wanted for k in keys)
-        self._found.inc(found)
-        self._missing.inc(sum(map(len, wanted)) - found)
-        yield [attach_aggregates(fs, event, cells.get) for event in events]
+        lookup = self._lookup
+        before = dict(lookup.stats)
+        examples = lookup.examples(events)
+        for name, counter in self._counters.items():
+            stat = name.removeprefix("reference_") if name == "reference_cache_hits" else name
+            delta = lookup.stats[stat] - before[stat]
+            if delta:
+                counter.inc(delta)
+        yield examples
+
+
+_LOOKUPS: dict[tuple, OnlineLookup] = {}
+_LOOKUPS_LOCK = threading.Lock()
+
+
+def _shared_lookup(fs: FeatureSet, open_cells: Callable[[], object]) -> OnlineLookup:
+    """One lookup (and its reference cache) per feature set and table in a process: the local
+    runner calls setup for every bundle."""
+    key = (id(fs), fs.name, getattr(open_cells, "args", id(open_cells)))
+    table = open_cells()  # before taking the lock: the opener takes _TABLES_LOCK itself
+    with _LOOKUPS_LOCK:
+        found = _LOOKUPS.get(key)
+        if found is None or found.fs is not fs or found.table is not table:
+            found = _LOOKUPS[key] = OnlineLookup(fs, table)
+        return found
 
 
 class LookupAggregates(beam.PTransform):

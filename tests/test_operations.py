@@ -332,3 +332,21 @@ def test_generated_names_and_windows_as_a_list():
         ("origin_mean_dep_delay_1d", 86_400, 300),
         ("flights_15m", 900, 300),
     ]
+
+
+def test_signed_zeros_give_the_same_value_in_every_order():
+    from transforms.operations import ADD, MERGE
+
+    for op in (Min("v"), Max("v"), First("v"), Last("v"), LastK("v", k=2)):
+        results = set()
+        for values in ([0.0, -0.0], [-0.0, 0.0]):
+            one = op.partial()
+            for v in values:
+                ADD[one[0]](one, v, 5)
+            halves = [op.partial(), op.partial()]
+            for half, v in zip(halves, values, strict=True):
+                ADD[half[0]](half, v, 5)
+            MERGE[halves[0][0]](halves[0], halves[1])
+            for p in (one, halves[0]):
+                results.add(repr(op.finalize(p, 2)))
+        assert len(results) == 1, (op, results)

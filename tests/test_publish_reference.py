@@ -156,14 +156,14 @@ def test_bigtable_setup_creates_the_reference_families_with_their_gc_rules(bigta
     first = ensure_table(bt.project, bt.instance, name, FS, 600, 86_400)
     assert first["created_table"]
     assert first["reference_families"] == {
-        "flights_ref_ref": {
+        "flights_tables_ref": {
             "created": True,
             "static": False,
             "max_age_s": 86_400,
             "max_versions": None,
             "tables": ["origin_weather"],
         },
-        "flights_ref_static": {
+        "flights_tables_static": {
             "created": True,
             "static": True,
             "max_age_s": None,
@@ -175,18 +175,18 @@ def test_bigtable_setup_creates_the_reference_families_with_their_gc_rules(bigta
     assert not again["created_table"] and not again["created_family"]
     assert not any(f["created"] for f in again["reference_families"].values())
     families = open_table(bt.project, bt.instance, name, admin=True).list_column_families()
-    assert set(families) == {"flights_ref", "flights_ref_ref", "flights_ref_static"}
-    versioned = families["flights_ref_ref"].gc_rule.to_pb()
+    assert set(families) == {"flights_tables", "flights_tables_ref", "flights_tables_static"}
+    versioned = families["flights_tables_ref"].gc_rule.to_pb()
     assert versioned.max_age.total_seconds() == 2 * 86_400  # updated; no version limit
     assert type(versioned).pb(versioned).WhichOneof("rule") == "max_age"
-    static = families["flights_ref_static"].gc_rule.to_pb()
+    static = families["flights_tables_static"].gc_rule.to_pb()
     assert type(static).pb(static).WhichOneof("rule") == "max_num_versions"
     assert static.max_num_versions == 1
 
     # A table made for a feature set without the references gets the families when set up again.
     plain = bt.table_name()
     ensure_table(bt.project, bt.instance, plain, FLIGHTS, 600, 86_400)
-    with pytest.raises(BigtableSetupError, match="no column family 'flights_ref_ref'"):
+    with pytest.raises(BigtableSetupError, match="no column family 'flights_tables_ref'"):
         check_reference_families(bt.project, bt.instance, plain, FS)
     added = ensure_table(bt.project, bt.instance, plain, FS, 600, 86_400)
     assert all(f["created"] for f in added["reference_families"].values())
@@ -201,10 +201,10 @@ def test_planes_are_published_once_per_key_and_a_rerun_changes_nothing(
     _, lines = csv_lines(PLANES.resolve_default_input())
     summary = publish(bt, table_id, "plane", tmp_path / "dead")
     assert summary["rows_read"] == summary["rows_valid"] == summary["rows_written"] == len(lines)
-    assert summary["rows_dead_lettered"] == 0 and summary["family"] == "flights_ref_static"
+    assert summary["rows_dead_lettered"] == 0 and summary["family"] == "flights_tables_static"
     assert dead_letters(tmp_path / "dead") == []
 
-    got = published(bt, table_id, "flights_ref_static", "plane#")
+    got = published(bt, table_id, "flights_tables_static", "plane#")
     expected = {}
     for line in lines:
         key, stamp, values = typed_plane(line)
@@ -232,7 +232,7 @@ def test_a_month_of_weather_keeps_every_version_and_bad_rows_are_dead_letters(
     assert summary["rows_written"] == len(month) and summary["rows_write_failed"] == 0
     assert summary["rows_dead_lettered"] == 3
 
-    got = published(bt, table_id, "flights_ref_ref", "origin_weather#")
+    got = published(bt, table_id, "flights_tables_ref", "origin_weather#")
     expected: dict[str, dict[int, dict]] = {}
     for line in month:
         key, stamp, values = typed_weather(line)
@@ -279,14 +279,14 @@ def test_a_missing_table_family_or_reference_table_is_an_error_before_the_run(
 ):
     bt = bigtable_emulator
     with pytest.raises(
-        SystemExit, match="'nope' is not a reference table of feature set 'flights_ref'"
+        SystemExit, match="'nope' is not a reference table of feature set 'flights_tables'"
     ):
         publish(bt, "any", "nope", tmp_path / "dead")
     with pytest.raises(SystemExit, match="does not exist.*skewless bigtable-setup"):
         publish(bt, bt.table_name("missing"), "plane", tmp_path / "dead")
     plain = bt.table_name()
     ensure_table(bt.project, bt.instance, plain, FLIGHTS, 600, 86_400)
-    with pytest.raises(SystemExit, match="no column family 'flights_ref_static'.*bigtable-setup"):
+    with pytest.raises(SystemExit, match="no column family 'flights_tables_static'.*bigtable-setup"):
         publish(bt, plain, "plane", tmp_path / "dead")
     with pytest.raises(SystemExit, match="missing required option.*--dead_letter_dir"):
         publish_reference.run(

@@ -29,7 +29,7 @@ from transforms.validation import RecordValidator
 HOUR_MS = 3_600_000
 FS = replace(
     FLIGHTS,
-    name="flights_ref",
+    name="flights_tables",
     references=REFERENCE_TABLES,
     example_fields=(*FLIGHTS.example_fields, FLIGHTS.fields_by_name["tailnum"]),
 )

@@ -18,6 +18,7 @@ MS = 1000  # event times, window sizes and window ends are integer epoch millise
 DEFAULT_TIMESTAMP_RANGE = ("1900-01-01T00:00:00+00:00", "2201-01-01T00:00:00+00:00")
 FIELD_TYPES = ("string", "int", "float", "bool", "timestamp")
 UNEXPECTED_FIELD_POLICIES = ("reject", "ignore")
+RESERVED_NAME_ENDINGS = ("_ref", "_static")
 
 
 class FeatureSetError(ValueError):
@@ -402,6 +403,13 @@ class FeatureSet:
     references: tuple[ReferenceTable, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.name.endswith(RESERVED_NAME_ENDINGS) and ":" not in self.name:
+            # `{name}_ref` / `{name}_static` are the Bigtable families of another feature
+            # set's reference tables (reference.py): the two could not share a table.
+            raise FeatureSetError(
+                f"feature set name {self.name!r}: names ending in {RESERVED_NAME_ENDINGS} are "
+                f"reserved for reference-table families"
+            )
         _check_unique("schema field", [f.name for f in self.schema])
         _check_unique("derived field", [f.name for f in self.derived_fields])
         clash = {f.name for f in self.schema} & {f.name for f in self.derived_fields}

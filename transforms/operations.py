@@ -14,6 +14,8 @@ operation is one class here, registered in OPERATIONS.
 
 Nulls are skipped by every operation (`count` counts events, nulls included; the others see
 the non-null values only); a window without a non-null value gives the declared default.
+Operations that keep values (min, max, first, last, last_k) keep -0.0 as 0.0: the two are
+equal, so which one survived would otherwise depend on arrival order.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class Smallest(PartialKind):
 
     @staticmethod
     def add(p: list, value, time_ms: int) -> None:
+        if value == 0 and type(value) is float:
+            value = 0.0  # -0.0 == 0.0: which one were kept would depend on arrival order
         if p[1] is None or value < p[1]:
             p[1] = value
 
@@ -155,6 +159,8 @@ class Largest(PartialKind):
 
     @staticmethod
     def add(p: list, value, time_ms: int) -> None:
+        if value == 0 and type(value) is float:
+            value = 0.0  # as in Smallest
         if p[1] is None or value > p[1]:
             p[1] = value
 
@@ -176,6 +182,8 @@ class Latest(PartialKind):
 
     @staticmethod
     def add(p: list, value, time_ms: int) -> None:
+        if value == 0 and type(value) is float:
+            value = 0.0  # as in Smallest: equal pairs must not keep their arrival order
         items = p[2]
         items.append((time_ms, value))
         if len(items) > 1:
@@ -206,6 +214,8 @@ class Earliest(Latest):
 
     @staticmethod
     def add(p: list, value, time_ms: int) -> None:
+        if value == 0 and type(value) is float:
+            value = 0.0
         items = p[2]
         items.append((time_ms, value))
         if len(items) > 1:

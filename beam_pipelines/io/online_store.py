@@ -1,0 +1,241 @@
+"""The online store read of streaming scoring: a batch of events -> examples, one Bigtable read.
+
+One `read_rows` call per batch fetches every aggregate cell the as-of rule names (latest cell
+of the exact row `{key}#{value}#{W}`) and every reference row the events need, through one
+filter per column family: aggregates and static tables take the latest cell; a slowly
+changing table (`{feature set}_ref`, cell timestamp = valid_from) takes the cells with
+timestamp <= the latest as-of time of the batch (t - D_ref), newest first, at most
+VERSIONS_PER_READ per column. The row joined to an event is then chosen by the batch join's
+own rule (`transforms.reference.join_references` / `row_as_of`): the latest version with
+valid_from <= t - D_ref. (Beam's Bigtable enrichment handler reads only the latest cell: a
+replayed or late event would see a row that was not valid yet.)
+
+Which versions are known is tracked exactly: a read that returned fewer than
+VERSIONS_PER_READ cells knows every version up to its end; one that hit the limit knows the
+versions from its oldest cell up. An event whose as-of time falls below what is known gets a
+read of its own (end = its as-of time, one version). The in-process cache keeps, per
+(table, key), the versions and the span (lo, hi] they are complete for; it answers an as-of
+time only inside that span, so it can never return a row that became valid after t - D_ref,
+and entries expire after `cache_ttl_s`, so a row published late is seen within that time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import time
+from collections.abc import Iterable
+
+from beam_pipelines.io.bigtable import decode_value
+from transforms.aggregations import attach_aggregates, parse_row_key, row_key
+from transforms.featureset import FeatureSet, ReferenceTable
+from transforms.partials import CellKey, entity_value
+from transforms.reference import join_references, reference_family, reference_row_key
+
+VERSIONS_PER_READ = 4
+DEFAULT_CACHE_TTL_S = 60.0
+NEVER = -(2**62)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _ms(cell) -> int:
+    stamp = cell.timestamp
+    return round((stamp - _EPOCH).total_seconds() * 1000) if stamp is not None else 0
+
+
+def _versions(columns: dict, fields: tuple[str, ...]) -> tuple[list[tuple[int, tuple]], bool]:
+    """A row's cells of one family -> ([(valid_from, values in field order)], oldest first;
+    whether some column returned the most cells a read may)."""
+    by_time: dict[int, dict] = {}
+    full = False
+    for name, cells in columns.items():
+        full = full or len(cells) >= VERSIONS_PER_READ
+        field = name.decode("utf-8")
+        for cell in cells:
+            by_time.setdefault(_ms(cell), {})[field] = decode_value(cell.value)
+    versions = [(t, tuple(values.get(f) for f in fields)) for t, values in sorted(by_time.items())]
+    return versions, full
+
+
+class _Entry:
+    """The known versions of one (table, key), complete for as-of times in (lo, hi]."""
+
+    __slots__ = ("versions", "lo", "hi", "expires")
+
+    def __init__(self, versions: list, lo: int, hi: int, expires: float):
+        self.versions, self.lo, self.hi, self.expires = versions, lo, hi, expires
+
+    def covers(self, as_of: int, now: float) -> bool:
+        return now < self.expires and self.lo <= as_of <= self.hi
+
+
+class OnlineLookup:
+    """Examples for a batch of events from one Bigtable read (plus rare narrower reads).
+
+    `table` is a Bigtable table (or anything with the same `read_rows`). Thread-safe cache.
+    """
+
+    def __init__(
+        self,
+        fs: FeatureSet,
+        table,
+        cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+        clock=time.monotonic,
+    ):
+        self.fs = fs
+        self.table = table
+        self.cache_ttl_s = cache_ttl_s
+        self.clock = clock
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._lock = threading.Lock()
+        self.stats = {"cells_found": 0, "cells_missing": 0, "reference_reads": 0, "cache_hits": 0}
+
+    # -- the requests of a batch ---------------------------------------------------------------
+
+    def _cell_keys(self, events: list[dict]) -> list[list[CellKey]]:
+        out = []
+        for event in events:
+            keys: list[CellKey] = []
+            attach_aggregates(self.fs, event, keys.append)  # records the cells the rule names
+            out.append(keys)
+        return out
+
+    def _reference_requests(self, events: list[dict]) -> dict[tuple[str, str], list[int]]:
+        """(table name, key) -> the as-of times (t - D_ref) the events ask for."""
+        fs = self.fs
+        wanted: dict[tuple[str, str], list[int]] = {}
+        for event in events:
+            t = event[fs.event_time]
+            for table in fs.references:
+                key = entity_value(event.get(table.key))
+                if key is not None:
+                    wanted.setdefault((table.name, key), []).append(t - table.availability_delay_ms)
+        return wanted
+
+    # -- the read ------------------------------------------------------------------------------
+
+    def _filter(self, latest_as_of: int | None, limit: int = VERSIONS_PER_READ):
+        from google.cloud.bigtable import row_filters as rf
+
+        def family(name: str):
+            return rf.FamilyNameRegexFilter(re.escape(name))
+
+        latest = rf.CellsColumnLimitFilter(1)
+        branches = [rf.RowFilterChain([family(self.fs.name), latest])]
+        families = {reference_family(self.fs, t) for t in self.fs.references}
+        for name in sorted(families):
+            if name.endswith("_static"):
+                branches.append(rf.RowFilterChain([family(name), latest]))
+            elif latest_as_of is not None:
+                end = _EPOCH + dt.timedelta(milliseconds=latest_as_of + 1)
+                branches.append(
+                    rf.RowFilterChain(
+                        [
+                            family(name),
+                            rf.TimestampRangeFilter(rf.TimestampRange(end=end)),
+                            rf.CellsColumnLimitFilter(limit),
+                        ]
+                    )
+                )
+        return branches[0] if len(branches) == 1 else rf.RowFilterUnion(branches)
+
+    def _read(self, row_keys: Iterable[str], latest_as_of: int | None, limit=VERSIONS_PER_READ):
+        from google.cloud.bigtable.row_set import RowSet
+
+        keys = sorted(set(row_keys))
+        if not keys:  # an empty RowSet would read the whole table
+            return []
+        row_set = RowSet()
+        for key in keys:
+            row_set.add_row_key(key.encode("utf-8"))
+        return list(
+            self.table.read_rows(row_set=row_set, filter_=self._filter(latest_as_of, limit))
+        )
+
+    def _store(self, table: ReferenceTable, key: str, columns: dict, hi: int, now: float) -> None:
+        versions, full = _versions(columns, tuple(f.name for f in table.fields))
+        if table.valid_from is None:
+            lo, hi = NEVER, 2**62  # one version, valid whenever
+        else:
+            lo = versions[0][0] if full else NEVER
+        with self._lock:
+            self._cache[(table.name, key)] = _Entry(versions, lo, hi, now + self.cache_ttl_s)
+
+    def examples(self, events: list[dict]) -> list[dict]:
+        """The events with their as-of aggregates and reference columns."""
+        fs = self.fs
+        now = self.clock()
+        cell_keys = self._cell_keys(events)
+        requests = self._reference_requests(events) if fs.references else {}
+        tables = {t.name: t for t in fs.references}
+        with self._lock:
+            missing = {
+                wanted: as_ofs
+                for wanted, as_ofs in requests.items()
+                if not all(
+                    (e := self._cache.get(wanted)) is not None and e.covers(a, now) for a in as_ofs
+                )
+            }
+        self.stats["cache_hits"] += len(requests) - len(missing)
+        latest = max((a for as_ofs in missing.values() for a in as_ofs), default=None)
+        row_keys = [row_key(*k) for keys in cell_keys for k in keys]
+        row_keys += [reference_row_key(tables[name], key) for name, key in missing]
+        rows = self._read(row_keys, latest)
+        self.stats["reference_reads"] += bool(missing)
+        cells: dict[CellKey, dict] = {}
+        seen: set[tuple[str, str]] = set()
+        for row in rows:
+            columns = row.cells.get(fs.name)
+            if columns:
+                cells[parse_row_key(row.row_key)] = {
+                    name.decode("utf-8"): decode_value(c[0].value) for name, c in columns.items()
+                }
+            name, _, key = row.row_key.decode("utf-8").partition("#")
+            table = tables.get(name)
+            if table is not None and (name, key) in missing:
+                family = row.cells.get(reference_family(fs, table), {})
+                self._store(table, key, family, latest, now)
+                seen.add((name, key))
+        for name, key in set(missing) - seen:  # no row at all: known empty up to `latest`
+            self._store(tables[name], key, {}, latest, now)
+        self._narrow_reads(missing, now)
+        found = sum(k in cells for keys in cell_keys for k in keys)
+        self.stats["cells_found"] += found
+        self.stats["cells_missing"] += sum(map(len, cell_keys)) - found
+        indexes = self._indexes(requests)
+        return [
+            join_references(fs, attach_aggregates(fs, e, cells.get), indexes) if fs.references
+            else attach_aggregates(fs, e, cells.get)
+            for e in events
+        ]  # fmt: skip
+
+    def _narrow_reads(self, requests: dict[tuple[str, str], list[int]], now: float) -> None:
+        """As-of times older than the versions one read returned: one version each, exactly."""
+        tables = {t.name: t for t in self.fs.references}
+        for (name, key), as_ofs in requests.items():
+            entry = self._cache[(name, key)]
+            for a in sorted({a for a in as_ofs if a < entry.lo}):
+                table = tables[name]
+                rows = self._read([reference_row_key(table, key)], a, limit=1)
+                columns = rows[0].cells.get(reference_family(self.fs, table), {}) if rows else {}
+                older, _ = _versions(columns, tuple(f.name for f in table.fields))
+                with self._lock:
+                    # The version valid at `a` joins the known ones, so this batch's join finds
+                    # it; the span the entry answers for later batches stays (lo, hi]: versions
+                    # between this one and lo were not read.
+                    entry.versions = sorted({*older, *entry.versions})
+                self.stats["reference_reads"] += 1
+
+    def _indexes(self, requests) -> list[dict]:
+        """Per table (feature set order): {key: (times, rows)} of the versions known now."""
+        out = []
+        with self._lock:
+            for table in self.fs.references:
+                index = {}
+                for name, key in requests:
+                    if name == table.name:
+                        versions = self._cache[(name, key)].versions
+                        index[key] = ([t for t, _ in versions], [v for _, v in versions])
+                out.append(index)
+        return out
