@@ -657,7 +657,10 @@ def as_of_window_end(event_time_ms: int, period_ms: int, delay_ms: int = 0) -> i
 def load_feature_set(spec: str) -> FeatureSet:
     """Resolve `package.module:NAME` (or a bare bundled name like `flights`) to a FeatureSet."""
     if ":" not in spec:
-        spec = {"flights": "transforms.flights:FLIGHTS"}.get(spec, spec)
+        spec = {
+            "flights": "transforms.flights:FLIGHTS",
+            "flights_plus": "transforms.flights:FLIGHTS_PLUS",
+        }.get(spec, spec)
     if ":" not in spec:
         raise FeatureSetError(f"feature set {spec!r}: expected 'package.module:NAME' or 'flights'")
     module_name, _, attr = spec.partition(":")

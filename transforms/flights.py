@@ -277,3 +277,54 @@ FLIGHTS = FeatureSet(
     # The rule a dispatcher would use: a flight that leaves more than 15 min late arrives late.
     baseline=Baseline(field="dep_delay", threshold=15.0, name="dep_delay rule"),
 )
+
+
+# The reference features of FLIGHTS_PLUS: numeric ones z-scored with the training mean for a
+# missing value (no row, or a null in the row) plus a missing indicator; categorical ones as
+# vocabularies with an OOV bucket.
+REFERENCE_NUMERIC = (
+    "origin_weather_temp",
+    "origin_weather_humid",
+    "origin_weather_wind_speed",
+    "origin_weather_wind_gust",
+    "origin_weather_precip",
+    "origin_weather_pressure",
+    "origin_weather_visib",
+    "plane_year",
+    "plane_seats",
+    "plane_engines",
+    "dest_airport_lat",
+    "dest_airport_lon",
+    "dest_airport_alt",
+)
+REFERENCE_VOCABULARIES = ("plane_type", "plane_manufacturer", "plane_engine", "dest_airport_tzone")
+
+
+def preprocessing_fn_with_references(inputs: dict) -> dict:
+    """FLIGHTS' preprocessing plus the weather at the origin as of the departure (D_ref = 1 h),
+    the aircraft and the destination airport: each numeric one z-scored after filling a
+    missing value with the training mean, with a `_missing` indicator; categories as
+    vocabularies (+1 OOV bucket)."""
+    out = preprocessing_fn(inputs)
+    for name in REFERENCE_NUMERIC:
+        raw = inputs[name]
+        values = tf.cast(raw.values, tf.float32)
+        filled = _dense(tf.SparseTensor(raw.indices, values, raw.dense_shape), tft.mean(values))
+        out[f"{name}_z"] = tft.scale_to_z_score(filled)
+        out[f"{name}_missing"] = _missing(raw)
+    for name in REFERENCE_VOCABULARIES:
+        out[f"{name}_id"] = tft.compute_and_apply_vocabulary(
+            _dense(inputs[name], b""), num_oov_buckets=1, vocab_filename=name
+        )
+    return out
+
+
+# The bundled flights with the three reference tables joined as of each departure.
+FLIGHTS_PLUS = replace(
+    FLIGHTS,
+    name="flights_plus",
+    description=FLIGHTS.description + "; with weather at the origin, aircraft and destination",
+    references=REFERENCE_TABLES,
+    example_fields=(*FLIGHTS.example_fields, _by_name["tailnum"]),
+    preprocessing_fn=preprocessing_fn_with_references,
+)
