@@ -292,12 +292,6 @@ def test_csv_dead_letter_names_the_stage_reason_file_and_line(tmp_path, stage):
     assert letter["record"] is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (issue 11): a CSV row that splits but fails validate/derive is "
-    "dead-lettered as the row dict Arrow read (time_hour as epoch seconds, 2.50 as 2.5), "
-    "not its line text; the README promises the original",
-)
 @pytest.mark.parametrize("stage", list(CSV_CASES))
 def test_csv_dead_letter_keeps_the_line_text_exactly(tmp_path, stage):
     from beam_pipelines.io.files import read_file_records

@@ -412,21 +412,27 @@ class RawLine(NamedTuple):
 
 class RawBatch(NamedTuple):
     """Records of one file as an Arrow batch, with the position of each row in the file:
-    its first physical line (CSV, `unit="line"`) or its row index (Parquet, `unit="row"`)."""
+    its first physical line (CSV, `unit="line"`) or its row index (Parquet, `unit="row"`).
+
+    `texts` (CSV): the original text of each row, for its dead letter: (bytes chunk, start
+    offsets, end offsets) into the chunk, one pair per row (start -1: unknown)."""
 
     batch: pa.RecordBatch
     file: str
     positions: Sequence[int]
     unit: str = "line"
+    texts: tuple | None = None
 
 
-Where = tuple  # (file, unit, position) of one record, turned into a dict only for dead letters
+# (file, unit, position[, original text]) of one record, turned into a dict only for dead
+# letters; the original text, when a reader kept it, replaces the parsed row in the letter.
+Where = tuple
 
 
 def origin_of(where: Where | None) -> dict | None:
     if where is None:
         return None
-    file, unit, position = where
+    file, unit, position = where[:3]
     out = {"file": file} if file else {}
     if position is not None and position >= 0:  # -1: the reader could not tell
         out[unit] = int(position)
@@ -442,9 +448,12 @@ def iter_raw_records(element: Any) -> Iterator[tuple[str, Any, Where | None]]:
     if isinstance(element, RawBatch):
         file, unit, positions = element.file, element.unit, element.positions
         positions = positions.tolist() if hasattr(positions, "tolist") else positions
-        for row, position in zip(_rows_or_unparseable(element.batch), positions, strict=True):
+        originals = _row_texts(element.texts, len(positions))
+        for row, position, original in zip(
+            _rows_or_unparseable(element.batch), positions, originals, strict=True
+        ):
             stage = "parse" if type(row) is UnparseableRow else "validate"
-            yield stage, row, (file, unit, position)
+            yield stage, row, (file, unit, position, original)
         return
     if isinstance(element, RawLine):
         yield "parse", element.text, (element.file, "line", element.line)
@@ -461,6 +470,17 @@ def iter_raw_records(element: Any) -> Iterator[tuple[str, Any, Where | None]]:
             yield ("parse" if isinstance(row, UnparseableRow) else "validate"), row, None
         return
     yield "validate", element, None
+
+
+def _row_texts(texts: tuple | None, n: int) -> list:
+    """The original text of each row of a RawBatch (None where the reader could not tell)."""
+    if texts is None:
+        return [None] * n
+    chunk, starts, ends = texts
+    out = []
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        out.append(None if start < 0 else chunk[start:end].decode("utf-8", "replace"))
+    return out
 
 
 def _batch_rows(batch: pa.RecordBatch) -> list[dict]:
@@ -492,6 +512,13 @@ def _rows_or_unparseable(batch: pa.RecordBatch) -> Iterator[dict | UnparseableRo
             yield _batch_rows(row)[0]
         except (pa.ArrowException, ValueError, OverflowError) as exc:
             yield UnparseableRow(repr(row.to_pydict())[:2000], f"row cannot be read: {exc}")
+
+
+def _original(raw: Any, where: Where | None) -> Any:
+    """What a dead letter keeps: the record's original text when the reader kept it."""
+    if where is not None and len(where) > 3 and where[3] is not None:
+        return where[3]
+    return raw
 
 
 class ValidateRecordsFn(beam.DoFn):
@@ -530,12 +557,18 @@ class ValidateRecordsFn(beam.DoFn):
                 event = validator.derive(record)
             except InvalidRecord as exc:
                 rejected += 1
-                yield TaggedOutput(DEAD, dead_letter(stage, str(exc), raw, name, origin_of(where)))
+                original = _original(raw, where)
+                yield TaggedOutput(
+                    DEAD, dead_letter(stage, str(exc), original, name, origin_of(where))
+                )
                 continue
             except Exception as exc:  # noqa: BLE001 - a user's derive() bug must not kill the job
                 rejected += 1
                 reason = f"{type(exc).__name__}: {exc}"
-                yield TaggedOutput(DEAD, dead_letter(stage, reason, raw, name, origin_of(where)))
+                original = _original(raw, where)
+                yield TaggedOutput(
+                    DEAD, dead_letter(stage, reason, original, name, origin_of(where))
+                )
                 continue
             if event is None:
                 not_events += 1

@@ -322,9 +322,7 @@ def _parse_csv(data: bytes, column_types: dict) -> tuple[pa.Table, list]:
     return table, invalid
 
 
-def _read_csv_typed(
-    data: bytes, names: Sequence[str], types: dict
-) -> tuple[pa.Table, list, bool]:
+def _read_csv_typed(data: bytes, names: Sequence[str], types: dict) -> tuple[pa.Table, list, bool]:
     """Typed read first (fast); if a column does not convert, all text; if not UTF-8, all bytes.
 
     The fallbacks keep every row: the validator then rejects the bad values one record at a
@@ -373,7 +371,9 @@ def _unparseable(row: tuple, path: str, line: int | None = None) -> UnparseableR
     return UnparseableRow(text, f"expected {expected} fields, got {actual}", path, line)
 
 
-def _record_lines(table: pa.Table, invalid: list, data: bytes) -> tuple[np.ndarray, list]:
+def _record_lines(
+    table: pa.Table, invalid: list, data: bytes
+) -> tuple[np.ndarray, list, np.ndarray]:
     """First physical line (1-based, "\\n"-separated) of every row and of every invalid record.
 
     Records follow each other: the header, then rows and invalid records in file order (an
@@ -382,7 +382,7 @@ def _record_lines(table: pa.Table, invalid: list, data: bytes) -> tuple[np.ndarr
     """
     n_rows = table.num_rows
     if any(number is None for number, *_ in invalid):
-        return np.full(n_rows, -1, np.int64), [None] * len(invalid)
+        return np.full(n_rows, -1, np.int64), [None] * len(invalid), np.ones(n_rows, np.int64)
     n_records = n_rows + len(invalid)
     spans = np.ones(n_records, np.int64)
     is_invalid = np.zeros(n_records, bool)
@@ -398,7 +398,34 @@ def _record_lines(table: pa.Table, invalid: list, data: bytes) -> tuple[np.ndarr
         spans[invalid_at] = [1 + text.count("\n") for _, text, *_ in invalid]
     header_lines = 1 + sum(name.count("\n") for name in table.column_names)
     starts = header_lines + 1 + np.concatenate([[0], np.cumsum(spans)[:-1]])
-    return starts[~is_invalid], starts[invalid_at].tolist()
+    return starts[~is_invalid], starts[invalid_at].tolist(), spans[~is_invalid]
+
+
+def _record_bytes(data: bytes, lines: np.ndarray, spans: np.ndarray):
+    """Byte offsets [start, end) of each record's text (its lines, without the final newline
+    or carriage return); -1 where the line is unknown."""
+    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+    line_starts = np.concatenate([[0], newlines + 1])  # of line k (1-based) at k - 1
+    line_ends = np.concatenate([newlines, [len(data)]])
+    known = lines > 0
+    first = np.where(known, lines - 1, 0)
+    last = np.minimum(first + spans - 1, len(line_ends) - 1)
+    starts = np.where(known, line_starts[np.minimum(first, len(line_starts) - 1)], -1)
+    ends = np.where(known, line_ends[last], -1)
+    return starts, ends
+
+
+def _texts(data: bytes, starts: np.ndarray, ends: np.ndarray) -> tuple | None:
+    """The bytes chunk covering some records and their offsets in it (see RawBatch.texts)."""
+    known = starts >= 0
+    if not known.any():
+        return None
+    lo, hi = int(starts[known].min()), int(ends[known].max())
+    chunk = data[lo:hi]
+    # A record's text ends before its line's carriage return (CRLF files).
+    last = np.frombuffer(data, np.uint8)[np.maximum(ends - 1, 0)]
+    ends = np.where(known & (ends > starts) & (last == 13), ends - 1, ends)
+    return chunk, np.where(known, starts - lo, -1), np.where(known, ends - lo, -1)
 
 
 def _blank_rows(table: pa.Table, data: bytes, lines: np.ndarray) -> np.ndarray:
@@ -442,11 +469,11 @@ def read_csv_records(
         table, invalid, marked = _read_csv_typed(data, names, types)
     except pa.ArrowException as exc:
         raise InputError(f"{path}: not a readable CSV file ({_one_line(exc)})") from None
-    lines, invalid_lines = _record_lines(table, invalid, data)
+    lines, invalid_lines, spans = _record_lines(table, invalid, data)
     blank = _blank_rows(table, data, lines)
     if blank.any():
         table = table.filter(pa.array(~blank))
-        lines = lines[~blank]
+        lines, spans = lines[~blank], spans[~blank]
     if marked:
         not_utf8 = _marked_rows(table)
         for i in np.flatnonzero(not_utf8):
@@ -455,11 +482,15 @@ def read_csv_records(
             text = text.replace(INVALID_UTF8_MARK, "\ufffd")
             yield UnparseableRow(text, "the record is not UTF-8 text", path, int(lines[i]))
         table = table.filter(pa.array(~not_utf8))
-        lines = lines[~not_utf8]
+        lines, spans = lines[~not_utf8], spans[~not_utf8]
+    starts, ends = _record_bytes(data, lines, spans)
     for batch_start in range(0, table.num_rows, batch_rows):
         batch = table.slice(batch_start, batch_rows).combine_chunks().to_batches()
         if batch:
-            yield RawBatch(batch[0], path, lines[batch_start : batch_start + batch_rows])
+            window = slice(batch_start, batch_start + batch_rows)
+            yield RawBatch(
+                batch[0], path, lines[window], texts=_texts(data, starts[window], ends[window])
+            )
     for row, line in zip(invalid, invalid_lines, strict=True):
         yield _unparseable(row, path, line)
 
@@ -481,13 +512,18 @@ def iter_json_lines(data: bytes, path: str = "") -> Iterator[RawLine | Unparseab
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             yield UnparseableRow(
-                line.decode("utf-8", errors="replace"), f"line is not UTF-8 text ({exc.reason})", path, number
+                line.decode("utf-8", errors="replace"),
+                f"line is not UTF-8 text ({exc.reason})",
+                path,
+                number,
             )
             continue
         yield RawLine(text, path, number)
 
 
-def read_parquet_records(path: str, fs: FeatureSet | None, batch_rows: int = BATCH_ROWS) -> Iterator[RawBatch]:
+def read_parquet_records(
+    path: str, fs: FeatureSet | None, batch_rows: int = BATCH_ROWS
+) -> Iterator[RawBatch]:
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             parquet = pq.ParquetFile(f)
