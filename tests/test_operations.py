@@ -302,8 +302,11 @@ def test_each_wrong_declaration_fails_when_built_with_a_clear_error(declare, mes
 
 
 def test_operation_parameters_are_checked():
-    with pytest.raises(ValueError, match="k must be a positive integer"):
-        LastK("x", k=0)
+    for bad in (0, -1, "3", True, 2.0):
+        for op in (LastK, Histogram):
+            with pytest.raises(ValueError, match="k must be a positive integer"):
+                op("x", k=bad)
+    assert LastK("x", k=1).k == 1 and Histogram("x", k=1).k == 1
     with pytest.raises(ValueError, match="ddof must be 0 or 1"):
         Variance("x", ddof=2)
     with pytest.raises(FeatureSetError, match="allows NaN"):
