@@ -55,8 +55,13 @@ from beam_pipelines.options import (
 )
 from transforms.featureset import FeatureSet, ReferenceTable, load_feature_set
 from transforms.partials import entity_value
-from transforms.reference import reference_family, rows_feature_set
-from transforms.validation import NAMESPACE, ValidateRecords, dead_letter
+from transforms.reference import (
+    duplicate_letter,
+    duplicate_order,
+    reference_family,
+    rows_feature_set,
+)
+from transforms.validation import NAMESPACE, ValidateRecords
 
 LOG = logging.getLogger("skewless.publish_reference")
 PROG = "skewless publish-reference"
@@ -94,12 +99,6 @@ GROUPS = (
 )
 
 
-def duplicate_order(table: ReferenceTable, row: dict) -> tuple:
-    """Which of the rows sharing a key and valid_from is kept: the first in this order (the
-    batch join's rule, transforms.reference._BuildIndex)."""
-    return tuple(str(row.get(f.name)) for f in table.fields)
-
-
 class _KeepFirst(beam.DoFn):
     """((key, valid_from), rows) -> the row kept; the others -> dead letters (stage `reference`)."""
 
@@ -117,13 +116,8 @@ class _KeepFirst(beam.DoFn):
         if not others:
             return
         self._duplicates.inc(len(others))
-        reason = f"duplicate row for {table.table_key}={key!r}" + (
-            f" valid from {valid_from}" if table.valid_from else ""
-        )
         for row in others:
-            yield TaggedOutput(
-                DEAD, dead_letter("reference", reason, row, f"reference:{table.name}")
-            )
+            yield TaggedOutput(DEAD, duplicate_letter(table, key, valid_from, row))
 
 
 class DeduplicateRows(beam.PTransform):

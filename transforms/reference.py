@@ -69,6 +69,20 @@ def row_as_of(entry: tuple[list, list] | None, t: int, delay_ms: int) -> tuple |
     return rows[i - 1] if i else None
 
 
+def duplicate_order(table: ReferenceTable, row: dict) -> tuple:
+    """Of the rows sharing a key and valid_from, the first in this order is kept (the batch
+    index and publish-reference apply the same rule, so they keep the same row)."""
+    return tuple(str(row.get(f.name)) for f in table.fields)
+
+
+def duplicate_letter(table: ReferenceTable, key: str, valid_from: int, row: dict) -> dict:
+    """The dead letter of a row that repeats a key (and valid_from) of its table."""
+    reason = f"duplicate row for {table.table_key}={key!r}" + (
+        f" valid from {valid_from}" if table.valid_from else ""
+    )
+    return dead_letter("reference", reason, row, f"reference:{table.name}")
+
+
 class _BuildIndex(beam.DoFn):
     """All typed rows of a table (one list) -> the index {key: (times, rows)}; a second row for
     the same key and validity time -> dead letter (the first by value order is kept)."""
@@ -81,21 +95,12 @@ class _BuildIndex(beam.DoFn):
         time_field = table.valid_from or STATIC_VALID_FROM
         names = [f.name for f in table.fields]
         by_key: dict[str, dict[int, tuple]] = {}
-        for row in sorted(rows, key=lambda r: tuple(str(r.get(n)) for n in names)):
+        for row in sorted(rows, key=lambda r: duplicate_order(table, r)):
             key = entity_value(row[table.table_key])
             versions = by_key.setdefault(key, {})
             valid_from = row[time_field]
             if valid_from in versions:
-                yield TaggedOutput(
-                    DEAD,
-                    dead_letter(
-                        "reference",
-                        f"duplicate row for {table.table_key}={key!r}"
-                        + (f" valid from {valid_from}" if table.valid_from else ""),
-                        row,
-                        f"reference:{table.name}",
-                    ),
-                )
+                yield TaggedOutput(DEAD, duplicate_letter(table, key, valid_from, row))
                 continue
             versions[valid_from] = tuple(row[n] for n in names)
         index = {}

@@ -83,17 +83,20 @@ def reference_sources(options: PipelineOptions, fs: FeatureSet) -> dict[str, bea
     """A file source per reference table of the feature set: `--reference NAME=PATH`, else the
     table's default_input; each file is checked against the table's schema before the run."""
     given = _given_references(options, fs)
-    sources = {}
-    for table in fs.references:
-        name = table.name
-        path = given.get(name) or table.resolve_default_input()
-        if path is None:
-            raise ValueError(f"reference table {name!r} has no default input: pass --reference")
-        rows_fs = rows_feature_set(table)
-        if not is_dry_run(options):
-            check_input(path, None, rows_fs)
-        sources[name] = ReadRawFiles(path, fs=rows_fs)
-    return sources
+    return {t.name: _table_file(options, t, given.get(t.name), None) for t in fs.references}
+
+
+def _table_file(
+    options: PipelineOptions, table: ReferenceTable, path: str | None, input_format: str | None
+) -> ReadRawFiles:
+    """The file source of a table's rows (`path`, else its default_input), checked now."""
+    path = path or table.resolve_default_input()
+    if path is None:
+        raise ValueError(f"reference table {table.name!r} has no default input: pass its path")
+    rows_fs = rows_feature_set(table)
+    if not is_dry_run(options):
+        check_input(path, input_format, rows_fs)
+    return ReadRawFiles(path, input_format, fs=rows_fs)
 
 
 def reference_table_source(
@@ -107,13 +110,10 @@ def reference_table_source(
     rows_fs = rows_feature_set(table)
     if opts.bigquery_table or opts.bigquery_query:
         return read_source(options, rows_fs), describe_source(options, rows_fs)
-    path = opts.input or _given_references(options, fs).get(table.name)
-    path = path or table.resolve_default_input()
-    if path is None:
-        raise ValueError(f"reference table {table.name!r} has no default input: pass --input")
-    if not is_dry_run(options):
-        check_input(path, opts.input_format, rows_fs)
-    return ReadRawFiles(path, opts.input_format, fs=rows_fs), {"input": path}
+    source = _table_file(
+        options, table, opts.input or _given_references(options, fs).get(table.name), opts.input_format
+    )
+    return source, {"input": source.pattern}
 
 
 def describe_references(options: PipelineOptions, fs: FeatureSet) -> dict:
