@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -32,7 +32,6 @@ from beam_pipelines.io.bigtable import (
     BigtableOptions,
     BigtableSetupError,
     check_table,
-    decode_value,
     open_table,
 )
 from beam_pipelines.io.online_store import OnlineLookup
@@ -56,7 +55,6 @@ from beam_pipelines.scoring import (
 )
 from models.handler import SkewlessModelHandler
 from models.watch import WatchingModelHandler
-from transforms.aggregations import CellKey, attach_aggregates, parse_row_key, row_key
 from transforms.featureset import FeatureSet
 from transforms.validation import NAMESPACE, ValidateRecords
 
@@ -104,46 +102,6 @@ GROUPS = (
 BATCH_ONLY_FLAGS = ("output", "output_table", "output_format", "output_method", "start", "end", "dead_letter_dir")
 
 
-# --- Bigtable cells -> the lookup of attach_aggregates -------------------------------------------
-
-
-def cells_from_rows(rows: Iterable, family: str) -> dict[CellKey, dict]:
-    """Bigtable rows of the feature contract -> {CellKey: {aggregate: value}} (latest cells).
-
-    The one place streaming scoring decodes cells; `.get` of the result is the `lookup` of
-    transforms.aggregations.attach_aggregates, so the as-of rule itself is not repeated here.
-    """
-    out = {}
-    for row in rows:
-        columns = row.cells.get(family)
-        if columns:
-            out[parse_row_key(row.row_key)] = {
-                name.decode("utf-8"): decode_value(cells[0].value) for name, cells in columns.items()
-            }
-    return out
-
-
-def cell_keys(fs: FeatureSet, event: dict) -> list[CellKey]:
-    """The cells attach_aggregates will ask for (recorded from a dry run of the rule itself)."""
-    keys: list[CellKey] = []
-    attach_aggregates(fs, event, lambda key: keys.append(key))
-    return keys
-
-
-def read_cells(table, family: str, keys: Iterable[CellKey]) -> dict[CellKey, dict]:
-    """Read exactly these rows (one request for the whole batch)."""
-    from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
-    from google.cloud.bigtable.row_set import RowSet
-
-    row_set = RowSet()
-    wanted = {row_key(*k) for k in keys}
-    if not wanted:  # an empty RowSet would read the whole table
-        return {}
-    for key in sorted(wanted):
-        row_set.add_row_key(key.encode("utf-8"))
-    return cells_from_rows(table.read_rows(row_set=row_set, filter_=CellsColumnLimitFilter(1)), family)
-
-
 class _LookupAggregatesFn(beam.DoFn):
     """A batch of events -> one element: the batch's examples with their as-of aggregates and
     reference columns, read from Bigtable in one request (io/online_store.py).
@@ -168,8 +126,7 @@ class _LookupAggregatesFn(beam.DoFn):
         before = dict(lookup.stats)
         examples = lookup.examples(events)
         for name, counter in self._counters.items():
-            stat = name.removeprefix("reference_") if name == "reference_cache_hits" else name
-            delta = lookup.stats[stat] - before[stat]
+            delta = lookup.stats[name] - before[name]
             if delta:
                 counter.inc(delta)
         yield examples

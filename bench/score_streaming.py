@@ -230,7 +230,7 @@ def bigtable_floor(table_id: str, events: list[tuple[int, dict]], batch: int, re
     import numpy as np
 
     from beam_pipelines.io.bigtable import open_table
-    from beam_pipelines.score_stream import cell_keys, read_cells
+    from beam_pipelines.io.online_store import cell_keys, read_cells
     from transforms.flights import FLIGHTS
     from transforms.validation import RecordValidator
 

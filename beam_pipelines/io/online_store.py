@@ -39,6 +39,46 @@ NEVER = -(2**62)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+def cells_from_rows(rows: Iterable, family: str) -> dict[CellKey, dict]:
+    """Bigtable rows of the feature contract -> {CellKey: {aggregate: value}} (latest cells).
+
+    The one place streaming scoring decodes cells; `.get` of the result is the `lookup` of
+    transforms.aggregations.attach_aggregates, so the as-of rule itself is not repeated here.
+    """
+    out = {}
+    for row in rows:
+        columns = row.cells.get(family)
+        if columns:
+            out[parse_row_key(row.row_key)] = {
+                name.decode("utf-8"): decode_value(cells[0].value)
+                for name, cells in columns.items()
+            }
+    return out
+
+
+def cell_keys(fs: FeatureSet, event: dict) -> list[CellKey]:
+    """The cells attach_aggregates will ask for (recorded from a dry run of the rule itself)."""
+    keys: list[CellKey] = []
+    attach_aggregates(fs, event, keys.append)
+    return keys
+
+
+def read_cells(table, family: str, keys: Iterable[CellKey]) -> dict[CellKey, dict]:
+    """Read exactly these aggregate rows, latest cells (one request for all of them)."""
+    from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
+    from google.cloud.bigtable.row_set import RowSet
+
+    wanted = {row_key(*k) for k in keys}
+    if not wanted:  # an empty RowSet would read the whole table
+        return {}
+    row_set = RowSet()
+    for key in sorted(wanted):
+        row_set.add_row_key(key.encode("utf-8"))
+    return cells_from_rows(
+        table.read_rows(row_set=row_set, filter_=CellsColumnLimitFilter(1)), family
+    )
+
+
 def _ms(cell) -> int:
     stamp = cell.timestamp
     return round((stamp - _EPOCH).total_seconds() * 1000) if stamp is not None else 0
@@ -89,17 +129,14 @@ class OnlineLookup:
         self.clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
-        self.stats = {"cells_found": 0, "cells_missing": 0, "reference_reads": 0, "cache_hits": 0}
+        self.stats = {
+            "cells_found": 0,
+            "cells_missing": 0,
+            "reference_reads": 0,
+            "reference_cache_hits": 0,
+        }
 
     # -- the requests of a batch ---------------------------------------------------------------
-
-    def _cell_keys(self, events: list[dict]) -> list[list[CellKey]]:
-        out = []
-        for event in events:
-            keys: list[CellKey] = []
-            attach_aggregates(self.fs, event, keys.append)  # records the cells the rule names
-            out.append(keys)
-        return out
 
     def _reference_requests(self, events: list[dict]) -> dict[tuple[str, str], list[int]]:
         """(table name, key) -> the as-of times (t - D_ref) the events ask for."""
@@ -166,7 +203,7 @@ class OnlineLookup:
         """The events with their as-of aggregates and reference columns."""
         fs = self.fs
         now = self.clock()
-        cell_keys = self._cell_keys(events)
+        wanted_cells = [cell_keys(fs, e) for e in events]
         requests = self._reference_requests(events) if fs.references else {}
         tables = {t.name: t for t in fs.references}
         with self._lock:
@@ -177,20 +214,15 @@ class OnlineLookup:
                     (e := self._cache.get(wanted)) is not None and e.covers(a, now) for a in as_ofs
                 )
             }
-        self.stats["cache_hits"] += len(requests) - len(missing)
+        self.stats["reference_cache_hits"] += len(requests) - len(missing)
         latest = max((a for as_ofs in missing.values() for a in as_ofs), default=None)
-        row_keys = [row_key(*k) for keys in cell_keys for k in keys]
+        row_keys = [row_key(*k) for keys in wanted_cells for k in keys]
         row_keys += [reference_row_key(tables[name], key) for name, key in missing]
         rows = self._read(row_keys, latest)
         self.stats["reference_reads"] += bool(missing)
-        cells: dict[CellKey, dict] = {}
+        cells = cells_from_rows(rows, fs.name)
         seen: set[tuple[str, str]] = set()
         for row in rows:
-            columns = row.cells.get(fs.name)
-            if columns:
-                cells[parse_row_key(row.row_key)] = {
-                    name.decode("utf-8"): decode_value(c[0].value) for name, c in columns.items()
-                }
             name, _, key = row.row_key.decode("utf-8").partition("#")
             table = tables.get(name)
             if table is not None and (name, key) in missing:
@@ -200,9 +232,9 @@ class OnlineLookup:
         for name, key in set(missing) - seen:  # no row at all: known empty up to `latest`
             self._store(tables[name], key, {}, latest, now)
         self._narrow_reads(missing, now)
-        found = sum(k in cells for keys in cell_keys for k in keys)
+        found = sum(k in cells for keys in wanted_cells for k in keys)
         self.stats["cells_found"] += found
-        self.stats["cells_missing"] += sum(map(len, cell_keys)) - found
+        self.stats["cells_missing"] += sum(map(len, wanted_cells)) - found
         indexes = self._indexes(requests)
         return [
             join_references(fs, attach_aggregates(fs, e, cells.get), indexes) if fs.references
