@@ -176,3 +176,65 @@ def start_aggregate_job(ps, bt, table_id: str, lateness_s: int, *extra: str):
         ]
     )
     return p.run(), topic, dead_subscription
+
+
+def write_cells_with_the_aggregate_job(bt, table_id: str, fs: FeatureSet, raws: list[dict]) -> dict:
+    """The aggregate job's real build_pipeline fed the raw records as Pub/Sub messages by
+    TestStream (deterministic: a live replay through the emulator depends on timing), writing
+    to the Bigtable emulator; returns the job's counters."""
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+    from apache_beam.testing.test_stream import TestStream
+
+    from beam_pipelines import aggregate
+    from beam_pipelines.common import metric_counters
+    from beam_pipelines.io.bigtable import WriteCells
+    from beam_pipelines.replay import ReplayStats, order_events, to_message
+
+    events = order_events(fs, raws, ReplayStats())
+    messages = [PubsubMessage(to_message(fs, raw), {"event_time": str(t)}) for t, raw in events]
+    stream = (
+        TestStream()
+        .advance_watermark_to(events[0][0] / 1000.0 - 1)
+        .add_elements(messages)
+        .advance_watermark_to_infinity()
+    )
+    p = beam.Pipeline(options=streaming_options())
+    aggregate.build_pipeline(
+        p, fs, stream, WriteCells(bt.project, bt.instance, table_id, fs.name), beam.Map(print)
+    )
+    result = p.run()
+    result.wait_until_finish()
+    return metric_counters(result)
+
+
+def score_streaming(ps, bt, table_id: str, model_dir, fs: FeatureSet, raws: list[dict], timeout_s: float):
+    """The streaming scorer (its real make_pipeline, no --feature_set: the model's) on the
+    emulators, fed `raws` as messages: (predictions as dicts, the job's counters, its info)."""
+    import json
+
+    from beam_pipelines import score_stream
+    from beam_pipelines.common import metric_counters
+    from beam_pipelines.replay import to_message
+
+    inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
+    inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
+    p, info = score_stream.make_pipeline(
+        [
+            "--streaming", f"--subscription={inp_sub}", f"--output_topic={out}",
+            f"--dead_letter_topic={dead}", f"--bigtable_project={bt.project}",
+            f"--bigtable_instance={bt.instance}", f"--bigtable_table={table_id}",
+            f"--model_dir={model_dir}", f"--project={ps.project}",
+        ]
+    )  # fmt: skip
+    result = p.run()
+    try:
+        publisher = ps.publisher()
+        for future in [publisher.publish(inp, to_message(fs, r)) for r in raws]:
+            future.result(timeout=30)
+        streamed: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(streamed) < len(raws) and time.monotonic() < deadline:
+            streamed += [json.loads(m.data) for m in ps.pull_all(out_sub, expect=1, timeout_s=5)]
+    finally:
+        result.cancel()
+    return streamed, metric_counters(result), info

@@ -6,32 +6,28 @@ D_ref at serving time gives other predictions."""
 from __future__ import annotations
 
 import csv
-import json
-import time
 from dataclasses import replace
 
-import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.gcp.pubsub import PubsubMessage
-from apache_beam.testing.test_stream import TestStream
 
 from beam_pipelines import (
-    aggregate,
     bigtable_setup,
     prepare,
     publish_reference,
     score,
-    score_stream,
 )
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import WriteCells, open_table
+from beam_pipelines.io.bigtable import open_table
 from beam_pipelines.io.online_store import OnlineLookup
-from beam_pipelines.replay import ReplayStats, order_events, to_message
+from beam_pipelines.replay import ReplayStats, order_events
 from models import train
 from models.handler import SkewlessModelHandler, predict, rows_to_feed
-from tests.aggregate_support import streaming_options, typed_events
+from tests.aggregate_support import (
+    score_streaming,
+    typed_events,
+    write_cells_with_the_aggregate_job,
+)
 from tests.flights_data import real_flights, write_csv
 from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 from transforms.validation import ms_to_datetime, to_epoch_ms
@@ -104,45 +100,13 @@ def test_streaming_scoring_with_reference_rows_equals_batch(
         )  # fmt: skip
         assert summary["rows_written"] > 0 and summary["rows_dead_lettered"] == 0
 
-    events = order_events(FLIGHTS_PLUS, raws, ReplayStats())
-    stream = (
-        TestStream()
-        .advance_watermark_to(events[0][0] / 1000.0 - 1)
-        .add_elements(
-            [PubsubMessage(to_message(FLIGHTS_PLUS, r), {"event_time": str(t)}) for t, r in events]
-        )
-        .advance_watermark_to_infinity()
-    )
-    p = beam.Pipeline(options=streaming_options())
-    aggregate.build_pipeline(
-        p,
-        FLIGHTS_PLUS,
-        stream,
-        WriteCells(bt.project, bt.instance, table_id, FLIGHTS_PLUS.name),
-        beam.Map(print),
-    )
-    p.run().wait_until_finish()
-
-    inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
-    inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
-    pipeline, info = score_stream.make_pipeline(
-        ["--streaming", f"--subscription={inp_sub}", f"--output_topic={out}", f"--dead_letter_topic={dead}",
-         *connection, f"--model_dir={tmp_path / 'm'}", f"--project={ps.project}"]
-    )  # fmt: skip
-    assert info["feature_set"] == "flights_plus"
+    write_cells_with_the_aggregate_job(bt, table_id, FLIGHTS_PLUS, raws)
     start = to_epoch_ms(SCORE_START)
-    to_score = [r for t, r in events if t >= start]
-    result = pipeline.run()
-    try:
-        publisher = ps.publisher()
-        for future in [publisher.publish(inp, to_message(FLIGHTS_PLUS, r)) for r in to_score]:
-            future.result(timeout=30)
-        streamed: list = []
-        deadline = time.monotonic() + 240
-        while len(streamed) < len(to_score) and time.monotonic() < deadline:
-            streamed += [json.loads(m.data) for m in ps.pull_all(out_sub, expect=1, timeout_s=5)]
-    finally:
-        result.cancel()
+    to_score = [r for t, r in order_events(FLIGHTS_PLUS, raws, ReplayStats()) if t >= start]
+    streamed, counters, info = score_streaming(
+        ps, bt, table_id, tmp_path / "m", FLIGHTS_PLUS, to_score, 240
+    )
+    assert info["feature_set"] == "flights_plus"
     by_key = {_key(s): s for s in streamed}
     assert len(by_key) == len(streamed) == len(batch)
     expected = {
@@ -155,7 +119,6 @@ def test_streaming_scoring_with_reference_rows_equals_batch(
         rtol=0,
         atol=1e-6,
     )
-    counters = metric_counters(result)
     assert counters["reference_reads"] > 0 and counters["cells_found"] > 0
 
     # The same events through the serving lookup with D_ref = 0 for the weather (an observation

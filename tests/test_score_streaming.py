@@ -17,19 +17,17 @@ import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import aggregate, score, score_stream
+from beam_pipelines import score, score_stream
 from beam_pipelines.bigtable_setup import ensure_table
 from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import WriteCells
+from beam_pipelines.io.online_store import cell_keys
 from beam_pipelines.replay import ReplayStats, order_events, to_message
 from models import train
 from models.handler import SkewlessModelHandler, predict, rows_to_feed
-from tests.aggregate_support import streaming_options
+from tests.aggregate_support import write_cells_with_the_aggregate_job
 from tests.flights_data import write_jsonl
 from tests.test_train import prepared_and_trained
 from transforms.aggregations import attach_aggregates
@@ -69,25 +67,6 @@ def _key(prediction: dict) -> tuple:
 def _raw_key(raw: dict) -> tuple:
     event = RecordValidator(FLIGHTS).validate(dict(raw))
     return (event["carrier"], str(event["flight"]), event["origin"], ms_to_datetime(event["scheduled_departure"]).isoformat())
-
-
-def _write_cells_with_the_aggregate_job(bt, table_id: str, raws: list[dict]) -> None:
-    """The aggregate job's pipeline, fed the flights as Pub/Sub messages by TestStream."""
-    events = order_events(FLIGHTS, raws, ReplayStats())
-    messages = [PubsubMessage(to_message(FLIGHTS, raw), {"event_time": str(t)}) for t, raw in events]
-    stream = (
-        TestStream()
-        .advance_watermark_to(events[0][0] / 1000.0 - 1)
-        .add_elements(messages)
-        .advance_watermark_to_infinity()
-    )
-    p = beam.Pipeline(options=streaming_options())
-    aggregate.build_pipeline(
-        p, FLIGHTS, stream, WriteCells(bt.project, bt.instance, table_id, FLIGHTS.name), beam.Map(print)
-    )
-    result = p.run()
-    result.wait_until_finish()
-    assert metric_counters(result)["cells_written"] > 0
 
 
 def _wait_for(pull, subscription: str, predicate, timeout_s: float) -> list:
@@ -156,7 +135,7 @@ def both_scorers(trained, pubsub_emulator, bigtable_emulator, tmp_path_factory):
 
     table_id = bt.table_name()
     ensure_table(bt.project, bt.instance, table_id, FLIGHTS, 600, RETENTION_S)
-    _write_cells_with_the_aggregate_job(bt, table_id, raws)
+    assert write_cells_with_the_aggregate_job(bt, table_id, FLIGHTS, raws)["cells_written"] > 0
 
     topics = _topics(ps)
     p, info = score_stream.make_pipeline(_scorer_args(ps, bt, table_id, trained["model_dir"], topics))
@@ -298,7 +277,7 @@ def test_one_bigtable_read_and_one_model_call_per_batch_with_the_as_of_cells(tra
     from transforms.aggregations import row_key
 
     events = [e for e in map(RecordValidator(FLIGHTS).validate, _slice(trained)) if e][:25]
-    keys = {k for e in events for k in score_stream.cell_keys(FLIGHTS, e)}
+    keys = {k for e in events for k in cell_keys(FLIGHTS, e)}
     # Distinct values per cell, so an example paired with the wrong row would show.
     cells = {
         row_key(*k): {a.name: float(i * 10 + j) for j, a in enumerate(FLIGHTS.aggregates) if a.key == k.key_name}

@@ -10,24 +10,22 @@ equal the batch ones.
 
 from __future__ import annotations
 
-import json
-import time
-
-import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.gcp.pubsub import PubsubMessage
-from apache_beam.testing.test_stream import TestStream
 
-from beam_pipelines import aggregate, bigtable_setup, prepare, score, score_stream
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import WriteCells, open_table, read_cells
+from beam_pipelines import bigtable_setup, prepare, score
+from beam_pipelines.io.bigtable import open_table, read_cells
 from beam_pipelines.io.files import _read_bytes, read_csv_table
-from beam_pipelines.replay import ReplayStats, order_events, to_message
+from beam_pipelines.replay import ReplayStats, order_events
 from models import report, train
 from models.handler import SkewlessModelHandler, predict, rows_to_feed
-from tests.aggregate_support import batch_cells, streaming_options, typed_events
+from tests.aggregate_support import (
+    batch_cells,
+    score_streaming,
+    typed_events,
+    write_cells_with_the_aggregate_job,
+)
 from tests.brute_force import brute_cells, brute_example
 from tests.flights_data import write_jsonl
 from tests.weather_featureset import WEATHER, weather_path
@@ -51,30 +49,6 @@ def _raws() -> list[dict]:
 
 def _key(prediction: dict) -> tuple:
     return prediction["origin"], to_epoch_ms(prediction["observed"])
-
-
-def _write_cells_with_the_aggregate_job(bt, table_id: str, raws: list[dict]) -> int:
-    events = order_events(WEATHER, raws, ReplayStats())
-    messages = [
-        PubsubMessage(to_message(WEATHER, raw), {"event_time": str(t)}) for t, raw in events
-    ]
-    stream = (
-        TestStream()
-        .advance_watermark_to(events[0][0] / 1000.0 - 1)
-        .add_elements(messages)
-        .advance_watermark_to_infinity()
-    )
-    p = beam.Pipeline(options=streaming_options())
-    aggregate.build_pipeline(
-        p,
-        WEATHER,
-        stream,
-        WriteCells(bt.project, bt.instance, table_id, WEATHER.name),
-        beam.Map(print),
-    )
-    result = p.run()
-    result.wait_until_finish()
-    return metric_counters(result)["cells_written"]
 
 
 @pytest.mark.slow
@@ -141,35 +115,15 @@ def test_a_user_feature_set_runs_through_every_job_and_streaming_equals_batch(
             f"--retention_s={RETENTION_S}",
         ]
     )  # fmt: skip
-    assert _write_cells_with_the_aggregate_job(bt, table_id, raws) > 0
+    assert write_cells_with_the_aggregate_job(bt, table_id, WEATHER, raws)["cells_written"] > 0
     # Cell by cell, the Bigtable cells (lists and maps as JSON) equal the batch backfill and
     # the brute force of the contract.
     events = typed_events(WEATHER, raws)
     stored = read_cells(open_table(bt.project, bt.instance, table_id), WEATHER.name)
     assert stored == batch_cells(WEATHER, events) == brute_cells(WEATHER, events)
 
-    inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
-    inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
-    p, info = score_stream.make_pipeline(
-        [
-            "--streaming", f"--subscription={inp_sub}", f"--output_topic={out}",
-            f"--dead_letter_topic={dead}", f"--bigtable_project={bt.project}",
-            f"--bigtable_instance={bt.instance}", f"--bigtable_table={table_id}",
-            f"--model_dir={models}", f"--project={ps.project}",
-        ]
-    )  # fmt: skip
     to_score = [r for t, r in order_events(WEATHER, raws, ReplayStats()) if start <= t < end]
-    result = p.run()
-    try:
-        publisher = ps.publisher()
-        for future in [publisher.publish(inp, to_message(WEATHER, r)) for r in to_score]:
-            future.result(timeout=30)
-        streamed: list = []
-        deadline = time.monotonic() + 180
-        while len(streamed) < len(to_score) and time.monotonic() < deadline:
-            streamed += [json.loads(m.data) for m in ps.pull_all(out_sub, expect=1, timeout_s=5)]
-    finally:
-        result.cancel()
+    streamed, counters, info = score_streaming(ps, bt, table_id, models, WEATHER, to_score, 180)
     assert info["feature_set"] == "weather"
     by_key = {_key(s): s for s in streamed}
     assert len(by_key) == len(streamed) == len(batch)
@@ -180,4 +134,4 @@ def test_a_user_feature_set_runs_through_every_job_and_streaming_equals_batch(
         rtol=0,
         atol=1e-6,
     )
-    assert metric_counters(result)["cells_found"] > 0
+    assert counters["cells_found"] > 0
