@@ -154,3 +154,36 @@ class SourceOptions(PipelineOptions):
             help="NAME=PATH: read the feature set's reference table NAME from this file (CSV, "
             "Parquet or JSON lines, local or gs://) instead of its default_input; repeatable.",
         )
+
+
+DEFAULT_SERVING_LOG_SAMPLE = 0.01
+DEFAULT_SERVING_LOG_WINDOW_S = 60
+
+
+class ServingLogOptions(PipelineOptions):
+    """The serving log of streaming scoring: score --streaming writes it, audit (and validate)
+    read it. Format and sampling: transforms/consistency.py and the README."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--serving_log",
+            help="Serving log files (JSON lines, local or gs://): score --streaming writes the "
+            "sampled scored events under this prefix; audit and validate read them (a prefix, "
+            "directory or glob).",
+        )
+        parser.add_argument(
+            "--serving_log_sample",
+            type=float,
+            default=DEFAULT_SERVING_LOG_SAMPLE,
+            help="Fraction of example keys logged, by a stable hash of the example key (a re-run "
+            "logs the same keys; resolution 1/10,000; 1.0 logs every event). audit: the "
+            "fraction the scorer used, to find batch examples missing from the log.",
+        )
+        parser.add_argument(
+            "--serving_log_window_s",
+            type=int,
+            default=DEFAULT_SERVING_LOG_WINDOW_S,
+            help="score --streaming: one set of serving log files per this many seconds of "
+            "scoring (processing time).",
+        )

@@ -19,6 +19,13 @@ from transforms.validation import to_epoch_ms
 HASH_BUCKETS = 10_000
 
 
+def key_bucket(key: tuple) -> int:
+    """The stable hash bucket (0 .. HASH_BUCKETS - 1) of an example key: crc32 of its repr, so
+    the same key gets the same bucket in every run and process (the hashed split, the serving
+    log's sample)."""
+    return zlib.crc32(repr(key).encode()) % HASH_BUCKETS
+
+
 @dataclass(frozen=True)
 class Split:
     """A deterministic train/eval split: by event time, or by a stable hash of the example key."""
@@ -56,13 +63,8 @@ class Split:
             return pc.greater_equal(times, self.eval_start_ms)
         cols = [batch.column(k).to_pylist() for k in self.key_fields]
         threshold = int(self.eval_fraction * HASH_BUCKETS)
-        # crc32 of the key: the same example lands in the same split in every run and process.
         return pa.array(
-            [
-                zlib.crc32(repr(key).encode()) % HASH_BUCKETS < threshold
-                for key in zip(*cols, strict=True)
-            ],
-            type=pa.bool_(),
+            [key_bucket(key) < threshold for key in zip(*cols, strict=True)], type=pa.bool_()
         )
 
     def describe(self) -> dict:
