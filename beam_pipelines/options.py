@@ -187,15 +187,3 @@ class ServingLogOptions(PipelineOptions):
             help="score --streaming: one set of serving log files per this many seconds of "
             "scoring (processing time).",
         )
-
-
-class OutputDirOptions(PipelineOptions):
-    """--output_dir of the batch jobs that write a directory of outputs (prepare, validate)."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--output_dir",
-            help="Local or gs:// directory for every output (required); each job's description "
-            "lists what it writes there.",
-        )
