@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import (
     PipelineOptions,
 )
 from apache_beam.pvalue import TaggedOutput
+from tensorflow_metadata.proto.v0 import schema_pb2
 
 from beam_pipelines.common import (
     before_run,
@@ -35,6 +36,13 @@ from beam_pipelines.io.sources import (
     read_source,
     reference_sources,
 )
+from beam_pipelines.io.statistics_io import (
+    WriteSchema,
+    WriteStatistics,
+    read_schema,
+    schema_path,
+    statistics_path,
+)
 from beam_pipelines.options import FeatureSetOptions, SourceOptions, feature_set_spec
 from transforms.example_schema import (
     features_arrow_schema,
@@ -44,15 +52,19 @@ from transforms.example_schema import (
 from transforms.examples import BuildExamples
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.split import Split
+from transforms.statistics import ComputeStatistics, infer_schema
 from transforms.validation import ValidateRecords
 
 LOG = logging.getLogger("skewless.prepare")
 DESCRIPTION = (
     "Batch job: read raw events (files or BigQuery), validate them, compute point-in-time-correct "
     "windowed aggregates, analyze and apply the tf.Transform preprocessing_fn, and write "
-    "features/ (Parquet), train/ and eval/ (gzip TFRecords), transform/, dead_letters/ and "
-    "summary.json under --output_dir."
+    "features/ (Parquet), train/ and eval/ (gzip TFRecords), transform/, statistics/ (of the "
+    "train and eval examples), schema/, dead_letters/ and summary.json under --output_dir."
 )
+# Benchmarks only (bench/prepare_statistics.py): SKEWLESS_NO_STATISTICS=1 leaves out the
+# statistics and the inferred schema, to measure what they cost.
+NO_STATISTICS_ENV = "SKEWLESS_NO_STATISTICS"
 
 
 class PrepareOptions(PipelineOptions):
@@ -75,6 +87,11 @@ class PrepareOptions(PipelineOptions):
             help="Hashed split: this fraction of examples (by a stable hash of the example key) "
             "goes to eval/. Overrides the time split.",
         )
+        parser.add_argument(
+            "--schema",
+            help="A schema.pbtxt to keep (for example one from an earlier run, edited): copied to "
+            "schema/schema.pbtxt instead of inferring a schema from the train statistics.",
+        )
 
 
 class ToTFTBatches(beam.PTransform):
@@ -93,8 +110,10 @@ class ToTFTBatches(beam.PTransform):
         fs = self.fs
         return (
             pcoll
-            | "Group" >> beam.BatchElements(min_batch_size=self.batches, max_batch_size=self.batches)
-            | "Concat" >> beam.Map(lambda bs: pa.Table.from_batches(bs).combine_chunks().to_batches()[0])
+            | "Group"
+            >> beam.BatchElements(min_batch_size=self.batches, max_batch_size=self.batches)
+            | "Concat"
+            >> beam.Map(lambda bs: pa.Table.from_batches(bs).combine_chunks().to_batches()[0])
             | "ToListColumns" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
         )
 
@@ -122,9 +141,14 @@ def build_pipeline(
     split: Split,
     temp_dir: str,
     references: dict[str, beam.PTransform] | None = None,
+    schema: schema_pb2.Schema | None = None,
+    statistics: bool = True,
 ) -> None:
     """Wire the prepare job. `source` yields raw elements, `references` ({table name: source})
-    the rows of the feature set's reference tables; every output lands under output_dir."""
+    the rows of the feature set's reference tables; every output lands under output_dir.
+
+    `schema` is written as the run's schema instead of one inferred from the train statistics;
+    `statistics=False` (benchmarks only) leaves the statistics and the inferred schema out."""
     raw = p | "Read" >> source
     events, dead = raw | "Validate" >> ValidateRecords(fs)
     indexes = None
@@ -140,6 +164,22 @@ def build_pipeline(
     splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, split)).with_outputs(
         "eval", main="train"
     )
+    if statistics:
+        train_stats = splits.train | "TrainStatistics" >> ComputeStatistics("train")
+        eval_stats = splits.eval | "EvalStatistics" >> ComputeStatistics("eval")
+        _ = (
+            (train_stats, eval_stats)
+            | "BothStatistics" >> beam.Flatten()
+            | "WriteStatistics" >> WriteStatistics(statistics_path(output_dir), ("train", "eval"))
+        )
+    if schema is not None:
+        schemas = p | "GivenSchema" >> beam.Create([schema])
+    elif statistics:
+        schemas = train_stats | "InferSchema" >> beam.Map(infer_schema)
+    else:
+        schemas = None
+    if schemas is not None:
+        _ = schemas | "WriteSchema" >> WriteSchema(schema_path(output_dir))
     adapter = tft_tensor_adapter_config(fs)
     with tft_beam.Context(temp_dir=temp_dir):
         train = splits.train | "TrainToTFT" >> ToTFTBatches(fs)
@@ -216,10 +256,12 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         input_desc = describe_source(options, fs)
         references = reference_sources(options, fs)
         check_output_dir(opts.output_dir, "--output_dir")
+        schema = read_schema(opts.schema) if opts.schema else None
+    statistics = os.environ.get(NO_STATISTICS_ENV, "") in ("", "0")
     temp_dir = os.path.join(opts.output_dir, "tmp")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
-    build_pipeline(p, fs, opts.output_dir, source, split, temp_dir, references)
+    build_pipeline(p, fs, opts.output_dir, source, split, temp_dir, references, schema, statistics)
     result = p.run()
     result.wait_until_finish()
     if is_dry_run(options):
@@ -227,7 +269,10 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         return None
     counters = metric_counters(result)
     reference_desc = (
-        {"references": reference_counts(fs, counters), "reference_inputs": describe_references(options, fs)}
+        {
+            "references": reference_counts(fs, counters),
+            "reference_inputs": describe_references(options, fs),
+        }
         if fs.references
         else {}
     )
@@ -237,6 +282,9 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         feature_set=fs.name,
         feature_set_spec=feature_set,
         split=split.describe(),
+        statistics=statistics_path(opts.output_dir) if statistics else None,
+        schema=schema_path(opts.output_dir) if statistics or schema else None,
+        schema_source=opts.schema or ("inferred" if statistics else None),
         elapsed_seconds=round(time.monotonic() - started, 2),
         versions=library_versions(),
         **input_desc,

@@ -71,7 +71,7 @@ SAMPLES = {
     ),
 }
 SAMPLE_OF = {
-    "input": "gs", "output_dir": "gs", "output": "gs", "dead_letter_dir": "gs", "model_dir": "gs",
+    "input": "gs", "schema": "gs", "output_dir": "gs", "output": "gs", "dead_letter_dir": "gs", "model_dir": "gs",
     "eval_start": "instant", "start": "instant", "end": "instant", "bigtable_project": "bigquery_project",
     "model_version": "positive", "min_batch_size": "positive", "max_batch_size": "positive",
     "output_table": "bigquery_table", "output_topic": "topic", "dead_letter_topic": "topic",
