@@ -7,6 +7,7 @@ import functools
 from dataclasses import replace
 
 import apache_beam as beam
+import pyarrow as pa
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -14,13 +15,16 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_pipelines.io.files import _read_bytes, read_csv_table
 from tests.aggregate_support import typed_events
 from tests.flights_data import real_flights
+from transforms.example_schema import example_fields_record_batch
 from transforms.examples import BuildExamples
 from transforms.featureset import FeatureSetError, ReferenceTable
 from transforms.flights import DEST_AIRPORTS, FLIGHTS, PLANES, REFERENCE_TABLES, WEATHER_AT_ORIGIN
 from transforms.reference import (
     DEAD,
     BuildReferenceIndex,
+    ReferenceIndex,
     _BuildIndex,
+    join_reference_columns,
     join_references,
     rows_feature_set,
 )
@@ -44,7 +48,7 @@ def table_rows(table: ReferenceTable) -> tuple[dict, ...]:
 
 
 def index_of(table: ReferenceTable, rows) -> dict:
-    (index,) = [x for x in _BuildIndex(table).process(list(rows)) if isinstance(x, dict)]
+    (index,) = [x for x in _BuildIndex(table).process(list(rows)) if isinstance(x, ReferenceIndex)]
     return index
 
 
@@ -78,14 +82,49 @@ def indexes():
     return {t.name: index_of(t, table_rows(t)) for t in REFERENCE_TABLES}
 
 
-def test_the_join_equals_a_brute_force_on_real_flights(flights, indexes):
+@functools.cache
+def keyed_rows(table: ReferenceTable) -> dict:
+    """The table's rows by key, for the brute force (a scan of one key's rows)."""
+    by_key: dict = {}
+    for row in table_rows(table):
+        by_key.setdefault(row[table.table_key], []).append(row)
+    return by_key
+
+
+class Counter:
+    def __init__(self, counted: dict, name: str):
+        self.counted, self.name = counted, name
+
+    def inc(self, n=1):
+        self.counted[self.name] = self.counted.get(self.name, 0) + n
+
+
+def test_both_joins_equal_a_brute_force_on_real_flights(flights, indexes):
+    """The per-event join (streaming scoring) and the columnar batch join (prepare, batch
+    score, a whole block of examples at once) against the rule's words, the edges included:
+    departures exactly on the hour and 1 ms before it, tailnums without a plane."""
+    shifted = [
+        {**e, "event_time": e["event_time"] - 1} for e in flights if e["event_time"] % HOUR_MS == 0
+    ]
+    assert shifted
+    events = [*flights, *shifted]
     ordered = [indexes[t.name] for t in FS.references]
-    for event in flights:
+    fields = [FS.fields_by_name[n] for n in ("event_time", "origin", "tailnum", "dest")]
+    table = pa.Table.from_batches([example_fields_record_batch(FS, events, fields)])
+    counted: dict = {}
+    missing = {t.name: Counter(counted, t.name) for t in FS.references}
+    columnar = join_reference_columns(FS, table, ordered, missing).to_pylist()
+    expected_missing: dict = {}
+    for event, row in zip(events, columnar, strict=True):
         joined = join_references(FS, event, ordered)
-        expected = {}
-        for table in FS.references:
-            expected.update(brute_join(event, table, table_rows(table)))
-        assert {k: joined[k] for k in expected} == expected, event["event_time"]
+        for t in FS.references:
+            expected = brute_join(event, t, keyed_rows(t).get(event[t.key], ()))
+            assert {k: joined[k] for k in expected} == expected, (t.name, event["event_time"])
+            assert {k: row[k] for k in expected} == expected, (t.name, event["event_time"])
+            absent = all(v is None for v in expected.values())
+            expected_missing[t.name] = expected_missing.get(t.name, 0) + absent
+    assert counted == {k: v for k, v in expected_missing.items() if v}
+    assert counted[PLANES.name] > 0
 
 
 def test_the_edges_of_the_rule_are_in_the_sample_and_hold(flights, indexes):
@@ -143,6 +182,14 @@ def test_no_leakage_rows_usable_only_after_t_change_nothing_up_to_t(flights):
     assert all(join_references(FS, e, plain) == join_references(FS, e, poisoned) for e in early)
     late = [e for e in flights if e["event_time"] > cut + HOUR_MS]
     assert any(join_references(FS, e, poisoned)["origin_weather_temp"] == -99.0 for e in late)
+    # The columnar batch join, on the whole sample at once: the same.
+    fields = [FS.fields_by_name[n] for n in ("event_time", "origin", "tailnum", "dest")]
+    table = pa.Table.from_batches([example_fields_record_batch(FS, flights, fields)])
+    before = table.column("event_time").cast(pa.int64()).to_numpy() <= cut
+    a, b = (join_reference_columns(FS, table, i).filter(before) for i in (plain, poisoned))
+    assert a.num_rows == len(early) and a.equals(b)
+    c = join_reference_columns(FS, table, poisoned).filter(~before)
+    assert -99.0 in c.column("origin_weather_temp").to_pylist()
 
 
 def test_duplicate_rows_are_dead_letters_and_the_join_runs_in_the_pipeline(flights):

@@ -23,6 +23,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
@@ -40,6 +41,7 @@ from transforms.partials import (
     merge_buckets,
     new_slot,
 )
+from transforms.reference import join_reference_columns, reference_keys
 from transforms.tiles import Cell, TiledAggregates
 
 BATCH_BLOCK_S = 86_400
@@ -274,6 +276,7 @@ class _ExamplesToBlockBatches(beam.DoFn):
         self.fs = fs
         self.block_ms = block_ms
         self.max_buffered = max_buffered
+        self.fields = block_fields(fs)
 
     def start_bundle(self) -> None:
         self._buffer: dict[int, list[dict]] = {}
@@ -295,11 +298,22 @@ class _ExamplesToBlockBatches(beam.DoFn):
     def _flush(self) -> Iterator[tuple[int, object]]:
         buffer, self._buffer, self._buffered = self._buffer, {}, 0
         for block_end, rows in buffer.items():
-            yield block_end, example_fields_record_batch(self.fs, rows)
+            yield block_end, example_fields_record_batch(self.fs, rows, self.fields)
+
+
+def block_fields(fs: FeatureSet) -> tuple:
+    """The fields an example carries to its block: its example fields but the reference
+    columns (joined in the block, after the shuffle), plus the reference tables' keys."""
+    joined = {c.name for t in fs.references for c in t.columns}
+    fields = [f for f in fs.example_fields if f.name not in joined]
+    have = {f.name for f in fields}
+    by_name = fs.fields_by_name
+    return (*fields, *(by_name[k] for k in reference_keys(fs) if k not in have))
 
 
 class _JoinBlock(beam.DoFn):
-    """One block: its examples (RecordBatches) + every entity's AggregateBlock -> a flat batch."""
+    """One block: its examples (RecordBatches) + every entity's AggregateBlock (+ the reference
+    tables' indexes, side inputs) -> a flat batch."""
 
     def __init__(self, fs: FeatureSet):
         self.fs = fs
@@ -307,14 +321,20 @@ class _JoinBlock(beam.DoFn):
     def setup(self) -> None:
         self._examples = Metrics.counter(NAMESPACE, "examples_joined")
         self._specs = key_specs(self.fs)
+        self._missing = {
+            t.name: Metrics.counter(NAMESPACE, f"reference_{t.name}_missing")
+            for t in self.fs.references
+        }
 
-    def process(self, element: tuple) -> Iterator:
+    def process(self, element: tuple, *indexes) -> Iterator:
         _, grouped = element
         batches = [b for b in grouped["examples"] if b.num_rows]
         if not batches:
             return
         fs = self.fs
         table = pa.Table.from_batches(batches)
+        if fs.references:
+            table = join_reference_columns(fs, table, indexes, self._missing)
         blocks = {(b.key_name, b.key_value): b for b in grouped["aggregates"]}
         times = table.column(fs.event_time).cast(pa.int64()).to_numpy()
         window_ends = (
@@ -348,15 +368,19 @@ class AsOfJoin(beam.PTransform):
     and the cells they can need; no example ever sees a window ending after W <= t - D.
     """
 
-    def __init__(self, fs: FeatureSet, *, block_s: int | None = None):
+    def __init__(
+        self, fs: FeatureSet, *, block_s: int | None = None, references: dict | None = None
+    ):
         super().__init__()
         period_s = fs.aggregates[0].period_s
         self.fs = fs
+        self.references = references or {}
         block_s = block_s or max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
         self.block_ms = block_s * 1000
 
     def expand(self, inputs):
         examples, blocks = inputs
+        sides = [AsSingleton(self.references[t.name]) for t in self.fs.references]
         keyed_examples = examples | "ExamplesByBlock" >> beam.ParDo(
             _ExamplesToBlockBatches(self.fs, self.block_ms)
         )
@@ -368,5 +392,5 @@ class AsOfJoin(beam.PTransform):
         return (
             {"examples": keyed_examples, "aggregates": keyed_blocks}
             | "GroupByBlock" >> beam.CoGroupByKey()
-            | "Attach" >> beam.ParDo(_JoinBlock(self.fs))
+            | "Attach" >> beam.ParDo(_JoinBlock(self.fs), *sides)
         )

@@ -73,11 +73,17 @@ def features_arrow_schema(fs: FeatureSet) -> pa.Schema:
     )
 
 
-def example_fields_record_batch(fs: FeatureSet, examples: Sequence[dict]) -> pa.RecordBatch:
-    """Example dicts -> RecordBatch of the declared example fields only (no aggregates yet)."""
-    schema = pa.schema(
-        [pa.field(c.name, _ARROW[c.type], nullable=c.nullable) for c in fs.example_fields]
-    )
+def arrow_schema(fields: Sequence) -> pa.Schema:
+    """Arrow schema of scalar fields (Field or Column)."""
+    return pa.schema([pa.field(f.name, _ARROW[f.type], nullable=f.nullable) for f in fields])
+
+
+def example_fields_record_batch(
+    fs: FeatureSet, examples: Sequence[dict], fields: Sequence | None = None
+) -> pa.RecordBatch:
+    """Example dicts -> RecordBatch of the declared example fields only (no aggregates yet);
+    `fields`: these fields instead."""
+    schema = arrow_schema(fs.example_fields if fields is None else fields)
     return pa.RecordBatch.from_pylist(list(examples), schema=schema)
 
 

@@ -6,7 +6,6 @@ import apache_beam as beam
 
 from transforms.aggregations import AsOfJoin, ComputeAggregates
 from transforms.featureset import FeatureSet
-from transforms.reference import JoinReferences
 
 
 class BuildExamples(beam.PTransform):
@@ -18,16 +17,18 @@ class BuildExamples(beam.PTransform):
     Training needs a label (`require_label=True`, events without one are not examples);
     scoring does not: every event is scored. A feature set with reference tables needs
     `references` ({table name: its BuildReferenceIndex output}): their columns are joined as
-    of each event (reference.py).
+    of each event, columnar, in the block after the shuffle (reference.py).
     """
 
     def __init__(
         self, fs: FeatureSet, *, require_label: bool = True, references: dict | None = None
     ):
         super().__init__()
-        if fs.references and references is None:
+        missing = [t.name for t in fs.references if t.name not in (references or {})]
+        if missing:
             raise ValueError(
-                f"feature set {fs.name!r} declares reference tables: give their indexes"
+                f"feature set {fs.name!r} declares reference tables: give their indexes "
+                f"(no rows given for {missing})"
             )
         self.fs = fs
         self.require_label = require_label
@@ -40,6 +41,4 @@ class BuildExamples(beam.PTransform):
         if self.require_label:
             label = fs.label
             examples = events | "Examples" >> beam.Filter(lambda e: e.get(label) is not None)
-        if fs.references:
-            examples = examples | "JoinReferences" >> JoinReferences(fs, self.references)
-        return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs)
+        return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs, references=self.references)

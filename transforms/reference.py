@@ -21,9 +21,13 @@ import functools
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import AsSingleton, TaggedOutput
+from apache_beam.pvalue import TaggedOutput
 
+from transforms.example_schema import arrow_schema
 from transforms.featureset import FeatureSet, Field, ReferenceTable
 from transforms.partials import NAMESPACE, entity_value
 from transforms.validation import dead_letter
@@ -83,9 +87,60 @@ def duplicate_letter(table: ReferenceTable, key: str, valid_from: int, row: dict
     return dead_letter("reference", reason, row, f"reference:{table.name}")
 
 
+class ReferenceIndex:
+    """One table's rows for the batch join: the rows sorted by (key, validity time), the first
+    row of each key, and their validity times (0 for a static table).
+
+    `rows_as_of` is the rule vectorised over a batch of examples; `get` gives one key's
+    (times, rows) for `row_as_of`, the per-event form streaming scoring uses.
+    """
+
+    def __init__(self, keys: list[str], starts: list[int], times: np.ndarray, rows: pa.Table):
+        self.ordinal = {key: i for i, key in enumerate(keys)}  # keys in sorted order
+        self.starts = np.array([*starts, len(times)], dtype=np.int64)
+        self.times = times
+        self.rows = rows
+        # One sorted array over (key, time): key ordinal * stride + the time's rank among the
+        # distinct validity times (1-based), so one binary search answers every example.
+        self.distinct = np.unique(times)
+        self.stride = len(self.distinct) + 1
+        key_of_row = np.repeat(np.arange(len(keys), dtype=np.int64), np.diff(self.starts))
+        ranks = np.searchsorted(self.distinct, times) + 1
+        self.sorted_keys = key_of_row * self.stride + ranks
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    def get(self, key: str | None) -> tuple[list, list] | None:
+        i = self.ordinal.get(key)
+        if i is None:
+            return None
+        start, stop = int(self.starts[i]), int(self.starts[i + 1])
+        rows = self.rows.slice(start, stop - start).to_pylist()
+        return self.times[start:stop].tolist(), [tuple(r.values()) for r in rows]
+
+    def rows_as_of(self, keys: pa.Array, t: np.ndarray, delay_ms: int) -> np.ndarray:
+        """Per example, the number of the row valid at t - D_ref, or -1 (no key, no row): the
+        rule of `row_as_of`, as one binary search of (key, rank of t - D_ref) for all."""
+        if not len(keys):
+            return np.full(0, -1, dtype=np.int64)
+        encoded = pc.dictionary_encode(keys)
+        ordinals = np.array(
+            [self.ordinal.get(entity_value(k), -1) for k in encoded.dictionary.to_pylist()]
+            + [-1],  # a null key
+            dtype=np.int64,
+        )
+        codes = encoded.indices.fill_null(len(ordinals) - 1).to_numpy(zero_copy_only=False)
+        key = ordinals[codes]
+        rank = np.searchsorted(self.distinct, t - delay_ms, side="right")
+        found = np.searchsorted(self.sorted_keys, key * self.stride + rank, side="right") - 1
+        usable = (key >= 0) & (found >= self.starts[np.maximum(key, 0)])
+        return np.where(usable, found, -1)
+
+
 class _BuildIndex(beam.DoFn):
-    """All typed rows of a table (one list) -> the index {key: (times, rows)}; a second row for
-    the same key and validity time -> dead letter (the first by value order is kept)."""
+    """All typed rows of a table (one list) -> its ReferenceIndex; a second row for the same
+    key and validity time -> dead letter (the first by value order is kept)."""
 
     def __init__(self, table: ReferenceTable):
         self.table = table
@@ -93,8 +148,7 @@ class _BuildIndex(beam.DoFn):
     def process(self, rows: list[dict]) -> Iterator:
         table = self.table
         time_field = table.valid_from or STATIC_VALID_FROM
-        names = [f.name for f in table.fields]
-        by_key: dict[str, dict[int, tuple]] = {}
+        by_key: dict[str, dict[int, dict]] = {}
         for row in sorted(rows, key=lambda r: duplicate_order(table, r)):
             key = entity_value(row[table.table_key])
             versions = by_key.setdefault(key, {})
@@ -102,19 +156,25 @@ class _BuildIndex(beam.DoFn):
             if valid_from in versions:
                 yield TaggedOutput(DEAD, duplicate_letter(table, key, valid_from, row))
                 continue
-            versions[valid_from] = tuple(row[n] for n in names)
-        index = {}
-        for key, versions in by_key.items():
-            times = sorted(versions)
-            index[key] = (times, [versions[t] for t in times])
-        Metrics.counter(NAMESPACE, f"reference_{table.name}_rows").inc(
-            sum(len(v) for v in by_key.values())
-        )
-        yield index
+            versions[valid_from] = row
+        keys, starts, times, ordered = sorted(by_key), [], [], []
+        for key in keys:
+            versions = by_key[key]
+            starts.append(len(times))
+            for valid_from in sorted(versions):
+                times.append(valid_from)
+                ordered.append(versions[valid_from])
+        columns = {
+            column.name: [row[f.name] for row in ordered]
+            for column, f in zip(table.columns, table.fields, strict=True)
+        }
+        rows_table = pa.Table.from_pydict(columns, schema=arrow_schema(table.columns))
+        Metrics.counter(NAMESPACE, f"reference_{table.name}_rows").inc(len(times))
+        yield ReferenceIndex(keys, starts, np.array(times, dtype=np.int64), rows_table)
 
 
 class BuildReferenceIndex(beam.PTransform):
-    """Typed table rows -> (a one-element PCollection: the index, duplicate dead letters)."""
+    """Typed table rows -> (a one-element PCollection: the ReferenceIndex, duplicate letters)."""
 
     def __init__(self, table: ReferenceTable):
         super().__init__()
@@ -129,23 +189,37 @@ class BuildReferenceIndex(beam.PTransform):
         return results["index"], results[DEAD]
 
 
-class _Join(beam.DoFn):
-    def __init__(self, fs: FeatureSet):
-        self.fs = fs
+def join_reference_columns(
+    fs: FeatureSet, examples: pa.Table, indexes: Iterable[ReferenceIndex], missing=None
+) -> pa.Table:
+    """Example table -> the same with every reference table's columns as of each example's
+    event time (nulls where no row applies; `missing[name].inc(n)` counts them): the batch
+    join, columnar (one `take` per table)."""
+    t = examples.column(fs.event_time).cast(pa.int64()).to_numpy()
+    for table, index in zip(fs.references, indexes, strict=True):
+        found = index.rows_as_of(
+            examples.column(table.key).combine_chunks(), t, table.availability_delay_ms
+        )
+        absent = found < 0
+        if missing is not None and absent.any():
+            missing[table.name].inc(int(absent.sum()))
+        joined = index.rows.take(pa.array(found, mask=absent))
+        for column in table.columns:
+            examples = examples.append_column(
+                joined.schema.field(column.name), joined.column(column.name)
+            )
+    return examples
 
-    def setup(self) -> None:
-        self._missing = {
-            t.name: Metrics.counter(NAMESPACE, f"reference_{t.name}_missing")
-            for t in self.fs.references
-        }
 
-    def process(self, event: dict, *indexes: dict) -> Iterator[dict]:
-        yield join_references(self.fs, event, indexes, self._missing)
+def reference_keys(fs: FeatureSet) -> tuple[str, ...]:
+    """Fields the batch join reads from an example: each table's key."""
+    return tuple(dict.fromkeys(t.key for t in fs.references))
 
 
-def join_references(fs: FeatureSet, event: dict, indexes: Iterable[dict], missing=None) -> dict:
+def join_references(fs: FeatureSet, event: dict, indexes: Iterable, missing=None) -> dict:
     """`event` with the columns of every reference table as of its event time (nulls where no
-    row applies; `missing[name].inc()` counts them)."""
+    row applies; `missing[name].inc()` counts them): the per-event join of streaming scoring.
+    `indexes`: per table, {key: (times, rows)} (or a ReferenceIndex)."""
     out = dict(event)
     t = event[fs.event_time]
     for table, index in zip(fs.references, indexes, strict=True):
@@ -160,25 +234,6 @@ def join_references(fs: FeatureSet, event: dict, indexes: Iterable[dict], missin
             for column, value in zip(table.columns, row, strict=True):
                 out[column.name] = value
     return out
-
-
-class JoinReferences(beam.PTransform):
-    """Events -> events with every reference table's columns as of the event time.
-
-    `indexes`: {table name: the one-element PCollection of BuildReferenceIndex}.
-    """
-
-    def __init__(self, fs: FeatureSet, indexes: dict):
-        super().__init__()
-        missing = [t.name for t in fs.references if t.name not in indexes]
-        if missing:
-            raise ValueError(f"no rows given for reference table(s) {missing}")
-        self.fs = fs
-        self.indexes = indexes
-
-    def expand(self, events):
-        sides = [AsSingleton(self.indexes[t.name]) for t in self.fs.references]
-        return events | "Join" >> beam.ParDo(_Join(self.fs), *sides)
 
 
 # --- the online store layout (Bigtable), shared by publish-reference and streaming scoring ---
