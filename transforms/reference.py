@@ -7,9 +7,11 @@ one rule batch and serving share (`row_as_of`).
 
 Batch: the table's rows are validated like events (the table is read as a feature set of its
 own, `rows_feature_set`, so files, BigQuery, dead letters and counters work unchanged), then
-gathered into one index per table (key -> validity times and rows, sorted; duplicates go to
-dead letters), which every worker gets as a side input. Each event then costs one dict lookup
-and one binary search per table: linear in events + table rows, no shuffle of the events.
+gathered into one index per table (`ReferenceIndex`: rows sorted by key and validity time, as
+Arrow columns; duplicates go to dead letters), which every worker gets as a side input of the
+as-of join's block step (aggregations._JoinBlock): the examples of a block are joined at once
+after the shuffle (`join_reference_columns`: one vectorised binary search and one Arrow take per
+table), linear in events + table rows, no shuffle of the table.
 Tables are small next to events (the bundled ones: 26,115, 3,322 and 1,458 rows); a table too
 large for worker memory would need a keyed join instead.
 """
