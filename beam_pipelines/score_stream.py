@@ -36,6 +36,7 @@ from beam_pipelines.io.bigtable import (
 )
 from beam_pipelines.io.online_store import OnlineLookup
 from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, WriteDeadLetters
+from beam_pipelines.io.serving_log import WriteServingLog
 from beam_pipelines.local_runner import (
     LOCAL_STREAMING_RUNNER,
     LOCAL_STREAMING_RUNNERS,
@@ -44,17 +45,21 @@ from beam_pipelines.local_runner import (
 from beam_pipelines.options import (
     FeatureSetOptions,
     ModelOptions,
+    ServingLogOptions,
     SubscriptionOptions,
     TableCheckOptions,
 )
 from beam_pipelines.scoring import (
     MODEL_ERRORS,
+    MODEL_VERSION,
+    PROBABILITY,
     ScoreWithModel,
     ToPredictionDict,
     load_model,
 )
 from models.handler import SkewlessModelHandler
 from models.watch import WatchingModelHandler
+from transforms.consistency import example_key, is_sampled, sample_threshold, serving_log_record
 from transforms.featureset import FeatureSet
 from transforms.validation import NAMESPACE, ValidateRecords
 
@@ -68,7 +73,9 @@ DESCRIPTION = (
     "version under --model_dir (a newly published version is picked up without a restart; "
     "--model_version pins one) and publish one JSON prediction per event to --output_topic. "
     "Bad messages and failed inferences go to --dead_letter_topic with their stage and reason. "
-    "The feature set is the one recorded with the model version."
+    "The feature set is the one recorded with the model version. With --serving_log, a "
+    "sample of the scored events (--serving_log_sample, by a stable hash of the example key) "
+    "is logged with its served features and prediction as JSON lines, for `skewless audit`."
 )
 
 
@@ -97,6 +104,7 @@ GROUPS = (
     TableCheckOptions,
     BigtableOptions,
     FeatureSetOptions,
+    ServingLogOptions,
 )
 # The batch scorer's flags: given with --streaming they would be silently ignored.
 BATCH_ONLY_FLAGS = ("output", "output_table", "output_format", "output_method", "start", "end", "dead_letter_dir")
@@ -213,15 +221,58 @@ class _Payloads(beam.DoFn):
         yield message.data
 
 
+SERVING_LOG = "serving_log"  # the tag, and the key a sampled prediction carries its record in
+
+
+class ToLoggedPredictionDict(ToPredictionDict):
+    """ToPredictionDict that also carries, for an example in the serving log's sample, its log
+    record (served features, model version, prediction) under SERVING_LOG; SplitServingLog
+    takes it off. Built inside RunInference, where the example and its prediction meet."""
+
+    def __init__(self, fs: FeatureSet, sample: float):
+        super().__init__(fs)
+        self.fs = fs
+        self.sample = sample
+
+    def __call__(self, result) -> dict:
+        out = super().__call__(result)
+        example = result.example
+        if is_sampled(example_key(self.fs, example), self.sample):
+            out[SERVING_LOG] = serving_log_record(
+                self.fs, example, out[PROBABILITY], out[MODEL_VERSION]
+            )
+        return out
+
+
+class SplitServingLog(beam.DoFn):
+    """Prediction dicts -> the predictions (main) and the serving log records (SERVING_LOG)."""
+
+    def setup(self) -> None:
+        self._logged = Metrics.counter(NAMESPACE, "serving_log_events")
+
+    def process(self, prediction: dict) -> Iterator:
+        record = prediction.pop(SERVING_LOG, None)
+        if record is not None:
+            self._logged.inc()
+            yield beam.pvalue.TaggedOutput(SERVING_LOG, record)
+        yield prediction
+
+
 class ScoreEvents(ScoreWithModel):
     """Batches (lists) of examples, timestamps as epoch ms -> (prediction dicts, dead letters).
 
     RunInference gets the batches as they are (`with_no_batching`): one model call per batch.
     A batch whose inference fails is dead-lettered example by example (beam_pipelines.scoring).
+    With `log_sample`, the predictions of sampled examples carry their serving log record.
     """
 
-    def __init__(self, fs: FeatureSet, handler: SkewlessModelHandler):
-        super().__init__(handler, ToPredictionDict(fs), prebatched=True)
+    def __init__(
+        self, fs: FeatureSet, handler: SkewlessModelHandler, log_sample: float | None = None
+    ):
+        postprocess = (
+            ToPredictionDict(fs) if log_sample is None else ToLoggedPredictionDict(fs, log_sample)
+        )
+        super().__init__(handler, postprocess, prebatched=True)
         self.fs = fs
 
 
@@ -265,14 +316,22 @@ def build_pipeline(
     lookup: beam.PTransform,
     sink: beam.PTransform,
     dead_letters: beam.PTransform,
+    serving_log: WriteServingLog | None = None,
 ) -> None:
     """Wire streaming scoring. `source` yields PubsubMessages, `lookup` turns events into
     batches (lists) of examples (LookupAggregates), `sink` takes prediction dicts,
-    `dead_letters` dead-letter dicts."""
+    `dead_letters` dead-letter dicts, `serving_log` (optional) the log records of its sample."""
     payloads = p | "Read" >> source | "Payloads" >> beam.ParDo(_Payloads())
     events, invalid = payloads | "Validate" >> ValidateRecords(fs)
     batches = events | "LookupAggregates" >> lookup
-    predictions, failed = batches | "Score" >> ScoreEvents(fs, handler)
+    sample = serving_log.sample if serving_log is not None else None
+    predictions, failed = batches | "Score" >> ScoreEvents(fs, handler, sample)
+    if serving_log is not None:
+        split = predictions | "SplitServingLog" >> beam.ParDo(SplitServingLog()).with_outputs(
+            SERVING_LOG, main="predictions"
+        )
+        predictions = split.predictions
+        _ = split[SERVING_LOG] | "ServingLog" >> serving_log
     _ = predictions | "Write" >> sink
     _ = (invalid, failed) | "AllDeadLetters" >> beam.Flatten() | "DeadLetters" >> dead_letters
 
@@ -328,6 +387,16 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     except MODEL_ERRORS as exc:
         raise _fail(str(exc)) from None
     handler, fs = model.handler, model.fs
+    log_opts = options.view_as(ServingLogOptions)
+    serving_log = None
+    if log_opts.serving_log:
+        try:
+            sample_threshold(log_opts.serving_log_sample)
+            serving_log = WriteServingLog(
+                log_opts.serving_log, log_opts.serving_log_sample, log_opts.serving_log_window_s
+            )
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
     if not options.view_as(TableCheckOptions).skip_table_check:
         try:
             check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)
@@ -352,6 +421,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         ),  # fmt: skip
         WritePredictions(opts.output_topic),
         WriteDeadLetters(pubsub.dead_letter_topic),
+        serving_log,
     )
     info = {
         "subscription": pubsub.subscription,
@@ -361,6 +431,8 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         "model_version": handler.version,
         "feature_set": fs.name,
         "hot_swap": isinstance(handler, WatchingModelHandler),
+        "serving_log": log_opts.serving_log,
+        "serving_log_sample": log_opts.serving_log_sample if log_opts.serving_log else None,
     }
     return p, info
 
