@@ -123,6 +123,7 @@ JOBS: dict[str, TemplateJob] = {
                 "beam_pipelines.options:TableCheckOptions",
                 "beam_pipelines.io.bigtable:BigtableOptions",
                 "beam_pipelines.options:FeatureSetOptions",
+                "beam_pipelines.options:ServingLogOptions",
             ),
             required=(
                 "model_dir",

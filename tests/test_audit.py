@@ -27,6 +27,7 @@ from beam_pipelines.io.serving_log import WriteServingLog
 from beam_pipelines.replay import ReplayStats, order_events, to_message
 from tests.aggregate_support import typed_events, write_cells_with_the_aggregate_job
 from tests.flights_data import write_jsonl
+from tests.test_templates import dataflow_jobs  # noqa: F401 - a fixture
 from tests.test_train import prepared_and_trained
 from transforms.aggregations import row_key
 from transforms.consistency import (
@@ -393,3 +394,38 @@ def test_audit_errors_before_the_run_are_one_line(tmp_path, capsys):
     assert "skewless audit: --serving_log" in capsys.readouterr().err
     assert run_job("audit", ["--model_dir=x", "--output_dir=y"]) == 2
     assert "missing required option(s): --serving_log" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_scorer_with_a_serving_log_builds_for_dataflow_keeping_its_step_names(
+    tmp_path_factory,
+    dataflow_jobs,  # noqa: F811 - the fixture imported above
+):
+    """The template's serving log parameters reach the job; the steps of a scorer without a
+    log keep their names (Dataflow's --update maps steps by name), the log adds two."""
+    from templates.jobs import JOBS, run_job
+    from tests.test_templates import (
+        BIGTABLE,
+        DATAFLOW,
+        SCORE_STREAM_STEPS,
+        step_names,
+        template_argv,
+    )
+
+    trained = prepared_and_trained(tmp_path_factory)
+    argv = template_argv(
+        "score_streaming",
+        {"subscription": "projects/fake-project/subscriptions/events",
+         "output_topic": "projects/fake-project/topics/predictions",
+         "model_dir": str(trained["model_dir"]), **BIGTABLE,
+         "serving_log": "gs://fake-bucket/serving_log", "serving_log_sample": "0.05",
+         "serving_log_window_s": "300"},
+    )  # fmt: skip
+    run_job(JOBS["score_streaming"], [*argv, "--skip_table_check", *DATAFLOW])
+    (job,) = dataflow_jobs
+    assert job.proto.type.name == "JOB_TYPE_STREAMING"
+    steps = step_names(job)
+    top = {s for s in steps if "/" not in s and not s.startswith("ref_")}
+    assert top == SCORE_STREAM_STEPS | {"SplitServingLog", "ServingLog"}
+    assert {"ServingLog/Window", "ServingLog/WriteFiles"} <= steps

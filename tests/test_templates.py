@@ -52,6 +52,7 @@ SAMPLES = {
     "positive": (["1", "8192", "7"], ["0", "-1", "1.5", "abc", "01"]),
     "allowed_lateness_s": (["0", "600"], ["-1", "1.5", "ten", "0600"]),
     "model_poll_s": (["30", "30.0", "0.5", ".5"], ["-1", "abc", "1e3", ""]),
+    "serving_log_sample": (["0.01", "1.0", "1", "0", ".5"], ["1.5", "-0.1", "2", "abc", "", "1e-3"]),
     "subscription": (
         ["projects/my-proj/subscriptions/events", "projects/example.com:my-proj/subscriptions/a.b~c+d%e"],
         ["events", "projects/my-proj/topics/events", "projects/my-proj/subscriptions/goog-x",
@@ -76,6 +77,7 @@ SAMPLE_OF = {
     "model_version": "positive", "min_batch_size": "positive", "max_batch_size": "positive",
     "output_table": "bigquery_table", "output_topic": "topic", "dead_letter_topic": "topic",
     "write_retry_s": "model_poll_s",
+    "serving_log_window_s": "positive", "serving_log": "gs",
 }  # fmt: skip
 
 
