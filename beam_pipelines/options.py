@@ -152,7 +152,9 @@ class SourceOptions(PipelineOptions):
             action="append",
             default=[],
             help="NAME=PATH: read the feature set's reference table NAME from this file (CSV, "
-            "Parquet or JSON lines, local or gs://) instead of its default_input; repeatable.",
+            "Parquet or JSON lines, local or gs://), or NAME=bigquery:PROJECT.DATASET.TABLE from "
+            "that BigQuery table (same --bigquery_* endpoint and project options), instead of "
+            "its default_input; repeatable.",
         )
 
 
@@ -186,4 +188,16 @@ class ServingLogOptions(PipelineOptions):
             default=DEFAULT_SERVING_LOG_WINDOW_S,
             help="score --streaming: one set of serving log files per this many seconds of "
             "scoring (processing time).",
+        )
+
+
+class OutputDirOptions(PipelineOptions):
+    """--output_dir of the batch jobs that write a directory of outputs (prepare, validate)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_dir",
+            help="Local or gs:// directory for every output (required); the job's description "
+            "lists what it writes there.",
         )

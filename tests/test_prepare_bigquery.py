@@ -14,9 +14,9 @@ SORT = ["carrier", "flight", "origin", "scheduled_departure"]
 
 def flights_table(rows):
     table = pa.Table.from_pylist(rows)
-    time_hour = pa.array(
-        [r["time_hour"] for r in rows], pa.string()
-    ).cast(pa.timestamp("s", tz="UTC"))
+    time_hour = pa.array([r["time_hour"] for r in rows], pa.string()).cast(
+        pa.timestamp("s", tz="UTC")
+    )
     return table.set_column(table.schema.get_field_index("time_hour"), "time_hour", time_hour)
 
 
@@ -37,7 +37,13 @@ def test_prepare_from_a_bigquery_table_equals_prepare_from_files(bq_emulator, tm
     dataset = bq_emulator.create_dataset()
     table = bq_emulator.create_table(dataset, "flights", flights_table(rows))
     from_bq = prepare.run(
-        ["--bigquery_table", table, "--output_dir", str(tmp_path / "bq"), *emulator_args(bq_emulator)]
+        [
+            "--bigquery_table",
+            table,
+            "--output_dir",
+            str(tmp_path / "bq"),
+            *emulator_args(bq_emulator),
+        ]
     )
     csv = write_csv(tmp_path / "flights.csv", rows)
     from_files = prepare.run(["--input", str(csv), "--output_dir", str(tmp_path / "files")])
@@ -71,3 +77,43 @@ def test_bad_table_name_is_a_clear_error_before_the_pipeline(tmp_path):
     with pytest.raises(ValueError, match="table"):
         prepare.run(["--bigquery_table", "not a table", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_reference_table_read_from_bigquery_equals_the_same_rows_from_a_file(
+    bq_emulator, tmp_path
+):
+    """flights_plus with the weather table in BigQuery (`--reference NAME=bigquery:TABLE`)
+    gives the same examples as with the same rows in a CSV file."""
+    import pyarrow.compute as pc
+    import pyarrow.csv as pv
+
+    from beam_pipelines.io.files import _read_bytes, read_csv_table
+    from transforms.flights import WEATHER_AT_ORIGIN
+
+    rows = real_flights(2, 11, days=1)
+    flights = write_csv(tmp_path / "flights.csv", rows)
+    weather, _ = read_csv_table(_read_bytes(WEATHER_AT_ORIGIN.resolve_default_input()))
+    hours = pc.cast(weather.column("time_hour"), pa.string())
+    weather = weather.filter(
+        pc.and_(pc.greater_equal(hours, "2013-02-09"), pc.less(hours, "2013-02-13"))
+    )
+    weather_csv = tmp_path / "weather.csv"
+    pv.write_csv(weather, weather_csv)
+    time_hour = pc.cast(weather.column("time_hour"), pa.timestamp("s", tz="UTC"))
+    weather = weather.set_column(
+        weather.schema.get_field_index("time_hour"), "time_hour", time_hour
+    )
+    table = bq_emulator.create_table(bq_emulator.create_dataset(), "weather", weather)
+    runs = {}
+    for name, source in (("bq", f"bigquery:{table}"), ("files", str(weather_csv))):
+        runs[name] = prepare.run(
+            ["--feature_set", "flights_plus", "--input", str(flights),
+             "--reference", f"origin_weather={source}",
+             "--output_dir", str(tmp_path / name), *emulator_args(bq_emulator)]
+        )  # fmt: skip
+    assert runs["bq"]["references"] == runs["files"]["references"]
+    assert runs["bq"]["references"]["origin_weather"]["rows_valid"] == weather.num_rows
+    assert runs["bq"]["reference_inputs"]["origin_weather"] == f"bigquery:{table}"
+    from_bq, from_files = features(tmp_path / "bq"), features(tmp_path / "files")
+    assert from_bq == from_files
+    assert sum(r["origin_weather_temp"] is not None for r in from_bq) > 0.9 * len(from_bq)

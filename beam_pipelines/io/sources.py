@@ -24,31 +24,42 @@ def read_source(options: PipelineOptions, fs: FeatureSet) -> beam.PTransform:
     """The source named by the options; checks the input before any pipeline is built."""
     opts = options.view_as(SourceOptions)
     if opts.bigquery_table or opts.bigquery_query:
-        from beam_pipelines.io.bigquery import (
-            ReadFromBigQueryStorage,
-            check_table_schema,
-            parse_query_parameter,
-        )
-
         if opts.input:
             raise ValueError("give --input or --bigquery_table/--bigquery_query, not both")
-        project = opts.bigquery_project or options.view_as(GoogleCloudOptions).project
-        source = ReadFromBigQueryStorage(
-            table=opts.bigquery_table,
-            query=opts.bigquery_query,
-            query_parameters=[parse_query_parameter(p) for p in opts.bigquery_query_param],
-            project=project,
-            bigquery_endpoint=opts.bigquery_endpoint,
-            storage_endpoint=opts.bigquery_storage_endpoint,
-            temp_dataset=opts.bigquery_temp_dataset,
-        )
-        if opts.bigquery_table and not is_dry_run(options):
-            # A query's columns are only known once it runs: its rows are checked one by one.
-            check_table_schema(opts.bigquery_table, fs, project, opts.bigquery_endpoint)
-        return source
+        return bigquery_source(options, fs, opts.bigquery_table, opts.bigquery_query)
     pattern = opts.input or default_input(fs)
     check_input(pattern, opts.input_format, fs)
     return ReadRawFiles(pattern, opts.input_format, fs=fs)
+
+
+def bigquery_source(
+    options: PipelineOptions, fs: FeatureSet, table: str | None, query: str | None = None
+) -> beam.PTransform:
+    """A BigQuery table or query read with the project and endpoints of the source options;
+    a table's columns are checked against `fs` now (a query's only once it runs: its rows are
+    checked one by one)."""
+    from beam_pipelines.io.bigquery import (
+        ReadFromBigQueryStorage,
+        check_table_schema,
+        parse_query_parameter,
+    )
+
+    opts = options.view_as(SourceOptions)
+    project = opts.bigquery_project or options.view_as(GoogleCloudOptions).project
+    source = ReadFromBigQueryStorage(
+        table=table,
+        query=query,
+        query_parameters=[parse_query_parameter(p) for p in opts.bigquery_query_param]
+        if query
+        else [],
+        project=project,
+        bigquery_endpoint=opts.bigquery_endpoint,
+        storage_endpoint=opts.bigquery_storage_endpoint,
+        temp_dataset=opts.bigquery_temp_dataset,
+    )
+    if table and not is_dry_run(options):
+        check_table_schema(table, fs, project, opts.bigquery_endpoint)
+    return source
 
 
 def describe_source(options: PipelineOptions, fs: FeatureSet) -> dict:
@@ -57,7 +68,10 @@ def describe_source(options: PipelineOptions, fs: FeatureSet) -> dict:
     if opts.bigquery_table:
         return {"bigquery_table": opts.bigquery_table}
     if opts.bigquery_query:
-        return {"bigquery_query": opts.bigquery_query, "bigquery_query_param": opts.bigquery_query_param}
+        return {
+            "bigquery_query": opts.bigquery_query,
+            "bigquery_query_param": opts.bigquery_query_param,
+        }
     return {"input": opts.input or default_input(fs)}
 
 
@@ -79,11 +93,25 @@ def _given_references(options: PipelineOptions, fs: FeatureSet) -> dict[str, str
     return given
 
 
+BIGQUERY_REFERENCE = "bigquery:"  # --reference NAME=bigquery:PROJECT.DATASET.TABLE
+
+
 def reference_sources(options: PipelineOptions, fs: FeatureSet) -> dict[str, beam.PTransform]:
-    """A file source per reference table of the feature set: `--reference NAME=PATH`, else the
-    table's default_input; each file is checked against the table's schema before the run."""
+    """A source per reference table of the feature set: `--reference NAME=PATH` (a file) or
+    `NAME=bigquery:PROJECT.DATASET.TABLE` (read like --bigquery_table, with the same endpoint
+    and project options), else the table's default_input; each is checked against the table's
+    schema before the run."""
     given = _given_references(options, fs)
-    return {t.name: _table_file(options, t, given.get(t.name), None) for t in fs.references}
+    sources = {}
+    for t in fs.references:
+        path = given.get(t.name)
+        if path and path.startswith(BIGQUERY_REFERENCE):
+            sources[t.name] = bigquery_source(
+                options, rows_feature_set(t), path[len(BIGQUERY_REFERENCE) :]
+            )
+        else:
+            sources[t.name] = _table_file(options, t, path, None)
+    return sources
 
 
 def _table_file(
@@ -111,7 +139,10 @@ def reference_table_source(
     if opts.bigquery_table or opts.bigquery_query:
         return read_source(options, rows_fs), describe_source(options, rows_fs)
     source = _table_file(
-        options, table, opts.input or _given_references(options, fs).get(table.name), opts.input_format
+        options,
+        table,
+        opts.input or _given_references(options, fs).get(table.name),
+        opts.input_format,
     )
     return source, {"input": source.pattern}
 
