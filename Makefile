@@ -28,18 +28,24 @@ $(BQ_STAMP): scripts/setup_bqemulator.sh
 	PYTHON=$(PYTHON) bash scripts/setup_bqemulator.sh $(BQ_VENV)
 	touch $@
 
-# The whole local flow on the bundled flights: training data, a model, scores for the held-out
-# period (Nov-Dec 2013, the eval split), a report and a chart. No cloud account needed.
+# The whole local flow on the bundled flights: training data, a model, the same with the
+# reference tables joined (weather at the origin, the aircraft, the destination airport), scores
+# for the held-out period (Nov-Dec 2013, the eval split), a report comparing both and a chart.
+# No cloud account needed.
 demo: $(STAMP)
-	@echo "== 1/4 prepare: 336,776 flights -> point-in-time features, tf.Transform, TFRecords"
+	@echo "== 1/6 prepare: 336,776 flights -> point-in-time features, tf.Transform, TFRecords"
 	$(VENV)/bin/skewless prepare --output_dir $(OUT)/prepared
-	@echo "== 2/4 train: wide-and-deep model exported with its tf.Transform graph"
+	@echo "== 2/6 train: wide-and-deep model exported with its tf.Transform graph"
 	$(VENV)/bin/skewless train --prepared_dir $(OUT)/prepared --model_dir $(OUT)/models
-	@echo "== 3/4 score: RunInference over the held-out period (Nov-Dec 2013)"
-	$(VENV)/bin/skewless score --model_dir $(OUT)/models --start 2013-11-01T00:00:00Z --output $(OUT)/scores
-	@echo "== 4/4 report"
-	$(VENV)/bin/skewless report --model_dir $(OUT)/models --score_dir $(OUT)/scores \
-		--prepared_dir $(OUT)/prepared --chart $(OUT)/report.png
+	@echo "== 3/6 prepare flights_plus: the same + weather at the origin (as of departure - 1 h), aircraft, destination airport"
+	$(VENV)/bin/skewless prepare --feature_set flights_plus --output_dir $(OUT)/prepared_plus
+	@echo "== 4/6 train flights_plus"
+	$(VENV)/bin/skewless train --prepared_dir $(OUT)/prepared_plus --model_dir $(OUT)/models_plus
+	@echo "== 5/6 score: RunInference over the held-out period (Nov-Dec 2013), flights_plus model"
+	$(VENV)/bin/skewless score --model_dir $(OUT)/models_plus --start 2013-11-01T00:00:00Z --output $(OUT)/scores
+	@echo "== 6/6 report: flights_plus next to flights (no tables), the dep_delay rule and the majority class"
+	$(VENV)/bin/skewless report --model_dir $(OUT)/models_plus --score_dir $(OUT)/scores \
+		--prepared_dir $(OUT)/prepared_plus --compare_model_dir $(OUT)/models --chart $(OUT)/report.png
 	@echo "Outputs under $(OUT)/ ; chart: $(OUT)/report.png"
 
 test: $(STAMP) $(BQ_STAMP)

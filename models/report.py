@@ -45,11 +45,14 @@ def report(
     chart_path: str | None = None,
     model_version: int | None = None,
     feature_set: str | None = None,
+    compare_model_dir: str | None = None,
 ) -> dict:
     """Build the report dict, print nothing; `format_report` renders it, `chart_path` gets a PNG.
 
     The example key and the label are the model's (model.json, else its feature set);
-    `feature_set` may only name the feature set the model was trained on."""
+    `feature_set` may only name the feature set the model was trained on. `compare_model_dir`:
+    another model (its highest version), e.g. one trained without some features, whose
+    trainer metrics on its eval split are shown next to this one's."""
     model = versions.resolve(model_dir, model_version)
     metrics = _load_json(os.path.join(model.path, versions.METRICS_FILE))
     summary_path = os.path.join(score_dir, "summary.json")
@@ -88,10 +91,28 @@ def report(
                 "auc_difference": scored["auc"] - metrics["model"]["auc"],
                 "ok": abs(scored["auc"] - metrics["model"]["auc"]) <= SKEW_AUC_TOLERANCE,
             }
+    if compare_model_dir:
+        out["compared_model"] = compared_model(compare_model_dir, metrics["model"])
     if chart_path:
         write_chart(chart_path, predictions, label if len(labelled) else None, model.version)
         out["chart"] = chart_path
     return out
+
+
+def compared_model(model_dir: str, this: dict) -> dict:
+    """Another model's trainer metrics, and how this model's differ (same eval examples only)."""
+    other = versions.resolve(model_dir)
+    theirs = _load_json(os.path.join(other.path, versions.METRICS_FILE))["model"]
+    same = theirs["examples"] == this["examples"]
+    return {
+        "model_dir": model_dir,
+        "model_version": other.version,
+        "feature_set": other.metadata.get("feature_set"),
+        "eval": theirs,
+        "same_eval_examples": same,
+        "auc_gain": this["auc"] - theirs["auc"] if same else None,
+        "log_loss_gain": theirs["log_loss"] - this["log_loss"] if same else None,
+    }
 
 
 def write_chart(path: str, predictions, label: str | None, version: int, bins: int = 10) -> None:
@@ -152,6 +173,16 @@ def format_report(r: dict) -> str:
     if not r["beats_baseline"]:
         reference = "the rule baseline" if r["compared_with"] == "rule" else "the majority class"
         lines.append(f"  WARNING: the model does not beat {reference} on AUC")
+    if "compared_model" in r:
+        other = r["compared_model"]
+        lines.append(row(f"{other['feature_set']} v{other['model_version']}", other["eval"]))
+        if other["same_eval_examples"]:
+            lines.append(
+                f"  this model vs {other['feature_set']}: AUC {other['auc_gain']:+.4f}, "
+                f"log loss {-other['log_loss_gain']:+.4f}"
+            )
+        else:
+            lines.append("  (the compared model's eval split has other examples: not comparable)")
     if "scored_period" in r:
         lines.append(row("scored period", r["scored_period"]))
     if "skew_check" in r:
@@ -171,6 +202,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--prepared_dir", help="Output of `skewless prepare` (for the labels).")
     parser.add_argument("--chart", help="Write the PNG chart here.")
     parser.add_argument(
+        "--compare_model_dir",
+        help="Another model directory (its highest version): its eval-split AUC and log loss "
+        "are shown next to this model's (e.g. the model trained without reference tables).",
+    )
+    parser.add_argument(
         "--feature_set",
         help="Feature set (default: the one recorded with the model version; another one is an "
         "error).",
@@ -184,6 +220,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             args.chart,
             args.model_version,
             args.feature_set,
+            args.compare_model_dir,
         )
     except versions.FeatureSetMismatch as exc:
         raise SystemExit(f"skewless report: {exc}") from None

@@ -205,3 +205,11 @@ def test_report_checks_scores_against_training_and_draws_the_chart(trained, scor
     text = format_report(r)
     assert f"rule: {FLIGHTS.baseline.label}" in text and "majority class" in text
     assert r["compared_with"] == "rule"
+    # --compare_model_dir: another model's eval metrics next to this one's (here itself: the
+    # same eval examples, no gain).
+    both = report(str(trained["model_dir"]), str(out), str(trained["prepared"]),
+                  compare_model_dir=str(trained["model_dir"]))  # fmt: skip
+    other = both["compared_model"]
+    assert other["feature_set"] == FLIGHTS.name and other["same_eval_examples"]
+    assert other["eval"] == r["training_eval"] and other["auc_gain"] == 0.0
+    assert "this model vs flights: AUC +0.0000" in format_report(both)
