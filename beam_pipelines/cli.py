@@ -37,6 +37,7 @@ JOBS = {
     "train": ("models.train", "train a model on prepared data; export it with its transform graph"),
     "report": ("models.report", "print a model + scoring report and write a PNG chart"),
     "score": ("beam_pipelines.score", "batch or streaming scoring with RunInference"),
+    "validate": ("beam_pipelines.validate", "batch: new data's statistics vs a prepared baseline"),
     "audit": ("beam_pipelines.audit", "batch: the serving log of streaming scoring vs the batch path"),
 }
 # A job whose module depends on a flag: `skewless score --streaming` is the streaming scorer.

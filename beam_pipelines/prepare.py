@@ -20,6 +20,14 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.pvalue import TaggedOutput
 from tensorflow_metadata.proto.v0 import schema_pb2
 
+from beam_pipelines.baseline_check import (
+    EXIT_BLOCKING,
+    FEATURES,
+    Baseline,
+    CheckAgainstBaseline,
+    load_baseline,
+    validation_outcome,
+)
 from beam_pipelines.common import (
     before_run,
     check_output_dir,
@@ -43,7 +51,12 @@ from beam_pipelines.io.statistics_io import (
     schema_path,
     statistics_path,
 )
-from beam_pipelines.options import FeatureSetOptions, SourceOptions, feature_set_spec
+from beam_pipelines.options import (
+    FeatureSetOptions,
+    OutputDirOptions,
+    SourceOptions,
+    feature_set_spec,
+)
 from transforms.example_schema import (
     features_arrow_schema,
     tft_tensor_adapter_config,
@@ -68,13 +81,11 @@ NO_STATISTICS_ENV = "SKEWLESS_NO_STATISTICS"
 
 
 class PrepareOptions(PipelineOptions):
-    """prepare's own flags; --input/--bigquery_* and --feature_set are in options.py."""
+    """prepare's own flags; --output_dir, --input/--bigquery_* and --feature_set are in
+    options.py."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--output_dir", help="Local or gs:// directory for every output (required)."
-        )
         parser.add_argument(
             "--eval_start",
             help="Time split: examples with event time at or after this ISO-8601 instant go to "
@@ -91,6 +102,17 @@ class PrepareOptions(PipelineOptions):
             "--schema",
             help="A schema.pbtxt to keep (for example one from an earlier run, edited): copied to "
             "schema/schema.pbtxt instead of inferring a schema from the train statistics.",
+        )
+        parser.add_argument(
+            "--validate_against",
+            help="A prepared directory (its statistics/ and schema/) to validate this run's "
+            "examples against, as `skewless validate` does: anomalies in validation/; on a blocking "
+            f"one summary.json records the refusal and the job exits {EXIT_BLOCKING}.",
+        )
+        parser.add_argument(
+            "--allow_anomalies",
+            action="store_true",
+            help="With --validate_against: record blocking anomalies without refusing the data.",
         )
 
 
@@ -143,12 +165,15 @@ def build_pipeline(
     references: dict[str, beam.PTransform] | None = None,
     schema: schema_pb2.Schema | None = None,
     statistics: bool = True,
+    validate_against: Baseline | None = None,
 ) -> None:
     """Wire the prepare job. `source` yields raw elements, `references` ({table name: source})
     the rows of the feature set's reference tables; every output lands under output_dir.
 
     `schema` is written as the run's schema instead of one inferred from the train statistics;
-    `statistics=False` (benchmarks only) leaves the statistics and the inferred schema out."""
+    `statistics=False` (benchmarks only) leaves the statistics and the inferred schema out;
+    `validate_against` checks the statistics of all examples against that baseline
+    (validation/)."""
     raw = p | "Read" >> source
     events, dead = raw | "Validate" >> ValidateRecords(fs)
     indexes = None
@@ -172,6 +197,13 @@ def build_pipeline(
             | "BothStatistics" >> beam.Flatten()
             | "WriteStatistics" >> WriteStatistics(statistics_path(output_dir), ("train", "eval"))
         )
+    if validate_against is not None:
+        # All examples of the run, whatever the split (a time split may put them all in eval).
+        new_stats = examples | "ExampleStatistics" >> ComputeStatistics("examples")
+        _ = new_stats | "ValidateAgainst" >> CheckAgainstBaseline(
+            validate_against, fs, FEATURES, validation_dir(output_dir),
+            f"skewless prepare: {output_dir} against {validate_against.directory}",
+        )  # fmt: skip
     if schema is not None:
         schemas = p | "GivenSchema" >> beam.Create([schema])
     elif statistics:
@@ -244,10 +276,11 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         argv,
         prog="skewless prepare",
         description=DESCRIPTION,
-        groups=(PrepareOptions, SourceOptions, FeatureSetOptions),
-        required=((PrepareOptions, "output_dir"),),
+        groups=(PrepareOptions, OutputDirOptions, SourceOptions, FeatureSetOptions),
+        required=((OutputDirOptions, "output_dir"),),
     )
     opts = options.view_as(PrepareOptions)
+    output_dir = options.view_as(OutputDirOptions).output_dir
     feature_set = feature_set_spec(options)
     with before_run():
         fs = load_feature_set(feature_set)
@@ -255,13 +288,22 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         source = read_source(options, fs)
         input_desc = describe_source(options, fs)
         references = reference_sources(options, fs)
-        check_output_dir(opts.output_dir, "--output_dir")
+        check_output_dir(output_dir, "--output_dir")
         schema = read_schema(opts.schema) if opts.schema else None
-    statistics = os.environ.get(NO_STATISTICS_ENV, "") in ("", "0")
-    temp_dir = os.path.join(opts.output_dir, "tmp")
+        statistics = os.environ.get(NO_STATISTICS_ENV, "") in ("", "0")
+        against = None
+        if opts.validate_against:
+            if not statistics:
+                raise ValueError(
+                    f"--validate_against needs the statistics ({NO_STATISTICS_ENV} is set)"
+                )
+            against = load_baseline(opts.validate_against)
+    temp_dir = os.path.join(output_dir, "tmp")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
-    build_pipeline(p, fs, opts.output_dir, source, split, temp_dir, references, schema, statistics)
+    build_pipeline(
+        p, fs, output_dir, source, split, temp_dir, references, schema, statistics, against
+    )
     result = p.run()
     result.wait_until_finish()
     if is_dry_run(options):
@@ -282,21 +324,38 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         feature_set=fs.name,
         feature_set_spec=feature_set,
         split=split.describe(),
-        statistics=statistics_path(opts.output_dir) if statistics else None,
-        schema=schema_path(opts.output_dir) if statistics or schema else None,
+        statistics=statistics_path(output_dir) if statistics else None,
+        schema=schema_path(output_dir) if statistics or schema else None,
         schema_source=opts.schema or ("inferred" if statistics else None),
         elapsed_seconds=round(time.monotonic() - started, 2),
         versions=library_versions(),
         **input_desc,
     )
-    if not FileSystems.exists(opts.output_dir):
-        FileSystems.mkdirs(opts.output_dir)
-    with FileSystems.create(os.path.join(opts.output_dir, "summary.json")) as f:
+    if against is not None:
+        summary["validation"] = validation_outcome(
+            validation_dir(output_dir), opts.validate_against, opts.allow_anomalies
+        )
+    if not FileSystems.exists(output_dir):
+        FileSystems.mkdirs(output_dir)
+    with FileSystems.create(os.path.join(output_dir, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode())
     LOG.info("prepare finished: %s", json.dumps(summary))
     if FileSystems.exists(temp_dir):
         FileSystems.delete([temp_dir])
+    if summary.get("validation", {}).get("refused"):
+        LOG.error(
+            "REFUSED: %d blocking anomalies against %s (train refuses this data; "
+            "--allow_anomalies to accept it): %s",
+            len(summary["validation"]["blocking"]),
+            opts.validate_against,
+            summary["validation"]["report"],
+        )
+        raise SystemExit(EXIT_BLOCKING)
     return summary
+
+
+def validation_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "validation")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import numpy as np
 
 LOG = logging.getLogger("skewless.train")
 EXIT_WORSE_THAN_BASELINE = 3
+EXIT_ANOMALIES = 3  # as `skewless validate` and `prepare --validate_against`
+VALIDATION_ANOMALIES = os.path.join("validation", "anomalies.json")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,7 +65,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the model's eval AUC does not beat the rule baseline's (the majority class's when "
         "there is no rule baseline).",
     )
+    parser.add_argument(
+        "--allow_anomalies",
+        action="store_true",
+        help=f"Train even when the prepared data failed validation (prepare --validate_against "
+        f"found blocking anomalies); without it such data is refused with exit {EXIT_ANOMALIES}.",
+    )
     return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def blocking_anomalies(prepared_dir: str, summary: dict) -> list[dict]:
+    """The blocking anomalies the validation of the prepared data found: summary.json's
+    `validation`, and validation/anomalies.json (written before summary.json, so a run that
+    stopped in between is refused too)."""
+    found = list(summary.get("validation", {}).get("blocking", []))
+    path = os.path.join(prepared_dir, VALIDATION_ANOMALIES)
+    if os.path.exists(path):
+        with open(path) as f:
+            found += [a for a in json.load(f) if a.get("blocking") and a not in found]
+    return found
+
+
+def refuse_anomalous_data(prepared_dir: str, summary: dict, allow: bool) -> None:
+    """Exit EXIT_ANOMALIES when the prepared data has blocking anomalies, unless allowed."""
+    found = blocking_anomalies(prepared_dir, summary)
+    if not found:
+        return
+    named = "; ".join(f"question {a['question']}, {a['feature']}: {a['kind']}" for a in found[:5])
+    if allow:
+        LOG.warning("training on data with %d blocking anomalies (--allow_anomalies): %s", len(found), named)
+        return
+    print(
+        f"skewless train: the prepared data in {prepared_dir!r} failed validation with "
+        f"{len(found)} blocking anomal{'y' if len(found) == 1 else 'ies'} ({named}); see "
+        f"{os.path.join(prepared_dir, 'validation', 'report.html')}, or pass --allow_anomalies",
+        file=sys.stderr,
+    )
+    raise SystemExit(EXIT_ANOMALIES)
 
 
 def read_transformed(pattern: str, feature_spec: dict) -> dict[str, np.ndarray]:
@@ -204,6 +242,7 @@ def train(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     summary_path = os.path.join(args.prepared_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    refuse_anomalous_data(args.prepared_dir, summary, args.allow_anomalies)
     fs_spec, fs = prepared_feature_set(args.prepared_dir, summary, args.feature_set)
     transform_dir = os.path.join(args.prepared_dir, "transform")
     tft_output = tft.TFTransformOutput(transform_dir)

@@ -4,21 +4,21 @@
 #
 #   PROJECT=my-proj REGION=us-central1 REPOSITORY=skewless BUCKET=my-bucket templates/build.sh [--dry-run] [JOB...]
 #
-# JOB: prepare aggregate score_batch score_streaming publish_reference (default: all). --dry-run prints every
+# JOB: prepare aggregate score_batch score_streaming publish_reference validate (default: all). --dry-run prints every
 # command instead of running it (no Docker, no gcloud, no credentials needed).
 # Needs: docker (or run the printed docker commands elsewhere), gcloud authenticated with
 # roles/artifactregistry.writer on REPOSITORY and storage write on BUCKET. See docs/dataflow.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ALL_JOBS=(prepare aggregate score_batch score_streaming publish_reference)
+ALL_JOBS=(prepare aggregate score_batch score_streaming publish_reference validate)
 DRY_RUN=0
 JOBS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    prepare|aggregate|score_batch|score_streaming|publish_reference) JOBS+=("$arg") ;;
+    prepare|aggregate|score_batch|score_streaming|publish_reference|validate) JOBS+=("$arg") ;;
     *) echo "build.sh: unknown argument '$arg' (jobs: ${ALL_JOBS[*]})" >&2; exit 2 ;;
   esac
 done

@@ -51,12 +51,13 @@ JOBS: dict[str, TemplateJob] = {
             module="beam_pipelines.prepare",
             option_classes=(
                 "beam_pipelines.prepare:PrepareOptions",
+                "beam_pipelines.options:OutputDirOptions",
                 "beam_pipelines.options:SourceOptions",
                 "beam_pipelines.options:FeatureSetOptions",
             ),
             required=("output_dir",),
             streaming=False,
-            not_parameters=dict(_EMULATOR_ONLY),
+            not_parameters={**_EMULATOR_ONLY, "allow_anomalies": _FLAG_ONLY},
         ),
         TemplateJob(
             name="aggregate",
@@ -111,6 +112,25 @@ JOBS: dict[str, TemplateJob] = {
             not_parameters={
                 **_EMULATOR_ONLY,
                 "reference": "publish_reference reads one table: its file is the input parameter",
+            },
+        ),
+        TemplateJob(
+            name="validate",
+            module="beam_pipelines.validate",
+            option_classes=(
+                "beam_pipelines.validate:ValidateOptions",
+                "beam_pipelines.options:OutputDirOptions",
+                "beam_pipelines.options:SourceOptions",
+                "beam_pipelines.options:ServingLogOptions",
+                "beam_pipelines.options:FeatureSetOptions",
+            ),
+            required=("baseline", "output_dir"),
+            streaming=False,
+            not_parameters={
+                **_EMULATOR_ONLY,
+                "reference": "validate reads no reference tables (their columns are in features/)",
+                "serving_log_sample": "the scorer's sampling: validate reads every logged event",
+                "serving_log_window_s": "the scorer's log files: validate reads every logged event",
             },
         ),
         TemplateJob(

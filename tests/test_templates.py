@@ -78,6 +78,7 @@ SAMPLE_OF = {
     "output_table": "bigquery_table", "output_topic": "topic", "dead_letter_topic": "topic",
     "write_retry_s": "model_poll_s",
     "serving_log_window_s": "positive", "serving_log": "gs",
+    "baseline": "gs", "baseline_schema": "gs", "prepared_dir": "gs", "validate_against": "gs",
 }  # fmt: skip
 
 
@@ -99,8 +100,8 @@ def all_parameters():
 
 @pytest.mark.timeout(60)
 def test_there_is_a_template_per_job():
-    assert sorted(JOBS) == ["aggregate", "prepare", "publish_reference", "score_batch", "score_streaming"]
-    assert sorted(p.name for p in (ROOT / "templates").glob("*/metadata.json")) == ["metadata.json"] * 5
+    assert sorted(JOBS) == ["aggregate", "prepare", "publish_reference", "score_batch", "score_streaming", "validate"]
+    assert sorted(p.name for p in (ROOT / "templates").glob("*/metadata.json")) == ["metadata.json"] * 6
     for job in JOBS.values():
         assert job.metadata_path.is_file() and job.main_path.is_file(), job.name
 
@@ -437,4 +438,20 @@ def test_publish_reference_builds_for_dataflow_as_a_batch_job(dataflow_jobs):
     assert job.proto.type.name == "JOB_TYPE_BATCH"
     steps = step_names(job)
     for step in ("Read", "Validate", "Deduplicate/Group", "Write/MutateRows", "DeadLetters"):
+        assert step in steps, step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_validate_builds_for_dataflow_with_statistics_and_the_comparison(trained, dataflow_jobs, tmp_path):
+    """The statistics and the comparison are steps of the Dataflow job, not launcher work."""
+    argv = template_argv(
+        "validate",
+        {"baseline": str(trained["prepared"]), "input": str(trained["csv"]), "output_dir": str(tmp_path / "out")},
+    )
+    assert run_job(JOBS["validate"], [*argv, *DATAFLOW]) is None
+    (job,) = dataflow_jobs
+    assert job.proto.type.name == "JOB_TYPE_BATCH"
+    steps = step_names(job)
+    for step in ("Read", "Statistics", "WriteStatistics", "Check/FindAnomalies", "Check/WriteAnomalies", "Check/WriteReport"):
         assert step in steps, step

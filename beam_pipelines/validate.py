@@ -1,0 +1,228 @@
+"""The validate job (batch): statistics of new data against a prepared baseline -> anomalies of
+the six questions, a report, and an exit code (3 when an anomaly blocks)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+
+from beam_pipelines.baseline_check import (
+    EXIT_BLOCKING,
+    FEATURES,
+    RAW,
+    SERVING_LOG,
+    Baseline,
+    CheckAgainstBaseline,
+    load_baseline,
+)
+from beam_pipelines.common import (
+    before_run,
+    check_output_dir,
+    configure_logging,
+    is_dry_run,
+    parse_job_options,
+)
+from beam_pipelines.io.files import check_input
+from beam_pipelines.io.serving_log import ReadServingLog, log_glob
+from beam_pipelines.io.statistics_io import WriteStatistics
+from beam_pipelines.io.validation_io import (
+    ANOMALIES_FILE,
+    STATISTICS_FILE,
+    ReadInferredFiles,
+    RecordsToBatches,
+    features_glob,
+    read_anomalies,
+)
+from beam_pipelines.options import (
+    FeatureSetOptions,
+    OutputDirOptions,
+    ServingLogOptions,
+    SourceOptions,
+)
+from transforms.anomalies import blocking
+from transforms.featureset import FeatureSet, load_feature_set
+from transforms.statistics import ComputeStatistics
+
+LOG = logging.getLogger("skewless.validate")
+DESCRIPTION = (
+    "Batch job: compute statistics of new data (raw files, a BigQuery table or query, the "
+    "features/ of another prepare run, or a serving log) as read, compare them with a prepared "
+    "baseline's train statistics and schema, and write anomalies.json, statistics.pb and "
+    f"report.html under --output_dir. Exit code 0: no blocking anomaly; {EXIT_BLOCKING}: at "
+    "least one blocking anomaly; 1: the job failed; 2: bad options or inputs."
+)
+NEW_DATASET = "new"
+
+
+class ValidateOptions(PipelineOptions):
+    """validate's own flags; --output_dir, --input/--bigquery_*, --serving_log and
+    --feature_set are shared (options.py)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--baseline",
+            help="Output directory of the `skewless prepare` run to compare with (its "
+            "statistics/statistics.pb and schema/schema.pbtxt) (required).",
+        )
+        parser.add_argument(
+            "--prepared_dir",
+            help="Validate the features/ (Parquet) of this prepare run: every example column.",
+        )
+        parser.add_argument(
+            "--baseline_schema",
+            help="Schema to validate against (a text Schema proto, schema.pbtxt). Default: the "
+            "baseline's schema/schema.pbtxt, edits included.",
+        )
+
+
+def source_kind(options: PipelineOptions) -> str:
+    """Which one of the four inputs the options name; ValueError unless exactly one."""
+    src = options.view_as(SourceOptions)
+    given = {
+        RAW + " (--input)": src.input,
+        RAW + " (--bigquery_table/--bigquery_query)": src.bigquery_table or src.bigquery_query,
+        FEATURES: options.view_as(ValidateOptions).prepared_dir,
+        SERVING_LOG: options.view_as(ServingLogOptions).serving_log,
+    }
+    named = [k for k, v in given.items() if v]
+    if len(named) != 1:
+        raise ValueError(
+            "give exactly one input: --input, --bigquery_table/--bigquery_query, --prepared_dir "
+            f"or --serving_log (got {len(named) or 'none'})"
+        )
+    return named[0].split(" ")[0]
+
+
+def new_data_source(
+    options: PipelineOptions, fs: FeatureSet, kind: str
+) -> tuple[beam.PTransform, str]:
+    """(the source of RecordBatches as read, a description of it); inputs checked now."""
+    src = options.view_as(SourceOptions)
+    dry = is_dry_run(options)
+    if kind == FEATURES:
+        directory = options.view_as(ValidateOptions).prepared_dir
+        if not dry:
+            check_input(features_glob(directory), "parquet")
+        return ReadInferredFiles(features_glob(directory), "parquet"), f"features of {directory}"
+    if kind == SERVING_LOG:
+        path = options.view_as(ServingLogOptions).serving_log
+        if not dry and not FileSystems.match([log_glob(path)])[0].metadata_list:
+            raise ValueError(f"--serving_log {path!r}: no serving log files ({log_glob(path)})")
+        return _ServingLogBatches(path, fs.label), f"serving log {path}"
+    if src.input:
+        if not dry:
+            check_input(src.input, src.input_format)
+        return ReadInferredFiles(src.input, src.input_format), src.input
+    from beam_pipelines.io.bigquery import ReadFromBigQueryStorage, parse_query_parameter
+
+    # No schema check against the feature set: a renamed or retyped column is what validate
+    # reports, as an anomaly.
+    source = ReadFromBigQueryStorage(
+        table=src.bigquery_table,
+        query=src.bigquery_query,
+        query_parameters=[parse_query_parameter(p) for p in src.bigquery_query_param],
+        project=src.bigquery_project or options.view_as(GoogleCloudOptions).project,
+        bigquery_endpoint=src.bigquery_endpoint,
+        storage_endpoint=src.bigquery_storage_endpoint,
+        temp_dataset=src.bigquery_temp_dataset,
+    )
+    return source, src.bigquery_table or "BigQuery query"
+
+
+class _ServingLogBatches(beam.PTransform):
+    """Serving log records -> RecordBatches of their served features (the label left out)."""
+
+    def __init__(self, path: str, label: str):
+        super().__init__()
+        self.path = path
+        self.label = label
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ReadLog" >> ReadServingLog(self.path)
+            | "Features" >> beam.Map(lambda record: record["features"])
+            | "ToBatches" >> RecordsToBatches(drop=(self.label,))
+        )
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    source: beam.PTransform,
+    baseline: Baseline,
+    fs: FeatureSet,
+    kind: str,
+    output_dir: str,
+    title: str,
+) -> None:
+    """Read -> statistics (one pass) -> anomalies against the baseline -> the outputs."""
+    stats = p | "Read" >> source | "Statistics" >> ComputeStatistics(NEW_DATASET)
+    _ = stats | "WriteStatistics" >> WriteStatistics(FileSystems.join(output_dir, STATISTICS_FILE))
+    _ = stats | "Check" >> CheckAgainstBaseline(baseline, fs, kind, output_dir, title)
+
+
+def run(argv: Sequence[str] | None = None) -> dict | None:
+    """Parse options, build and run the job; returns {anomalies, blocking} and exits
+    EXIT_BLOCKING when an anomaly blocks."""
+    configure_logging(batch=True)
+    options = parse_job_options(
+        argv,
+        prog="skewless validate",
+        description=DESCRIPTION,
+        groups=(
+            ValidateOptions,
+            OutputDirOptions,
+            SourceOptions,
+            ServingLogOptions,
+            FeatureSetOptions,
+        ),
+        required=((ValidateOptions, "baseline"), (OutputDirOptions, "output_dir")),
+    )
+    opts = options.view_as(ValidateOptions)
+    output_dir = options.view_as(OutputDirOptions).output_dir
+    with before_run():
+        kind = source_kind(options)
+        baseline = load_baseline(opts.baseline, opts.baseline_schema)
+        fs = _feature_set(options, baseline)
+        source, described = new_data_source(options, fs, kind)
+        check_output_dir(output_dir, "--output_dir")
+    p = beam.Pipeline(options=options)
+    title = f"skewless validate: {described} against {opts.baseline}"
+    build_pipeline(p, source, baseline, fs, kind, output_dir, title)
+    p.run().wait_until_finish()
+    if is_dry_run(options):
+        LOG.info("dry run: the job graph was built and not run")
+        return None
+    anomalies = read_anomalies(FileSystems.join(output_dir, ANOMALIES_FILE))
+    blocked = blocking(anomalies)
+    for a in anomalies:
+        (LOG.error if a["blocking"] else LOG.warning)("question %d, %s: %s", a["question"], a["feature"], a["description"])  # fmt: skip
+    LOG.info(
+        "validate finished: %d anomalies, %d blocking; %s", len(anomalies), len(blocked), output_dir
+    )
+    if blocked:
+        raise SystemExit(EXIT_BLOCKING)
+    return {"anomalies": anomalies, "blocking": len(blocked)}
+
+
+def _feature_set(options: PipelineOptions, baseline: Baseline) -> FeatureSet:
+    """--feature_set, else the one the baseline's prepare run recorded."""
+    spec = options.view_as(FeatureSetOptions).feature_set
+    recorded = baseline.summary.get("feature_set_spec") or baseline.summary.get("feature_set")
+    if not (spec or recorded):
+        raise ValueError(
+            f"baseline {baseline.directory!r} records no feature set: give --feature_set"
+        )
+    return load_feature_set(spec or recorded)
+
+
+if __name__ == "__main__":
+    from beam_pipelines.cli import main
+
+    main(["validate", *sys.argv[1:]], run)

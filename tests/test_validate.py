@@ -1,0 +1,456 @@
+"""skewless validate on real flights: a baseline prepared from Jan-Mar 2013, December held out,
+drift injected into a copy of it one kind at a time; the comparison on hand-built statistics;
+prepare --validate_against and train refusing anomalous data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
+
+from beam_pipelines.cli import run_job
+from beam_pipelines.io.statistics_io import read_schema, read_statistics, schema_path, write_schema
+from tests.flights_data import _read_bytes, real_flights, write_jsonl
+from tests.weather_featureset import weather_path
+from transforms.anomalies import (
+    DEFAULT_DRIFT_THRESHOLD,
+    find_anomalies,
+    jensen_shannon_divergence,
+    numeric_distributions,
+)
+from transforms.consistency import plain
+
+BASELINE_MONTHS = (1, 2, 3)
+HELD_OUT = 12
+SHIFTED_CARRIER = "UA"
+WEATHER = "tests.weather_featureset:WEATHER"
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Rows -> CSV with the rows' own columns (a renamed column stays renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return path
+
+
+def run_prepare(*argv: str) -> int:
+    """`skewless prepare` in its own process (as a user runs it); its exit code."""
+    done = subprocess.run([sys.executable, "-m", "beam_pipelines.prepare", *argv], capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert done.returncode in (0, 3), done.stderr[-3000:]
+    return done.returncode
+
+
+def month_rows(month: int) -> list[dict]:
+    return [r for r in real_flights(month, 1, days=31) if r["month"] == month]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    """prepare on Jan-Mar (about 80,000 flights), then the schema edit a monthly validation
+    needs: `month` is a calendar field, a held-out month never overlaps the baseline's."""
+    rows = [r for m in BASELINE_MONTHS for r in month_rows(m)]
+    root = tmp_path_factory.mktemp("baseline")
+    out = root / "prepared"
+    run_prepare("--input", str(write_rows(root / "q1.csv", rows)), "--output_dir", str(out), "--eval_fraction", "0.2")  # fmt: skip
+    inferred = read_schema(schema_path(str(out)))
+    write_schema(str(root / "inferred.pbtxt"), inferred)
+    for feature in inferred.feature:
+        if feature.name == "month":
+            feature.ClearField("drift_comparator")
+    write_schema(schema_path(str(out)), inferred)
+    return out
+
+
+@pytest.fixture(scope="module")
+def december() -> list[dict]:
+    return month_rows(HELD_OUT)
+
+
+def validate(
+    tmp_path: Path, baseline: Path, *source: str, name: str = "out"
+) -> tuple[int, list[dict], Path]:
+    out = tmp_path / name
+    code = run_job("validate", ["--baseline", str(baseline), *source, "--output_dir", str(out)])
+    anomalies = (
+        json.loads((out / "anomalies.json").read_text())
+        if (out / "anomalies.json").exists()
+        else None
+    )
+    return code, anomalies, out
+
+
+def blocking(anomalies: list[dict]) -> list[tuple]:
+    return sorted((a["question"], a["feature"], a["kind"]) for a in anomalies if a["blocking"])
+
+
+# --- real data, end to end ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_clean_held_out_month_passes(baseline, december, tmp_path):
+    code, anomalies, out = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "dec.csv", december))
+    )
+    assert code == 0, anomalies
+    assert blocking(anomalies) == []
+    new = read_statistics(str(out / "statistics.pb")).datasets[0]
+    assert new.num_examples == len(december)
+    assert {f.name for f in new.features} == set(december[0])  # the raw columns, as read
+    report = (out / "report.html").read_text()
+    assert "No blocking anomaly" in report
+
+
+@pytest.mark.timeout(300)
+def test_the_schema_edit_is_honoured(baseline, december, tmp_path):
+    """With the inferred schema (month still compared), the same month is refused."""
+    path = write_rows(tmp_path / "dec.csv", december)
+    inferred = baseline.parent / "inferred.pbtxt"
+    code, anomalies, _ = validate(
+        tmp_path, baseline, "--input", str(path), "--baseline_schema", str(inferred)
+    )
+    assert code == 3
+    assert blocking(anomalies) == [(1, "month", "distribution_drift")]
+
+
+@pytest.mark.timeout(300)
+def test_a_delay_shift_for_one_carrier_is_drift(baseline, december, tmp_path):
+    rows = [dict(r) for r in december]
+    for r in rows:
+        if r["carrier"] == SHIFTED_CARRIER and r["dep_delay"] is not None:
+            r["dep_delay"] += 30
+    code, anomalies, out = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "shifted.csv", rows))
+    )
+    assert code == 3
+    assert blocking(anomalies) == [(1, "dep_delay", "distribution_drift")]
+    (drift,) = [a for a in anomalies if a["feature"] == "dep_delay"]
+    assert drift["value"] > drift["threshold"] == DEFAULT_DRIFT_THRESHOLD
+    report = (out / "report.html").read_text()
+    assert "<h3>dep_delay</h3><svg" in report and "exit code 3" in report
+
+
+@pytest.mark.timeout(300)
+def test_a_renamed_column_is_missing_and_unexpected(baseline, december, tmp_path):
+    rows = [
+        {("departure_delay" if k == "dep_delay" else k): v for k, v in r.items()} for r in december
+    ]
+    code, anomalies, _ = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "renamed.csv", rows))
+    )
+    assert code == 3
+    found = sorted(
+        (a["question"], a["feature"], a["kind"], a["blocking"])
+        for a in anomalies
+        if a["question"] in (2, 3)
+    )
+    assert found == [
+        (2, "dep_delay", "missing_column", True),
+        (3, "departure_delay", "unexpected_column", False),
+    ]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("share", [1.0, 0.1], ids=["every_row", "last_tenth"])
+def test_an_int_column_turned_to_text_is_a_type_change(baseline, december, tmp_path, share):
+    """Also when only the last rows change (Arrow then reads the whole file as text: the
+    other columns get their types back)."""
+    start = int(len(december) * (1 - share))
+    rows = [
+        {**r, "flight": f"F{r['flight']}" if i >= start else r["flight"]}
+        for i, r in enumerate(december)
+    ]
+    code, anomalies, _ = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "typed.csv", rows))
+    )
+    assert code == 3
+    assert blocking(anomalies) == [(4, "flight", "type_change")]
+    (change,) = [a for a in anomalies if a["question"] == 4]
+    assert (change["value"], change["threshold"]) == ("STRING", "INT")
+
+
+@pytest.mark.timeout(300)
+def test_a_fifth_of_a_feature_missing_is_a_presence_anomaly(baseline, december, tmp_path):
+    rng = random.Random(13)
+    rows = [{**r, "dest": None if rng.random() < 0.2 else r["dest"]} for r in december]
+    missing = sum(r["dest"] is None for r in rows) / len(rows)
+    code, anomalies, _ = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "holes.csv", rows))
+    )
+    assert code == 3
+    assert blocking(anomalies) == [(5, "dest", "presence")]
+    (presence,) = [a for a in anomalies if a["question"] == 5]
+    assert (
+        presence["value"] == pytest.approx(1 - missing, abs=1e-6) and presence["threshold"] == 1.0
+    )
+
+
+@pytest.mark.timeout(300)
+def test_a_new_airport_code_in_five_percent_of_rows_is_an_unseen_category(
+    baseline, december, tmp_path
+):
+    rows = [{**r, "origin": "XNA" if i % 20 == 0 else r["origin"]} for i, r in enumerate(december)]
+    code, anomalies, _ = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "new_code.csv", rows))
+    )
+    assert code == 3
+    assert blocking(anomalies) == [(1, "origin", "unseen_categories")]
+    (unseen,) = [a for a in anomalies if a["feature"] == "origin"]
+    assert unseen["value"] == pytest.approx(0.05, abs=0.001) and "'XNA'" in unseen["description"]
+
+
+@pytest.mark.timeout(300)
+def test_the_baseline_s_own_features_pass(baseline, tmp_path):
+    """--prepared_dir reads features/ (every example column, the aggregates included)."""
+    code, anomalies, out = validate(tmp_path, baseline, "--prepared_dir", str(baseline))
+    assert code == 0 and blocking(anomalies) == []
+    new = read_statistics(str(out / "statistics.pb")).datasets[0]
+    assert {f.name for f in new.features} == {
+        f.name for f in read_schema(schema_path(str(baseline))).feature
+    }
+
+
+@pytest.mark.timeout(120)
+def test_exit_codes_of_errors(baseline, tmp_path):
+    missing = run_job("validate", ["--baseline", str(tmp_path / "nope"), "--input", "x.csv", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert missing == 2  # found before the run: a usage error
+    both = run_job("validate", ["--baseline", str(baseline), "--input", "x.csv", "--prepared_dir", str(baseline), "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert both == 2
+    broken = write_jsonl(tmp_path / "log" / "serving_log-1.jsonl", [], ["{not json"])
+    assert run_job("validate", ["--baseline", str(baseline), "--serving_log", str(broken), "--output_dir", str(tmp_path / "o")]) == 1  # fmt: skip
+
+
+# --- list features (question 6), through a serving log --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weather_baseline(tmp_path_factory) -> Path:
+    from beam_pipelines.io.files import read_csv_table
+
+    table, _ = read_csv_table(_read_bytes(weather_path()))
+    rows = []
+    for row in table.to_pylist():
+        if row["month"] <= 2:
+            row["time_hour"] = row["time_hour"].strftime("%Y-%m-%dT%H:%M:%SZ")
+            rows.append(row)
+    root = tmp_path_factory.mktemp("weather")
+    out = root / "prepared"
+    path = write_jsonl(root / "weather.jsonl", rows)
+    run_prepare("--feature_set", WEATHER, "--input", str(path), "--output_dir", str(out), "--eval_fraction", "0.2")  # fmt: skip
+    return out
+
+
+def serving_log(path: Path, features: list[dict]) -> Path:
+    records = [{"example_key": {}, "event_time": 0, "features": {k: plain(v) for k, v in f.items()}, "model_version": 1, "prediction": 0.5} for f in features]  # fmt: skip
+    return write_jsonl(path, records)
+
+
+@pytest.mark.timeout(300)
+def test_a_list_feature_with_too_many_values_in_a_serving_log(weather_baseline, tmp_path):
+    table = pq.read_table(weather_baseline / "features")
+    lists = [f.name for f in table.schema if str(f.type).startswith("list")]
+    schema = {f.name: f for f in read_schema(schema_path(str(weather_baseline))).feature}
+    longest = {name: schema[name].value_count.max for name in lists}
+    target = "origin_last_k_temp_1d"
+    assert target in lists and longest[target] == 3  # k = 3
+    rows = table.to_pylist()
+    code, anomalies, _ = validate(tmp_path, weather_baseline, "--serving_log", str(serving_log(tmp_path / "clean" / "log.jsonl", rows)), name="clean")  # fmt: skip
+    assert code == 0 and blocking(anomalies) == []
+    for i, row in enumerate(rows):
+        if i % 10 == 0:
+            row[target] = row[target] * 4  # the same values, repeated: only the count changes
+    code, anomalies, _ = validate(tmp_path, weather_baseline, "--serving_log", str(serving_log(tmp_path / "long" / "log.jsonl", rows)), name="long")  # fmt: skip
+    assert code == 3
+    assert blocking(anomalies) == [(6, target, "value_count")]
+    (count,) = [a for a in anomalies if a["question"] == 6]
+    assert (count["value"], count["threshold"]) == (12, 3)
+
+
+# --- prepare --validate_against and train ---------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_prepare_refuses_drifted_data_and_train_refuses_it(baseline, december, tmp_path):
+    from models import train
+
+    rows = [dict(r) for r in december]
+    for r in rows:
+        if r["carrier"] == SHIFTED_CARRIER and r["dep_delay"] is not None:
+            r["dep_delay"] += 30
+    out = tmp_path / "prepared"
+    argv = ["--input", str(write_rows(tmp_path / "shifted.csv", rows)), "--output_dir", str(out), "--validate_against", str(baseline)]  # fmt: skip
+    assert run_prepare(*argv) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["validation"]["refused"] is True
+    anomalies = json.loads((out / "validation" / "anomalies.json").read_text())
+    assert summary["validation"]["blocking"] == [a for a in anomalies if a["blocking"]]
+    # the examples: the delay and the mean delays aggregated from it
+    assert (1, "dep_delay", "distribution_drift") in blocking(anomalies)
+    assert {a["feature"] for a in anomalies if a["blocking"]} <= {
+        "dep_delay",
+        "origin_mean_dep_delay_1h",
+        "carrier_mean_dep_delay_1h",
+    }
+    with pytest.raises(SystemExit) as exc:
+        train.run(["--prepared_dir", str(out), "--model_dir", str(tmp_path / "models")])
+    assert exc.value.code == 3
+    assert not (tmp_path / "models").exists()
+
+
+# --- the comparison on hand-built statistics -------------------------------------------------------
+
+
+def numeric(name: str, values, kind=statistics_pb2.FeatureNameStatistics.FLOAT, missing: int = 0):
+    """A numeric feature's statistics with a quantiles histogram of `values` (10 buckets)."""
+    import numpy as np
+
+    f = statistics_pb2.FeatureNameStatistics(name=name, type=kind)
+    f.num_stats.common_stats.num_non_missing = len(values)
+    f.num_stats.common_stats.num_missing = missing
+    f.num_stats.common_stats.min_num_values = f.num_stats.common_stats.max_num_values = 1
+    edges = np.quantile(values, np.linspace(0, 1, 11), method="inverted_cdf")
+    h = f.num_stats.histograms.add(type=statistics_pb2.Histogram.QUANTILES)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        h.buckets.add(low_value=lo, high_value=hi, sample_count=len(values) / 10)
+    return f
+
+
+def strings(name: str, counts: dict[str, int]):
+    f = statistics_pb2.FeatureNameStatistics(
+        name=name, type=statistics_pb2.FeatureNameStatistics.STRING
+    )
+    s = f.string_stats
+    s.common_stats.num_non_missing = s.common_stats.tot_num_values = sum(counts.values())
+    s.common_stats.min_num_values = s.common_stats.max_num_values = 1
+    s.unique = len(counts)
+    for i, (v, c) in enumerate(sorted(counts.items(), key=lambda kv: -kv[1])):
+        s.rank_histogram.buckets.add(low_rank=i, high_rank=i, label=v, sample_count=c)
+    return f
+
+
+def dataset(n: int, *features) -> statistics_pb2.DatasetFeatureStatistics:
+    return statistics_pb2.DatasetFeatureStatistics(name="d", num_examples=n, features=features)
+
+
+def schema_of(text: str) -> schema_pb2.Schema:
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, schema_pb2.Schema())
+
+
+def test_jensen_shannon_is_zero_for_the_same_and_one_for_disjoint_histograms():
+    same = numeric_distributions(numeric("x", list(range(100))), numeric("x", list(range(100))))
+    assert jensen_shannon_divergence(same[1], same[2]) == pytest.approx(0.0, abs=1e-12)
+    apart = numeric_distributions(
+        numeric("x", list(range(100))), numeric("x", list(range(1000, 1100)))
+    )
+    assert jensen_shannon_divergence(apart[1], apart[2]) == pytest.approx(1.0)
+    edges, p, q = numeric_distributions(
+        numeric("x", [0.0] * 50 + [1.0] * 50), numeric("x", [0.0] * 90 + [1.0] * 10)
+    )
+    assert list(edges) == [0.0, 1.0] and p.sum() == pytest.approx(1) and q.sum() == pytest.approx(1)
+    assert p[0] < q[0]  # the point mass at 0 grew
+
+
+def test_thresholds_come_from_the_schema_and_every_question_can_fire():
+    schema = schema_of(
+        """
+        feature { name: "x" type: FLOAT presence { min_fraction: 1.0 }
+                  value_count { min: 1 max: 1 } drift_comparator { jensen_shannon_divergence { threshold: 0.5 } } }
+        feature { name: "c" type: BYTES domain: "c" presence { min_fraction: 0.5 }
+                  drift_comparator { infinity_norm { threshold: 0.05 } } }
+        feature { name: "n" type: INT }
+        feature { name: "gone" type: INT }
+        string_domain { name: "c" value: "a" value: "b" }
+        """
+    )
+    base = dataset(
+        100,
+        numeric("x", list(range(100))),
+        strings("c", {"a": 50, "b": 50}),
+        numeric("n", list(range(100))),
+    )
+    shifted = [v + 30.0 for v in range(100)]
+    new = dataset(
+        100,
+        numeric("x", shifted, missing=10),
+        strings("c", {"a": 20, "b": 20, "z": 5}),
+        strings("n", {"1": 100}),
+        numeric("extra", [1.0]),
+    )
+    new.features[0].num_stats.common_stats.num_non_missing = 90
+    new.features[0].num_stats.common_stats.max_num_values = 3
+    found = {(a.question, a.feature, a.kind): a for a in find_anomalies(base, schema, new)}
+    assert set(found) == {
+        (2, "gone", "missing_column"),
+        (3, "extra", "unexpected_column"),
+        (4, "n", "type_change"),
+        (5, "x", "presence"),
+        (5, "c", "presence"),
+        (6, "x", "value_count"),
+        (1, "c", "unseen_categories"),
+        (1, "c", "distribution_drift"),
+    }
+    # the JSD of a 30 % shift is under the schema's 0.5; the default 0.1 would flag it
+    assert found[(5, "c", "presence")].value == pytest.approx(0.45)
+    assert found[(1, "c", "unseen_categories")].value == pytest.approx(5 / 45, abs=1e-6)
+    assert found[(1, "c", "distribution_drift")].threshold == pytest.approx(0.05)
+    schema.feature[0].drift_comparator.jensen_shannon_divergence.threshold = 0.0  # unset: default
+    found = {(a.question, a.feature, a.kind): a for a in find_anomalies(base, schema, new)}
+    assert found[(1, "x", "distribution_drift")].threshold == DEFAULT_DRIFT_THRESHOLD
+    assert not found[(3, "extra", "unexpected_column")].blocking
+
+
+def test_ints_are_accepted_as_floats_and_a_small_unseen_share_does_not_block():
+    schema = schema_of(
+        """
+        feature { name: "x" type: FLOAT }
+        feature { name: "c" type: BYTES string_domain { value: "a" value: "b" } }
+        feature { name: "d" type: BYTES string_domain { value: "a" } distribution_constraints { min_domain_mass: 1.0 } }
+        """
+    )
+    base = dataset(1000, numeric("x", list(range(1000))))
+    new = dataset(
+        1000,
+        numeric("x", list(range(1000)), kind=statistics_pb2.FeatureNameStatistics.INT),
+        strings("c", {"a": 995, "new": 5}),
+        strings("d", {"a": 999, "new": 1}),
+    )
+    found = find_anomalies(base, schema, new)
+    assert [(a.feature, a.kind, a.blocking) for a in found] == [
+        ("c", "unseen_categories", False),  # 0.5 % is within the default 1 %
+        ("d", "unseen_categories", True),  # the schema tolerates none
+    ]
+
+
+def test_expected_and_known_columns_limit_questions_2_and_3():
+    schema = schema_of(
+        'feature { name: "raw" type: INT } feature { name: "aggregate" type: FLOAT }'
+    )
+    new = dataset(
+        10,
+        numeric("raw", list(range(10)), kind=statistics_pb2.FeatureNameStatistics.INT),
+        numeric("other_raw", [1.0]),
+    )
+    assert [a.kind for a in find_anomalies(dataset(0), schema, new)] == [
+        "missing_column",
+        "unexpected_column",
+    ]
+    found = find_anomalies(
+        dataset(0),
+        schema,
+        new,
+        expected_columns=["raw", "other_raw"],
+        known_columns=["raw", "other_raw"],
+    )
+    assert found == []
