@@ -251,10 +251,12 @@ class SplitServingLog(beam.DoFn):
         self._logged = Metrics.counter(NAMESPACE, "serving_log_events")
 
     def process(self, prediction: dict) -> Iterator:
-        record = prediction.pop(SERVING_LOG, None)
-        if record is not None:
-            self._logged.inc()
-            yield beam.pvalue.TaggedOutput(SERVING_LOG, record)
+        if SERVING_LOG not in prediction:
+            yield prediction
+            return
+        prediction = dict(prediction)  # an input element is not ours to change
+        self._logged.inc()
+        yield beam.pvalue.TaggedOutput(SERVING_LOG, prediction.pop(SERVING_LOG))
         yield prediction
 
 

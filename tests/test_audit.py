@@ -429,3 +429,54 @@ def test_the_scorer_with_a_serving_log_builds_for_dataflow_keeping_its_step_name
     top = {s for s in steps if "/" not in s and not s.startswith("ref_")}
     assert top == SCORE_STREAM_STEPS | {"SplitServingLog", "ServingLog"}
     assert {"ServingLog/Window", "ServingLog/WriteFiles"} <= steps
+
+
+def _id(r: dict) -> tuple:
+    """Carrier, flight and origin: one flight of the slice (the scheduled time's form differs
+    between a prediction and an example)."""
+    return (r["carrier"], r["flight"], r["origin"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_log_branch_carries_the_scored_examples_and_their_predictions(tmp_path_factory):
+    """ScoreEvents with a sample, then SplitServingLog: the predictions are the plain ones and
+    each sampled example's record holds its example columns and its own prediction."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from models.handler import SkewlessModelHandler
+    from transforms.aggregations import attach_aggregates
+
+    trained = prepared_and_trained(tmp_path_factory)
+    raws = [dict(r) for r in trained["rows"] if INPUT_START <= r["time_hour"] < INPUT_END][:40]
+    examples = [attach_aggregates(FLIGHTS, e, lambda k: None) for e in typed_events(FLIGHTS, raws)]
+    sampled = [e for e in examples if is_sampled(example_key(FLIGHTS, e), SAMPLE)]
+    assert 0 < len(sampled) < len(examples)
+    handler = SkewlessModelHandler(str(trained["model_dir"]))
+    with TestPipeline(runner="FnApiRunner") as p:
+        batches = p | beam.Create([examples[:25], examples[25:]])
+        predictions, dead = batches | score_stream.ScoreEvents(FLIGHTS, handler, SAMPLE)
+        split = predictions | beam.ParDo(score_stream.SplitServingLog()).with_outputs(
+            score_stream.SERVING_LOG, main="predictions"
+        )
+        plain = split.predictions | beam.Map(lambda r: (_id(r), score_stream.SERVING_LOG in r))
+        logged = split[score_stream.SERVING_LOG] | beam.Map(
+            lambda r: (_id(r["example_key"]), r["features"]["dest"], round(r["prediction"], 6))
+        )
+        probability = beam.pvalue.AsDict(
+            split.predictions
+            | "ByFlight" >> beam.Map(lambda r: (_id(r), round(r["probability"], 6)))
+        )
+        assert_that(
+            plain,
+            equal_to([(_id(e), False) for e in examples]),
+            label="Predictions",
+        )
+        assert_that(
+            logged | beam.Map(lambda t, probs: (t[0], t[1], t[2] == probs[t[0]]), probability),
+            equal_to([(_id(e), e["dest"], True) for e in sampled]),
+            label="Logged",
+        )
+        assert_that(dead, equal_to([]), label="NoDeadLetters")
