@@ -479,3 +479,14 @@ def test_statistics_math_helpers_do_not_depend_on_the_batch_size(flights):
     assert small.num_stats.mean == pytest.approx(large.num_stats.mean, rel=1e-12)
     assert small.num_stats.std_dev == pytest.approx(large.num_stats.std_dev, rel=1e-12)
     assert math.isfinite(small.num_stats.std_dev)
+
+
+@pytest.mark.timeout(600)
+def test_the_benchmark_switch_leaves_statistics_and_schema_out(prepared, tmp_path, monkeypatch):
+    path, _, _ = prepared
+    monkeypatch.setenv(prepare.NO_STATISTICS_ENV, "1")
+    out = tmp_path / "out"
+    summary = prepare.run(["--input", str(path), "--output_dir", str(out)])
+    assert summary["statistics"] is None and summary["schema"] is None
+    assert summary["examples_train"] > 0
+    assert not (out / "statistics").exists() and not (out / "schema").exists()
