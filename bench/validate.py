@@ -1,0 +1,213 @@
+"""Benchmark: `skewless validate` of one month of flights against the year's baseline vs the same
+statistics computed with pyarrow + numpy alone in one process.
+
+    python bench/validate.py [--out DIR] [--month 12] [--repeat 3] [--baseline PREPARED_DIR]
+
+The baseline is prepare on all 336,776 flights (run once, kept under --out). Each repeat runs,
+alternately: the job as a user runs it (`python -m beam_pipelines.validate`, a whole process:
+imports, the Beam pipeline on the local runner, the outputs), the floor as a whole process
+(`python bench/validate.py --floor CSV`: read the CSV with Arrow's type inference, then per
+column counts, missing, min/max/mean/std/zeros, 1,001 exact quantiles, a 10-bucket histogram,
+value counts and distinct strings, list lengths), and both again inside this process once
+their imports are loaded (the job's pipeline through build_pipeline on FnApiRunner, and the
+floor's function). Best of the repeats; the issue's target is job / floor <= 2. These
+machines are shared and noisy: ratios hold, absolute seconds do not. The last line is one
+JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROWS = 336_776
+# What the job's process loads before its pipeline: Beam, the job, the feature set's module
+# (the bundled one imports TensorFlow and tf.Transform for its preprocessing_fn).
+IMPORTS = "import beam_pipelines.validate; import transforms.featureset as f; f.load_feature_set('flights')"
+
+
+def month_csv(month: int, path: Path) -> int:
+    """The bundled flights of one month, as the CSV lines they are; returns the rows."""
+    from transforms.flights import bundled_flights_path
+
+    with zipfile.ZipFile(bundled_flights_path()) as archive:
+        text = archive.read(archive.namelist()[0]).decode()
+    header, *lines = text.splitlines()
+    keep = [line for line in lines if month == 0 or line.split(",")[1] == str(month)]
+    path.write_text("\n".join([header, *keep]) + "\n")
+    return len(keep)
+
+
+def floor_statistics(path: str) -> dict:
+    """The statistics validate computes, with pyarrow + numpy in this process."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(path)
+    out = {"num_examples": table.num_rows}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        column = column.combine_chunks()
+        stats = {"num_non_missing": len(column) - column.null_count}
+        values = column.drop_null()
+        if pa.types.is_list(values.type):
+            lengths = pc.list_value_length(values).to_numpy()
+            stats["value_counts"] = (int(lengths.min()), int(lengths.max()))
+            values = pc.list_flatten(values)
+        t = values.type
+        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t):
+            if pa.types.is_temporal(t):
+                values = values.cast(pa.int64())
+            x = values.to_numpy(zero_copy_only=False).astype(np.float64)
+            if len(x):
+                stats.update(
+                    mean=float(x.mean()),
+                    std=float(x.std()),
+                    min=float(x.min()),
+                    max=float(x.max()),
+                    zeros=int((x == 0).sum()),
+                    quantiles=np.quantile(x, np.linspace(0, 1, 1001)),
+                    histogram=np.histogram(x, 10),
+                )
+        else:
+            counts = pc.value_counts(values)
+            order = np.argsort(-counts.field("counts").to_numpy(), kind="stable")
+            stats.update(
+                unique=len(counts),
+                top=counts.take(pa.array(order[:1000])),
+                avg_length=float(pc.mean(pc.binary_length(values)).as_py() or 0.0),
+            )
+        out[name] = stats
+    return out
+
+
+def run_child(argv: list[str], log: Path) -> tuple[float, int]:
+    """Wall seconds and exit code of a child process (0 and 3, 'anomalies found', are fine)."""
+    with open(log, "wb") as f:
+        started = time.perf_counter()
+        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+        seconds = time.perf_counter() - started
+    if code not in (0, 3):
+        raise SystemExit(f"{argv[:4]} failed (exit {code}); see {log}")
+    return seconds, code
+
+
+def in_process_validate(baseline_dir: str, csv: str, out: str) -> float:
+    """The job's pipeline (build_pipeline, FnApiRunner) in this process, imports loaded."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_pipelines import validate
+    from beam_pipelines.baseline_check import RAW, load_baseline
+    from beam_pipelines.io.validation_io import ReadInferredFiles
+    from transforms.featureset import load_feature_set
+
+    started = time.perf_counter()
+    baseline = load_baseline(baseline_dir)
+    fs = load_feature_set(baseline.summary["feature_set_spec"])
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        validate.build_pipeline(p, ReadInferredFiles(csv), baseline, fs, RAW, out, "bench")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--out", default="out/bench/validate")
+    parser.add_argument("--month", type=int, default=12, help="1-12; 0: the whole year")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--baseline", help="A prepared directory of all flights (default: made once under --out)."
+    )
+    parser.add_argument("--floor", help=argparse.SUPPRESS)  # the floor's child process
+    args = parser.parse_args()
+    if args.floor:
+        started = time.perf_counter()
+        floor_statistics(args.floor)
+        print(json.dumps({"seconds": time.perf_counter() - started}))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = Path(args.baseline) if args.baseline else out / "baseline"
+    if not (baseline / "statistics" / "statistics.pb").exists():
+        print(f"preparing the baseline (all {ROWS:,} flights) in {baseline} ...", flush=True)
+        run_child(
+            [sys.executable, "-m", "beam_pipelines.prepare", "--output_dir", str(baseline)],
+            out / "prepare.log",
+        )
+    csv = out / f"month_{args.month:02d}.csv"
+    rows = month_csv(args.month, csv)
+    env_python = [sys.executable]
+    runs: dict[str, list[float]] = {
+        "job": [],
+        "floor": [],
+        "job_imports": [],
+        "job_in_process": [],
+        "floor_in_process": [],
+    }
+    code = None
+    for i in range(args.repeat):
+        seconds, code = run_child(
+            [*env_python, "-m", "beam_pipelines.validate", "--baseline", str(baseline), "--input", str(csv),
+             "--output_dir", str(out / f"job_{i}")],
+            out / f"job_{i}.log",
+        )  # fmt: skip
+        runs["job"].append(seconds)
+        seconds, _ = run_child([*env_python, __file__, "--floor", str(csv)], out / f"floor_{i}.log")
+        runs["floor"].append(seconds)
+        seconds, _ = run_child([*env_python, "-c", IMPORTS], out / f"imports_{i}.log")
+        runs["job_imports"].append(seconds)
+        runs["job_in_process"].append(
+            in_process_validate(str(baseline), str(csv), str(out / f"warm_{i}"))
+        )
+        started = time.perf_counter()
+        floor_statistics(str(csv))
+        runs["floor_in_process"].append(time.perf_counter() - started)
+    best = {k: min(v) for k, v in runs.items()}
+    anomalies = json.loads((out / "job_0" / "anomalies.json").read_text())
+    ratio = best["job"] / best["floor"]
+    warm_ratio = best["job_in_process"] / best["floor_in_process"]
+    print(
+        f"month {args.month or 'all'}: {rows:,} flights against the year's baseline; best of {args.repeat}"
+    )
+    print(f"{'run':<18}{'best s':>9}{'rows/s':>10}")
+    for name, seconds in best.items():
+        print(f"{name:<18}{seconds:>9.2f}{rows / seconds:>10,.0f}")
+    print(
+        f"job / floor, whole processes: {ratio:.2f}; in process, imports loaded: {warm_ratio:.2f} (target <= 2)"
+    )
+    print(f"the job's process without its imports: {best['job'] - best['job_imports']:.2f} s")
+    print(
+        f"exit code {code}; anomalies: {[(a['question'], a['feature'], a['kind'], a['blocking']) for a in anomalies]}"
+    )
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "month": args.month,
+                "seconds": {k: round(v, 3) for k, v in best.items()},
+                "rows_per_s": {k: round(rows / v) for k, v in best.items()},
+                "ratio": round(ratio, 2),
+                "ratio_in_process": round(warm_ratio, 2),
+                "job_without_imports_s": round(best["job"] - best["job_imports"], 3),
+                "exit_code": code,
+                "anomalies": len(anomalies),
+                "blocking": sum(a["blocking"] for a in anomalies),
+                "cpus": os.cpu_count(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
