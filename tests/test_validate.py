@@ -454,3 +454,29 @@ def test_expected_and_known_columns_limit_questions_2_and_3():
         known_columns=["raw", "other_raw"],
     )
     assert found == []
+
+
+# --- BigQuery (the Storage Read API emulator) ---------------------------------------------------
+
+
+@pytest.mark.emulator
+@pytest.mark.timeout(300)
+def test_a_bigquery_table_is_validated_as_read(baseline, december, bq_emulator, tmp_path):
+    """No schema check against the feature set first: a renamed column is an anomaly, not an
+    error before the run."""
+    from tests.test_prepare_bigquery import emulator_args, flights_table
+
+    week = [r for r in december if r["day"] <= 7]  # the emulator streams messages under 4 MB
+    dataset = bq_emulator.create_dataset()
+    clean = bq_emulator.create_table(dataset, "december", flights_table(week))
+    code, anomalies, _ = validate(tmp_path, baseline, "--bigquery_table", clean, *emulator_args(bq_emulator), name="clean")  # fmt: skip
+    # BigQuery's types are the files' (no question 2-6 anomaly); a week differs in `day` only
+    assert [a for a in anomalies if a["question"] > 1] == []
+    assert blocking(anomalies) == [(1, "day", "distribution_drift")] and code == 3
+    renamed = flights_table(week).rename_columns(
+        ["departure_delay" if n == "dep_delay" else n for n in flights_table(week[:1]).column_names]
+    )
+    table = bq_emulator.create_table(dataset, "renamed", renamed)
+    code, anomalies, _ = validate(tmp_path, baseline, "--bigquery_table", table, *emulator_args(bq_emulator), name="renamed")  # fmt: skip
+    assert code == 3
+    assert {(a["question"], a["feature"]) for a in anomalies if a["question"] in (2, 3)} == {(2, "dep_delay"), (3, "departure_delay")}  # fmt: skip
