@@ -84,19 +84,20 @@ class ValidateOptions(PipelineOptions):
 def source_kind(options: PipelineOptions) -> str:
     """Which one of the four inputs the options name; ValueError unless exactly one."""
     src = options.view_as(SourceOptions)
-    given = {
-        RAW + " (--input)": src.input,
-        RAW + " (--bigquery_table/--bigquery_query)": src.bigquery_table or src.bigquery_query,
-        FEATURES: options.view_as(ValidateOptions).prepared_dir,
-        SERVING_LOG: options.view_as(ServingLogOptions).serving_log,
-    }
-    named = [k for k, v in given.items() if v]
+    given = [
+        ("--input", RAW, src.input),
+        ("--bigquery_table/--bigquery_query", RAW, src.bigquery_table or src.bigquery_query),
+        ("--prepared_dir", FEATURES, options.view_as(ValidateOptions).prepared_dir),
+        ("--serving_log", SERVING_LOG, options.view_as(ServingLogOptions).serving_log),
+    ]
+    named = [(flag, kind) for flag, kind, value in given if value]
     if len(named) != 1:
+        flags = ", ".join(flag for flag, _ in named) or "none"
         raise ValueError(
             "give exactly one input: --input, --bigquery_table/--bigquery_query, --prepared_dir "
-            f"or --serving_log (got {len(named) or 'none'})"
+            f"or --serving_log (got {flags})"
         )
-    return named[0].split(" ")[0]
+    return named[0][1]
 
 
 def new_data_source(
