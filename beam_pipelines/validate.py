@@ -8,6 +8,10 @@ import sys
 from collections.abc import Sequence
 
 import apache_beam as beam
+
+# tf.Transform (every feature set's preprocessing_fn needs it) is imported with this module,
+# while the CLI quiets TensorFlow's native start-up lines; inside run() it would print them.
+import tensorflow_transform  # noqa: F401
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
