@@ -14,7 +14,6 @@ from the earliest logged one minus (serving delay + period + largest window) to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from beam_pipelines.io.sources import ReadReferenceIndexes, read_source, referen
 from beam_pipelines.options import (
     FeatureSetOptions,
     ModelOptions,
+    OutputDirOptions,
     ServingLogOptions,
     SourceOptions,
 )
@@ -76,27 +76,9 @@ DESCRIPTION = (
 )
 
 
-class AuditFlags:
-    """The audit's own flag, --output_dir. Not a PipelineOptions class: prepare declares the
-    same flag, and Beam's one parser per process refuses a flag declared twice, so the audit
-    parses it itself (`output_dir`). --serving_log*, --model_dir/--model_version, the source
-    flags and --feature_set are shared (options.py)."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--output_dir", help="Directory (local or gs://) for audit.json and dead_letters/."
-        )
-
-
-GROUPS = (AuditFlags, ServingLogOptions, ModelOptions, SourceOptions, FeatureSetOptions)
-
-
-def output_dir(argv: Sequence[str]) -> str | None:
-    """--output_dir of the command line (the last one given)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    AuditFlags._add_argparse_args(parser)
-    return parser.parse_known_args(list(argv))[0].output_dir
+# The audit's flags are all shared (options.py): --output_dir, --serving_log*, --model_dir /
+# --model_version, the source flags and --feature_set.
+GROUPS = (OutputDirOptions, ServingLogOptions, ModelOptions, SourceOptions, FeatureSetOptions)
 
 
 class LogIndex(beam.CombineFn):
@@ -299,11 +281,13 @@ def run_audit(argv: Sequence[str] | None = None) -> dict | None:
         prog="skewless audit",
         description=DESCRIPTION,
         groups=GROUPS,
-        required=((ServingLogOptions, "serving_log"), (ModelOptions, "model_dir")),
+        required=(
+            (ServingLogOptions, "serving_log"),
+            (ModelOptions, "model_dir"),
+            (OutputDirOptions, "output_dir"),
+        ),
     )
-    out_dir = output_dir(sys.argv[1:] if argv is None else argv)
-    if not out_dir:
-        raise _fail("missing required option(s): --output_dir")
+    out_dir = options.view_as(OutputDirOptions).output_dir
     with before_run():
         log_opts = options.view_as(ServingLogOptions)
         model_opts = options.view_as(ModelOptions)

@@ -192,7 +192,7 @@ class ServingLogOptions(PipelineOptions):
 
 
 class OutputDirOptions(PipelineOptions):
-    """--output_dir of the batch jobs that write a directory of outputs (prepare, validate)."""
+    """--output_dir of the batch jobs that write a directory of outputs (prepare, validate, audit)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
