@@ -48,7 +48,17 @@ def read_inferred(path: str, fmt: str, batch_rows: int = BATCH_ROWS) -> Iterator
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear error
         raise InputError(f"{path}: cannot be read as {fmt} ({_one_line(exc)})") from None
-    yield from table.combine_chunks().to_batches(max_chunksize=batch_rows)
+    for batch in table.combine_chunks().to_batches(max_chunksize=batch_rows):
+        yield _compact(batch)
+
+
+def _compact(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch that owns its rows' buffers only. A slice shares its table's buffers, and Beam
+    pickles a RecordBatch with every buffer whole: each 20,000-row slice of the year's flights
+    would cross a stage boundary as the whole 48 MiB table."""
+    return pa.RecordBatch.from_arrays(
+        [pa.concat_arrays([c]) for c in batch.columns], schema=batch.schema
+    )
 
 
 # What a text column is read as when all its values convert, narrowest first.
