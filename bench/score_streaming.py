@@ -74,8 +74,9 @@ def flights(n: int) -> list[tuple[int, dict]]:
     return events
 
 
-def write_cells(table_id: str, events: list[tuple[int, dict]]) -> None:
-    """The batch backfill of these flights through the aggregate job's Bigtable sink."""
+def write_cells(table_id: str, events: list[tuple[int, dict]], fs=None) -> None:
+    """The batch backfill of these flights through the aggregate job's Bigtable sink (feature
+    set `fs`, default the bundled flights)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -85,16 +86,12 @@ def write_cells(table_id: str, events: list[tuple[int, dict]]) -> None:
     from transforms.flights import FLIGHTS
     from transforms.validation import RecordValidator
 
-    ensure_table(PROJECT, INSTANCE, table_id, FLIGHTS, 600, 20 * 365 * 86_400)
-    validator = RecordValidator(FLIGHTS)
+    fs = fs or FLIGHTS
+    ensure_table(PROJECT, INSTANCE, table_id, fs, 600, 20 * 365 * 86_400)
+    validator = RecordValidator(fs)
     typed = [validator.validate(dict(raw)) for _, raw in events]
     with beam.Pipeline(options=PipelineOptions([], runner="FnApiRunner")) as p:
-        _ = (
-            p
-            | beam.Create(typed)
-            | ComputeAggregates(FLIGHTS)
-            | WriteCells(PROJECT, INSTANCE, table_id, FLIGHTS.name)
-        )
+        _ = p | beam.Create(typed) | ComputeAggregates(fs) | WriteCells(PROJECT, INSTANCE, table_id, fs.name)
 
 
 def flight_key(record: dict) -> tuple:
