@@ -30,8 +30,8 @@ _SCHEMA_TYPE = {
     statistics_pb2.FeatureNameStatistics.STRUCT: schema_pb2.STRUCT,
 }
 
-# Rank error of the quantiles: 0.1% of the values, so deciles and the equal-width histogram
-# the drift check compares are close to exact at a few kB per feature.
+# Rank error of the quantiles: 0.1% of the values, so the deciles histogram the drift check
+# compares (and the equal-width one viewers show) are close to exact at a few kB per feature.
 QUANTILES_EPS = 0.001
 _QUANTILES_MAX_ELEMENTS = 1 << 32
 # Fine quantiles read off once (1001 points: the minimum, 999 inner ones, the maximum);
@@ -50,7 +50,7 @@ _INVALID_UTF8 = "__BYTES_VALUE__"
 
 # Drift / skew thresholds written into an inferred schema; `skewless validate` reads them there.
 DEFAULT_CATEGORICAL_THRESHOLD = 0.1  # L-infinity distance of the value frequencies
-DEFAULT_NUMERIC_THRESHOLD = 0.1  # Jensen-Shannon divergence of the equal-width histograms
+DEFAULT_NUMERIC_THRESHOLD = 0.1  # Jensen-Shannon divergence of the quantiles histograms
 
 
 class StatisticsError(ValueError):

@@ -158,20 +158,24 @@ class OnlineLookup:
         def family(name: str):
             return rf.FamilyNameRegexFilter(re.escape(name))
 
+        # The family filter comes last in each chain: the limits count per column and the time
+        # range is per cell, so the order does not change what a chain keeps, but the family
+        # regex then sees the few cells left instead of every version of a row (the Bigtable
+        # emulator evaluates it per cell: 1.9 s for a year of hourly weather, 20 ms this way).
         latest = rf.CellsColumnLimitFilter(1)
-        branches = [rf.RowFilterChain([family(self.fs.name), latest])]
+        branches = [rf.RowFilterChain([latest, family(self.fs.name)])]
         families = {reference_family(self.fs, t) for t in self.fs.references}
         for name in sorted(families):
             if name.endswith("_static"):
-                branches.append(rf.RowFilterChain([family(name), latest]))
+                branches.append(rf.RowFilterChain([latest, family(name)]))
             elif latest_as_of is not None:
                 end = _EPOCH + dt.timedelta(milliseconds=latest_as_of + 1)
                 branches.append(
                     rf.RowFilterChain(
                         [
-                            family(name),
                             rf.TimestampRangeFilter(rf.TimestampRange(end=end)),
                             rf.CellsColumnLimitFilter(limit),
+                            family(name),
                         ]
                     )
                 )
