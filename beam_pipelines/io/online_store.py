@@ -1,22 +1,20 @@
 """The online store read of streaming scoring: a batch of events -> examples, one Bigtable read.
 
 One `read_rows` call per batch fetches every aggregate cell the as-of rule names (latest cell
-of the exact row `{key}#{value}#{W}`) and every reference row the events need, through one
-filter per column family: aggregates and static tables take the latest cell; a slowly
-changing table (`{feature set}_ref`, cell timestamp = valid_from) takes the cells with
-timestamp <= the latest as-of time of the batch (t - D_ref), newest first, at most
-VERSIONS_PER_READ per column. The row joined to an event is then chosen by the batch join's
-own rule (`transforms.reference.join_references` / `row_as_of`): the latest version with
-valid_from <= t - D_ref. (Beam's Bigtable enrichment handler reads only the latest cell: a
-replayed or late event would see a row that was not valid yet.)
+of the exact row `{key}#{value}#{W}`) and every reference row the events need, through
+filters per column family: aggregates and static tables take the latest cell; a slowly
+changing table (`{feature set}_ref`, cell timestamp = valid_from) takes, for the span
+[earliest, latest] of the batch's as-of times (t - D_ref), every version inside the span plus
+the newest one at or before its start. The row joined to an event is then chosen by the batch
+join's own rule (`transforms.reference.join_references` / `row_as_of`): the latest version
+with valid_from <= t - D_ref. (Beam's Bigtable enrichment handler reads only the latest cell:
+a replayed or late event would see a row that was not valid yet.)
 
-Which versions are known is tracked exactly: a read that returned fewer than
-VERSIONS_PER_READ cells knows every version up to its end; one that hit the limit knows the
-versions from its oldest cell up. An event whose as-of time falls below what is known gets a
-read of its own (end = its as-of time, one version). The in-process cache keeps, per
-(table, key), the versions and the span (lo, hi] they are complete for; it answers an as-of
-time only inside that span, so it can never return a row that became valid after t - D_ref,
-and entries expire after `cache_ttl_s`, so a row published late is seen within that time.
+So one read knows every version that can apply to an as-of time in the span, and nothing
+newer than its end. The in-process cache keeps, per (table, key), the versions and the span
+[lo, hi] they are complete for; it answers an as-of time only inside that span, so it can
+never return a row that became valid after t - D_ref, and entries expire after
+`cache_ttl_s`, so a row published late is seen within that time.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from transforms.featureset import FeatureSet, ReferenceTable
 from transforms.partials import CellKey, entity_value
 from transforms.reference import join_references, reference_family, reference_row_key
 
-VERSIONS_PER_READ = 4
 DEFAULT_CACHE_TTL_S = 60.0
 NEVER = -(2**62)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -84,22 +81,18 @@ def _ms(cell) -> int:
     return round((stamp - _EPOCH).total_seconds() * 1000) if stamp is not None else 0
 
 
-def _versions(columns: dict, fields: tuple[str, ...]) -> tuple[list[tuple[int, tuple]], bool]:
-    """A row's cells of one family -> ([(valid_from, values in field order)], oldest first;
-    whether some column returned the most cells a read may)."""
+def _versions(columns: dict, fields: tuple[str, ...]) -> list[tuple[int, tuple]]:
+    """A row's cells of one family -> [(valid_from, values in field order)], oldest first."""
     by_time: dict[int, dict] = {}
-    full = False
     for name, cells in columns.items():
-        full = full or len(cells) >= VERSIONS_PER_READ
         field = name.decode("utf-8")
         for cell in cells:
             by_time.setdefault(_ms(cell), {})[field] = decode_value(cell.value)
-    versions = [(t, tuple(values.get(f) for f in fields)) for t, values in sorted(by_time.items())]
-    return versions, full
+    return [(t, tuple(values.get(f) for f in fields)) for t, values in sorted(by_time.items())]
 
 
 class _Entry:
-    """The known versions of one (table, key), complete for as-of times in (lo, hi]."""
+    """The known versions of one (table, key), complete for as-of times in [lo, hi]."""
 
     __slots__ = ("versions", "lo", "hi", "expires")
 
@@ -152,7 +145,7 @@ class OnlineLookup:
 
     # -- the read ------------------------------------------------------------------------------
 
-    def _filter(self, latest_as_of: int | None, limit: int = VERSIONS_PER_READ):
+    def _filter(self, span: tuple[int, int] | None):
         from google.cloud.bigtable import row_filters as rf
 
         def family(name: str):
@@ -168,20 +161,19 @@ class OnlineLookup:
         for name in sorted(families):
             if name.endswith("_static"):
                 branches.append(rf.RowFilterChain([latest, family(name)]))
-            elif latest_as_of is not None:
-                end = _EPOCH + dt.timedelta(milliseconds=latest_as_of + 1)
+            elif span is not None:
+                earliest, last = (_EPOCH + dt.timedelta(milliseconds=ms) for ms in span)
+                after = dt.timedelta(milliseconds=1)  # TimestampRange ends are exclusive
+                inside = rf.TimestampRange(start=earliest, end=last + after)
+                before = rf.TimestampRange(end=earliest + after)
+                # Every version inside the span, and the newest at or before its start.
+                branches.append(rf.RowFilterChain([rf.TimestampRangeFilter(inside), family(name)]))
                 branches.append(
-                    rf.RowFilterChain(
-                        [
-                            rf.TimestampRangeFilter(rf.TimestampRange(end=end)),
-                            rf.CellsColumnLimitFilter(limit),
-                            family(name),
-                        ]
-                    )
+                    rf.RowFilterChain([rf.TimestampRangeFilter(before), latest, family(name)])
                 )
         return branches[0] if len(branches) == 1 else rf.RowFilterUnion(branches)
 
-    def _read(self, row_keys: Iterable[str], latest_as_of: int | None, limit=VERSIONS_PER_READ):
+    def _read(self, row_keys: Iterable[str], span: tuple[int, int] | None):
         from google.cloud.bigtable.row_set import RowSet
 
         keys = sorted(set(row_keys))
@@ -190,16 +182,19 @@ class OnlineLookup:
         row_set = RowSet()
         for key in keys:
             row_set.add_row_key(key.encode("utf-8"))
-        return list(
-            self.table.read_rows(row_set=row_set, filter_=self._filter(latest_as_of, limit))
-        )
+        return list(self.table.read_rows(row_set=row_set, filter_=self._filter(span)))
 
-    def _store(self, table: ReferenceTable, key: str, columns: dict, hi: int, now: float) -> None:
-        versions, full = _versions(columns, tuple(f.name for f in table.fields))
+    def _store(
+        self, table: ReferenceTable, key: str, columns: dict, span: tuple | None, now: float
+    ) -> None:
+        versions = _versions(columns, tuple(f.name for f in table.fields))
         if table.valid_from is None:
             lo, hi = NEVER, 2**62  # one version, valid whenever
         else:
-            lo = versions[0][0] if full else NEVER
+            earliest, hi = span
+            # Complete from `earliest` when the read found the version valid there; with no
+            # version at or before it, nothing older exists either.
+            lo = earliest if versions and versions[0][0] <= earliest else NEVER
         with self._lock:
             self._cache[(table.name, key)] = _Entry(versions, lo, hi, now + self.cache_ttl_s)
 
@@ -219,10 +214,13 @@ class OnlineLookup:
                 )
             }
         self.stats["reference_cache_hits"] += len(requests) - len(missing)
-        latest = max((a for as_ofs in missing.values() for a in as_ofs), default=None)
+        changing = [
+            a for (name, _), as_ofs in missing.items() if tables[name].valid_from for a in as_ofs
+        ]
+        span = (min(changing), max(changing)) if changing else None
         row_keys = [row_key(*k) for keys in wanted_cells for k in keys]
         row_keys += [reference_row_key(tables[name], key) for name, key in missing]
-        rows = self._read(row_keys, latest)
+        rows = self._read(row_keys, span)
         self.stats["reference_reads"] += bool(missing)
         cells = cells_from_rows(rows, fs.name)
         seen: set[tuple[str, str]] = set()
@@ -231,11 +229,10 @@ class OnlineLookup:
             table = tables.get(name)
             if table is not None and (name, key) in missing:
                 family = row.cells.get(reference_family(fs, table), {})
-                self._store(table, key, family, latest, now)
+                self._store(table, key, family, span, now)
                 seen.add((name, key))
-        for name, key in set(missing) - seen:  # no row at all: known empty up to `latest`
-            self._store(tables[name], key, {}, latest, now)
-        self._narrow_reads(missing, now)
+        for name, key in set(missing) - seen:  # no row at all: known empty up to the span's end
+            self._store(tables[name], key, {}, span, now)
         found = sum(k in cells for keys in wanted_cells for k in keys)
         self.stats["cells_found"] += found
         self.stats["cells_missing"] += sum(map(len, wanted_cells)) - found
@@ -245,23 +242,6 @@ class OnlineLookup:
             else attach_aggregates(fs, e, cells.get)
             for e in events
         ]  # fmt: skip
-
-    def _narrow_reads(self, requests: dict[tuple[str, str], list[int]], now: float) -> None:
-        """As-of times older than the versions one read returned: one version each, exactly."""
-        tables = {t.name: t for t in self.fs.references}
-        for (name, key), as_ofs in requests.items():
-            entry = self._cache[(name, key)]
-            for a in sorted({a for a in as_ofs if a < entry.lo}):
-                table = tables[name]
-                rows = self._read([reference_row_key(table, key)], a, limit=1)
-                columns = rows[0].cells.get(reference_family(self.fs, table), {}) if rows else {}
-                older, _ = _versions(columns, tuple(f.name for f in table.fields))
-                with self._lock:
-                    # The version valid at `a` joins the known ones, so this batch's join finds
-                    # it; the span the entry answers for later batches stays (lo, hi]: versions
-                    # between this one and lo were not read.
-                    entry.versions = sorted({*older, *entry.versions})
-                self.stats["reference_reads"] += 1
 
     def _indexes(self, requests) -> list[dict]:
         """Per table (feature set order): {key: (times, rows)} of the versions known now."""

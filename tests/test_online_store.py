@@ -1,0 +1,112 @@
+"""The online store's reference lookup against the batch join's rule, on the Bigtable emulator:
+whatever the batches (sizes, order, going back in time, repeated from the cache), every event
+gets the row valid at t - D_ref, as the batch index gives it."""
+
+from __future__ import annotations
+
+import csv
+import random
+
+import pytest
+
+from beam_pipelines import bigtable_setup, publish_reference
+from beam_pipelines.io.bigtable import open_table
+from beam_pipelines.io.online_store import OnlineLookup
+from tests.aggregate_support import typed_events
+from tests.flights_data import real_flights
+from tests.test_reference import index_of, table_rows
+from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
+from transforms.reference import join_references
+
+pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
+
+FIRST, LAST = "2013-03-03", "2013-03-08"  # the weather published: a gap-free stretch of days
+
+
+def _weather_rows(path) -> list[dict]:
+    """The weather of [FIRST, LAST] as a CSV of its own, with one hour of JFK missing (a key's
+    versions need not be evenly spaced)."""
+    with open(WEATHER_AT_ORIGIN.resolve_default_input(), newline="") as src:
+        reader = csv.DictReader(src)
+        rows = [
+            r
+            for r in reader
+            if FIRST <= r["time_hour"][:10] <= LAST
+            and not (r["origin"] == "JFK" and r["time_hour"].startswith("2013-03-05T12"))
+        ]
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_every_batch_order_gets_the_rows_of_the_batch_rule(tmp_path, bigtable_emulator):
+    bt = bigtable_emulator
+    table_id = bt.table_name()
+    connection = [
+        f"--bigtable_project={bt.project}",
+        f"--bigtable_instance={bt.instance}",
+        f"--bigtable_table={table_id}",
+    ]
+    bigtable_setup.run(["--feature_set", "flights_plus", *connection, "--retention_s=630720000"])
+    weather_path = tmp_path / "weather.csv"
+    published = _weather_rows(weather_path)
+    for name, extra in (("origin_weather", [f"--input={weather_path}"]), ("plane", [])):
+        publish_reference.run(
+            ["--feature_set=flights_plus", f"--table={name}", *connection,
+             f"--dead_letter_dir={tmp_path / ('dead_' + name)}", *extra]
+        )  # fmt: skip
+    # The batch index of exactly the published rows (the airports are not published: every
+    # event gets nulls for them, in both).
+    keep = {(r["origin"], r["time_hour"][:13]) for r in published}
+    weather = [
+        r for r in table_rows(WEATHER_AT_ORIGIN) if (r["origin"], _hour(r["time_hour"])) in keep
+    ]
+    indexes = [
+        index_of(WEATHER_AT_ORIGIN, weather),
+        index_of(FLIGHTS_PLUS.references[1], table_rows(FLIGHTS_PLUS.references[1])),
+        {},
+    ]
+    events = typed_events(FLIGHTS_PLUS, real_flights(month=3, day=4, days=4))
+    columns = [c.name for t in FLIGHTS_PLUS.references for c in t.columns]
+    expected = [
+        tuple(join_references(FLIGHTS_PLUS, e, indexes)[c] for c in columns) for e in events
+    ]
+    assert sum(x[0] is None for x in expected) < len(events) // 10  # the weather is there
+
+    rng = random.Random(7)
+    clock = Clock()
+    lookup = OnlineLookup(FLIGHTS_PLUS, open_table(bt.project, bt.instance, table_id), clock=clock)
+    order = list(range(len(events)))
+    plans = [
+        ("in event-time order, batches of 20", sorted(order, key=lambda i: events[i]["event_time"]), 20),
+        ("backwards in time", sorted(order, key=lambda i: -events[i]["event_time"]), 33),
+        ("shuffled, batches of 1 to 60", rng.sample(order, len(order)), None),
+        ("all at once", order, len(order)),
+    ]  # fmt: skip
+    for what, sequence, size in plans:
+        i = 0
+        while i < len(sequence):
+            n = size or rng.randint(1, 60)
+            batch = sequence[i : i + n]
+            got = lookup.examples([events[j] for j in batch])
+            for j, example in zip(batch, got, strict=True):
+                assert tuple(example[c] for c in columns) == expected[j], (what, events[j])
+            i += n
+            clock.now += 1.0  # every entry lives 60 s: the cache answers part of the time
+    assert lookup.stats["reference_cache_hits"] > 0 and lookup.stats["reference_reads"] > 0
+
+
+def _hour(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H")
