@@ -282,9 +282,9 @@ FLIGHTS = FeatureSet(
 )
 
 
-# The reference features of FLIGHTS_PLUS: numeric ones z-scored with the training mean for a
-# missing value (no row, or a null in the row) plus a missing indicator; categorical ones as
-# vocabularies with an OOV bucket.
+# The reference features of FLIGHTS_PLUS: numeric ones z-scored over their present values,
+# 0 for a missing value (no row, or a null in the row) plus a missing indicator; categorical
+# ones as vocabularies with an OOV bucket.
 REFERENCE_NUMERIC = (
     "origin_weather_temp",
     "origin_weather_humid",
@@ -305,15 +305,20 @@ REFERENCE_VOCABULARIES = ("plane_type", "plane_manufacturer", "plane_engine", "d
 
 def preprocessing_fn_with_references(inputs: dict) -> dict:
     """FLIGHTS' preprocessing plus the weather at the origin as of the departure (D_ref = 1 h),
-    the aircraft and the destination airport: each numeric one z-scored after filling a
-    missing value with the training mean, with a `_missing` indicator; categories as
-    vocabularies (+1 OOV bucket)."""
+    the aircraft and the destination airport: each numeric one z-scored with the mean and
+    variance of its present training values, a missing value (no row, or a null in the row)
+    set to 0 (that mean) with a `_missing` indicator; categories as vocabularies (+1 OOV
+    bucket).
+
+    Z-scoring the present values, not mean-filled ones: the variance is not shrunk by the
+    missing share (wind_gust is missing in about 80 % of departures), and it is one analyzer
+    per feature in one pass, where a mean fill first is a second analysis pass over the data.
+    """
     out = preprocessing_fn(inputs)
     for name in REFERENCE_NUMERIC:
         raw = inputs[name]
-        values = tf.cast(raw.values, tf.float32)
-        filled = _dense(tf.SparseTensor(raw.indices, values, raw.dense_shape), tft.mean(values))
-        out[f"{name}_z"] = tft.scale_to_z_score(filled)
+        present = tf.SparseTensor(raw.indices, tf.cast(raw.values, tf.float32), raw.dense_shape)
+        out[f"{name}_z"] = _dense(tft.scale_to_z_score(present), 0.0)
         out[f"{name}_missing"] = _missing(raw)
     for name in REFERENCE_VOCABULARIES:
         out[f"{name}_id"] = tft.compute_and_apply_vocabulary(
