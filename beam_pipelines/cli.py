@@ -79,6 +79,7 @@ def run_job(job: str, args: list[str], verbose: bool = False, run=None) -> int:
         if run is None:
             with _quiet_native_stderr(enabled=not verbose):
                 run = importlib.import_module(job_module(job, args)).run
+                _find_devices_now()
         # Every job's logging, also of the jobs in models/ (which may not import this layer);
         # a job module may configure it again (a batch job quiets the libraries further).
         from beam_pipelines.common import configure_logging
@@ -166,6 +167,15 @@ def _before_run(exc: BaseException) -> bool:
     if _RUNNING in str(exc):
         return False
     return isinstance(exc, (InputError, FeatureSetError)) or getattr(exc, "skewless_before_run", False)
+
+
+def _find_devices_now() -> None:
+    """TensorFlow looks for a GPU the first time a device is needed (its "failed call to
+    cuInit" line goes straight to fd 2): when the job loaded TensorFlow, make that happen now,
+    inside the quiet start-up, not whenever a pipeline thread first runs a graph."""
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        tf.config.list_physical_devices()
 
 
 @contextlib.contextmanager
