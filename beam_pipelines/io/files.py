@@ -592,10 +592,17 @@ class ReadRawFiles(beam.PTransform):
         self.fs = fs
 
     def expand(self, pbegin):
-        return (
-            pbegin
-            | "Match" >> fileio.MatchFiles(self.pattern)
-            | "Paths" >> beam.FlatMap(lambda m: [] if _is_local_dir(m.path) else [m.path])
-            | "Spread" >> beam.Reshuffle()
-            | "ReadFile" >> beam.ParDo(_ReadFile(self.input_format, self.batch_rows, self.fs))
+        return matched_paths(pbegin, self.pattern) | "ReadFile" >> beam.ParDo(
+            _ReadFile(self.input_format, self.batch_rows, self.fs)
         )
+
+
+def matched_paths(pbegin, pattern: str):
+    """The files a path or glob names (directories left out), spread over the workers: the
+    first steps of every file reader (their labels stay the caller's steps)."""
+    return (
+        pbegin
+        | "Match" >> fileio.MatchFiles(pattern)
+        | "Paths" >> beam.FlatMap(lambda m: [] if _is_local_dir(m.path) else [m.path])
+        | "Spread" >> beam.Reshuffle()
+    )

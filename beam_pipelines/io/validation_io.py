@@ -15,17 +15,16 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.io.files import (
     BATCH_ROWS,
     InputError,
-    _is_local_dir,
     _one_line,
     _read_bytes,
     detect_format,
+    matched_paths,
     read_csv_table,
 )
 
@@ -130,12 +129,8 @@ class ReadInferredFiles(beam.PTransform):
         self.batch_rows = batch_rows
 
     def expand(self, pbegin):
-        return (
-            pbegin
-            | "Match" >> fileio.MatchFiles(self.pattern)
-            | "Paths" >> beam.FlatMap(lambda m: [] if _is_local_dir(m.path) else [m.path])
-            | "Spread" >> beam.Reshuffle()
-            | "ReadFile" >> beam.ParDo(_ReadInferred(self.input_format, self.batch_rows))
+        return matched_paths(pbegin, self.pattern) | "ReadFile" >> beam.ParDo(
+            _ReadInferred(self.input_format, self.batch_rows)
         )
 
 
