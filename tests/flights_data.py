@@ -58,3 +58,18 @@ def write_jsonl(path: Path, rows: list, raw_lines: list[str] = ()) -> Path:
         for line in raw_lines:
             f.write(line + "\n")
     return path
+
+
+def write_weather_slice(path: Path, first: str, last: str, drop=lambda row: False) -> list[dict]:
+    """The bundled hourly weather of the days [first, last] (ISO dates) as a CSV of its own,
+    rows for which `drop(row)` holds left out; returns the rows written (text, as in the file)."""
+    from transforms.flights import WEATHER_AT_ORIGIN
+
+    with open(WEATHER_AT_ORIGIN.resolve_default_input(), newline="") as src:
+        reader = csv.DictReader(src)
+        rows = [r for r in reader if first <= r["time_hour"][:10] <= last and not drop(r)]
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows

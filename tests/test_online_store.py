@@ -4,7 +4,6 @@ gets the row valid at t - D_ref, as the batch index gives it."""
 
 from __future__ import annotations
 
-import csv
 import random
 
 import pytest
@@ -13,7 +12,7 @@ from beam_pipelines import bigtable_setup, publish_reference
 from beam_pipelines.io.bigtable import open_table
 from beam_pipelines.io.online_store import OnlineLookup
 from tests.aggregate_support import typed_events
-from tests.flights_data import real_flights
+from tests.flights_data import real_flights, write_weather_slice
 from tests.test_reference import index_of, table_rows
 from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 from transforms.reference import join_references
@@ -21,24 +20,6 @@ from transforms.reference import join_references
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
 
 FIRST, LAST = "2013-03-03", "2013-03-08"  # the weather published: a gap-free stretch of days
-
-
-def _weather_rows(path) -> list[dict]:
-    """The weather of [FIRST, LAST] as a CSV of its own, with one hour of JFK missing (a key's
-    versions need not be evenly spaced)."""
-    with open(WEATHER_AT_ORIGIN.resolve_default_input(), newline="") as src:
-        reader = csv.DictReader(src)
-        rows = [
-            r
-            for r in reader
-            if FIRST <= r["time_hour"][:10] <= LAST
-            and not (r["origin"] == "JFK" and r["time_hour"].startswith("2013-03-05T12"))
-        ]
-    with open(path, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
 
 
 class Clock:
@@ -59,7 +40,13 @@ def test_every_batch_order_gets_the_rows_of_the_batch_rule(tmp_path, bigtable_em
     ]
     bigtable_setup.run(["--feature_set", "flights_plus", *connection, "--retention_s=630720000"])
     weather_path = tmp_path / "weather.csv"
-    published = _weather_rows(weather_path)
+    # One hour of JFK left out: a key's versions need not be evenly spaced.
+    published = write_weather_slice(
+        weather_path,
+        FIRST,
+        LAST,
+        drop=lambda r: r["origin"] == "JFK" and r["time_hour"].startswith("2013-03-05T12"),
+    )
     for name, extra in (("origin_weather", [f"--input={weather_path}"]), ("plane", [])):
         publish_reference.run(
             ["--feature_set=flights_plus", f"--table={name}", *connection,

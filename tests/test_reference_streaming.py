@@ -5,7 +5,6 @@ D_ref at serving time gives other predictions."""
 
 from __future__ import annotations
 
-import csv
 from dataclasses import replace
 
 import numpy as np
@@ -28,7 +27,7 @@ from tests.aggregate_support import (
     typed_events,
     write_cells_with_the_aggregate_job,
 )
-from tests.flights_data import real_flights, write_csv
+from tests.flights_data import real_flights, write_csv, write_weather_slice
 from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 from transforms.validation import ms_to_datetime, to_epoch_ms
 
@@ -50,13 +49,7 @@ def test_streaming_scoring_with_reference_rows_equals_batch(
     raws = real_flights(month=2, day=10, days=4)
     flights_path = write_csv(tmp_path / "flights.csv", raws)
     weather_path = tmp_path / "weather.csv"
-    with open(WEATHER_AT_ORIGIN.resolve_default_input(), newline="") as src:
-        reader = csv.DictReader(src)
-        rows = [r for r in reader if "2013-02-09" <= r["time_hour"][:10] <= "2013-02-14"]
-    with open(weather_path, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_weather_slice(weather_path, "2013-02-09", "2013-02-14")
     reference = ["--reference", f"origin_weather={weather_path}"]
 
     prepare.run(
