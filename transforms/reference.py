@@ -110,9 +110,6 @@ class ReferenceIndex:
         ranks = np.searchsorted(self.distinct, times) + 1
         self.sorted_keys = key_of_row * self.stride + ranks
 
-    def __len__(self) -> int:
-        return self.rows.num_rows
-
     def get(self, key: str | None) -> tuple[list, list] | None:
         i = self.ordinal.get(key)
         if i is None:
