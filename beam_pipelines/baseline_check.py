@@ -1,33 +1,31 @@
-"""New data's statistics checked against a prepared baseline, shared by `skewless validate` and
-`prepare --validate_against`: the baseline and its schema, the schema as a source sees it,
-and the comparison + outputs as one composite (docs/architecture.md, "Validation")."""
+"""New data's statistics checked against a prepared baseline, shared by `skewless validate` (as
+a Beam job or in process) and `prepare --validate_against`: the baseline and its schema, the
+schema as a source sees it, and the comparison with its report (docs/architecture.md,
+"Validation"). No Beam here: validation_io.CheckAgainstBaseline runs the check in a job."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
+from beam_pipelines.io import storage
 from beam_pipelines.io.statistics_io import (
+    ANOMALIES_FILE,
+    REPORT_FILE,
+    read_anomalies,
     read_schema,
     read_statistics,
     schema_path,
     statistics_path,
 )
-from beam_pipelines.io.validation_io import (
-    ANOMALIES_FILE,
-    REPORT_FILE,
-    WriteAnomalies,
-    WriteText,
-    read_anomalies,
-)
 from beam_pipelines.validation_report import render_report
-from transforms.anomalies import FindAnomalies
-from transforms.featureset import FeatureSet
+from transforms.anomalies import blocking, find_anomalies
+from transforms.featureset import FeatureSet, load_feature_set
 
+LOG = logging.getLogger("skewless.validate")
 EXIT_BLOCKING = 3  # as train's --fail_if_worse_than_baseline
 BASELINE_DATASET = "train"
 RAW, FEATURES, SERVING_LOG = "raw", "features", "serving_log"
@@ -48,7 +46,7 @@ def load_baseline(directory: str, schema_file: str | None = None) -> Baseline:
     """The baseline of a prepare run: its train statistics, and its schema/schema.pbtxt (or
     `schema_file`). ValueError naming what is missing."""
     stats_file = statistics_path(directory)
-    if not FileSystems.exists(stats_file):
+    if not storage.exists(stats_file):
         raise ValueError(
             f"baseline {directory!r} has no {stats_file}: run prepare (with statistics) on the "
             "baseline data first"
@@ -59,11 +57,10 @@ def load_baseline(directory: str, schema_file: str | None = None) -> Baseline:
     statistics = datasets.get(BASELINE_DATASET) or next(iter(datasets.values()))
     schema_file = schema_file or schema_path(directory)
     schema = read_schema(schema_file)
-    summary_file = FileSystems.join(directory, "summary.json")
+    summary_file = storage.join(directory, "summary.json")
     summary = {}
-    if FileSystems.exists(summary_file):
-        with FileSystems.open(summary_file) as f:
-            summary = json.loads(f.read().decode())
+    if storage.exists(summary_file):
+        summary = json.loads(storage.read_bytes(summary_file).decode())
     return Baseline(directory, statistics, schema, schema_file, summary)
 
 
@@ -103,40 +100,31 @@ def source_view(
     return view, None, []
 
 
-class CheckAgainstBaseline(beam.PTransform):
-    """One-element PCollection of new statistics -> one element: the list of anomaly dicts,
-    written to `output_dir/anomalies.json` with a one-page `report.html`."""
-
-    def __init__(self, baseline: Baseline, fs: FeatureSet, kind: str, output_dir: str, title: str):
-        super().__init__()
-        self.baseline = baseline
-        self.view, self.expected, self.known = source_view(baseline.schema, fs, kind)
-        self.output_dir = output_dir
-        self.title = title
-
-    def expand(self, stats):
-        anomalies = stats | "FindAnomalies" >> FindAnomalies(
-            self.baseline.statistics, self.view, self.expected, self.known
-        )
-        _ = anomalies | "WriteAnomalies" >> WriteAnomalies(self.output_dir)
-        _ = (
-            anomalies
-            | "Report"
-            >> beam.Map(
-                lambda found, new, base, title: render_report(found, base, new, title),
-                beam.pvalue.AsSingleton(stats),
-                self.baseline.statistics,
-                self.title,
-            )
-            | "WriteReport" >> WriteText(FileSystems.join(self.output_dir, REPORT_FILE))
-        )
-        return anomalies
+def check_statistics(
+    new: statistics_pb2.DatasetFeatureStatistics,
+    baseline: Baseline,
+    fs: FeatureSet,
+    kind: str,
+    title: str,
+) -> tuple[list[dict], str]:
+    """New statistics against the baseline, as a source of `kind` sees its schema: (the
+    anomaly dicts, the one-page HTML report). The same step in the Beam job and in process."""
+    view, expected, known = source_view(baseline.schema, fs, kind)
+    found = find_anomalies(
+        baseline.statistics,
+        view,
+        new,
+        expected_columns=None if expected is None else sorted(expected),
+        known_columns=sorted(known),
+    )
+    anomalies = [a.to_dict() for a in found]
+    return anomalies, render_report(anomalies, baseline.statistics, new, title)
 
 
 def validation_outcome(validation_dir: str, against: str, allow: bool) -> dict:
     """What a job that validated its data records in its summary: the anomalies found in
     `validation_dir/anomalies.json`, the blocking ones, and whether the data is refused."""
-    anomalies = read_anomalies(FileSystems.join(validation_dir, ANOMALIES_FILE))
+    anomalies = read_anomalies(storage.join(validation_dir, ANOMALIES_FILE))
     blocked = [a for a in anomalies if a["blocking"]]
     return {
         "against": against,
@@ -144,5 +132,29 @@ def validation_outcome(validation_dir: str, against: str, allow: bool) -> dict:
         "blocking": blocked,
         "refused": bool(blocked) and not allow,
         "allowed": bool(blocked) and allow,
-        "report": FileSystems.join(validation_dir, REPORT_FILE),
+        "report": storage.join(validation_dir, REPORT_FILE),
     }
+
+
+def feature_set_of(spec: str | None, baseline: Baseline) -> FeatureSet:
+    """--feature_set, else the one the baseline's prepare run recorded."""
+    recorded = baseline.summary.get("feature_set_spec") or baseline.summary.get("feature_set")
+    if not (spec or recorded):
+        raise ValueError(
+            f"baseline {baseline.directory!r} records no feature set: give --feature_set"
+        )
+    return load_feature_set(spec or recorded)
+
+
+def conclude(anomalies: list[dict], output_dir: str) -> dict:
+    """The end of a validate run: each anomaly logged, then the count; exits EXIT_BLOCKING when
+    one blocks, else returns {anomalies, blocking}."""
+    blocked = blocking(anomalies)
+    for a in anomalies:
+        (LOG.error if a["blocking"] else LOG.warning)("question %d, %s: %s", a["question"], a["feature"], a["description"])  # fmt: skip
+    LOG.info(
+        "validate finished: %d anomalies, %d blocking; %s", len(anomalies), len(blocked), output_dir
+    )
+    if blocked:
+        raise SystemExit(EXIT_BLOCKING)
+    return {"anomalies": anomalies, "blocking": len(blocked)}

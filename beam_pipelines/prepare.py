@@ -24,7 +24,6 @@ from beam_pipelines.baseline_check import (
     EXIT_BLOCKING,
     FEATURES,
     Baseline,
-    CheckAgainstBaseline,
     load_baseline,
     validation_outcome,
 )
@@ -44,13 +43,8 @@ from beam_pipelines.io.sources import (
     read_source,
     reference_sources,
 )
-from beam_pipelines.io.statistics_io import (
-    WriteSchema,
-    WriteStatistics,
-    read_schema,
-    schema_path,
-    statistics_path,
-)
+from beam_pipelines.io.statistics_io import read_schema, schema_path, statistics_path
+from beam_pipelines.io.validation_io import CheckAgainstBaseline, WriteSchema, WriteStatistics
 from beam_pipelines.options import (
     FeatureSetOptions,
     OutputDirOptions,
@@ -65,7 +59,8 @@ from transforms.example_schema import (
 from transforms.examples import BuildExamples
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.split import Split
-from transforms.statistics import ComputeStatistics, infer_schema
+from transforms.statistics import infer_schema
+from transforms.statistics_fn import ComputeStatistics
 from transforms.validation import ValidateRecords
 
 LOG = logging.getLogger("skewless.prepare")

@@ -21,7 +21,8 @@ from beam_pipelines.baseline_check import (
     RAW,
     SERVING_LOG,
     Baseline,
-    CheckAgainstBaseline,
+    conclude,
+    feature_set_of,
     load_baseline,
 )
 from beam_pipelines.common import (
@@ -33,14 +34,18 @@ from beam_pipelines.common import (
 )
 from beam_pipelines.io.files import check_input
 from beam_pipelines.io.serving_log import ReadServingLog, log_glob
-from beam_pipelines.io.statistics_io import WriteStatistics
-from beam_pipelines.io.validation_io import (
+from beam_pipelines.io.statistics_io import (
     ANOMALIES_FILE,
-    STATISTICS_FILE,
-    ReadInferredFiles,
-    RecordsToBatches,
+    NEW_DATASET,
+    NEW_STATISTICS_FILE,
     features_glob,
     read_anomalies,
+)
+from beam_pipelines.io.validation_io import (
+    CheckAgainstBaseline,
+    ReadInferredFiles,
+    RecordsToBatches,
+    WriteStatistics,
 )
 from beam_pipelines.options import (
     FeatureSetOptions,
@@ -48,9 +53,8 @@ from beam_pipelines.options import (
     ServingLogOptions,
     SourceOptions,
 )
-from transforms.anomalies import blocking
-from transforms.featureset import FeatureSet, load_feature_set
-from transforms.statistics import ComputeStatistics
+from transforms.featureset import FeatureSet
+from transforms.statistics_fn import ComputeStatistics
 
 LOG = logging.getLogger("skewless.validate")
 DESCRIPTION = (
@@ -60,7 +64,6 @@ DESCRIPTION = (
     f"report.html under --output_dir. Exit code 0: no blocking anomaly; {EXIT_BLOCKING}: at "
     "least one blocking anomaly; 1: the job failed; 2: bad options or inputs."
 )
-NEW_DATASET = "new"
 
 
 class ValidateOptions(PipelineOptions):
@@ -168,7 +171,9 @@ def build_pipeline(
 ) -> None:
     """Read -> statistics (one pass) -> anomalies against the baseline -> the outputs."""
     stats = p | "Read" >> source | "Statistics" >> ComputeStatistics(NEW_DATASET)
-    _ = stats | "WriteStatistics" >> WriteStatistics(FileSystems.join(output_dir, STATISTICS_FILE))
+    _ = stats | "WriteStatistics" >> WriteStatistics(
+        FileSystems.join(output_dir, NEW_STATISTICS_FILE)
+    )
     _ = stats | "Check" >> CheckAgainstBaseline(baseline, fs, kind, output_dir, title)
 
 
@@ -194,7 +199,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     with before_run():
         kind = source_kind(options)
         baseline = load_baseline(opts.baseline, opts.baseline_schema)
-        fs = _feature_set(options, baseline)
+        fs = feature_set_of(options.view_as(FeatureSetOptions).feature_set, baseline)
         source, described = new_data_source(options, fs, kind)
         check_output_dir(output_dir, "--output_dir")
     p = beam.Pipeline(options=options)
@@ -204,27 +209,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     if is_dry_run(options):
         LOG.info("dry run: the job graph was built and not run")
         return None
-    anomalies = read_anomalies(FileSystems.join(output_dir, ANOMALIES_FILE))
-    blocked = blocking(anomalies)
-    for a in anomalies:
-        (LOG.error if a["blocking"] else LOG.warning)("question %d, %s: %s", a["question"], a["feature"], a["description"])  # fmt: skip
-    LOG.info(
-        "validate finished: %d anomalies, %d blocking; %s", len(anomalies), len(blocked), output_dir
-    )
-    if blocked:
-        raise SystemExit(EXIT_BLOCKING)
-    return {"anomalies": anomalies, "blocking": len(blocked)}
-
-
-def _feature_set(options: PipelineOptions, baseline: Baseline) -> FeatureSet:
-    """--feature_set, else the one the baseline's prepare run recorded."""
-    spec = options.view_as(FeatureSetOptions).feature_set
-    recorded = baseline.summary.get("feature_set_spec") or baseline.summary.get("feature_set")
-    if not (spec or recorded):
-        raise ValueError(
-            f"baseline {baseline.directory!r} records no feature set: give --feature_set"
-        )
-    return load_feature_set(spec or recorded)
+    return conclude(read_anomalies(FileSystems.join(output_dir, ANOMALIES_FILE)), output_dir)
 
 
 if __name__ == "__main__":

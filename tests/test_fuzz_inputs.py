@@ -41,10 +41,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from beam_pipelines.io.file_sources import ReadRawFiles
 from beam_pipelines.io.files import (
     CSV_NULL_VALUES,
     InputError,
-    ReadRawFiles,
     check_input,
     read_file_records,
 )

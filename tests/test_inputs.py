@@ -172,7 +172,7 @@ def test_reader_counts_every_record_once_with_its_line(hostile_inputs):
 def test_examples_path_survives_every_valid_record_and_dead_letters_the_rest(hostile_inputs):
     """prepare's and score's path (read, validate, BuildExamples): no OverflowError, no lost
     record; every dead letter names its file and line."""
-    from beam_pipelines.io.files import ReadRawFiles
+    from beam_pipelines.io.file_sources import ReadRawFiles
 
     with TestPipeline(runner="FnApiRunner") as p:
         raw = p | ReadRawFiles(str(hostile_inputs / "flights.*"), fs=FLIGHTS)
@@ -266,7 +266,7 @@ def test_parquet_schema_is_checked_and_dead_letters_carry_the_row_index(tmp_path
     pq.write_table(pa.Table.from_pylist(rows), path)
     check_input(str(path), None, FLIGHTS)
     with TestPipeline(runner="FnApiRunner") as p:
-        from beam_pipelines.io.files import ReadRawFiles
+        from beam_pipelines.io.file_sources import ReadRawFiles
 
         _, dead = p | ReadRawFiles(str(path), fs=FLIGHTS) | ValidateRecords(FLIGHTS)
         assert_that(dead | beam.Map(lambda d: (d["row"], d["file"])), equal_to([(3, str(path))]))
@@ -686,13 +686,13 @@ def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
 def test_a_file_that_breaks_during_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     """A file that passed the check but fails when read (changed since, or corrupt past the
     checked head) fails the job with the reader's one-line reason, not a worker traceback."""
-    from beam_pipelines.io import files
+    from beam_pipelines.io import file_sources
 
     def broken(path, fmt, fs=None, batch_rows=0):
         raise InputError(f"{path}: not a valid gzip file (truncated)")
         yield
 
-    monkeypatch.setattr(files, "read_file_records", broken)
+    monkeypatch.setattr(file_sources, "read_file_records", broken)
     good = write_csv(tmp_path / "good.csv", ROWS[:5])
     assert run_job("prepare", ["--input", str(good), "--output_dir", str(tmp_path / "o")]) == 1
     assert (

@@ -37,13 +37,12 @@ from transforms.statistics import (
     DEFAULT_CATEGORICAL_THRESHOLD,
     DEFAULT_NUMERIC_THRESHOLD,
     QUANTILES_EPS,
-    ComputeStatistics,
     StatisticsError,
-    StatisticsFn,
     common_stats,
     infer_schema,
     statistics_of_batches,
 )
+from transforms.statistics_fn import ComputeStatistics, StatisticsFn
 
 Stats = statistics_pb2.FeatureNameStatistics
 

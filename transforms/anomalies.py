@@ -32,7 +32,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-import apache_beam as beam
 import numpy as np
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
@@ -139,31 +138,6 @@ def find_anomalies(
 def blocking(anomalies: Iterable[Anomaly | dict]) -> list:
     """The anomalies that block (refuse the data)."""
     return [a for a in anomalies if (a["blocking"] if isinstance(a, dict) else a.blocking)]
-
-
-class FindAnomalies(beam.PTransform):
-    """One-element PCollection of new statistics -> one element: the list of anomaly dicts."""
-
-    def __init__(self, baseline, schema, expected_columns=None, known_columns=()):
-        super().__init__()
-        self.baseline = baseline
-        self.schema = schema
-        self.expected_columns = None if expected_columns is None else sorted(expected_columns)
-        self.known_columns = sorted(known_columns)
-
-    def expand(self, stats):
-        return stats | "Compare" >> beam.Map(
-            lambda s, base, schema, expected, known: [
-                a.to_dict()
-                for a in find_anomalies(
-                    base, schema, s, expected_columns=expected, known_columns=known
-                )
-            ],
-            self.baseline,
-            self.schema,
-            self.expected_columns,
-            self.known_columns,
-        )
 
 
 # --- the checks of one feature --------------------------------------------------------------------

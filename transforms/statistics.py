@@ -8,7 +8,6 @@ import math
 import pickle
 from collections.abc import Iterable
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -359,82 +358,59 @@ def _standard_histogram(
     return out
 
 
-class _Accumulator:
-    """The examples seen and one _Feature per column, in the order the columns first came."""
+class StatisticsAccumulator:
+    """The examples seen and one _Feature per column, in the order the columns first came:
+    add batches, merge accumulators in any order, read off a DatasetFeatureStatistics. The
+    Beam CombineFn (statistics_fn.py) and the in-process path share it."""
 
     def __init__(self):
         self.num_examples = 0
         self.features: dict[str, _Feature] = {}
 
-
-class StatisticsFn(beam.CombineFn):
-    """RecordBatches -> DatasetFeatureStatistics named `name`; accumulators merge in any order."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def create_accumulator(self) -> _Accumulator:
-        return _Accumulator()
-
-    def add_input(self, acc: _Accumulator, batch: pa.RecordBatch) -> _Accumulator:
-        acc.num_examples += batch.num_rows
+    def add(self, batch: pa.RecordBatch) -> StatisticsAccumulator:
+        self.num_examples += batch.num_rows
         for field, column in zip(batch.schema, batch.columns, strict=True):
             is_list = _is_list(field.type)
             kind = _kind(field.type.value_type if is_list else field.type)
             if is_list and _is_list(field.type.value_type):
                 kind = STRUCT  # a list of lists: described by its counts only
-            feature = acc.features.get(field.name)
+            feature = self.features.get(field.name)
             if feature is None:
-                feature = acc.features[field.name] = _Feature(kind, is_list)
+                feature = self.features[field.name] = _Feature(kind, is_list)
             else:
                 feature.accept(field.name, kind, is_list)
             feature.add(column)
-        return acc
+        return self
 
-    def merge_accumulators(self, accumulators: Iterable[_Accumulator]) -> _Accumulator:
-        merged = _Accumulator()
-        for acc in accumulators:
-            merged.num_examples += acc.num_examples
-            for name, feature in acc.features.items():
-                mine = merged.features.get(name)
-                if mine is None:
-                    merged.features[name] = mine = _Feature(feature.kind, feature.is_list)
-                mine.merge(name, feature)
-        return merged
+    def merge(self, other: StatisticsAccumulator) -> StatisticsAccumulator:
+        self.num_examples += other.num_examples
+        for name, feature in other.features.items():
+            mine = self.features.get(name)
+            if mine is None:
+                self.features[name] = mine = _Feature(feature.kind, feature.is_list)
+            mine.merge(name, feature)
+        return self
 
-    def compact(self, acc: _Accumulator) -> _Accumulator:
-        for feature in acc.features.values():
+    def compact(self) -> StatisticsAccumulator:
+        for feature in self.features.values():
             feature.compact()
-        return acc
+        return self
 
-    def extract_output(self, acc: _Accumulator) -> statistics_pb2.DatasetFeatureStatistics:
-        out = statistics_pb2.DatasetFeatureStatistics(name=self.name, num_examples=acc.num_examples)
-        for name, feature in acc.features.items():
-            out.features.append(feature.to_proto(name, acc.num_examples))
+    def to_proto(self, name: str) -> statistics_pb2.DatasetFeatureStatistics:
+        out = statistics_pb2.DatasetFeatureStatistics(name=name, num_examples=self.num_examples)
+        for column, feature in self.features.items():
+            out.features.append(feature.to_proto(column, self.num_examples))
         return out
-
-
-class ComputeStatistics(beam.PTransform):
-    """PCollection of RecordBatches -> one DatasetFeatureStatistics named `name`, in one pass."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def expand(self, batches):
-        return batches | "Combine" >> beam.CombineGlobally(StatisticsFn(self.name))
 
 
 def statistics_of_batches(
     batches: Iterable[pa.RecordBatch], name: str
 ) -> statistics_pb2.DatasetFeatureStatistics:
-    """The same statistics without Beam (one accumulator, the same CombineFn)."""
-    fn = StatisticsFn(name)
-    acc = fn.create_accumulator()
+    """The statistics of batches in this process (one accumulator, as one Beam worker would)."""
+    acc = StatisticsAccumulator()
     for batch in batches:
-        acc = fn.add_input(acc, batch)
-    return fn.extract_output(acc)
+        acc.add(batch)
+    return acc.to_proto(name)
 
 
 def common_stats(feature: statistics_pb2.FeatureNameStatistics) -> statistics_pb2.CommonStatistics:

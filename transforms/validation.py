@@ -7,9 +7,9 @@ import decimal
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -18,6 +18,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from transforms.featureset import FeatureSet
+from transforms.records import RawBatch, RawLine, UnparseableRow
 
 VALID = "valid"
 DEAD = "dead"
@@ -31,9 +32,6 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
 # silently turn into an infinity there.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
-# A reader that must hand text to a parser marks each byte that is not UTF-8 with this
-# noncharacter and turns the records holding it into dead letters (files.py).
-INVALID_UTF8_MARK = "\U0010ffff"
 # Entity key values end up in Bigtable row keys (at most 4 KiB with the key name and W).
 MAX_KEY_BYTES = 1024
 
@@ -391,37 +389,6 @@ def parse_json_payload(payload: str | bytes) -> Any:
         return json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRecord(f"not JSON: {exc}") from None
-
-
-class UnparseableRow(NamedTuple):
-    """A record a source could not even split into fields (e.g. a CSV line with too many columns)."""
-
-    text: str
-    reason: str
-    file: str = ""
-    line: int | None = None
-
-
-class RawLine(NamedTuple):
-    """One JSON-lines record, with its file and 1-based line number."""
-
-    text: str | bytes
-    file: str = ""
-    line: int | None = None
-
-
-class RawBatch(NamedTuple):
-    """Records of one file as an Arrow batch, with the position of each row in the file:
-    its first physical line (CSV, `unit="line"`) or its row index (Parquet, `unit="row"`).
-
-    `texts` (CSV): the original text of each row, for its dead letter: (bytes chunk, start
-    offsets, end offsets) into the chunk, one pair per row (start -1: unknown)."""
-
-    batch: pa.RecordBatch
-    file: str
-    positions: Sequence[int]
-    unit: str = "line"
-    texts: tuple | None = None
 
 
 # (file, unit, position[, original text]) of one record, turned into a dict only for dead

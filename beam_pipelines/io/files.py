@@ -22,19 +22,15 @@ import os
 import zipfile
 from collections.abc import Iterator, Sequence
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
+from beam_pipelines.io import storage
 from transforms.featureset import FeatureSet
-from transforms.validation import INVALID_UTF8_MARK, RawBatch, RawLine, UnparseableRow
+from transforms.records import INVALID_UTF8_MARK, RawBatch, RawLine, UnparseableRow
 
 NAMESPACE = "skewless"
 FORMATS = ("csv", "parquet", "jsonl")
@@ -113,27 +109,24 @@ def check_input(
             f"{os.path.join(pattern, '*.csv')!r}"
         )
     try:
-        matches = FileSystems.match([pattern])[0].metadata_list
+        files = storage.match(pattern)
     except Exception as exc:  # noqa: BLE001 - any filesystem error means the same to the user
         raise InputError(f"input {pattern!r} cannot be listed: {_one_line(exc)}") from exc
-    files = sorted((m for m in matches if not _is_local_dir(m.path)), key=lambda m: m.path)
     if not files:
         raise InputError(f"input {pattern!r} matches no file")
-    paths = []
-    for meta in files:
-        fmt = input_format or detect_format(meta.path)
-        if meta.size_in_bytes == 0:
-            raise InputError(f"{meta.path}: the file is empty (0 bytes)")
-        check_file(meta.path, fmt, fs, meta.size_in_bytes)
-        paths.append(meta.path)
-    return paths
+    for path, size in files:
+        fmt = input_format or detect_format(path)
+        if size == 0:
+            raise InputError(f"{path}: the file is empty (0 bytes)")
+        check_file(path, fmt, fs, size)
+    return [path for path, _ in files]
 
 
 def check_file(path: str, fmt: str, fs: FeatureSet | None = None, size: int | None = None) -> None:
     """Raise InputError unless `path` reads as `fmt` (see check_input)."""
     if fmt == "parquet":
         try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            with storage.open_read(path) as f:
                 names = pq.ParquetFile(f).schema_arrow.names
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
@@ -229,7 +222,7 @@ def _read_head(path: str) -> bytes:
     """The first HEAD_BYTES of a file's (decompressed) content, without reading it all."""
     name = path.lower()
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        with storage.open_read(path) as f:
             if name.endswith(".gz"):
                 return gzip.GzipFile(fileobj=f).read(HEAD_BYTES)
             if name.endswith(".bz2"):
@@ -274,7 +267,7 @@ def _read_bytes(path: str) -> bytes:
     the data of a truncated file without an error: a cut file must fail, not lose its tail.
     """
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        with storage.open_read(path) as f:
             data = f.read()
         name = path.lower()
         if name.endswith(".gz"):
@@ -525,7 +518,7 @@ def read_parquet_records(
     path: str, fs: FeatureSet | None, batch_rows: int = BATCH_ROWS
 ) -> Iterator[RawBatch]:
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        with storage.open_read(path) as f:
             parquet = pq.ParquetFile(f)
             check_columns(path, parquet.schema_arrow.names, fs)
             offset = 0
@@ -552,57 +545,3 @@ def read_file_records(
         yield from read_csv_records(data, path, fs, batch_rows)
     else:
         yield from iter_json_lines(data, path)
-
-
-class _ReadFile(beam.DoFn):
-    """One file -> RawBatches (CSV, Parquet), RawLines (JSON lines) and UnparseableRows."""
-
-    def __init__(self, input_format: str | None, batch_rows: int, fs: FeatureSet | None = None):
-        self.input_format = input_format
-        self.batch_rows = batch_rows
-        self.fs = fs
-
-    def setup(self) -> None:
-        self._files = Metrics.counter(NAMESPACE, "files_read")
-
-    def process(self, path: str) -> Iterator:
-        fmt = self.input_format or detect_format(path)
-        self._files.inc()
-        yield from read_file_records(path, fmt, self.fs, self.batch_rows)
-
-
-class ReadRawFiles(beam.PTransform):
-    """A path or glob (local or gs://) -> raw elements for ValidateRecords.
-
-    With `fs`, CSV int/float columns are read with the declared types and headers are checked
-    against the schema again (the files may have changed since check_input).
-    """
-
-    def __init__(
-        self,
-        pattern: str,
-        input_format: str | None = None,
-        batch_rows: int = BATCH_ROWS,
-        fs: FeatureSet | None = None,
-    ):
-        super().__init__()
-        self.pattern = pattern
-        self.input_format = input_format
-        self.batch_rows = batch_rows
-        self.fs = fs
-
-    def expand(self, pbegin):
-        return matched_paths(pbegin, self.pattern) | "ReadFile" >> beam.ParDo(
-            _ReadFile(self.input_format, self.batch_rows, self.fs)
-        )
-
-
-def matched_paths(pbegin, pattern: str):
-    """The files a path or glob names (directories left out), spread over the workers: the
-    first steps of every file reader (their labels stay the caller's steps)."""
-    return (
-        pbegin
-        | "Match" >> fileio.MatchFiles(pattern)
-        | "Paths" >> beam.FlatMap(lambda m: [] if _is_local_dir(m.path) else [m.path])
-        | "Spread" >> beam.Reshuffle()
-    )

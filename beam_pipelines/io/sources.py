@@ -6,7 +6,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from beam_pipelines.common import is_dry_run
-from beam_pipelines.io.files import ReadRawFiles, check_input
+from beam_pipelines.io.file_sources import ReadRawFiles
+from beam_pipelines.io.files import check_input
 from beam_pipelines.options import SourceOptions
 from transforms.featureset import FeatureSet, ReferenceTable
 from transforms.reference import BuildReferenceIndex, rows_feature_set
