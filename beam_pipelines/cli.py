@@ -42,6 +42,9 @@ JOBS = {
 }
 # A job whose module depends on a flag: `skewless score --streaming` is the streaming scorer.
 MODES = {("score", "--streaming"): "beam_pipelines.score_stream"}
+# A job that runs in this process, without Beam, when its module's runs_here(args) says so
+# (validate of local files on the local default: validate_local.py).
+IN_PROCESS = {"validate": "beam_pipelines.validate_local"}
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "SKEWLESS_VERBOSE"  # read by common.configure_logging (and worker processes)
 EXIT_USAGE = 2
@@ -82,7 +85,7 @@ def run_job(job: str, args: list[str], verbose: bool = False, run=None) -> int:
                 _find_devices_now()
         # Every job's logging, also of the jobs in models/ (which may not import this layer);
         # a job module may configure it again (a batch job quiets the libraries further).
-        from beam_pipelines.common import configure_logging
+        from beam_pipelines.runtime import configure_logging
 
         configure_logging()
         run(args)
@@ -107,6 +110,8 @@ def job_module(job: str, args: list[str]) -> str:
     for (name, flag), module in MODES.items():
         if name == job and flag in args:
             return module
+    if job in IN_PROCESS and importlib.import_module(IN_PROCESS[job]).runs_here(args):
+        return IN_PROCESS[job]
     return JOBS[job][0]
 
 

@@ -4,15 +4,21 @@ statistics computed with pyarrow + numpy alone in one process.
     python bench/validate.py [--out DIR] [--month 12] [--repeat 3] [--baseline PREPARED_DIR]
 
 The baseline is prepare on all 336,776 flights (run once, kept under --out). Each repeat runs,
-alternately: the job as a user runs it (`python -m beam_pipelines.validate`, a whole process:
-imports, the Beam pipeline on the local runner, the outputs), the floor as a whole process
-(`python bench/validate.py --floor CSV`: read the CSV with Arrow's type inference, then per
-column counts, missing, min/max/mean/std/zeros, 1,001 exact quantiles, a 10-bucket histogram,
-value counts and distinct strings, list lengths), and both again inside this process once
-their imports are loaded (the job's pipeline through build_pipeline on FnApiRunner, and the
-floor's function). Best of the repeats; the issue's target is job / floor <= 2. These
-machines are shared and noisy: ratios hold, absolute seconds do not. The last line is one
-JSON object of the figures.
+alternately:
+- `job`: the command as a user runs it (`skewless validate --baseline B --input CSV
+  --output_dir D`, a whole process). Local files on the local default run in that process
+  without a Beam pipeline (validate_local.py);
+- `floor`: the floor as a whole process (`python bench/validate.py --floor CSV`: read the CSV
+  with Arrow's type inference, then per column counts, missing, min/max/mean/std/zeros, 1,001
+  exact quantiles, a 10-bucket histogram, value counts and distinct strings, list lengths);
+- `beam_job`: the same command with `--runner FnApiRunner`, i.e. the Beam job (as on Dataflow,
+  but on the local runner), for reference;
+- `job_imports`: a process that only loads what `job` loads;
+- `job_in_process`, `floor_in_process`, `beam_in_process`: the three again inside this process
+  once their imports are loaded (validate_local.run, the floor's function, the Beam job's
+  pipeline through build_pipeline on FnApiRunner).
+Best of the repeats; the issue's target is job / floor <= 2. These machines are shared and
+noisy: ratios hold, absolute seconds do not. The last line is one JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROWS = 336_776
-# What the job's process loads before its pipeline: Beam, the job, the feature set's module
-# (the bundled one imports TensorFlow and tf.Transform for its preprocessing_fn).
-IMPORTS = "import beam_pipelines.validate; import transforms.featureset as f; f.load_feature_set('flights')"
+# What the job's process loads before it reads the data: the CLI, the in-process path, the
+# feature set's module.
+IMPORTS = "import beam_pipelines.cli, beam_pipelines.validate_local; import transforms.featureset as f; f.load_feature_set('flights')"
 
 
 def month_csv(month: int, path: Path) -> int:
@@ -101,7 +107,26 @@ def run_child(argv: list[str], log: Path) -> tuple[float, int]:
     return seconds, code
 
 
-def in_process_validate(baseline_dir: str, csv: str, out: str) -> float:
+def in_process_local(baseline_dir: str, csv: str, out: str) -> float:
+    """validate_local.run in this process, imports loaded (its log lines silenced)."""
+    import logging
+
+    from beam_pipelines import validate_local
+
+    argv = ["--baseline", baseline_dir, "--input", csv, "--output_dir", out]
+    started = time.perf_counter()
+    logging.disable(logging.CRITICAL)
+    try:
+        validate_local.run(argv)
+    except SystemExit as exc:  # 3: anomalies found, as the job's exit code
+        if exc.code not in (0, 3, None):
+            raise
+    finally:
+        logging.disable(logging.NOTSET)
+    return time.perf_counter() - started
+
+
+def in_process_beam(baseline_dir: str, csv: str, out: str) -> float:
     """The job's pipeline (build_pipeline, FnApiRunner) in this process, imports loaded."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -151,30 +176,46 @@ def main() -> None:
     runs: dict[str, list[float]] = {
         "job": [],
         "floor": [],
+        "beam_job": [],
         "job_imports": [],
         "job_in_process": [],
         "floor_in_process": [],
+        "beam_in_process": [],
     }
+    command = [*env_python, "-m", "beam_pipelines.cli", "validate", "--baseline", str(baseline),
+               "--input", str(csv)]  # fmt: skip
     code = None
     for i in range(args.repeat):
         seconds, code = run_child(
-            [*env_python, "-m", "beam_pipelines.validate", "--baseline", str(baseline), "--input", str(csv),
-             "--output_dir", str(out / f"job_{i}")],
-            out / f"job_{i}.log",
-        )  # fmt: skip
+            [*command, "--output_dir", str(out / f"job_{i}")], out / f"job_{i}.log"
+        )
         runs["job"].append(seconds)
         seconds, _ = run_child([*env_python, __file__, "--floor", str(csv)], out / f"floor_{i}.log")
         runs["floor"].append(seconds)
+        seconds, beam_code = run_child(
+            [*command, "--output_dir", str(out / f"beam_job_{i}"), "--runner", "FnApiRunner"],
+            out / f"beam_job_{i}.log",
+        )
+        runs["beam_job"].append(seconds)
+        if beam_code != code:
+            raise SystemExit(f"the Beam job exited {beam_code}, the in-process run {code}")
         seconds, _ = run_child([*env_python, "-c", IMPORTS], out / f"imports_{i}.log")
         runs["job_imports"].append(seconds)
         runs["job_in_process"].append(
-            in_process_validate(str(baseline), str(csv), str(out / f"warm_{i}"))
+            in_process_local(str(baseline), str(csv), str(out / f"warm_{i}"))
         )
         started = time.perf_counter()
         floor_statistics(str(csv))
         runs["floor_in_process"].append(time.perf_counter() - started)
+        runs["beam_in_process"].append(
+            in_process_beam(str(baseline), str(csv), str(out / f"warm_beam_{i}"))
+        )
     best = {k: min(v) for k, v in runs.items()}
     anomalies = json.loads((out / "job_0" / "anomalies.json").read_text())
+    beam_anomalies = json.loads((out / "beam_job_0" / "anomalies.json").read_text())
+    same = [(a["question"], a["feature"], a["kind"], a["blocking"]) for a in anomalies] == [
+        (a["question"], a["feature"], a["kind"], a["blocking"]) for a in beam_anomalies
+    ]
     ratio = best["job"] / best["floor"]
     warm_ratio = best["job_in_process"] / best["floor_in_process"]
     print(
@@ -187,6 +228,8 @@ def main() -> None:
         f"job / floor, whole processes: {ratio:.2f}; in process, imports loaded: {warm_ratio:.2f} (target <= 2)"
     )
     print(f"the job's process without its imports: {best['job'] - best['job_imports']:.2f} s")
+    print(f"the Beam job / floor, whole processes: {best['beam_job'] / best['floor']:.2f}")
+    print(f"the in-process run and the Beam job find the same anomalies: {same}")
     print(
         f"exit code {code}; anomalies: {[(a['question'], a['feature'], a['kind'], a['blocking']) for a in anomalies]}"
     )
@@ -200,6 +243,8 @@ def main() -> None:
                 "ratio": round(ratio, 2),
                 "ratio_in_process": round(warm_ratio, 2),
                 "job_without_imports_s": round(best["job"] - best["job_imports"], 3),
+                "ratio_beam_job": round(best["beam_job"] / best["floor"], 2),
+                "same_anomalies_as_beam_job": same,
                 "exit_code": code,
                 "anomalies": len(anomalies),
                 "blocking": sum(a["blocking"] for a in anomalies),

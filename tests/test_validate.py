@@ -26,6 +26,7 @@ from transforms.anomalies import (
     numeric_distributions,
 )
 from transforms.consistency import plain
+from transforms.statistics import common_stats
 
 BASELINE_MONTHS = (1, 2, 3)
 HELD_OUT = 12
@@ -480,3 +481,85 @@ def test_a_bigquery_table_is_validated_as_read(baseline, december, bq_emulator, 
     code, anomalies, _ = validate(tmp_path, baseline, "--bigquery_table", table, *emulator_args(bq_emulator), name="renamed")  # fmt: skip
     assert code == 3
     assert {(a["question"], a["feature"]) for a in anomalies if a["question"] in (2, 3)} == {(2, "dep_delay"), (3, "departure_delay")}  # fmt: skip
+
+
+# --- in process or as a Beam job -----------------------------------------------------------------
+
+
+def test_local_files_on_the_local_default_run_in_process_and_nothing_else_does(tmp_path):
+    from beam_pipelines.cli import job_module
+
+    local = ["--baseline", "b", "--output_dir", "o"]
+    assert (
+        job_module("validate", [*local, "--input", "new/*.csv"]) == "beam_pipelines.validate_local"
+    )
+    assert job_module("validate", [*local, "--prepared_dir", "p", "--feature_set", "flights"]) == "beam_pipelines.validate_local"  # fmt: skip
+    assert job_module("validate", [*local, "--input=x.csv", "--input_format=csv"]) == "beam_pipelines.validate_local"  # fmt: skip
+    for beam_run in (
+        [*local, "--input", "x.csv", "--runner", "FnApiRunner"],
+        [*local, "--input", "x.csv", "--runner=DataflowRunner"],
+        ["--baseline", "b", "--output_dir", "gs://bucket/o", "--input", "x.csv"],
+        ["--baseline", "gs://bucket/b", "--output_dir", "o", "--input", "x.csv"],
+        [*local, "--input", "gs://bucket/x.csv"],
+        [*local, "--serving_log", "log/"],
+        [*local, "--bigquery_table", "p.d.t"],
+        [*local, "--input", "x.csv", "--prepared_dir", "p"],
+        [*local, "--input", "x.csv", "--input_format", "xml"],
+        [*local, "--input", "x.csv", "--dry_run"],
+        [*local, "--input", "x.csv", "--help"],
+        [*local, "--inp", "x.csv"],
+        ["--output_dir", "o", "--input", "x.csv"],
+    ):
+        assert job_module("validate", beam_run) == "beam_pipelines.validate", beam_run
+
+
+@pytest.mark.timeout(300)
+def test_the_in_process_run_loads_neither_beam_nor_tensorflow(baseline, december, tmp_path):
+    """What makes a month fast (bench/validate.py): Beam alone takes about 2 s to load."""
+    path = write_rows(tmp_path / "dec.csv", december)
+    argv = ["--baseline", str(baseline), "--input", str(path), "--output_dir", str(tmp_path / "o")]
+    script = (
+        "import sys; from beam_pipelines.cli import run_job; "
+        f"code = run_job('validate', {argv!r}); "
+        "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'apache_beam', 'tensorflow', 'tensorflow_transform'}))"  # fmt: skip
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert done.stdout.split("\n")[-2] == "0 []", done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_the_beam_job_finds_what_the_in_process_run_finds(baseline, december, tmp_path):
+    """The same data with --runner (the Beam job, as on Dataflow): the same anomalies with the
+    same values, the same exit code, the same counts (sketch read-offs may differ in ties)."""
+    rows = [
+        {("departure_time" if k == "dep_time" else k): v for k, v in r.items()} for r in december
+    ]
+    for i, r in enumerate(rows):
+        if r["carrier"] == SHIFTED_CARRIER and r["dep_delay"] is not None:
+            r["dep_delay"] += 30
+        if i % 5 == 0:
+            r["dest"] = None
+    path = str(write_rows(tmp_path / "drifted.csv", rows))
+    here = validate(tmp_path, baseline, "--input", path, name="here")
+    beam = validate(tmp_path, baseline, "--input", path, "--runner", "FnApiRunner", name="beam")
+    assert here[0] == beam[0] == 3
+    assert (
+        blocking(here[1])
+        == blocking(beam[1])
+        == [
+            (1, "dep_delay", "distribution_drift"),
+            (2, "dep_time", "missing_column"),
+            (5, "dest", "presence"),
+        ]
+    )
+    close = [
+        {**a, "value": pytest.approx(a["value"], rel=1e-9)} if isinstance(a["value"], float) else a
+        for a in here[1]
+    ]
+    assert close == beam[1]
+    stats = [read_statistics(str(out / "statistics.pb")).datasets[0] for _, _, out in (here, beam)]
+    counts = [
+        {f.name: (f.type, common_stats(f).num_non_missing) for f in s.features} for s in stats
+    ]
+    assert stats[0].num_examples == stats[1].num_examples == len(rows)
+    assert counts[0] == counts[1]
