@@ -97,3 +97,64 @@ def _hour(ms: int) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H")
+
+
+def test_a_version_published_after_a_read_is_seen_by_the_first_batch_past_it(
+    tmp_path, bigtable_emulator
+):
+    """A live stream: the lookup has read each origin up to its newest version (reading a day
+    ahead of its batches), then the next days' weather is published. An event past the old
+    newest version gets the new rows at once, the cache's entries not expired: an entry is
+    complete up to the newest version it read, never up to the end of the read-ahead."""
+    bt = bigtable_emulator
+    table_id = bt.table_name()
+    connection = [
+        f"--bigtable_project={bt.project}",
+        f"--bigtable_instance={bt.instance}",
+        f"--bigtable_table={table_id}",
+    ]
+    bigtable_setup.run(["--feature_set", "flights_plus", *connection, "--retention_s=630720000"])
+    weather = []
+
+    def publish(first: str, last: str) -> None:
+        path = tmp_path / f"weather_{first}.csv"
+        published = write_weather_slice(path, first, last)
+        publish_reference.run(
+            ["--feature_set=flights_plus", "--table=origin_weather", *connection,
+             f"--dead_letter_dir={tmp_path / ('dead_' + first)}", f"--input={path}"]
+        )  # fmt: skip
+        keep = {(r["origin"], r["time_hour"][:13]) for r in published}
+        weather.extend(
+            r for r in table_rows(WEATHER_AT_ORIGIN) if (r["origin"], _hour(r["time_hour"])) in keep
+        )
+
+    def expected(events: list[dict]) -> list[tuple]:
+        indexes = [index_of(WEATHER_AT_ORIGIN, weather), {}, {}]
+        return [
+            tuple(join_references(FLIGHTS_PLUS, e, indexes)[c] for c in columns) for e in events
+        ]
+
+    columns = [c.name for c in WEATHER_AT_ORIGIN.columns]
+    publish("2013-03-03", "2013-03-05")
+    newest = max(r["time_hour"] for r in weather)
+    delay = WEATHER_AT_ORIGIN.availability_delay_ms
+    events = sorted(
+        typed_events(FLIGHTS_PLUS, real_flights(month=3, day=4, days=3)),
+        key=lambda e: e["event_time"],
+    )
+    before = [e for e in events if e["event_time"] - delay <= newest - 3_600_000]
+    after = [e for e in events if e["event_time"] - delay > newest + 3_600_000]
+    assert len(before) > 500 and len(after) > 500
+
+    lookup = OnlineLookup(
+        FLIGHTS_PLUS, open_table(bt.project, bt.instance, table_id), clock=Clock()
+    )
+    for events_now in (before, "publish", after):
+        if events_now == "publish":
+            publish("2013-03-06", "2013-03-07")
+            continue
+        want = expected(events_now)
+        for i in range(0, len(events_now), 20):
+            got = lookup.examples(events_now[i : i + 20])
+            assert [tuple(x[c] for c in columns) for x in got] == want[i : i + 20]
+    assert sum(w[0] is not None for w in expected(after)) > len(after) // 2

@@ -306,9 +306,10 @@ class ReferenceTable:
     def availability_delay_ms(self) -> int:
         return self.availability_delay_s * MS
 
-    @property
+    @functools.cached_property
     def columns(self) -> tuple[Field, ...]:
-        """The example columns this table adds: every field, nullable, with the prefix."""
+        """The example columns this table adds: every field, nullable, with the prefix (built
+        once: the per-event join of streaming scoring reads it for every event)."""
         return tuple(replace(f, name=f"{self.prefix}{f.name}", nullable=True) for f in self.fields)
 
     @property

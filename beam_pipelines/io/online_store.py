@@ -32,6 +32,10 @@ from transforms.partials import CellKey, entity_value
 from transforms.reference import join_references, reference_family, reference_row_key
 
 DEFAULT_CACHE_TTL_S = 60.0
+# How far past a batch's latest as-of time a read of a slowly changing table also fetches
+# versions (see OnlineLookup._store): a replay or backfill, whose tables are published ahead
+# of its events, then reads each key about once a day of event time instead of every batch.
+DEFAULT_READ_AHEAD_MS = 24 * 3_600_000
 NEVER = -(2**62)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -115,10 +119,12 @@ class OnlineLookup:
         table,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         clock=time.monotonic,
+        read_ahead_ms: int = DEFAULT_READ_AHEAD_MS,
     ):
         self.fs = fs
         self.table = table
         self.cache_ttl_s = cache_ttl_s
+        self.read_ahead_ms = read_ahead_ms
         self.clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
@@ -164,9 +170,11 @@ class OnlineLookup:
             elif span is not None:
                 earliest, last = (_EPOCH + dt.timedelta(milliseconds=ms) for ms in span)
                 after = dt.timedelta(milliseconds=1)  # TimestampRange ends are exclusive
-                inside = rf.TimestampRange(start=earliest, end=last + after)
+                ahead = dt.timedelta(milliseconds=self.read_ahead_ms)
+                inside = rf.TimestampRange(start=earliest, end=last + ahead + after)
                 before = rf.TimestampRange(end=earliest + after)
-                # Every version inside the span, and the newest at or before its start.
+                # Every version inside the span (read ahead), and the newest at or before its
+                # start.
                 branches.append(rf.RowFilterChain([rf.TimestampRangeFilter(inside), family(name)]))
                 branches.append(
                     rf.RowFilterChain([rf.TimestampRangeFilter(before), latest, family(name)])
@@ -195,6 +203,11 @@ class OnlineLookup:
             # Complete from `earliest` when the read found the version valid there; with no
             # version at or before it, nothing older exists either.
             lo = earliest if versions and versions[0][0] <= earliest else NEVER
+            # Complete up to the newest version read, when it is past the span (read ahead):
+            # every version up to there was read. Not beyond it: the next version may not be
+            # published yet, which is what a live stream's next batch asks for.
+            if versions:
+                hi = max(hi, versions[-1][0])
         with self._lock:
             self._cache[(table.name, key)] = _Entry(versions, lo, hi, now + self.cache_ttl_s)
 
