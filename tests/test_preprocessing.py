@@ -47,7 +47,9 @@ def test_preprocessing_outputs_from_a_real_tf_transform_run():
         example(401, year=2013, month=3, day=10, hour=12, minute=0, carrier="ZZ"),
         example(402, year=2012, month=2, day=29, hour=18, minute=0),
     ]
-    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(tft_feature_spec(FLIGHTS)))
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec(tft_feature_spec(FLIGHTS))
+    )
     with tempfile.TemporaryDirectory() as tmp:
         with tft_beam.Context(temp_dir=tmp):
             (train_out, _), transform_fn = (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
@@ -78,3 +80,46 @@ def test_preprocessing_outputs_from_a_real_tf_transform_run():
     capped = max(z[i] for i, r in enumerate(rows) if r["dep_delay"] >= 179)
     assert midnight["dep_delay_z"] > capped
     assert midnight["dep_delay_bucket"] == 9
+
+
+def test_the_reference_vocabularies_equal_exact_ones_on_the_bundled_tables(tmp_path):
+    """flights_plus computes its reference vocabularies with approximate_vocabulary (one combine
+    pass instead of a vocabulary's shuffles): exact while a column has at most top_k distinct
+    values. On the bundled tables' own values, ties included, the files equal tft.vocabulary's."""
+    from itertools import zip_longest
+
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    from tests.test_reference import table_rows
+    from transforms.flights import (
+        DEST_AIRPORTS,
+        PLANES,
+        REFERENCE_VOCABULARIES,
+        REFERENCE_VOCABULARY_TOP_K,
+    )
+
+    columns = {c.name: (table, c.name[len(table.prefix) :]) for table in (PLANES, DEST_AIRPORTS) for c in table.columns}  # fmt: skip
+    values = {name: [r[field] or "" for r in table_rows(table)] for name, (table, field) in columns.items() if name in REFERENCE_VOCABULARIES}  # fmt: skip
+    rows = [
+        dict(zip(values, row, strict=True)) for row in zip_longest(*values.values(), fillvalue="")
+    ]
+    spec = {name: tf.io.FixedLenFeature([], tf.string) for name in values}
+    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
+
+    def both(inputs):
+        for name, x in inputs.items():
+            tft.vocabulary(x, vocab_filename=f"exact_{name}")
+            tft.experimental.approximate_vocabulary(
+                x, top_k=REFERENCE_VOCABULARY_TOP_K, vocab_filename=f"approx_{name}"
+            )
+        return dict(inputs)
+
+    with tft_beam.Context(temp_dir=str(tmp_path / "tmp")):
+        transform_fn = (rows, metadata) | tft_beam.AnalyzeDataset(both)
+        _ = transform_fn | tft_beam.WriteTransformFn(str(tmp_path / "transform"))
+    output = tft.TFTransformOutput(str(tmp_path / "transform"))
+    for name in values:
+        exact = output.vocabulary_by_name(f"exact_{name}")
+        assert 3 <= len(exact) < REFERENCE_VOCABULARY_TOP_K, name
+        assert output.vocabulary_by_name(f"approx_{name}") == exact, name
