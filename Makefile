@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BQ_VENV ?= .venv-bqemu
 OUT ?= out/demo
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 STAMP := $(VENV)/.installed
 BQ_STAMP := $(BQ_VENV)/.installed
