@@ -30,8 +30,8 @@ class Clock:
         return self.now
 
 
-def test_every_batch_order_gets_the_rows_of_the_batch_rule(tmp_path, bigtable_emulator):
-    bt = bigtable_emulator
+def new_table(bt) -> tuple[str, list[str]]:
+    """A flights_plus table on the emulator (every version kept): its id and connection flags."""
     table_id = bt.table_name()
     connection = [
         f"--bigtable_project={bt.project}",
@@ -39,6 +39,12 @@ def test_every_batch_order_gets_the_rows_of_the_batch_rule(tmp_path, bigtable_em
         f"--bigtable_table={table_id}",
     ]
     bigtable_setup.run(["--feature_set", "flights_plus", *connection, "--retention_s=630720000"])
+    return table_id, connection
+
+
+def test_every_batch_order_gets_the_rows_of_the_batch_rule(tmp_path, bigtable_emulator):
+    bt = bigtable_emulator
+    table_id, connection = new_table(bt)
     weather_path = tmp_path / "weather.csv"
     # One hour of JFK left out: a key's versions need not be evenly spaced.
     published = write_weather_slice(
@@ -107,13 +113,7 @@ def test_a_version_published_after_a_read_is_seen_by_the_first_batch_past_it(
     newest version gets the new rows at once, the cache's entries not expired: an entry is
     complete up to the newest version it read, never up to the end of the read-ahead."""
     bt = bigtable_emulator
-    table_id = bt.table_name()
-    connection = [
-        f"--bigtable_project={bt.project}",
-        f"--bigtable_instance={bt.instance}",
-        f"--bigtable_table={table_id}",
-    ]
-    bigtable_setup.run(["--feature_set", "flights_plus", *connection, "--retention_s=630720000"])
+    table_id, connection = new_table(bt)
     weather = []
 
     def publish(first: str, last: str) -> None:
