@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipelines.cli import JOBS, MODES
+from beam_pipelines.cli import IN_PROCESS, JOBS, MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first: a module may import its own layer and the ones before it.
@@ -33,7 +33,7 @@ FLIGHTS_NAMES = re.compile(
 
 def job_modules() -> set[str]:
     """The modules the `skewless` CLI runs as jobs (one per subcommand and mode)."""
-    return {module for module, _ in JOBS.values()} | set(MODES.values())
+    return {module for module, _ in JOBS.values()} | set(MODES.values()) | set(IN_PROCESS.values())
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
