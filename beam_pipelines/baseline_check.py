@@ -136,6 +136,11 @@ def validation_outcome(validation_dir: str, against: str, allow: bool) -> dict:
     }
 
 
+def report_title(described: str, baseline_dir: str) -> str:
+    """The report's title: what was validated, against which baseline."""
+    return f"skewless validate: {described} against {baseline_dir}"
+
+
 def feature_set_of(spec: str | None, baseline: Baseline) -> FeatureSet:
     """--feature_set, else the one the baseline's prepare run recorded."""
     recorded = baseline.summary.get("feature_set_spec") or baseline.summary.get("feature_set")

@@ -24,6 +24,7 @@ from beam_pipelines.baseline_check import (
     conclude,
     feature_set_of,
     load_baseline,
+    report_title,
 )
 from beam_pipelines.common import (
     before_run,
@@ -203,7 +204,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         source, described = new_data_source(options, fs, kind)
         check_output_dir(output_dir, "--output_dir")
     p = beam.Pipeline(options=options)
-    title = f"skewless validate: {described} against {opts.baseline}"
+    title = report_title(described, opts.baseline)
     build_pipeline(p, source, baseline, fs, kind, output_dir, title)
     p.run().wait_until_finish()
     if is_dry_run(options):

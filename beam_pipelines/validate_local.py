@@ -22,6 +22,7 @@ from beam_pipelines.baseline_check import (
     conclude,
     feature_set_of,
     load_baseline,
+    report_title,
 )
 from beam_pipelines.io import storage
 from beam_pipelines.io.files import FORMATS, check_input, detect_format
@@ -103,7 +104,7 @@ def run(args: Sequence[str]) -> dict:
             acc.add(batch)
     new = acc.to_proto(NEW_DATASET)
     write_statistics(storage.join(output_dir, NEW_STATISTICS_FILE), statistics_list([new], ()))
-    title = f"skewless validate: {described} against {options.baseline}"
+    title = report_title(described, options.baseline)
     anomalies, report = check_statistics(new, baseline, fs, kind, title)
     write_anomalies(storage.join(output_dir, ANOMALIES_FILE), anomalies)
     write_text(storage.join(output_dir, REPORT_FILE), report)
