@@ -3,11 +3,14 @@ the job and leaves no shard."""
 
 from __future__ import annotations
 
+import gzip
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pytest
 import tensorflow as tf
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from beam_pipelines.io import sinks
@@ -76,3 +79,40 @@ def test_a_failure_while_encoding_fails_the_job_and_leaves_no_shard(tmp_path, mo
                 | sinks.WriteTFRecords(str(tmp_path / "out" / "train"), "examples_written")
             )
     assert not list((tmp_path / "out").glob("train-*"))
+
+
+def test_the_framing_is_tensorflows_record_format_byte_for_byte(tmp_path):
+    records = [b"", b"x", bytes(range(256)) * 40, *(f"example {i}".encode() for i in range(100))]
+    path = str(tmp_path / "tf.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    with open(path, "rb") as f:
+        assert sinks.frame_records(records) == f.read()
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_is_gzip_members_read_whole_and_every_example_counted(tmp_path):
+    """Several batches in one bundle: one gzip member each, one file that TensorFlow's reader
+    (which checks every CRC) and Python's gzip read whole; the counter counts every example."""
+    with TestPipeline(runner="FnApiRunner") as p:
+        _ = (
+            p
+            | beam.Create([batch(i) for i in range(BATCHES)], reshuffle=False)
+            | sinks.WriteTFRecords(str(tmp_path / "out" / "train"), "examples_written")
+        )
+    result = p.result
+    shards = sorted((tmp_path / "out").glob("train-*.tfrecord.gz"))
+    members = 0
+    for path in shards:
+        data = path.read_bytes()
+        members += data.count(b"\x1f\x8b\x08")  # each member starts with gzip's magic + deflate
+        assert len(gzip.decompress(data)) == sum(
+            len(r.numpy()) + 16 for r in tf.data.TFRecordDataset(str(path), compression_type="GZIP")
+        )
+    assert members >= BATCHES
+    assert sorted(x for shard in read_back(tmp_path / "out") for x in shard) == list(
+        range(BATCHES * ROWS)
+    )
+    counters = result.metrics().query(MetricsFilter().with_name("examples_written"))["counters"]
+    assert sum(c.committed for c in counters) == BATCHES * ROWS

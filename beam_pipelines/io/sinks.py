@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import threading
 import uuid
+import zlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import apache_beam as beam
+import google_crc32c
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
@@ -51,12 +59,98 @@ class WriteFeaturesParquet(beam.PTransform):
         )
 
 
+# TFRecord framing: length, masked CRC-32C of the length, data, masked CRC-32C of the data.
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+_CRC_MASK_DELTA = 0xA282EAD8
+# gzip (zlib's wrapper 16 + the largest window), TensorFlow's default level for GZIP records.
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+_GZIP_LEVEL = 6
+# Threads encoding and compressing batches (the bundle's thread writes them, in order), and
+# the batches in flight at most; process() waits beyond this.
+_ENCODE_THREADS = 2
+_QUEUED_BATCHES = 4
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame_records(records: list[bytes]) -> bytes:
+    """Serialized records -> their TFRecord framing, concatenated (what TFRecordWriter writes)."""
+    parts = []
+    for record in records:
+        length = _LENGTH.pack(len(record))
+        parts += (length, _CRC.pack(_masked_crc(length)), record, _CRC.pack(_masked_crc(record)))
+    return b"".join(parts)
+
+
+def gzip_member(data: bytes) -> bytes:
+    """`data` as one gzip member. A file of several members is one gzip file (RFC 1952):
+    TensorFlow's record reader, Python's gzip and zcat read it whole."""
+    compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+class _ShardFile:
+    """One gzip TFRecord file, each batch encoded, framed and compressed on a worker thread into
+    a gzip member of its own, and the members written in the batches' order.
+
+    The tfx_bsl encoder, the CRCs and zlib run in C with the GIL released, a whole batch per
+    call, so a shard is encoded and compressed on the other core while the bundle's thread goes
+    on; the framing's few Python operations per record are all that hold the GIL.
+    """
+
+    def __init__(self, path: str, encode: Callable[[pa.RecordBatch], list[bytes]], executor):
+        import tensorflow as tf
+
+        self.path = path
+        self._encode = encode
+        self._executor = executor
+        self._file = tf.io.gfile.GFile(path, "wb")
+        self._pending: deque[Future] = deque()
+
+    def add(self, batch: pa.RecordBatch) -> int:
+        """Queue a batch; the number of examples written by the batches now written."""
+        self._pending.append(self._executor.submit(self._compress, batch))
+        return self._write(lambda: len(self._pending) > _QUEUED_BATCHES or self._pending[0].done())
+
+    def close(self) -> int:
+        """Write every queued batch and close; the number of examples written."""
+        written = self._write(lambda: True)
+        self._file.close()
+        return written
+
+    def _compress(self, batch: pa.RecordBatch) -> tuple[bytes, int]:
+        encoded = self._encode(batch)
+        return gzip_member(frame_records(encoded)), len(encoded)
+
+    def _write(self, more: Callable[[], bool]) -> int:
+        """Write the finished batches, oldest first, while `more()`; a failed batch cancels the
+        rest, closes the file (never renamed) and raises."""
+        written = 0
+        try:
+            while self._pending and more():
+                member, examples = self._pending.popleft().result()
+                self._file.write(member)
+                written += examples
+        except BaseException:
+            for future in self._pending:
+                future.cancel()
+            futures_wait(self._pending)
+            self._pending.clear()
+            self._file.close()
+            raise
+        return written
+
+
 class _WriteShard(beam.DoFn):
     """tf.Transform output batches -> one gzip TFRecord shard per bundle, under a temporary name.
 
-    tf.Examples are encoded by tfx_bsl's C++ encoder and written by TensorFlow's C++ record
-    writer (framing, CRCs and gzip outside Python). The shard's path is emitted when the bundle
-    finishes; a retried bundle's partial file is simply never renamed.
+    tf.Examples are encoded by tfx_bsl's C++ encoder and compressed on worker threads
+    (_ShardFile). The shard's path is emitted when the bundle finishes; a retried bundle's
+    partial file is simply never renamed.
     """
 
     def __init__(self, temp_dir: str, counter: str):
@@ -66,31 +160,39 @@ class _WriteShard(beam.DoFn):
     def setup(self) -> None:
         import tensorflow as tf
 
-        self._tf = tf
-        self._encoder = RecordBatchToExamplesEncoder()
+        self._encoders = threading.local()  # one encoder per worker thread
+        self._executor = ThreadPoolExecutor(_ENCODE_THREADS, thread_name_prefix="tfrecord-encode")
         self._count = Metrics.counter(NAMESPACE, self.counter)
         tf.io.gfile.makedirs(self.temp_dir)
 
     def start_bundle(self) -> None:
-        self._writer = None
-        self._path = None
+        self._shard = None
 
     def process(self, element):
         batch = element[0] if isinstance(element, tuple) else element
-        encoded = self._encoder.encode(batch)
-        if not encoded:
+        if not batch.num_rows:
             return
-        if self._writer is None:
-            self._path = f"{self.temp_dir}/{uuid.uuid4().hex}.tfrecord.gz"
-            self._writer = self._tf.io.TFRecordWriter(self._path, options="GZIP")
-        for example in encoded:
-            self._writer.write(example)
-        self._count.inc(len(encoded))
+        if self._shard is None:
+            path = f"{self.temp_dir}/{uuid.uuid4().hex}.tfrecord.gz"
+            self._shard = _ShardFile(path, self._encode, self._executor)
+        self._count.inc(self._shard.add(batch))
 
     def finish_bundle(self):
-        if self._writer is not None:
-            self._writer.close()
-            yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
+        if self._shard is not None:
+            shard, self._shard = self._shard, None
+            self._count.inc(shard.close())
+            yield WindowedValue(shard.path, MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _encode(self, batch: pa.RecordBatch) -> list[bytes]:
+        encoder = getattr(self._encoders, "encoder", None)
+        if encoder is None:
+            encoder = self._encoders.encoder = RecordBatchToExamplesEncoder()
+        return encoder.encode(batch)
+
+    def teardown(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _finalize_shards(temp_paths: list[str], prefix: str, temp_dir: str) -> list[str]:
