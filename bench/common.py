@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import time
+import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -54,11 +57,23 @@ def start_emulators() -> tuple[list[subprocess.Popen], dict]:
     ).stdout.strip()  # fmt: skip
     ps_port, bt_port = _free_port(), _free_port()
     commands = [
-        [f"{sdk}/platform/pubsub-emulator/bin/cloud-pubsub-emulator", "--host=127.0.0.1", f"--port={ps_port}"],
-        [f"{sdk}/platform/bigtable-emulator/cbtemulator", "-host", "127.0.0.1", "-port", str(bt_port)],
+        [
+            f"{sdk}/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
+            "--host=127.0.0.1",
+            f"--port={ps_port}",
+        ],
+        [
+            f"{sdk}/platform/bigtable-emulator/cbtemulator",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(bt_port),
+        ],
     ]
     procs = [
-        subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        subprocess.Popen(
+            c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         for c in commands
     ]
     deadline = time.monotonic() + 60
@@ -68,7 +83,10 @@ def start_emulators() -> tuple[list[subprocess.Popen], dict]:
             raise SystemExit("emulators did not start")
         time.sleep(0.2)
     time.sleep(1.0)  # the Pub/Sub emulator accepts connections a little before it serves
-    env = {"PUBSUB_EMULATOR_HOST": f"127.0.0.1:{ps_port}", "BIGTABLE_EMULATOR_HOST": f"127.0.0.1:{bt_port}"}
+    env = {
+        "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{ps_port}",
+        "BIGTABLE_EMULATOR_HOST": f"127.0.0.1:{bt_port}",
+    }
     os.environ.update(env)
     return procs, env
 
@@ -80,3 +98,17 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
+
+
+def flights_csv(path: Path, months: Collection[int] | None = None) -> int:
+    """The bundled flights of `months` (all when None), as the CSV lines they are, written to
+    `path`; returns the rows."""
+    from transforms.flights import bundled_flights_path
+
+    with zipfile.ZipFile(bundled_flights_path()) as archive:
+        text = archive.read(archive.namelist()[0]).decode()
+    header, *lines = text.splitlines()
+    wanted = None if months is None else {str(m) for m in months}
+    keep = [line for line in lines if wanted is None or line.split(",")[1] in wanted]
+    path.write_text("\n".join([header, *keep]) + "\n")
+    return len(keep)

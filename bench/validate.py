@@ -29,10 +29,11 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import flights_csv  # noqa: E402
 
 ROWS = 336_776
 # What the job's process loads before it reads the data: the CLI, the in-process path, the
@@ -41,15 +42,8 @@ IMPORTS = "import beam_pipelines.cli, beam_pipelines.validate_local; import tran
 
 
 def month_csv(month: int, path: Path) -> int:
-    """The bundled flights of one month, as the CSV lines they are; returns the rows."""
-    from transforms.flights import bundled_flights_path
-
-    with zipfile.ZipFile(bundled_flights_path()) as archive:
-        text = archive.read(archive.namelist()[0]).decode()
-    header, *lines = text.splitlines()
-    keep = [line for line in lines if month == 0 or line.split(",")[1] == str(month)]
-    path.write_text("\n".join([header, *keep]) + "\n")
-    return len(keep)
+    """The bundled flights of one month (0: the year), as the CSV lines they are; the rows."""
+    return flights_csv(path, None if month == 0 else (month,))
 
 
 def floor_statistics(path: str) -> dict:

@@ -136,13 +136,17 @@ class _ShardFile:
                 self._file.write(member)
                 written += examples
         except BaseException:
-            for future in self._pending:
-                future.cancel()
-            futures_wait(self._pending)
-            self._pending.clear()
-            self._file.close()
+            self.abandon()
             raise
         return written
+
+    def abandon(self) -> None:
+        """Drop the queued batches and close the file, which is never renamed (idempotent)."""
+        for future in self._pending:
+            future.cancel()
+        futures_wait(self._pending)
+        self._pending.clear()
+        self._file.close()  # closing a closed GFile does nothing
 
 
 class _WriteShard(beam.DoFn):
@@ -166,6 +170,8 @@ class _WriteShard(beam.DoFn):
         tf.io.gfile.makedirs(self.temp_dir)
 
     def start_bundle(self) -> None:
+        if getattr(self, "_shard", None) is not None:
+            self._shard.abandon()  # the last bundle failed after this DoFn's process()
         self._shard = None
 
     def process(self, element):
