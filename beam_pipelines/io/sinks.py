@@ -114,11 +114,11 @@ class _ShardFile:
     def add(self, batch: pa.RecordBatch) -> int:
         """Queue a batch; the number of examples written by the batches now written."""
         self._pending.append(self._executor.submit(self._compress, batch))
-        return self._write(lambda: len(self._pending) > _QUEUED_BATCHES or self._pending[0].done())
+        return self._write(keep=_QUEUED_BATCHES)
 
     def close(self) -> int:
         """Write every queued batch and close; the number of examples written."""
-        written = self._write(lambda: True)
+        written = self._write(keep=0)
         self._file.close()
         return written
 
@@ -126,12 +126,13 @@ class _ShardFile:
         encoded = self._encode(batch)
         return gzip_member(frame_records(encoded)), len(encoded)
 
-    def _write(self, more: Callable[[], bool]) -> int:
-        """Write the finished batches, oldest first, while `more()`; a failed batch cancels the
-        rest, closes the file (never renamed) and raises."""
+    def _write(self, keep: int) -> int:
+        """Write the batches, oldest first, that are finished or more than `keep` in the queue
+        (waiting for those); a failed batch cancels the rest, closes the file (never renamed)
+        and raises."""
         written = 0
         try:
-            while self._pending and more():
+            while self._pending and (len(self._pending) > keep or self._pending[0].done()):
                 member, examples = self._pending.popleft().result()
                 self._file.write(member)
                 written += examples
