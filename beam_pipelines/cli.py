@@ -7,7 +7,9 @@ and the libraries' logs (TensorFlow's C++ start-up lines, absl, Beam) only with 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
 import importlib
 import os
 import sys
@@ -59,13 +61,24 @@ def main(argv: list[str] | None = None, run=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = VERBOSE_FLAG in argv
     argv = [a for a in argv if a != VERBOSE_FLAG]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in JOBS:
-        lines = [f"  {name:<16} {desc}" for name, (_, desc) in JOBS.items()]
-        print("usage: skewless <command> [options] [--verbose]   (skewless <command> --help)\n")
-        print("commands:\n" + "\n".join(lines))
-        print(f"\n{VERBOSE_FLAG}: tracebacks and the libraries' logs (TensorFlow, absl, Beam)")
-        if argv and argv[0] not in ("-h", "--help"):
-            raise SystemExit(f"\nskewless: unknown command {argv[0]!r}")
+    if argv and argv[0] not in ("-h", "--help") and argv[0] not in JOBS:
+        close = difflib.get_close_matches(argv[0], list(JOBS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else " (skewless --help lists them)"
+        print(f"skewless: unknown command {argv[0]!r}{hint}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, JOBS)) + 2
+        lines = [f"  {name:<{width}}{desc}" for name, (_, desc) in JOBS.items()]
+        usage = "\n".join(
+            [
+                "usage: skewless <command> [options] [--verbose]   (skewless <command> --help)\n",
+                "commands:",
+                *lines,
+                f"\n{VERBOSE_FLAG}: tracebacks and the libraries' logs (TensorFlow, absl, Beam)",
+            ]
+        )
+        # Asked for: stdout and success; a bare `skewless` is a usage error (stderr, exit 2).
+        print(usage, file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else EXIT_USAGE)
     job = argv[0]
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
@@ -81,14 +94,21 @@ def run_job(job: str, args: list[str], verbose: bool = False, run=None) -> int:
     try:
         if run is None:
             with _quiet_native_stderr(enabled=not verbose):
-                run = importlib.import_module(job_module(job, args)).run
+                module = importlib.import_module(job_module(job, args))
+                run = module.run
+                if not {"-h", "--help"} & set(args):
+                    # A job that loads TensorFlow only when it runs (train: its --help stays
+                    # fast) names it, so its C++ start-up lines are absorbed here too.
+                    for library in getattr(module, "NATIVE_LIBRARIES", ()):
+                        importlib.import_module(library)
                 _find_devices_now()
         # Every job's logging, also of the jobs in models/ (which may not import this layer);
         # a job module may configure it again (a batch job quiets the libraries further).
         from beam_pipelines.runtime import configure_logging
 
         configure_logging()
-        run(args)
+        with _one_line_usage_errors():
+            run(args)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0
@@ -172,6 +192,31 @@ def _before_run(exc: BaseException) -> bool:
     if _RUNNING in str(exc):
         return False
     return isinstance(exc, (InputError, FeatureSetError)) or getattr(exc, "skewless_before_run", False)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    """The jobs that parse their flags with plain argparse (train, report, cells,
+    pubsub-setup) report a usage error as one line, like the Beam jobs, instead of argparse's
+    usage block: while a job runs from the CLI, ArgumentParser.error raises SystemExit with
+    `<prog>: <message>` (run_job prints it and exits 2)."""
+    original = argparse.ArgumentParser.error
+
+    def error(self, message):
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        if unknown and unknown[0].startswith("-"):
+            flag = unknown[0].split("=", 1)[0]
+            known = [s for action in self._actions for s in action.option_strings]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else f" ({self.prog} --help lists the options)"
+            message = f"unknown option {flag}{hint}"
+        raise SystemExit(f"{self.prog}: {message}")
+
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original
 
 
 def _find_devices_now() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 
@@ -86,6 +87,7 @@ def parse_job_options(
         parser.print_help()
         raise SystemExit(0)
     _check_flag_values(parser, argv, prog)
+    _reject_unknown_flags(groups, argv, prog)
     options = PipelineOptions(argv)
     missing = [f"--{name}" for group, name in required if not getattr(options.view_as(group), name)]
     if missing:
@@ -108,6 +110,42 @@ def _check_flag_values(parser: argparse.ArgumentParser, argv: list[str], prog: s
         raise SystemExit(f"{prog}: {exc}") from None
     except Exception:  # noqa: BLE001 - Beam's own parser has the last word on anything else
         return
+
+
+def beam_option_classes() -> list[type[PipelineOptions]]:
+    """Every options class Apache Beam itself declares (runners, file systems, workers, tests)."""
+    return [
+        cls
+        for cls in PipelineOptions.__subclasses__()
+        if cls.__module__.split(".", 1)[0] == "apache_beam"
+    ]
+
+
+def _reject_unknown_flags(
+    groups: Sequence[type[PipelineOptions]], argv: list[str], prog: str
+) -> None:
+    """A flag that neither the job nor Beam declares is a usage error naming the closest known
+    flag. Beam's own parser would drop it with a log line, so `--eval_fractoin 0.5` would run
+    with the default split; a flag of another job (imported into the same process) is unknown
+    to this one too."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    for group in (*groups, *beam_option_classes()):
+        try:
+            group._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            continue  # declared twice (a group shared by the job and Beam): already known
+    _, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return
+    flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), None)
+    if flag is None:
+        raise SystemExit(f"{prog}: unexpected argument {unknown[0]!r} (options are --name value)")
+    known = [s for action in parser._actions for s in action.option_strings]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else f" ({prog} --help lists the options)"
+    raise SystemExit(f"{prog}: unknown option {flag}{hint}")
 
 
 def is_dry_run(options: PipelineOptions) -> bool:

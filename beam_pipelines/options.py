@@ -29,7 +29,8 @@ class FeatureSetOptions(PipelineOptions):
 
 def feature_set_spec(options: PipelineOptions, default: str = DEFAULT_FEATURE_SET) -> str:
     """The --feature_set given, else the default of the jobs that read raw events."""
-    return options.view_as(FeatureSetOptions).feature_set or default
+    given = options.view_as(FeatureSetOptions).feature_set
+    return default if given is None else given  # '' is an error of load_feature_set, not flights
 
 
 class SubscriptionOptions(PipelineOptions):

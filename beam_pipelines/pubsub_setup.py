@@ -48,7 +48,9 @@ def ensure(project: str, topics: Sequence[str], subscriptions: Sequence[tuple[st
 
 def run(argv: Sequence[str] | None = None) -> dict:
     configure_logging()
-    parser = argparse.ArgumentParser(prog="skewless pubsub-setup", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="skewless pubsub-setup", description=DESCRIPTION, allow_abbrev=False
+    )
     parser.add_argument(
         "--project", required=True, help="Project of short topic/subscription names."
     )

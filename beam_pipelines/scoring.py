@@ -29,6 +29,25 @@ from transforms.validation import NAMESPACE, dead_letter, ms_to_datetime
 
 DEAD = "dead"
 PROBABILITY = "probability"
+
+
+def _give_run_inference_its_resource_module() -> None:
+    """Beam 2.77's ml/inference/base.py imports the standard `resource` module in one try block
+    with its torch-only ModelManager, so without torch `resource` is None there and every
+    RunInference step logs "Resource module is not available for current platform" on the
+    root logger (and reports no memory). The module exists on every POSIX platform: hand it
+    over. Runs wherever this module is imported (the launcher and every worker)."""
+    import apache_beam.ml.inference.base as inference_base
+
+    if getattr(inference_base, "resource", None) is None:
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not POSIX: Beam's own warning is right
+            return
+        inference_base.resource = resource
+
+
+_give_run_inference_its_resource_module()
 MODEL_VERSION = "model_version"
 
 

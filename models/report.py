@@ -195,7 +195,9 @@ def format_report(r: dict) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="skewless report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="skewless report", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--model_version", type=int)
     parser.add_argument("--score_dir", required=True, help="--output of `skewless score`.")

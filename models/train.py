@@ -22,6 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 
 LOG = logging.getLogger("skewless.train")
+# Imported where used, so `--help` does not load it; the CLI loads it before the run with
+# TensorFlow's C++ start-up lines kept off the terminal.
+NATIVE_LIBRARIES = ("tensorflow",)
 EXIT_WORSE_THAN_BASELINE = 3
 EXIT_ANOMALIES = 3  # as `skewless validate` and `prepare --validate_against`
 VALIDATION_ANOMALIES = os.path.join("validation", "anomalies.json")
@@ -33,6 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Train a model on the output of `skewless prepare` and publish it as the next "
         "numbered version under --model_dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a prefix is a typo, as in the Beam jobs
     )
     parser.add_argument("--prepared_dir", required=True, help="Output directory of `skewless prepare`.")
     parser.add_argument("--model_dir", required=True, help="Base directory of numbered model versions.")

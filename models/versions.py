@@ -63,7 +63,7 @@ def recorded_feature_set(
     from transforms.featureset import load_feature_set
 
     name, spec = recorded.get("feature_set"), recorded.get("feature_set_spec")
-    if override:
+    if override is not None:  # '' too: load_feature_set says it names no feature set
         fs = load_feature_set(override)
         if name is not None and fs.name != name:
             raise FeatureSetMismatch(

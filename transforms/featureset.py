@@ -657,6 +657,8 @@ def as_of_window_end(event_time_ms: int, period_ms: int, delay_ms: int = 0) -> i
 
 def load_feature_set(spec: str) -> FeatureSet:
     """Resolve `package.module:NAME` (or a bare bundled name like `flights`) to a FeatureSet."""
+    if not spec or not spec.strip():
+        raise FeatureSetError("feature set '': expected 'package.module:NAME' or 'flights'")
     if ":" not in spec:
         spec = {
             "flights": "transforms.flights:FLIGHTS",
@@ -667,9 +669,17 @@ def load_feature_set(spec: str) -> FeatureSet:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except FeatureSetError:
+        raise  # the module's own declaration is wrong: its message says how
     except ImportError as exc:
         raise FeatureSetError(
             f"feature set {spec!r}: cannot import {module_name!r}: {exc}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - a user's module that fails to load (SyntaxError, ...)
+        where = f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        raise FeatureSetError(
+            f"feature set {spec!r}: module {module_name!r} fails to load: "
+            f"{type(exc).__name__}: {getattr(exc, 'msg', None) or exc}{where}"
         ) from exc
     fs = getattr(module, attr, None)
     if not isinstance(fs, FeatureSet):
