@@ -48,7 +48,9 @@ def read(
 
 def run(argv: Sequence[str] | None = None) -> list[dict]:
     configure_logging()
-    parser = argparse.ArgumentParser(prog="skewless cells", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="skewless cells", description=DESCRIPTION, allow_abbrev=False
+    )
     parser.add_argument("--bigtable_project", required=True)
     parser.add_argument("--bigtable_instance", required=True)
     parser.add_argument("--bigtable_table", required=True)
