@@ -15,6 +15,8 @@ from beam_pipelines.io import storage
 from beam_pipelines.io.statistics_io import (
     ANOMALIES_FILE,
     REPORT_FILE,
+    SchemaFileError,
+    StatisticsFileError,
     read_anomalies,
     read_schema,
     read_statistics,
@@ -22,7 +24,7 @@ from beam_pipelines.io.statistics_io import (
     statistics_path,
 )
 from beam_pipelines.validation_report import render_report
-from transforms.anomalies import blocking, find_anomalies
+from transforms.anomalies import NO_FEATURE, blocking, find_anomalies
 from transforms.featureset import FeatureSet, load_feature_set
 
 LOG = logging.getLogger("skewless.validate")
@@ -44,19 +46,26 @@ class Baseline:
 
 def load_baseline(directory: str, schema_file: str | None = None) -> Baseline:
     """The baseline of a prepare run: its train statistics, and its schema/schema.pbtxt (or
-    `schema_file`). ValueError naming what is missing."""
+    `schema_file`). ValueError naming the file and what is missing or wrong with it (a
+    file that does not parse, no dataset, a schema without features), raised before any run."""
     stats_file = statistics_path(directory)
     if not storage.exists(stats_file):
         raise ValueError(
             f"baseline {directory!r} has no {stats_file}: run prepare (with statistics) on the "
             "baseline data first"
         )
-    datasets = {d.name: d for d in read_statistics(stats_file).datasets}
+    try:
+        datasets = {d.name: d for d in read_statistics(stats_file).datasets}
+    except StatisticsFileError as e:
+        raise StatisticsFileError(f"baseline {e}") from e
     if not datasets:
         raise ValueError(f"baseline statistics {stats_file} hold no dataset")
     statistics = datasets.get(BASELINE_DATASET) or next(iter(datasets.values()))
     schema_file = schema_file or schema_path(directory)
     schema = read_schema(schema_file)
+    if not schema.feature:
+        # An empty (or emptied) file parses as a Schema that checks nothing: every run passes.
+        raise SchemaFileError(f"schema file {schema_file} describes no feature")
     summary_file = storage.join(directory, "summary.json")
     summary = {}
     if storage.exists(summary_file):
@@ -80,7 +89,8 @@ def source_view(
     - raw records (files, BigQuery) carry the feature set's raw fields, not the aggregates:
       those fields are expected and known, and a field the raw schema declares nullable may be
       missing in any fraction of records (a cancelled event has no outcome), so its presence
-      is not checked against the examples' (which only hold complete events);
+      fraction is not checked against the examples' (which only hold complete events), but
+      its `presence.min_count` is: a field missing from every record is an anomaly;
     - a serving log has every example column but the label.
     """
     view = schema_pb2.Schema()
@@ -91,7 +101,7 @@ def source_view(
         if feature.name in times:
             feature.ClearField("drift_comparator")
         if kind == RAW and feature.name in nullable:
-            feature.ClearField("presence")
+            feature.presence.ClearField("min_fraction")
     if kind == RAW:
         raw = [f.name for f in fs.schema]
         return view, raw, raw
@@ -144,11 +154,11 @@ def report_title(described: str, baseline_dir: str) -> str:
 def feature_set_of(spec: str | None, baseline: Baseline) -> FeatureSet:
     """--feature_set, else the one the baseline's prepare run recorded."""
     recorded = baseline.summary.get("feature_set_spec") or baseline.summary.get("feature_set")
-    if not (spec or recorded):
+    if spec is None and not recorded:
         raise ValueError(
             f"baseline {baseline.directory!r} records no feature set: give --feature_set"
         )
-    return load_feature_set(spec or recorded)
+    return load_feature_set(recorded if spec is None else spec)  # '' is an error there
 
 
 def conclude(anomalies: list[dict], output_dir: str) -> dict:
@@ -156,7 +166,8 @@ def conclude(anomalies: list[dict], output_dir: str) -> dict:
     one blocks, else returns {anomalies, blocking}."""
     blocked = blocking(anomalies)
     for a in anomalies:
-        (LOG.error if a["blocking"] else LOG.warning)("question %d, %s: %s", a["question"], a["feature"], a["description"])  # fmt: skip
+        where = "" if a["feature"] == NO_FEATURE else f", {a['feature']}"
+        (LOG.error if a["blocking"] else LOG.warning)("question %d%s: %s", a["question"], where, a["description"])  # fmt: skip
     LOG.info(
         "validate finished: %d anomalies, %d blocking; %s", len(anomalies), len(blocked), output_dir
     )

@@ -37,7 +37,9 @@ from transforms.statistics import (
     DEFAULT_CATEGORICAL_THRESHOLD,
     DEFAULT_NUMERIC_THRESHOLD,
     QUANTILES_EPS,
-    StatisticsError,
+    SOURCE_METADATA_KEY,
+    TYPES_SEEN,
+    TYPES_SEEN_IN,
     common_stats,
     infer_schema,
     statistics_of_batches,
@@ -275,15 +277,46 @@ def test_merging_accumulators_in_any_split_equals_one_accumulator(flights, fligh
         assert_same_statistics(fn.extract_output(merged), flights_stats, flights.num_rows)
 
 
-def test_merging_widens_int_to_float_and_refuses_int_with_string():
+def from_file(path: str, **columns) -> pa.RecordBatch:
+    """A batch as io/inferred.py reads it: naming its file in the schema's metadata."""
+    batch = pa.RecordBatch.from_pydict(columns)
+    return batch.replace_schema_metadata({SOURCE_METADATA_KEY: path.encode()})
+
+
+def custom(feature: Stats) -> dict:
+    return {c.name: c for c in feature.custom_stats}
+
+
+def test_merging_widens_int_to_float_and_keeps_int_with_string_as_several_types():
+    """Numbers in one file and text in another: not an error, a column of two types (STRING,
+    the widest) that says which types it holds, how many values of each, and where; the same
+    in any order of batches and merges."""
     fn = StatisticsFn("d")
     ints = fn.add_input(fn.create_accumulator(), pa.RecordBatch.from_pydict({"x": [1, 2]}))
     floats = fn.add_input(fn.create_accumulator(), pa.RecordBatch.from_pydict({"x": [0.5]}))
     (x,) = fn.extract_output(fn.merge_accumulators([ints, floats])).features
     assert x.type == Stats.FLOAT and x.num_stats.mean == pytest.approx(3.5 / 3)
-    strings = fn.add_input(fn.create_accumulator(), pa.RecordBatch.from_pydict({"x": ["a"]}))
-    with pytest.raises(StatisticsError, match="'x' is int in some batches and string"):
-        fn.merge_accumulators([ints, strings])
+    assert not x.custom_stats  # int and float are one kind of values: numbers
+    batches = [
+        from_file("b.csv", x=["F1", "F2", None]),
+        from_file("a.csv", x=[1, 2, 3, 4]),
+        from_file("c.csv", x=[5]),
+    ]
+    described = []
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2]):
+        accumulators = [fn.add_input(fn.create_accumulator(), batches[i]) for i in order]
+        described.append(fn.extract_output(fn.merge_accumulators(accumulators)))
+    assert described[0] == described[1] == described[2]
+    (x,) = described[0].features
+    assert x.type == Stats.STRING and common_stats(x).num_non_missing == 7
+    assert common_stats(x).tot_num_values == 7 and common_stats(x).num_missing == 1
+    assert {v.value for v in x.string_stats.top_values} == {"F1", "F2"}  # the text read as text
+    seen = custom(x)
+    assert [(b.label, b.sample_count) for b in seen[TYPES_SEEN].rank_histogram.buckets] == [
+        ("INT", 5),
+        ("STRING", 2),
+    ]
+    assert seen[TYPES_SEEN_IN].str == "INT in a.csv, c.csv; STRING in b.csv"
 
 
 def test_a_column_absent_from_some_batches_is_missing_there():
@@ -293,6 +326,54 @@ def test_a_column_absent_from_some_batches_is_missing_there():
     assert list(features) == ["x", "y"]
     assert common_stats(features["y"]).num_missing == 3
     assert common_stats(features["x"]).num_missing == 0
+
+
+def test_nan_and_infinities_are_counted_in_the_histograms_and_left_out_of_the_rest():
+    """NaN in each histogram's num_nan, an infinity in a zero-width bucket at its end; moments,
+    median and the equal-width and equal-mass buckets of the finite values only."""
+    finite = [float(v) for v in range(1, 81)]
+    values = finite + [math.nan] * 10 + [math.inf] * 7 + [-math.inf] * 3
+    batches = [pa.RecordBatch.from_pydict({"x": values[i::3]}) for i in range(3)]
+    (x,) = statistics_of_batches(batches, "d").features
+    s = x.num_stats
+    assert x.type == Stats.FLOAT and common_stats(x).num_non_missing == 100
+    assert s.mean == pytest.approx(np.mean(finite)) and s.std_dev == pytest.approx(np.std(finite))
+    assert (s.min, s.max) == (-math.inf, math.inf)
+    for h in s.histograms:
+        assert h.num_nan == 10
+        (low, *inside, high) = h.buckets
+        assert (low.low_value, low.high_value, low.sample_count) == (-math.inf, -math.inf, 3)
+        assert (high.low_value, high.high_value, high.sample_count) == (math.inf, math.inf, 7)
+        assert inside[0].low_value == 1.0 and inside[-1].high_value == 80.0
+        assert sum(b.sample_count for b in inside) == pytest.approx(80)
+
+
+def test_a_column_without_finite_values_still_counts_them():
+    batch = pa.RecordBatch.from_pydict(
+        {"nan": [math.nan] * 4, "inf": [math.inf] * 4, "none": pa.nulls(4, pa.float64())}
+    )
+    features = by_name(statistics_of_batches([batch], "d"))
+    nan, inf = features["nan"].num_stats, features["inf"].num_stats
+    assert [(h.type, h.num_nan, len(h.buckets)) for h in nan.histograms] == [
+        (statistics_pb2.Histogram.STANDARD, 4, 0),
+        (statistics_pb2.Histogram.QUANTILES, 4, 0),
+    ]
+    assert [[(b.low_value, b.sample_count) for b in h.buckets] for h in inf.histograms] == [
+        [(math.inf, 4)],
+        [(math.inf, 4)],
+    ]
+    assert (inf.min, inf.max) == (math.inf, math.inf)
+    assert not features["none"].num_stats.histograms  # no value at all
+
+
+def test_a_column_with_no_value_has_no_type_until_a_batch_has_one():
+    """A header-only or all-empty CSV column reads as Arrow's null type."""
+    empty = pa.RecordBatch.from_pydict({"x": pa.nulls(3)})
+    features = by_name(statistics_of_batches([empty], "d"))
+    assert common_stats(features["x"]).num_non_missing == 0
+    ints = pa.RecordBatch.from_pydict({"x": [1, 2]})
+    (x,) = statistics_of_batches([empty, ints, empty], "d").features
+    assert x.type == Stats.INT and not x.custom_stats and common_stats(x).num_missing == 6
 
 
 @pytest.mark.timeout(300)
@@ -352,6 +433,25 @@ def test_inferred_schema_has_types_presence_value_counts_and_small_domains(fligh
     assert js == DEFAULT_NUMERIC_THRESHOLD
     assert features["distance"].skew_comparator.jensen_shannon_divergence.threshold == js
     assert not features["dep_delay"].HasField("int_domain")
+    assert not features["dep_delay"].HasField("float_domain")  # ints never hold NaN
+
+
+def test_inferred_schema_disallows_the_non_finite_values_a_float_feature_did_not_have():
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "clean": [0.5, 1.5, 2.5],
+            "nan": [0.5, math.nan, 2.5],
+            "inf": [0.5, -math.inf, 2.5],
+            "count": [1, 2, 3],
+        }
+    )
+    features = {f.name: f for f in infer_schema(statistics_of_batches([batch], "d")).feature}
+    domains = {
+        name: (f.float_domain.disallow_nan, f.float_domain.disallow_inf)
+        for name, f in features.items()
+        if f.HasField("float_domain")
+    }
+    assert domains == {"clean": (True, True), "nan": (False, True), "inf": (True, False)}
 
 
 def test_inferred_schema_of_a_list_column_has_its_value_counts(flights):

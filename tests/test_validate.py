@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +95,29 @@ def validate(
 
 def blocking(anomalies: list[dict]) -> list[tuple]:
     return sorted((a["question"], a["feature"], a["kind"]) for a in anomalies if a["blocking"])
+
+
+def write_header(path: Path, columns) -> Path:
+    """A CSV file with its header and no row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(",".join(columns) + "\n")
+    return path
+
+
+def non_finite(rows: list[dict], column: str, inf_share: float, nan_share: float) -> list[dict]:
+    """`column` infinite in the first `inf_share` of each hundred rows, NaN in the next
+    `nan_share` (1.0, 0.0: every value infinite)."""
+    out = []
+    for i, r in enumerate(rows):
+        slot = (i % 100) / 100
+        value = math.inf if slot < inf_share else math.nan if slot < inf_share + nan_share else r[column]  # fmt: skip
+        out.append({**r, column: value})
+    return out
+
+
+def share_of_non_finite(rows: list[dict], column: str, nan: bool = True) -> float:
+    present = [r[column] for r in rows if r[column] is not None]
+    return sum(math.isinf(v) or (nan and math.isnan(v)) for v in present) / len(present)
 
 
 # --- real data, end to end ---------------------------------------------------------------------
@@ -563,3 +588,225 @@ def test_the_beam_job_finds_what_the_in_process_run_finds(baseline, december, tm
     ]
     assert stats[0].num_examples == stats[1].num_examples == len(rows)
     assert counts[0] == counts[1]
+
+
+# --- issue 20: what the data can hold that is not drift -------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "inf_share, nan_share", [(1.0, 0.0), (0.0, 1.0), (0.1, 0.1)], ids=["all_inf", "all_nan", "tenth_each"]
+)  # fmt: skip
+def test_non_finite_values_the_baseline_did_not_have_block(
+    baseline, december, tmp_path, inf_share, nan_share
+):
+    """The baseline's schema disallows NaN and infinities for its float features (it had none);
+    the anomaly gives the share measured and the schema's tolerance (none)."""
+    rows = non_finite(december, "dep_delay", inf_share, nan_share)
+    code, anomalies, _ = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "odd.csv", rows))
+    )
+    assert code == 3
+    (odd,) = [a for a in anomalies if a["kind"] == "non_finite_values"]
+    assert (odd["question"], odd["feature"], odd["blocking"]) == (1, "dep_delay", True)
+    assert odd["value"] == pytest.approx(share_of_non_finite(rows, "dep_delay"), abs=1e-6)
+    assert odd["threshold"] == 0.0 and "float_domain" in odd["description"]
+    if inf_share:
+        assert "inf" in odd["description"]
+    if nan_share:
+        assert "NaN" in odd["description"]
+    if inf_share + nan_share == 1.0:  # no finite value: nothing to compare for drift
+        assert blocking(anomalies) == [(1, "dep_delay", "non_finite_values")]
+
+
+@pytest.mark.timeout(300)
+def test_the_finite_values_beside_non_finite_ones_are_checked_for_drift(
+    baseline, december, tmp_path
+):
+    """A delay shift in the finite values is found with NaN and infinities around it, as large
+    as without them (the same finite values, the other cells empty)."""
+    shifted = [dict(r) for r in december]
+    for r in shifted:
+        if r["carrier"] == SHIFTED_CARRIER and r["dep_delay"] is not None:
+            r["dep_delay"] += 30
+    odd = non_finite(shifted, "dep_delay", 0.1, 0.1)
+    empty = [{**r, "dep_delay": r["dep_delay"] if math.isfinite(r["dep_delay"] or 0) else None} for r in odd]  # fmt: skip
+    code, anomalies, _ = validate(tmp_path, baseline, "--input", str(write_rows(tmp_path / "odd.csv", odd)), name="odd")  # fmt: skip
+    assert code == 3
+    assert blocking(anomalies) == [
+        (1, "dep_delay", "distribution_drift"),
+        (1, "dep_delay", "non_finite_values"),
+    ]
+    _, without, _ = validate(tmp_path, baseline, "--input", str(write_rows(tmp_path / "empty.csv", empty)), name="empty")  # fmt: skip
+    (drift,) = [a for a in anomalies if a["kind"] == "distribution_drift"]
+    (same,) = [a for a in without if a["kind"] == "distribution_drift"]
+    assert drift["value"] == pytest.approx(same["value"], rel=1e-9)
+    assert drift["value"] > drift["threshold"]
+
+
+@pytest.mark.timeout(300)
+def test_the_schema_s_tolerance_for_non_finite_values_is_honoured(baseline, december, tmp_path):
+    """`distribution_constraints.min_domain_mass` tolerates a share (reported, not blocking);
+    without `disallow_nan`, NaN are not counted."""
+    rows = non_finite(december, "dep_delay", 0.01, 0.01)
+    path = write_rows(tmp_path / "odd.csv", rows)
+    schema = read_schema(schema_path(str(baseline)))
+    (dep_delay,) = [f for f in schema.feature if f.name == "dep_delay"]
+    dep_delay.distribution_constraints.min_domain_mass = 0.95
+    write_schema(str(tmp_path / "tolerant.pbtxt"), schema)
+    code, anomalies, _ = validate(tmp_path, baseline, "--input", str(path), "--baseline_schema", str(tmp_path / "tolerant.pbtxt"), name="tolerant")  # fmt: skip
+    (odd,) = [a for a in anomalies if a["kind"] == "non_finite_values"]
+    assert odd["blocking"] is False and odd["threshold"] == pytest.approx(0.05)
+    assert odd["value"] == pytest.approx(share_of_non_finite(rows, "dep_delay"), abs=1e-6)
+    assert (1, "dep_delay", "non_finite_values") not in blocking(anomalies)
+    dep_delay.ClearField("distribution_constraints")
+    dep_delay.float_domain.disallow_nan = False
+    write_schema(str(tmp_path / "nan_ok.pbtxt"), schema)
+    code, anomalies, _ = validate(tmp_path, baseline, "--input", str(path), "--baseline_schema", str(tmp_path / "nan_ok.pbtxt"), name="nan_ok")  # fmt: skip
+    (odd,) = [a for a in anomalies if a["kind"] == "non_finite_values"]
+    assert code == 3 and odd["blocking"] and "NaN" not in odd["description"]
+    assert odd["value"] == pytest.approx(share_of_non_finite(rows, "dep_delay", nan=False), abs=1e-6)  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_file_without_rows_is_one_no_examples_anomaly_not_missing_columns(
+    baseline, december, tmp_path, fmt
+):
+    path = write_header(tmp_path / "header.csv", december[0])
+    if fmt == "parquet":
+        from beam_pipelines.io.files import read_csv_table
+
+        pq.write_table(read_csv_table(path.read_bytes())[0], tmp_path / "empty.parquet")
+        path = tmp_path / "empty.parquet"
+    code, anomalies, out = validate(tmp_path, baseline, "--input", str(path))
+    assert code == 3
+    assert [(a["question"], a["feature"], a["kind"], a["blocking"]) for a in anomalies] == [
+        (5, "", "no_examples", True)
+    ]
+    new = read_statistics(str(out / "statistics.pb")).datasets[0]
+    assert new.num_examples == 0 and {f.name for f in new.features} == set(december[0])
+
+
+@pytest.mark.timeout(300)
+def test_a_header_only_file_beside_others_changes_nothing(baseline, december, tmp_path):
+    write_rows(tmp_path / "in" / "dec.csv", december)
+    write_header(tmp_path / "in" / "empty.csv", december[0])
+    code, anomalies, out = validate(tmp_path, baseline, "--input", str(tmp_path / "in" / "*.csv"))
+    assert code == 0 and blocking(anomalies) == []
+    assert read_statistics(str(out / "statistics.pb")).datasets[0].num_examples == len(december)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "column, kinds",
+    [("dep_delay", ["presence_count"]), ("dest", ["presence", "presence_count"])],
+    ids=["nullable", "required"],
+)
+def test_an_all_empty_column_is_a_presence_anomaly_not_a_type_change(
+    baseline, december, tmp_path, column, kinds
+):
+    """Every cell empty: Arrow reads the column as type null, which has no type to compare. A
+    raw field the feature set declares nullable may be missing in any fraction of the records,
+    but not in all of them (the schema's presence.min_count)."""
+    rows = [{**r, column: None} for r in december]
+    code, anomalies, _ = validate(
+        tmp_path, baseline, "--input", str(write_rows(tmp_path / "empty.csv", rows))
+    )
+    assert code == 3
+    assert blocking(anomalies) == [(5, column, kind) for kind in kinds]
+    assert not [a for a in anomalies if a["question"] == 4]
+
+
+def corrupt_copy(baseline: Path, root: Path, damage) -> Path:
+    """A copy of the baseline's statistics, schema and summary, `damage(copy)` applied."""
+    copy = root / "corrupt"
+    for part in ("statistics", "schema"):
+        shutil.copytree(baseline / part, copy / part)
+    shutil.copy(baseline / "summary.json", copy / "summary.json")
+    damage(copy)
+    return copy
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("runner", [[], ["--runner", "FnApiRunner"]], ids=["in_process", "beam"])
+@pytest.mark.parametrize(
+    "damage, file, message",
+    [
+        (lambda d: truncate(d / "statistics" / "statistics.pb"), "statistics/statistics.pb", "is not a DatasetFeatureStatisticsList: Error parsing message"),
+        (lambda d: (d / "schema" / "schema.pbtxt").write_bytes(b"\x00\xff garbage {"), "schema/schema.pbtxt", "is not a text Schema proto"),
+        (lambda d: (d / "schema" / "schema.pbtxt").write_text(""), "schema/schema.pbtxt", "describes no feature"),
+    ],
+    ids=["statistics", "schema", "empty_schema"],
+)  # fmt: skip
+def test_a_corrupt_baseline_is_a_one_line_error_naming_the_file_before_the_run(
+    baseline, december, tmp_path, capsys, damage, file, message, runner
+):
+    broken = corrupt_copy(baseline, tmp_path, damage)
+    path = write_rows(tmp_path / "dec.csv", december[:100])
+    out = tmp_path / "out"
+    code = run_job("validate", ["--baseline", str(broken), "--input", str(path), "--output_dir", str(out), *runner])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2, err
+    assert err.startswith("skewless validate: ") and str(broken / file) in err and message in err
+    assert not out.exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_column_numeric_in_one_file_and_text_in_another_is_a_type_anomaly(
+    baseline, december, tmp_path
+):
+    half = len(december) // 2
+    write_rows(tmp_path / "in" / "a.csv", december[:half])
+    text = write_rows(tmp_path / "in" / "b.csv", [{**r, "flight": f"F{r['flight']}"} for r in december[half:]])  # fmt: skip
+    code, anomalies, out = validate(tmp_path, baseline, "--input", str(tmp_path / "in" / "*.csv"))
+    assert code == 3
+    assert blocking(anomalies) == [(4, "flight", "mixed_types")]
+    (mixed,) = [a for a in anomalies if a["question"] == 4]
+    assert (mixed["value"], mixed["threshold"]) == ("INT, STRING", "INT")
+    assert f"INT in {tmp_path / 'in' / 'a.csv'}; STRING in {text}" in mixed["description"]
+    assert f"INT ({half:,} values) and as STRING ({len(december) - half:,} values)" in mixed["description"]  # fmt: skip
+    (flight,) = [f for f in read_statistics(str(out / "statistics.pb")).datasets[0].features if f.name == "flight"]  # fmt: skip
+    assert common_stats(flight).num_non_missing == len(december)
+
+
+def issue_20_inputs(root: Path, december: list[dict]) -> str:
+    """Three files of December: `flight` as text in the second, `distance` a tenth infinite
+    and a tenth NaN in the first, `dep_delay` empty everywhere, and a file with its header only."""
+    rows = [{**r, "dep_delay": None} for r in december]
+    half = len(rows) // 2
+    write_rows(root / "a.csv", non_finite(rows[:half], "distance", 0.1, 0.1))
+    write_rows(root / "b.csv", [{**r, "flight": f"F{r['flight']}"} for r in rows[half:]])
+    write_header(root / "c.csv", rows[0])
+    return str(root / "*.csv")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("data", ["issue_20", "header_only"])
+def test_the_beam_job_finds_the_same_odd_data_as_the_in_process_run(
+    baseline, december, tmp_path, data
+):
+    if data == "issue_20":
+        pattern = issue_20_inputs(tmp_path / "in", december)
+        expected = [
+            (1, "distance", "non_finite_values"),
+            (4, "flight", "mixed_types"),
+            (5, "dep_delay", "presence_count"),
+        ]
+    else:
+        pattern = str(write_header(tmp_path / "in" / "header.csv", december[0]))
+        expected = [(5, "", "no_examples")]
+    here = validate(tmp_path, baseline, "--input", pattern, name="here")
+    beam = validate(tmp_path, baseline, "--input", pattern, "--runner", "FnApiRunner", name="beam")
+    assert here[0] == beam[0] == 3
+    assert [b for b in blocking(here[1]) if b[2] != "distribution_drift"] == expected
+    close = [
+        {**a, "value": pytest.approx(a["value"], rel=1e-6)} if isinstance(a["value"], float) else a
+        for a in here[1]
+    ]
+    assert close == beam[1]

@@ -2,12 +2,15 @@
 
 The six questions (issue 13), each anomaly names the one it answers:
 1. is the new distribution similar enough to the old one (`distribution_drift`: L-infinity
-   distance of categorical distributions, Jensen-Shannon divergence of numeric ones;
-   `unseen_categories`: values outside the schema's string domain);
+   distance of categorical distributions, Jensen-Shannon divergence of the finite values of
+   numeric ones; `unseen_categories`: values outside the schema's string domain;
+   `non_finite_values`: NaN or infinities the schema's float domain disallows);
 2. are all expected features present (`missing_column`);
 3. are there unexpected features (`unexpected_column`);
-4. does each feature have the expected type (`type_change`);
-5. does the expected fraction of examples contain each feature (`presence`);
+4. does each feature have the expected type (`type_change`; `mixed_types`: a column read as
+   numbers from one file and as text from another);
+5. does the expected fraction of examples contain each feature (`presence`,
+   `presence_count`; `no_examples`: the data has no rows at all);
 6. does each feature have the expected number of values (`value_count`).
 
 Thresholds come from the schema (users edit schema.pbtxt; later runs use the edit):
@@ -19,11 +22,19 @@ Thresholds come from the schema (users edit schema.pbtxt; later runs use the edi
   1 - `distribution_constraints.min_domain_mass` of its values outside it (default
   DEFAULT_MIN_DOMAIN_MASS: up to 1 % is reported, not blocking, so a rare value a held-out
   month brings does not stop it; a new code in 5 % of the rows blocks).
+- non-finite values: a numeric feature whose `float_domain` has `disallow_nan` /
+  `disallow_inf` (inferred when the baseline had none) may have at most
+  1 - `distribution_constraints.min_domain_mass` of its values NaN / infinite (default
+  DEFAULT_MIN_FINITE_MASS: none); NaN counts in the histograms' `num_nan`, an infinity in a
+  zero-width bucket at -inf or inf (statistics.py).
 - presence: `presence.min_fraction` and `presence.min_count`; value counts:
   `value_count.min` / `max`.
 
+A feature without any value (a column Arrow reads as type null: every cell empty) has no type
+to compare: only its presence is checked.
+
 Blocking: every anomaly blocks except an unexpected column (the data still has everything
-the model reads) and unseen categories within the domain-mass tolerance.
+the model reads) and unseen categories or non-finite values within the domain-mass tolerance.
 """
 
 from __future__ import annotations
@@ -35,8 +46,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
+from transforms.statistics import TYPES_SEEN, TYPES_SEEN_IN
+
 DEFAULT_DRIFT_THRESHOLD = 0.1
 DEFAULT_MIN_DOMAIN_MASS = 0.99
+DEFAULT_MIN_FINITE_MASS = 1.0  # a float domain that disallows NaN or infinities: none
+NO_FEATURE = ""  # the `feature` of an anomaly of the whole dataset (no_examples)
 
 _STATS = statistics_pb2.FeatureNameStatistics
 _NUMERIC_STATS = (_STATS.INT, _STATS.FLOAT)
@@ -91,6 +106,16 @@ def find_anomalies(
     declared = {f.name: f for f in schema.feature}
     expected = set(declared) if expected_columns is None else set(expected_columns)
     found: list[Anomaly] = []
+    if not new.num_examples:
+        found.append(
+            Anomaly(
+                5, NO_FEATURE, "no_examples", 0, 1, True,
+                "the new data has no examples (no rows): there is nothing to compare with the "
+                "baseline",
+            )
+        )  # fmt: skip
+        if not new_features:
+            return found  # nothing is known about its columns either
     for name in sorted(expected - set(new_features)):
         found.append(
             Anomaly(
@@ -118,18 +143,14 @@ def find_anomalies(
         )
     for name in sorted(set(declared) & set(new_features)):
         feature, stats = declared[name], new_features[name]
-        accepted = _ACCEPTS.get(feature.type)
-        if accepted is not None and stats.type not in accepted:
-            found.append(
-                Anomaly(
-                    4, name, "type_change", _STATS.Type.Name(stats.type), _SCHEMA_TYPE_NAMES[feature.type], True,
-                    f"{name!r} is {_STATS.Type.Name(stats.type)}, the schema says {_SCHEMA_TYPE_NAMES[feature.type]}",
-                )
-            )  # fmt: skip
+        typed = _type(name, feature, stats)
+        if typed:
+            found += typed
             continue  # its other statistics compare values of another kind
         found += _presence(name, feature, stats, new.num_examples)
         found += _value_count(name, feature, stats)
         found += _unseen(name, feature, stats, schema)
+        found += _non_finite(name, feature, stats)
         if feature.HasField("drift_comparator") and name in base:
             found += _drift(name, feature, base[name], stats)
     return sorted(found, key=lambda a: (a.question, a.feature, a.kind))
@@ -152,6 +173,52 @@ def common_stats(f: statistics_pb2.FeatureNameStatistics) -> statistics_pb2.Comm
         if f.HasField(kind):
             return getattr(f, kind).common_stats
     return statistics_pb2.CommonStatistics()
+
+
+def types_seen(stats: statistics_pb2.FeatureNameStatistics) -> tuple[dict[str, float], str]:
+    """({type: number of values} of a column read as more than one kind (numbers and text),
+    where each type was seen, e.g. "INT in a.csv; STRING in b.csv"); ({}, "") otherwise."""
+    types, where = {}, ""
+    for custom in stats.custom_stats:
+        if custom.name == TYPES_SEEN:
+            types = {b.label: b.sample_count for b in custom.rank_histogram.buckets}
+        elif custom.name == TYPES_SEEN_IN:
+            where = custom.str
+    return types, where
+
+
+def _has_values(stats: statistics_pb2.FeatureNameStatistics) -> bool:
+    common = common_stats(stats)
+    return common.num_non_missing > 0 and common.max_num_values > 0
+
+
+def _type(name, feature, stats) -> list[Anomaly]:
+    """Question 4: a column of several types, or of another type than the schema's (a column
+    without values has no type: its presence says what is wrong)."""
+    wanted = _SCHEMA_TYPE_NAMES.get(feature.type)
+    types, where = types_seen(stats)
+    if types and wanted:
+        read = " and as ".join(f"{t} ({n:,.0f} values)" for t, n in types.items())
+        return [
+            Anomaly(
+                4, name, "mixed_types", ", ".join(types), wanted, True,
+                f"{name!r} is read as {read}: {where or 'in different batches'}; the schema "
+                f"says {wanted}, and one column holds values of one type",
+            )
+        ]  # fmt: skip
+    accepted = _ACCEPTS.get(feature.type)
+    if accepted is None or stats.type in accepted or not _has_values(stats):
+        return []
+    found = _STATS.Type.Name(stats.type)
+    nan, neg, pos = non_finite_counts(stats) if stats.type in _NUMERIC_STATS else (0, 0, 0)
+    odd = nan + neg + pos
+    extra = f" ({odd / _num_values(stats):.2%} of its values NaN or infinite)" if odd else ""
+    return [
+        Anomaly(
+            4, name, "type_change", found, wanted, True,
+            f"{name!r} is {found}, the schema says {wanted}{extra}",
+        )
+    ]  # fmt: skip
 
 
 def _presence(name, feature, stats, num_examples) -> list[Anomaly]:
@@ -262,6 +329,54 @@ def _unseen(name, feature, stats, schema) -> list[Anomaly]:
     ]  # fmt: skip
 
 
+def non_finite_counts(stats: statistics_pb2.FeatureNameStatistics) -> tuple[int, int, int]:
+    """(NaN, -inf, +inf) values of a numeric feature: its histograms' `num_nan` and their
+    zero-width buckets at -inf and inf."""
+    histograms = list(stats.num_stats.histograms)
+    nan = max((h.num_nan for h in histograms), default=0)
+    with_buckets = next((h for h in histograms if h.buckets), None)
+    if with_buckets is None:
+        return nan, 0, 0
+    neg = sum(b.sample_count for b in with_buckets.buckets if b.high_value == -math.inf)
+    pos = sum(b.sample_count for b in with_buckets.buckets if b.low_value == math.inf)
+    return nan, int(neg), int(pos)
+
+
+def _num_values(stats) -> float:
+    common = common_stats(stats)
+    return float(common.tot_num_values or common.num_non_missing) or 1.0
+
+
+def _non_finite(name, feature, stats) -> list[Anomaly]:
+    if stats.type not in _NUMERIC_STATS or not feature.HasField("float_domain"):
+        return []
+    domain = feature.float_domain
+    nan, neg, pos = non_finite_counts(stats)
+    counts = {
+        "NaN": nan if domain.disallow_nan else 0,
+        "-inf": neg if domain.disallow_inf else 0,
+        "inf": pos if domain.disallow_inf else 0,
+    }
+    total = _num_values(stats)
+    share = sum(counts.values()) / total
+    if not share:
+        return []
+    mass = (
+        feature.distribution_constraints.min_domain_mass
+        if feature.HasField("distribution_constraints")
+        else DEFAULT_MIN_FINITE_MASS
+    )
+    tolerance = round(1.0 - mass, 12)
+    parts = ", ".join(f"{c / total:.2%} {what}" for what, c in counts.items() if c)
+    return [
+        Anomaly(
+            1, name, "non_finite_values", round(share, 6), tolerance, share > tolerance,
+            f"{share:.2%} of the values of {name!r} are not finite ({parts}); its float_domain "
+            f"disallows them (tolerated: {tolerance:.2%})",
+        )
+    ]  # fmt: skip
+
+
 def _drift(name, feature, base, new) -> list[Anomaly]:
     comparator = feature.drift_comparator
     if base.type in _STRING_STATS and new.type in _STRING_STATS:
@@ -321,9 +436,15 @@ def categorical_distributions(base, new) -> tuple[list[str], np.ndarray, np.ndar
 
 
 def histogram(stats: statistics_pb2.FeatureNameStatistics) -> statistics_pb2.Histogram | None:
-    """The numeric feature's quantiles histogram (else its standard one): equal-mass buckets
-    resolve a heavy-tailed feature where most values are, equal-width ones do not."""
-    found = {h.type: h for h in stats.num_stats.histograms if h.buckets}
+    """The finite buckets of the numeric feature's quantiles histogram (else its standard
+    one): equal-mass buckets resolve a heavy-tailed feature where most values are, equal-width
+    ones do not. Infinities (zero-width buckets at -inf and inf) are left out: the drift is
+    that of the finite values, and non_finite_counts counts the others. None without any."""
+    found = {}
+    for h in stats.num_stats.histograms:
+        finite = [b for b in h.buckets if math.isfinite(b.low_value) and math.isfinite(b.high_value)]  # fmt: skip
+        if finite:
+            found[h.type] = statistics_pb2.Histogram(type=h.type, buckets=finite)
     return found.get(statistics_pb2.Histogram.QUANTILES) or found.get(
         statistics_pb2.Histogram.STANDARD
     )

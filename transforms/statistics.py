@@ -51,9 +51,20 @@ _INVALID_UTF8 = "__BYTES_VALUE__"
 DEFAULT_CATEGORICAL_THRESHOLD = 0.1  # L-infinity distance of the value frequencies
 DEFAULT_NUMERIC_THRESHOLD = 0.1  # Jensen-Shannon divergence of the quantiles histograms
 
-
-class StatisticsError(ValueError):
-    """Batches that cannot be described together (a column both numeric and string)."""
+# A batch's source (the file it was read from), in its schema's metadata: a column read as
+# several kinds names where each kind was seen.
+SOURCE_METADATA_KEY = b"skewless.source"
+# Custom statistics of a column read as more than one kind (numbers in one file, text in
+# another): a rank histogram of the types with their numbers of values, and where each was
+# seen (up to MAX_SOURCES sources per type, the first in sorted order, so any merge order
+# gives the same text).
+TYPES_SEEN = "types_seen"
+TYPES_SEEN_IN = "types_seen_in"
+MAX_SOURCES = 3
+# Kinds in widening order: int + float is float; a column of several kinds is described as
+# the widest one it has values of (text holds any number; a list of lists, counts only).
+_WIDENING = (INT, FLOAT, STRING, STRUCT)
+_FAMILY = {INT: "number", FLOAT: "number", STRING: STRING, STRUCT: STRUCT}
 
 
 def _kind(t: pa.DataType) -> str | None:
@@ -101,16 +112,20 @@ class _Feature:
     Every field merges in any order: counts add, moments combine by Chan's formula, the
     sketches merge. Missing values are not counted here: a column's missing count is the
     dataset's examples minus its non-missing ones, which also covers batches without it.
+    A column read as numbers from one source and as text from another keeps both parts and
+    `seen` says which kinds came from where; it is described as the widest kind.
     """
 
-    def __init__(self, kind: str | None, is_list: bool):
-        self.kind = kind
+    def __init__(self, is_list: bool):
+        self.kind: str | None = None  # the widest kind of any batch, values or not
         self.is_list = is_list
         self.num_non_missing = 0
         self.tot_num_values = 0
         self.min_num_values: int | None = None
         self.max_num_values: int | None = None
         self.lengths = _quantiles_sketch() if is_list else None
+        # kind -> [its number of values, up to MAX_SOURCES sources (sorted)]
+        self.seen: dict[str, list] = {}
         # numeric
         self.count = 0  # finite values in the moments and the quantiles
         self.mean = 0.0
@@ -119,36 +134,36 @@ class _Feature:
         self.max = -math.inf
         self.num_zeros = 0
         self.num_nan = 0
+        self.num_neg_inf = 0
+        self.num_pos_inf = 0
         self.quantiles = None
         # string
         self.top = None
         self.distinct = None
         self.total_length = 0
-        self._init_kind(kind)
+        self.num_strings = 0
 
-    def _init_kind(self, kind: str | None) -> None:
-        self.kind = kind
-        if kind in (INT, FLOAT) and self.quantiles is None:
+    def accept(self, kind: str | None, is_list: bool) -> None:
+        """Widen to another batch's type of the same column (int + float -> float)."""
+        if kind is not None:
+            self.kind = _widest(self.kind, kind)
+            if kind in (INT, FLOAT):
+                self._numbers()
+            elif kind == STRING:
+                self._strings_part()
+        if is_list and not self.is_list:
+            self._to_list()
+
+    def _numbers(self) -> None:
+        if self.quantiles is None:
             self.quantiles = _quantiles_sketch()
-        if kind == STRING and self.top is None:
+
+    def _strings_part(self) -> None:
+        if self.top is None:
             self.top = sketches.MisraGriesSketch(
                 RANK_HISTOGRAM_BUCKETS, _INVALID_UTF8, _LARGE_STRING_BYTES, _LARGE_STRING
             )
             self.distinct = sketches.KmvSketch(KMV_BUCKETS)
-
-    def accept(self, name: str, kind: str | None, is_list: bool) -> None:
-        """Widen to another batch's type of the same column (int + float -> float)."""
-        if kind is not None and kind != self.kind:
-            if self.kind is None:
-                self._init_kind(kind)
-            elif {kind, self.kind} == {INT, FLOAT}:
-                self.kind = FLOAT
-            else:
-                raise StatisticsError(
-                    f"column {name!r} is {self.kind} in some batches and {kind} in others"
-                )
-        if is_list and not self.is_list:
-            self._to_list()
 
     def _to_list(self) -> None:
         # Scalars so far were lists of one value each.
@@ -157,7 +172,12 @@ class _Feature:
         if self.num_non_missing:
             self.lengths.AddValues(pa.array([1.0]), pa.array([float(self.num_non_missing)]))
 
-    def add(self, column: pa.Array) -> None:
+    def _saw(self, kind: str, values: int, sources: Iterable[str]) -> None:
+        count, known = self.seen.setdefault(kind, [0, []])
+        self.seen[kind] = [count + values, sorted({*known, *sources})[:MAX_SOURCES]]
+
+    def add(self, column: pa.Array, kind: str | None, source: str | None = None) -> None:
+        """One batch's column, read as `kind` (None: no value in it has a type)."""
         if pa.types.is_dictionary(column.type):
             column = column.dictionary_decode()
         present = len(column) - column.null_count
@@ -177,14 +197,16 @@ class _Feature:
                 if self.is_list:
                     self.lengths.AddValues(pa.array([1.0]), pa.array([float(present)]))
             values = column.drop_null() if column.null_count else column
-        if not len(values) or self.kind is None:
+        if not len(values) or kind is None:
             return
-        if self.kind in (INT, FLOAT):
+        self._saw(kind, len(values), [source] if source else [])
+        if kind in (INT, FLOAT):
             self._add_numbers(_numeric_values(values))
-        elif self.kind == STRING:
+        elif kind == STRING:
             self.top.AddValues(values)
             self.distinct.AddValues(values)
             self.total_length += int(pc.sum(pc.binary_length(values)).as_py() or 0)
+            self.num_strings += len(values)
 
     def _count_range(self, low: int, high: int) -> None:
         self.min_num_values = low if self.min_num_values is None else min(self.min_num_values, low)
@@ -197,9 +219,12 @@ class _Feature:
         if finite.all():
             seen = x
         else:
-            # NaN is counted apart; infinities count in min and max only.
+            # NaN and the infinities are counted apart; infinities count in min and max too.
             nan = np.isnan(x)
             self.num_nan += int(nan.sum())
+            infinite = x[~finite & ~nan]
+            self.num_pos_inf += int(np.count_nonzero(infinite > 0))
+            self.num_neg_inf += int(np.count_nonzero(infinite < 0))
             seen = x[~nan]
             x = x[finite]
         if not len(seen):
@@ -220,8 +245,8 @@ class _Feature:
         self.m2 += m2 + delta * delta * self.count * n / total
         self.count = total
 
-    def merge(self, name: str, other: _Feature) -> None:
-        self.accept(name, other.kind, other.is_list)
+    def merge(self, other: _Feature) -> None:
+        self.accept(other.kind, other.is_list)
         if other.is_list is False and self.is_list and other.num_non_missing:
             self.lengths.AddValues(pa.array([1.0]), pa.array([float(other.num_non_missing)]))
         elif other.lengths is not None:
@@ -230,30 +255,43 @@ class _Feature:
         self.tot_num_values += other.tot_num_values
         if other.min_num_values is not None:
             self._count_range(other.min_num_values, other.max_num_values)
+        for kind, (values, sources) in other.seen.items():
+            self._saw(kind, values, sources)
         if other.quantiles is not None:
+            self._numbers()
             self.min = min(self.min, other.min)
             self.max = max(self.max, other.max)
             self.num_zeros += other.num_zeros
             self.num_nan += other.num_nan
+            self.num_neg_inf += other.num_neg_inf
+            self.num_pos_inf += other.num_pos_inf
             if other.count:
                 self._combine_moments(other.count, other.mean, other.m2)
             self.quantiles.Merge(other.quantiles)
         if other.top is not None:
+            self._strings_part()
             self.top.Merge(other.top)
             self.distinct.Merge(other.distinct)
             self.total_length += other.total_length
+            self.num_strings += other.num_strings
 
     def compact(self) -> None:
         for sketch in (self.lengths, self.quantiles):
             if sketch is not None:
                 sketch.Compact()
 
+    def described_kind(self) -> str | None:
+        """The kind the statistics describe: the widest one with values, else the widest of
+        any batch (a typed column without values), None when no batch had a type."""
+        with_values = [k for k, (n, _) in self.seen.items() if n]
+        return _widest(*with_values) if with_values else self.kind
+
     def to_proto(self, name: str, num_examples: int) -> statistics_pb2.FeatureNameStatistics:
-        kind = self.kind or STRING  # a column never seen with a value: described by its counts
+        kind = self.described_kind() or STRING  # never seen with a value: described by counts
         out = statistics_pb2.FeatureNameStatistics(name=name, type=_STATS_TYPE[kind])
         if kind in (INT, FLOAT):
             common = out.num_stats.common_stats
-            self._numeric(out.num_stats)
+            self._numeric(out.num_stats, kind == INT)
         elif kind == STRING:
             common = out.string_stats.common_stats
             self._strings(out.string_stats)
@@ -267,7 +305,24 @@ class _Feature:
             common.max_num_values = self.max_num_values
             common.avg_num_values = self.tot_num_values / self.num_non_missing
             common.num_values_histogram.CopyFrom(self._num_values_histogram())
+        self._types_seen(out)
         return out
+
+    def _types_seen(self, out: statistics_pb2.FeatureNameStatistics) -> None:
+        """The custom statistics of a column with values of more than one family of kinds."""
+        kinds = sorted((k for k, (n, _) in self.seen.items() if n), key=_WIDENING.index)
+        if len({_FAMILY[k] for k in kinds}) < 2:
+            return
+        ranked = out.custom_stats.add(name=TYPES_SEEN).rank_histogram
+        for i, k in enumerate(kinds):
+            ranked.buckets.add(
+                low_rank=i, high_rank=i, label=type_name(k), sample_count=self.seen[k][0]
+            )
+        where = [
+            f"{type_name(k)} in {', '.join(self.seen[k][1])}" for k in kinds if self.seen[k][1]
+        ]
+        if where:
+            out.custom_stats.add(name=TYPES_SEEN_IN, str="; ".join(where))
 
     def _num_values_histogram(self) -> statistics_pb2.Histogram:
         if self.lengths is None:
@@ -276,7 +331,11 @@ class _Feature:
             points = _fine_quantiles(self.lengths)[0][:: _FINE_QUANTILES // HISTOGRAM_BUCKETS]
         return _quantiles_histogram(points, float(self.num_non_missing))
 
-    def _numeric(self, stats: statistics_pb2.NumericStatistics) -> None:
+    def _numeric(self, stats: statistics_pb2.NumericStatistics, integers: bool) -> None:
+        """Moments, median and histograms of the finite values; min and max of all but NaN.
+        Both histograms count NaN in num_nan and an infinity in a zero-width bucket at its
+        end ([-inf, -inf] first, [inf, inf] last), so what is not finite is counted where
+        the format has room for it; with no finite value, they hold only those."""
         if self.count:
             stats.mean = self.mean
             stats.std_dev = math.sqrt(max(self.m2, 0.0) / self.count)
@@ -284,24 +343,26 @@ class _Feature:
             stats.min = self.min
             stats.max = self.max
         stats.num_zeros = self.num_zeros
-        if not self.count:
+        standard = statistics_pb2.Histogram(type=statistics_pb2.Histogram.STANDARD)
+        quantiles = statistics_pb2.Histogram(type=statistics_pb2.Histogram.QUANTILES)
+        if self.count:
+            values, ranks = _fine_quantiles(self.quantiles)
+            stats.median = float(values[_FINE_QUANTILES // 2])
+            standard = _standard_histogram(values, ranks, float(self.count), integers)
+            deciles = values[:: _FINE_QUANTILES // HISTOGRAM_BUCKETS]
+            quantiles = _quantiles_histogram(deciles, float(self.count))
+        elif not (self.num_nan or self.num_neg_inf or self.num_pos_inf):
             return
-        values, ranks = _fine_quantiles(self.quantiles)
-        stats.median = float(values[_FINE_QUANTILES // 2])
-        standard = _standard_histogram(values, ranks, float(self.count), self.kind == INT)
-        standard.num_nan = self.num_nan
-        deciles = values[:: _FINE_QUANTILES // HISTOGRAM_BUCKETS]
-        quantiles = _quantiles_histogram(deciles, float(self.count))
-        quantiles.num_nan = self.num_nan
-        stats.histograms.extend([standard, quantiles])
+        for histogram in (standard, quantiles):
+            histogram.num_nan = self.num_nan
+            stats.histograms.append(_with_infinities(histogram, self.num_neg_inf, self.num_pos_inf))
 
     def _strings(self, stats: statistics_pb2.StringStatistics) -> None:
         if self.top is None:
             return
         stats.unique = self.distinct.Estimate()
-        total_values = self.tot_num_values
-        if total_values:
-            stats.avg_length = self.total_length / total_values
+        if self.num_strings:
+            stats.avg_length = self.total_length / self.num_strings
         ranked = self.top.Estimate().to_pylist()
         for i, item in enumerate(ranked):
             label = item["values"].decode("utf-8", errors="replace")
@@ -310,6 +371,28 @@ class _Feature:
             stats.rank_histogram.buckets.add(
                 low_rank=i, high_rank=i, label=label, sample_count=item["counts"]
             )
+
+
+def _widest(*kinds: str | None) -> str | None:
+    known = [k for k in kinds if k is not None]
+    return max(known, key=_WIDENING.index) if known else None
+
+
+def type_name(kind: str) -> str:
+    """The statistics' name of a kind: INT, FLOAT, STRING, STRUCT."""
+    return statistics_pb2.FeatureNameStatistics.Type.Name(_STATS_TYPE[kind])
+
+
+def _with_infinities(h: statistics_pb2.Histogram, neg: int, pos: int) -> statistics_pb2.Histogram:
+    if not (neg or pos):
+        return h
+    out = statistics_pb2.Histogram(type=h.type, num_nan=h.num_nan)
+    if neg:
+        out.buckets.add(low_value=-math.inf, high_value=-math.inf, sample_count=neg)
+    out.buckets.extend(h.buckets)
+    if pos:
+        out.buckets.add(low_value=math.inf, high_value=math.inf, sample_count=pos)
+    return out
 
 
 def _fine_quantiles(sketch: sketches.QuantilesSketch) -> tuple[np.ndarray, np.ndarray]:
@@ -368,7 +451,10 @@ class StatisticsAccumulator:
         self.features: dict[str, _Feature] = {}
 
     def add(self, batch: pa.RecordBatch) -> StatisticsAccumulator:
+        """One batch; its schema's SOURCE_METADATA_KEY, if any, names where it was read."""
         self.num_examples += batch.num_rows
+        source = (batch.schema.metadata or {}).get(SOURCE_METADATA_KEY)
+        source = source.decode("utf-8", errors="replace") if source else None
         for field, column in zip(batch.schema, batch.columns, strict=True):
             is_list = _is_list(field.type)
             kind = _kind(field.type.value_type if is_list else field.type)
@@ -376,10 +462,9 @@ class StatisticsAccumulator:
                 kind = STRUCT  # a list of lists: described by its counts only
             feature = self.features.get(field.name)
             if feature is None:
-                feature = self.features[field.name] = _Feature(kind, is_list)
-            else:
-                feature.accept(field.name, kind, is_list)
-            feature.add(column)
+                feature = self.features[field.name] = _Feature(is_list)
+            feature.accept(kind, is_list)
+            feature.add(column, kind, source)
         return self
 
     def merge(self, other: StatisticsAccumulator) -> StatisticsAccumulator:
@@ -387,8 +472,8 @@ class StatisticsAccumulator:
         for name, feature in other.features.items():
             mine = self.features.get(name)
             if mine is None:
-                self.features[name] = mine = _Feature(feature.kind, feature.is_list)
-            mine.merge(name, feature)
+                self.features[name] = mine = _Feature(feature.is_list)
+            mine.merge(feature)
         return self
 
     def compact(self) -> StatisticsAccumulator:
@@ -421,7 +506,8 @@ def common_stats(feature: statistics_pb2.FeatureNameStatistics) -> statistics_pb
 
 def infer_schema(statistics: statistics_pb2.DatasetFeatureStatistics) -> schema_pb2.Schema:
     """A schema of the features the (training) statistics describe: type, presence, value
-    counts, a domain of every value for small string domains, and drift / skew thresholds.
+    counts, a domain of every value for small string domains, the non-finite values a float
+    feature may not have (none it did not have), and drift / skew thresholds.
 
     Numeric features get no range: a value outside the training range is drift (measured by
     the histograms), not a broken contract.
@@ -457,4 +543,18 @@ def infer_schema(statistics: statistics_pb2.DatasetFeatureStatistics) -> schema_
         ):
             feature.drift_comparator.jensen_shannon_divergence.threshold = DEFAULT_NUMERIC_THRESHOLD
             feature.skew_comparator.jensen_shannon_divergence.threshold = DEFAULT_NUMERIC_THRESHOLD
+        if stats.type == statistics_pb2.FeatureNameStatistics.FLOAT:
+            _disallow_what_was_not_seen(feature, stats.num_stats)
     return schema
+
+
+def _disallow_what_was_not_seen(
+    feature: schema_pb2.Feature, stats: statistics_pb2.NumericStatistics
+) -> None:
+    """A float feature's `float_domain` disallows NaN when the statistics count none, and
+    infinities when min and max are finite (TFDV's FLOAT_TYPE_HAS_NAN / HAS_INF fields). An
+    int feature needs none: a NaN or an infinity makes its column read as floats."""
+    if not any(h.num_nan for h in stats.histograms):
+        feature.float_domain.disallow_nan = True
+    if math.isfinite(stats.min) and math.isfinite(stats.max):
+        feature.float_domain.disallow_inf = True

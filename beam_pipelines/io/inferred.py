@@ -20,15 +20,25 @@ from beam_pipelines.io.files import (
     _read_bytes,
     read_csv_table,
 )
+from transforms.statistics import SOURCE_METADATA_KEY
 
 
 def read_inferred(path: str, fmt: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """One file -> RecordBatches with the types Arrow infers for the whole file (CSV, JSON
-    lines) or the file's own (Parquet)."""
+    lines) or the file's own (Parquet), each naming the file in its schema's metadata
+    (SOURCE_METADATA_KEY: a column of several types names where each was seen). A file
+    without rows (a CSV header, a Parquet schema) is one batch of 0 rows with its columns,
+    so the statistics see that the columns are there and the data has no examples."""
     try:
         if fmt == "parquet":
             with storage.open_read(path) as f:
-                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
+                parquet = pq.ParquetFile(f)
+                empty = True
+                for batch in parquet.iter_batches(batch_size=batch_rows):
+                    empty = False
+                    yield _named(batch, path)
+                if empty:
+                    yield _named(_no_rows(parquet.schema_arrow), path)
             return
         data = _read_bytes(path)
         table = _read_csv(data) if fmt == "csv" else _read_json_lines(data)
@@ -36,8 +46,19 @@ def read_inferred(path: str, fmt: str, batch_rows: int = BATCH_ROWS) -> Iterator
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear error
         raise InputError(f"{path}: cannot be read as {fmt} ({_one_line(exc)})") from None
+    if not table.num_rows:
+        yield _named(_no_rows(table.schema), path)
+        return
     for batch in table.combine_chunks().to_batches(max_chunksize=batch_rows):
-        yield _compact(batch)
+        yield _named(_compact(batch), path)
+
+
+def _no_rows(schema: pa.Schema) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def _named(batch: pa.RecordBatch, path: str) -> pa.RecordBatch:
+    return batch.replace_schema_metadata({SOURCE_METADATA_KEY: path.encode()})
 
 
 def _compact(batch: pa.RecordBatch) -> pa.RecordBatch:

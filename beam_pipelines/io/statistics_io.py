@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from google.protobuf import text_format
+from google.protobuf import message, text_format
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
 from beam_pipelines.io import storage
@@ -24,6 +24,10 @@ NEW_DATASET = "new"  # the name of the new data's statistics
 
 class SchemaFileError(ValueError):
     """A schema file that does not exist or does not parse as a tensorflow_metadata Schema."""
+
+
+class StatisticsFileError(ValueError):
+    """A statistics file that does not parse as a DatasetFeatureStatisticsList."""
 
 
 def statistics_path(output_dir: str) -> str:
@@ -46,7 +50,14 @@ def write_statistics(path: str, statistics: statistics_pb2.DatasetFeatureStatist
 
 
 def read_statistics(path: str) -> statistics_pb2.DatasetFeatureStatisticsList:
-    return statistics_pb2.DatasetFeatureStatisticsList.FromString(storage.read_bytes(path))
+    """The binary statistics at path; a StatisticsFileError names the path when they do not
+    parse."""
+    try:
+        return statistics_pb2.DatasetFeatureStatisticsList.FromString(storage.read_bytes(path))
+    except message.DecodeError as e:
+        raise StatisticsFileError(
+            f"statistics {path} is not a DatasetFeatureStatisticsList: {e}"
+        ) from e
 
 
 def write_schema(path: str, schema: schema_pb2.Schema) -> None:
