@@ -1,7 +1,8 @@
 """`skewless cells`: print feature cells from the Bigtable table, newest window end first, as JSON lines.
 
 A look at what the aggregate job wrote (and what streaming scoring will read): one line per
-cell with its row key, entity, window end W (epoch ms and ISO-8601) and values.
+cell with its row key, entity, window end W (epoch ms and ISO-8601) and values. The column
+family is the feature set's name (`--feature_set`, the jobs' default unless given).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import json
 from collections.abc import Sequence
 
 from beam_pipelines.common import configure_logging
+from beam_pipelines.options import DEFAULT_FEATURE_SET
 
 DESCRIPTION = "Print the feature cells the aggregate job wrote to Bigtable (JSON lines)."
+DEFAULT_LIMIT = 20
 
 
 def read(
     project: str, instance: str, table_id: str, family: str, prefix: str, limit: int
 ) -> list[dict]:
+    """The cells of `family` under `prefix`, newest window end first; at most `limit` (0: all)."""
     from google.cloud.bigtable.row_set import RowSet
 
     from beam_pipelines.io.bigtable import decode_value, open_table, window_end_timestamp
@@ -43,7 +47,16 @@ def read(
             }
         )
     cells.sort(key=lambda c: (-c["window_end_ms"], c["row_key"]))
-    return cells[:limit]
+    return cells[:limit] if limit else cells
+
+
+def family_of(feature_set: str | None) -> str:
+    """The column family of a feature set's cells: its name. Without `--feature_set`, the
+    bundled default, as for the jobs that read raw events (options.feature_set_spec); an empty
+    one is an error, as there."""
+    from transforms.featureset import load_feature_set
+
+    return load_feature_set(DEFAULT_FEATURE_SET if feature_set is None else feature_set).name
 
 
 def run(argv: Sequence[str] | None = None) -> list[dict]:
@@ -55,15 +68,26 @@ def run(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--bigtable_instance", required=True)
     parser.add_argument("--bigtable_table", required=True)
     parser.add_argument(
-        "--family", default="flights", help="Column family = the feature set's name."
+        "--feature_set",
+        help=f"The feature set whose cells to print: '{DEFAULT_FEATURE_SET}' (bundled, the "
+        "default) or package.module:NAME, as given to aggregate.",
+    )
+    parser.add_argument(
+        "--family", help="Column family. Default: the feature set's name (--feature_set)."
     )
     parser.add_argument("--prefix", default="", help="Row-key prefix: <key name>#<key value>#")
     parser.add_argument(
-        "--limit", type=int, default=20, help="At most this many cells (newest first)."
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"At most this many cells, newest first (default {DEFAULT_LIMIT}; 0: all of them).",
     )
     args = parser.parse_args(argv)
+    if args.limit < 0:
+        parser.error("--limit must be >= 0 (0: all cells)")
+    family = args.family or family_of(args.feature_set)
     cells = read(
-        args.bigtable_project, args.bigtable_instance, args.bigtable_table, args.family,
+        args.bigtable_project, args.bigtable_instance, args.bigtable_table, family,
         args.prefix, args.limit,
     )  # fmt: skip
     for cell in cells:

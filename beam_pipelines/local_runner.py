@@ -101,12 +101,14 @@ def patch_local_pubsub_read(
     source watermark to the wall clock on every pull, so replayed history is late on arrival.
     After this patch a pull takes up to `max_messages`, and with `event_time_attribute` the
     watermark follows the event time carried in that attribute (epoch ms or RFC 3339), as
-    Dataflow's does with a timestamp attribute: it moves to the oldest event time of each pull
-    that has any (never backwards) and stays put while nothing arrives, so an idle local replay
-    needs heartbeats that carry the attribute (`skewless replay --heartbeat_s`). Messages whose
-    attribute is missing or garbled do not move it. The SDK harness and Dataflow never run
-    this evaluator; the patch acts only in the process that runs the local runner. Calling it
-    again replaces the settings.
+    Dataflow's does with a timestamp attribute (`_local_watermark`: the oldest event of each
+    pull, or a heartbeat's promise, never backwards) and stays put while nothing arrives, so an
+    idle local replay needs heartbeats that carry the attribute (`skewless replay
+    --heartbeat_s`). Messages whose attribute is missing or garbled do not move it. Each
+    message leaves the source stamped with that event time (when it parses), so a message not
+    yet parsed holds back the watermark of the steps after it. The SDK harness and Dataflow
+    never run this evaluator; the patch acts only in the process that runs the local runner.
+    Calling it again replaces the settings.
 
     Outages: a pull that fails (the emulator or the network paused) returns nothing and the
     next bundle pulls again, where Beam's evaluator would fail the pipeline; an ack that fails
@@ -132,10 +134,11 @@ def patch_local_pubsub_read(
         received = _pull(sub_client, self._sub_name, pull)
         seen = cls._skewless_seen.setdefault(transform, _RecentIds())
         received = [rm for rm in received if seen.first_time(rm.message.message_id)]
+        times = _event_times(received, attribute)
         watermark = _local_watermark(
-            cls._skewless_watermarks, transform, received, attribute, Timestamp.of(time.time())
+            cls._skewless_watermarks, transform, received, times, Timestamp.of(time.time())
         )
-        return _read_result(self, received, watermark)
+        return _read_result(self, received, watermark, times)
 
     cls.finish_bundle = finish_bundle
 
@@ -203,23 +206,62 @@ def _event_time_ms(attributes, name: str) -> int | None:
         return None
 
 
-def _local_watermark(marks, transform, received, attribute, now):
-    """The source watermark after one pull: wall clock, or the oldest event time seen (monotone)."""
+def _event_times(received, attribute: str | None) -> list[int | None] | None:
+    """The event time (epoch ms) of each message, None where it is missing or garbled; None
+    without an attribute (the watermark then follows the wall clock)."""
+    if attribute is None:
+        return None
+    return [_event_time_ms(rm.message.attributes, attribute) for rm in received]
+
+
+def _local_watermark(marks, transform, received, times, now):
+    """The source watermark after one pull: the wall clock, or (with an event-time attribute) a
+    lower bound of the event times still to come, never moving backwards.
+
+    Two bounds, and the watermark takes the later (docs/architecture.md, "The local streaming
+    runner"); both rest on the emulator delivering a subscription's messages in the order the
+    topic received them (measured: no inversion in 100,000 messages pulled 100 at a time):
+    - events: the oldest event time of the pull. Every message still in the subscription was
+      published after this pull's, so this holds when the publisher keeps event-time order, as
+      `skewless replay` does (one ordering key);
+    - heartbeats (`skewless replay --heartbeat_s`): the latest time a heartbeat of the pull
+      carries. A heartbeat is its publisher's promise that every event before its time was
+      published before it, so those events came in this pull or an earlier one, even when the
+      pull holds events older than it (a job far behind reads the replay's final heartbeat in
+      the same pull as the last events).
+    """
     from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
-    if attribute is None:
+    from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
+
+    if times is None:
         return now
-    times = [_event_time_ms(rm.message.attributes, attribute) for rm in received]
-    times = [t for t in times if t is not None]
+    oldest_event = latest_promise = None
+    for rm, t in zip(received, times, strict=True):
+        if t is None:
+            continue
+        if HEARTBEAT_ATTRIBUTE in rm.message.attributes:
+            latest_promise = t if latest_promise is None else max(latest_promise, t)
+        else:
+            oldest_event = t if oldest_event is None else min(oldest_event, t)
+    bounds = [t for t in (oldest_event, latest_promise) if t is not None]
     mark = marks.get(transform, MIN_TIMESTAMP)
-    if times:
-        mark = max(mark, Timestamp(micros=min(times) * 1000))
+    if bounds:
+        mark = max(mark, Timestamp(micros=max(bounds) * 1000))
         marks[transform] = mark
     return mark
 
 
-def _read_result(evaluator, received, watermark):
-    """The evaluator's TransformResult for the pulled messages (as Beam's own finish_bundle)."""
+def _read_result(evaluator, received, watermark, times=None):
+    """The evaluator's TransformResult for the pulled messages (as Beam's own finish_bundle).
+
+    A message is stamped with its event time when the source reads the timestamp attribute
+    (a garbled one fails the bundle, as in Beam) and, without it, when the watermark follows
+    event time (`times`, from `_event_times`) and it parses; otherwise with its publish time. The runner holds
+    each step's watermark below the timestamps of the elements still waiting for it: stamped
+    with the publish time (later than any replayed event), a message the job has not parsed
+    yet would not hold the watermark, which already follows event time, and its event could
+    be late by the time the job re-stamps it."""
     import datetime as dt
 
     from apache_beam import pvalue
@@ -232,7 +274,7 @@ def _read_result(evaluator, received, watermark):
     bundles = []
     if received:
         bundle = evaluator._evaluation_context.create_bundle(list(evaluator._outputs)[0])
-        for rm in received:
+        for i, rm in enumerate(received):
             pb = rm.message
             published = pb.publish_time
             message = PubsubMessage(
@@ -250,6 +292,8 @@ def _read_result(evaluator, received, watermark):
                         f"message without a valid {source.timestamp_attribute!r} attribute"
                     )
                 stamp = Timestamp(micros=ms * 1000)
+            elif times is not None and times[i] is not None:
+                stamp = Timestamp(micros=times[i] * 1000)
             element = message if source.with_attributes else message.data
             bundle.output(GlobalWindows.windowed_value(element, timestamp=stamp))
         bundles.append(bundle)

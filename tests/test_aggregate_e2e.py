@@ -1,9 +1,11 @@
 """End to end on the Pub/Sub and Bigtable emulators: replay real flights into the running job.
 
-The replayed flights are shifted (by whole periods) to end two hours ago and published as fast
-as possible; the local watermark follows their event-time attribute, then the heartbeats (wall
-clock) move it to now, and the job allows six hours of lateness: every cell is emitted, and
-updated by any event that arrives after its window end, with the accumulated value.
+The replayed flights are shifted (by whole periods) to end two hours ago and replayed as fast
+as possible (`replay.replay_events`, what `skewless replay` runs: the events in event-time
+order on one ordering key, heartbeats that carry the replay's event clock, then a final
+heartbeat past the last window end). The job runs with the default allowed lateness: the local
+watermark follows the replay and never passes an event that is still in the subscription, so
+every cell is emitted on time, with nothing dropped.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import pytest
 from beam_pipelines.bigtable_setup import ensure_table
 from beam_pipelines.common import metric_counters
 from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
-from beam_pipelines.replay import Heartbeat, publish_events, to_message
+from beam_pipelines.options import DEFAULT_ALLOWED_LATENESS_S
+from beam_pipelines.replay import ordered_publisher, replay_events, to_message
 from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
 from transforms.flights import FLIGHTS
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
+# test_streaming_poison's lateness: it publishes wall-clock heartbeats beside replayed events,
+# and a heartbeat's time is then no promise about the events after it.
 LATENESS_S = 6 * 3600
 HOUR_MS = 3_600_000
 
@@ -30,34 +35,35 @@ def test_replayed_flights_reach_bigtable_and_bad_messages_the_dead_letter_topic(
 ):
     ps, bt = pubsub_emulator, bigtable_emulator
     table_id = bt.table_name()
-    ensure_table(bt.project, bt.instance, table_id, FLIGHTS, LATENESS_S, 7 * 86_400)
+    ensure_table(bt.project, bt.instance, table_id, FLIGHTS, DEFAULT_ALLOWED_LATENESS_S, 7 * 86_400)
 
     events, shift, expected = flights_shifted_to_end_before_now(
         FLIGHTS, "2013-01-02T12:00:00Z", "2013-01-02T14:00:00Z", 2 * HOUR_MS
     )
 
-    result, topic, dead_subscription = start_aggregate_job(ps, bt, table_id, LATENESS_S)
-    publisher = ps.publisher()
+    result, topic, dead_subscription = start_aggregate_job(
+        ps, bt, table_id, DEFAULT_ALLOWED_LATENESS_S
+    )
+    publisher = ordered_publisher()
     table = open_table(bt.project, bt.instance, table_id)
     try:
-        with Heartbeat(publisher, topic, 0.5):
-            publish_events(publisher, topic, FLIGHTS, events, shift_ms=shift)
-            good_ts = str(events[0][0] + shift)
-            bad = [
-                (b"{not json", {"event_time": good_ts}),
-                (json.dumps({"carrier": "UA"}).encode(), {"event_time": good_ts}),
-                (to_message(FLIGHTS, events[0][1], shift), {}),
-                (to_message(FLIGHTS, events[1][1], shift), {"event_time": "yesterday-ish"}),
-            ]
-            for data, attributes in bad:
-                publisher.publish(topic, data, **attributes).result(timeout=30)
+        stats = replay_events(publisher, topic, FLIGHTS, events, shift_ms=shift, heartbeat_s=0.5)
+        good_ts = str(events[0][0] + shift)
+        bad = [  # dead letters whatever the watermark: published after the replay's end
+            (b"{not json", {"event_time": good_ts}),
+            (json.dumps({"carrier": "UA"}).encode(), {"event_time": good_ts}),
+            (to_message(FLIGHTS, events[0][1], shift), {}),
+            (to_message(FLIGHTS, events[1][1], shift), {"event_time": "yesterday-ish"}),
+        ]
+        for data, attributes in bad:
+            publisher.publish(topic, data, **attributes).result(timeout=30)
 
-            def table_matches():
-                cells = {k: v for k, v, _ in read_cells_with_versions(table, FLIGHTS.name)}
-                return cells == expected
+        def table_matches():
+            cells = {k: v for k, v, _ in read_cells_with_versions(table, FLIGHTS.name)}
+            return cells == expected
 
-            assert wait_for(table_matches, 180), "Bigtable cells never matched the backfill"
-            dead = ps.pull_all(dead_subscription, expect=4, timeout_s=60)
+        assert wait_for(table_matches, 180), "Bigtable cells never matched the backfill"
+        dead = ps.pull_all(dead_subscription, expect=4, timeout_s=60)
     finally:
         result.cancel()
 
@@ -80,4 +86,6 @@ def test_replayed_flights_reach_bigtable_and_bad_messages_the_dead_letter_topic(
     assert counters["messages_dead_lettered"] == 4
     assert counters["cells_written"] >= len(expected)
     assert counters.get("late_updates_dropped", 0) == 0
-    assert counters["heartbeats"] > 0
+    assert counters.get("events_dropped_too_late", 0) == 0
+    assert counters.get("cells_late", 0) == 0  # no event came after the watermark passed it
+    assert counters["heartbeats"] > 0 and stats.final_heartbeat_ms is not None
