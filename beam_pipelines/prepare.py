@@ -38,10 +38,10 @@ from beam_pipelines.common import (
 from beam_pipelines.io.sinks import WriteDeadLetters, WriteFeaturesParquet, WriteTFRecords
 from beam_pipelines.io.sources import (
     ReadReferenceIndexes,
-    describe_references,
     describe_source,
     read_source,
     reference_sources,
+    reference_summary,
 )
 from beam_pipelines.io.statistics_io import read_schema, schema_path, statistics_path
 from beam_pipelines.io.validation_io import CheckAgainstBaseline, WriteSchema, WriteStatistics
@@ -56,12 +56,12 @@ from transforms.example_schema import (
     tft_tensor_adapter_config,
     to_tft_record_batch,
 )
-from transforms.examples import BuildExamples
+from transforms.examples import BuildExamples, CountDuplicateKeys
 from transforms.featureset import FeatureSet, load_feature_set
 from transforms.split import Split
 from transforms.statistics import infer_schema
 from transforms.statistics_fn import ComputeStatistics
-from transforms.validation import ValidateRecords
+from transforms.validation import ValidateRecords, ms_to_datetime
 
 LOG = logging.getLogger("skewless.prepare")
 DESCRIPTION = (
@@ -108,6 +108,12 @@ class PrepareOptions(PipelineOptions):
             "--allow_anomalies",
             action="store_true",
             help="With --validate_against: record blocking anomalies without refusing the data.",
+        )
+        parser.add_argument(
+            "--allow_duplicate_example_keys",
+            action="store_true",
+            help="Finish even when examples share an example key (summary.json counts them; "
+            "the report's and the audit's joins by key are then ambiguous). Default: fail.",
         )
 
 
@@ -178,6 +184,11 @@ def build_pipeline(
     _ = dead | "DeadLetters" >> WriteDeadLetters(os.path.join(output_dir, "dead_letters", "part"))
 
     examples = events | "BuildExamples" >> BuildExamples(fs, references=indexes)
+    _ = (
+        examples
+        | "DuplicateKeys" >> CountDuplicateKeys(fs)
+        | "WriteDuplicateKeys" >> beam.Map(_write_json, duplicate_keys_path(temp_dir))
+    )
     _ = examples | "WriteFeatures" >> WriteFeaturesParquet(
         os.path.join(output_dir, "features", "part"), features_arrow_schema(fs)
     )
@@ -232,6 +243,50 @@ def build_pipeline(
     )
 
 
+def duplicate_keys_path(temp_dir: str) -> str:
+    """Where the job leaves CountDuplicateKeys' result for run() (under the temp dir)."""
+    return os.path.join(temp_dir, "duplicate_example_keys.json")
+
+
+def _write_json(value: dict, path: str) -> None:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(value).encode())
+
+
+def duplicate_keys_summary(fs: FeatureSet, found: dict) -> dict:
+    """summary.json's account of CountDuplicateKeys' result: the examples that share their
+    example key with another, the keys shared, and a sample (values by field, timestamps as
+    ISO-8601, and how many examples have the key)."""
+    times = {f.name for f in fs.example_fields if f.type == "timestamp"}
+    sample = []
+    for values, count in found["sample"]:
+        key = {
+            name: ms_to_datetime(v).isoformat() if name in times and v is not None else v
+            for name, v in zip(fs.example_key, values, strict=True)
+        }
+        sample.append({**key, "examples": count})
+    return {
+        "duplicate_example_keys": found["examples"],
+        "shared_example_keys": found["keys"],
+        "duplicate_example_key_sample": sample,
+    }
+
+
+def duplicate_keys_error(fs: FeatureSet, summary: dict) -> str:
+    """The one-line refusal of examples that share an example key."""
+    first = dict(summary["duplicate_example_key_sample"][0])
+    count = first.pop("examples")
+    named = ", ".join(f"{k}={v!r}" for k, v in first.items())
+    keys = summary["shared_example_keys"]
+    return (
+        f"{summary['duplicate_example_keys']} examples share their example key with another "
+        f"({keys} key{'' if keys == 1 else 's'} shared), e.g. {count} examples with {named}: "
+        f"the example_key ({', '.join(fs.example_key)}) of feature set {fs.name!r} must identify "
+        f"one event (the hashed split, the report and the audit join by it); declare an "
+        f"example_key of example fields that does, or pass --allow_duplicate_example_keys"
+    )
+
+
 def summarize(counters: dict[str, int], **extra) -> dict:
     return {
         "records_read": counters.get("records_read", 0),
@@ -243,17 +298,6 @@ def summarize(counters: dict[str, int], **extra) -> dict:
         "examples_eval": counters.get("examples_eval", 0),
         "aggregate_blocks": counters.get("aggregate_blocks", 0),
         **extra,
-    }
-
-
-def reference_counts(fs: FeatureSet, counters: dict[str, int]) -> dict:
-    """Per reference table: rows read, valid, rejected, indexed, and examples without a row."""
-    return {
-        t.name: {
-            what: counters.get(f"reference_{t.name}_{what}", 0)
-            for what in ("rows_read", "rows_valid", "rows_rejected", "rows", "missing")
-        }
-        for t in fs.references
     }
 
 
@@ -305,16 +349,16 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         LOG.info("dry run: the job graph was built and not run")
         return None
     counters = metric_counters(result)
-    reference_desc = (
-        {
-            "references": reference_counts(fs, counters),
-            "reference_inputs": describe_references(options, fs),
-        }
-        if fs.references
-        else {}
+    reference_desc = reference_summary(options, fs, counters)
+    with FileSystems.open(duplicate_keys_path(temp_dir)) as f:
+        duplicates = duplicate_keys_summary(fs, json.loads(f.read()))
+    # Recorded like a validation refusal, so a later job can tell refused data from allowed.
+    duplicates["duplicate_example_keys_refused"] = bool(
+        duplicates["duplicate_example_keys"] and not opts.allow_duplicate_example_keys
     )
     summary = summarize(
         counters,
+        **duplicates,
         **reference_desc,
         feature_set=fs.name,
         feature_set_spec=feature_set,
@@ -337,6 +381,14 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     LOG.info("prepare finished: %s", json.dumps(summary))
     if FileSystems.exists(temp_dir):
         FileSystems.delete([temp_dir])
+    if summary["duplicate_example_keys_refused"]:
+        raise SystemExit(duplicate_keys_error(fs, summary))
+    if summary["duplicate_example_keys"]:
+        LOG.warning(
+            "%d examples share their example key with another (--allow_duplicate_example_keys): "
+            "the report's and the audit's joins by key are ambiguous for them",
+            summary["duplicate_example_keys"],
+        )
     if summary.get("validation", {}).get("refused"):
         LOG.error(
             "REFUSED: %d blocking anomalies against %s (train refuses this data; "

@@ -29,7 +29,12 @@ from beam_pipelines.common import (
     parse_job_options,
 )
 from beam_pipelines.io.sinks import WriteDeadLetters
-from beam_pipelines.io.sources import ReadReferenceIndexes, read_source, reference_sources
+from beam_pipelines.io.sources import (
+    ReadReferenceIndexes,
+    read_source,
+    reference_sources,
+    reference_summary,
+)
 from beam_pipelines.options import (
     DeadLetterDirOptions,
     FeatureSetOptions,
@@ -296,6 +301,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "examples_rejected_by_model_inputs": counters.get("examples_rejected_by_model_inputs", 0),
         "inference_failures": counters.get("inference_failures", 0),
         "rows_write_failed": counters.get("rows_write_failed", 0),
+        **reference_summary(options, fs, counters),
         "model_dir": model_opts.model_dir,
         "model_version": handler.version,
         "feature_set": fs.name,

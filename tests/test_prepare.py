@@ -63,6 +63,10 @@ def test_summary_counts_add_up(prepared):
     assert summary["examples"] == labelled
     assert summary["examples_train"] + summary["examples_eval"] == labelled
     assert summary["split"] == {"mode": "hash", "eval_fraction": 0.25, "key": list(FLIGHTS.example_key)}
+    # Real flights: one example per (carrier, flight, origin, scheduled departure).
+    assert summary["duplicate_example_keys"] == summary["shared_example_keys"] == 0
+    assert summary["duplicate_example_key_sample"] == []
+    assert summary["duplicate_example_keys_refused"] is False
 
 
 def test_every_bad_record_is_a_dead_letter_with_its_reason(prepared):

@@ -82,44 +82,43 @@ def test_preprocessing_outputs_from_a_real_tf_transform_run():
     assert midnight["dep_delay_bucket"] == 9
 
 
-def test_the_reference_vocabularies_equal_exact_ones_on_the_bundled_tables(tmp_path):
-    """flights_plus computes its reference vocabularies with approximate_vocabulary (one combine
-    pass instead of a vocabulary's shuffles): exact while a column has at most top_k distinct
-    values. On the bundled tables' own values, ties included, the files equal tft.vocabulary's."""
-    from itertools import zip_longest
-
-    import tensorflow as tf
+def test_a_reference_category_with_more_values_than_a_sketch_keeps_gets_an_id_per_value(tmp_path):
+    """flights_plus through real tf.Transform with 10,050 aircraft manufacturers (more than
+    the 10,000 counters approximate_vocabulary had, issue 20): every value keeps an id of its
+    own, none silently falls into the OOV bucket."""
+    import pyarrow as pa
     import tensorflow_transform as tft
 
-    from tests.test_reference import table_rows
-    from transforms.flights import (
-        DEST_AIRPORTS,
-        PLANES,
-        REFERENCE_VOCABULARIES,
-        REFERENCE_VOCABULARY_TOP_K,
+    from transforms.example_schema import (
+        features_arrow_schema,
+        tft_tensor_adapter_config,
+        to_tft_record_batch,
     )
+    from transforms.flights import FLIGHTS_PLUS
 
-    columns = {c.name: (table, c.name[len(table.prefix) :]) for table in (PLANES, DEST_AIRPORTS) for c in table.columns}  # fmt: skip
-    values = {name: [r[field] or "" for r in table_rows(table)] for name, (table, field) in columns.items() if name in REFERENCE_VOCABULARIES}  # fmt: skip
+    manufacturers = [f"MAKER {i:05d}" for i in range(10_050)]
+    # The first 50 build two aircraft each: the vocabulary puts them first.
+    values = [*manufacturers, *manufacturers[:50]]
     rows = [
-        dict(zip(values, row, strict=True)) for row in zip_longest(*values.values(), fillvalue="")
+        example(i, tailnum=f"N{i}", plane_manufacturer=maker, plane_type="Fixed wing")
+        for i, maker in enumerate(values)
     ]
-    spec = {name: tf.io.FixedLenFeature([], tf.string) for name in values}
-    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
-
-    def both(inputs):
-        for name, x in inputs.items():
-            tft.vocabulary(x, vocab_filename=f"exact_{name}")
-            tft.experimental.approximate_vocabulary(
-                x, top_k=REFERENCE_VOCABULARY_TOP_K, vocab_filename=f"approx_{name}"
-            )
-        return dict(inputs)
-
+    table = pa.Table.from_pylist(rows, schema=features_arrow_schema(FLIGHTS_PLUS))
+    batches = [to_tft_record_batch(FLIGHTS_PLUS, b) for b in table.to_batches(max_chunksize=4096)]
     with tft_beam.Context(temp_dir=str(tmp_path / "tmp")):
-        transform_fn = (rows, metadata) | tft_beam.AnalyzeDataset(both)
+        (out, _), transform_fn = (
+            batches,
+            tft_tensor_adapter_config(FLIGHTS_PLUS),
+        ) | tft_beam.AnalyzeAndTransformDataset(
+            FLIGHTS_PLUS.preprocessing_fn, output_record_batches=True
+        )
         _ = transform_fn | tft_beam.WriteTransformFn(str(tmp_path / "transform"))
-    output = tft.TFTransformOutput(str(tmp_path / "transform"))
-    for name in values:
-        exact = output.vocabulary_by_name(f"exact_{name}")
-        assert 3 <= len(exact) < REFERENCE_VOCABULARY_TOP_K, name
-        assert output.vocabulary_by_name(f"approx_{name}") == exact, name
+    vocabulary = tft.TFTransformOutput(str(tmp_path / "transform")).vocabulary_by_name(
+        "plane_manufacturer"
+    )
+    assert len(vocabulary) == len(manufacturers)
+    assert [v.decode() for v in vocabulary[:50]] == sorted(manufacturers[:50], reverse=True)
+    ids = pa.concat_arrays([b.column("plane_manufacturer_id").flatten() for b, _ in out])
+    assert ids.to_pylist()[: len(manufacturers)] == [
+        vocabulary.index(m.encode()) for m in manufacturers
+    ]
