@@ -95,7 +95,7 @@ def build_pipeline(
 ) -> None:
     """Wire the aggregate job. `source` yields PubsubMessages; `sink` takes Cells."""
     messages = p | "Read" >> source
-    payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs.name)
+    payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs)
     events, invalid = payloads | "Validate" >> ValidateRecords(fs)
     cells = events | "Aggregate" >> ComputeAggregates(
         fs, streaming=True, allowed_lateness_s=allowed_lateness_s

@@ -8,6 +8,13 @@ and writes one Bigtable row mutation per (key, valid_from) in the online layout 
 transforms/reference.py: row key `{table}#{key}`, family `{feature set}_ref` (cell timestamp
 valid_from) or `{feature set}_static` (timestamp 0), one cell per declared field.
 
+Validity times before 1970: a Bigtable cell timestamp cannot be negative, so of a key's versions
+valid before 1970-01-01T00:00:00Z only the latest is written, stamped 0 (valid at or before
+1970; `cell_timestamp_ms`): it is the row of that key for every as-of time from 1970 on, the
+only ones the online store can be asked for (the streaming jobs take events from 1970 on). The
+earlier versions are dead letters with a reason saying so (stage `reference`), and a version
+valid exactly at 1970-01-01 supersedes them all.
+
 Idempotent: a re-run writes the same cells at the same timestamps, which Bigtable replaces
 rather than adding versions. It only upserts: a row missing from the input is not deleted.
 The duplicate check is keyed (a GroupByKey on key and valid_from), so no worker holds the
@@ -42,6 +49,7 @@ from beam_pipelines.io.bigtable import (
     BigtableSetupError,
     BigtableWriteOptions,
     WriteReferenceRows,
+    cell_timestamp_ms,
     check_reference_families,
     valid_from_ms,
 )
@@ -55,13 +63,15 @@ from beam_pipelines.options import (
 )
 from transforms.featureset import FeatureSet, ReferenceTable, load_feature_set
 from transforms.partials import entity_value
+from transforms.records import TracedRecord
 from transforms.reference import (
+    ValidateReferenceRows,
     duplicate_letter,
     duplicate_order,
+    iso_time,
     reference_family,
-    rows_feature_set,
 )
-from transforms.validation import NAMESPACE, ValidateRecords
+from transforms.validation import NAMESPACE, dead_letter
 
 LOG = logging.getLogger("skewless.publish_reference")
 PROG = "skewless publish-reference"
@@ -100,28 +110,51 @@ GROUPS = (
 
 
 class _KeepFirst(beam.DoFn):
-    """((key, valid_from), rows) -> the row kept; the others -> dead letters (stage `reference`)."""
+    """((key, cell timestamp), traced rows) -> the row written; the others -> dead letters
+    (stage `reference`): a second row for the same valid_from (the first by value order is
+    kept), and, in the group stamped 0, the versions valid before a later one that is still
+    before 1970 (they could not be told apart in Bigtable)."""
 
     def __init__(self, table: ReferenceTable):
         self.table = table
 
     def setup(self) -> None:
-        self._duplicates = Metrics.counter(NAMESPACE, f"reference_{self.table.name}_rows_duplicate")
+        prefix = f"reference_{self.table.name}_rows"
+        self._duplicates = Metrics.counter(NAMESPACE, f"{prefix}_duplicate")
+        self._superseded = Metrics.counter(NAMESPACE, f"{prefix}_superseded_before_1970")
 
     def process(self, element) -> Iterator:
-        (key, valid_from), rows = element
+        (key, _), grouped = element
+        rows = list(grouped)
         table = self.table
-        first, *others = sorted(rows, key=lambda r: duplicate_order(table, r))
-        yield first
-        if not others:
-            return
+        latest = max(valid_from_ms(table, r.record) for r in rows)
+        current = [r for r in rows if valid_from_ms(table, r.record) == latest]
+        first, *others = sorted(current, key=lambda r: duplicate_order(table, r.record))
+        yield first.record
         self._duplicates.inc(len(others))
         for row in others:
-            yield TaggedOutput(DEAD, duplicate_letter(table, key, valid_from, row))
+            yield TaggedOutput(DEAD, duplicate_letter(table, key, latest, row))
+        for row in rows:
+            valid_from = valid_from_ms(table, row.record)
+            if valid_from < latest:
+                self._superseded.inc()
+                reason = (
+                    f"{table.table_key}={key!r} valid from {iso_time(valid_from)} is superseded "
+                    f"by its version valid from {iso_time(latest)}, before 1970 too: Bigtable "
+                    "stamps both 1970-01-01 (it holds no earlier time), and only the later one "
+                    "is the row of an as-of time from 1970 on"
+                )
+                yield TaggedOutput(
+                    DEAD,
+                    dead_letter(
+                        "reference", reason, row.original, f"reference:{table.name}", row.origin
+                    ),
+                )
 
 
 class DeduplicateRows(beam.PTransform):
-    """Typed table rows -> (one row per key and valid_from, dead letters of the others)."""
+    """TracedRecords of a table's rows -> (one typed row per key and cell timestamp, dead
+    letters of the others)."""
 
     def __init__(self, table: ReferenceTable):
         super().__init__()
@@ -129,10 +162,14 @@ class DeduplicateRows(beam.PTransform):
 
     def expand(self, rows):
         table = self.table
+
+        def by_key_and_stamp(row: TracedRecord):
+            stamp = cell_timestamp_ms(valid_from_ms(table, row.record))
+            return (entity_value(row.record[table.table_key]), stamp), row
+
         results = (
             rows
-            | "ByKeyAndTime"
-            >> beam.Map(lambda r: ((entity_value(r[table.table_key]), valid_from_ms(table, r)), r))
+            | "ByKeyAndTime" >> beam.Map(by_key_and_stamp)
             | "Group" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(_KeepFirst(table)).with_outputs(DEAD, main="rows")
         )
@@ -149,9 +186,7 @@ def build_pipeline(
     """Wire the job. `source` yields the table's raw rows; `sink` takes typed rows (one per key
     and valid_from) and returns the dead letters of rows it could not write."""
     raw = p | "Read" >> source
-    rows, invalid = raw | "Validate" >> ValidateRecords(
-        rows_feature_set(table), counters=f"reference_{table.name}_rows"
-    )
+    rows, invalid = raw | "Validate" >> ValidateReferenceRows(table)
     unique, duplicates = rows | "Deduplicate" >> DeduplicateRows(table)
     unwritten = unique | "Write" >> sink
     _ = (
@@ -240,10 +275,12 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         "rows_valid": count("rows_valid"),
         "rows_rejected": count("rows_rejected"),
         "rows_duplicate": count("rows_duplicate"),
+        "rows_superseded_before_1970": count("rows_superseded_before_1970"),
         "rows_written": count("rows_written"),
         "rows_write_failed": count("rows_write_failed"),
         "rows_dead_lettered": count("rows_rejected")
         + count("rows_duplicate")
+        + count("rows_superseded_before_1970")
         + count("rows_write_failed"),
         "write_retries": count("write_retries"),
         "dead_letter_dir": dead_dir,

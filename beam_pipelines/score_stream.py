@@ -35,7 +35,12 @@ from beam_pipelines.io.bigtable import (
     open_table,
 )
 from beam_pipelines.io.online_store import OnlineLookup
-from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, WriteDeadLetters
+from beam_pipelines.io.pubsub import (
+    DEFAULT_TIMESTAMP_ATTRIBUTE,
+    EventTimeOptions,
+    ParseMessages,
+    WriteDeadLetters,
+)
 from beam_pipelines.io.serving_log import WriteServingLog
 from beam_pipelines.local_runner import (
     LOCAL_STREAMING_RUNNER,
@@ -105,6 +110,7 @@ GROUPS = (
     BigtableOptions,
     FeatureSetOptions,
     ServingLogOptions,
+    EventTimeOptions,
 )
 # The batch scorer's flags: given with --streaming they would be silently ignored.
 BATCH_ONLY_FLAGS = ("output", "output_table", "output_format", "output_method", "start", "end", "dead_letter_dir")
@@ -206,21 +212,6 @@ class _TableOpener:
 # --- scoring ---------------------------------------------------------------------------------
 
 
-class _Payloads(beam.DoFn):
-    """PubsubMessage -> its payload; heartbeats (kept for the local runner's pulls) are dropped."""
-
-    def setup(self) -> None:
-        self._read = Metrics.counter(NAMESPACE, "messages_read")
-        self._heartbeats = Metrics.counter(NAMESPACE, "heartbeats")
-
-    def process(self, message) -> Iterator[bytes]:
-        if HEARTBEAT_ATTRIBUTE in (message.attributes or {}):
-            self._heartbeats.inc()
-            return
-        self._read.inc()
-        yield message.data
-
-
 SERVING_LOG = "serving_log"  # the tag, and the key a sampled prediction carries its record in
 
 
@@ -319,11 +310,16 @@ def build_pipeline(
     sink: beam.PTransform,
     dead_letters: beam.PTransform,
     serving_log: WriteServingLog | None = None,
+    timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
 ) -> None:
     """Wire streaming scoring. `source` yields PubsubMessages, `lookup` turns events into
     batches (lists) of examples (LookupAggregates), `sink` takes prediction dicts,
-    `dead_letters` dead-letter dicts, `serving_log` (optional) the log records of its sample."""
-    payloads = p | "Read" >> source | "Payloads" >> beam.ParDo(_Payloads())
+    `dead_letters` dead-letter dicts, `serving_log` (optional) the log records of its sample.
+    Messages are read as the aggregate job reads them (ParseMessages: the event time of the
+    `timestamp_attribute`, which must agree with the payload's), so both jobs accept and
+    reject the same messages."""
+    messages = p | "Read" >> source
+    payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs)
     events, invalid = payloads | "Validate" >> ValidateRecords(fs)
     batches = events | "LookupAggregates" >> lookup
     sample = serving_log.sample if serving_log is not None else None
@@ -335,7 +331,11 @@ def build_pipeline(
         predictions = split.predictions
         _ = split[SERVING_LOG] | "ServingLog" >> serving_log
     _ = predictions | "Write" >> sink
-    _ = (invalid, failed) | "AllDeadLetters" >> beam.Flatten() | "DeadLetters" >> dead_letters
+    _ = (
+        (bad_timestamps, invalid, failed)
+        | "AllDeadLetters" >> beam.Flatten()
+        | "DeadLetters" >> dead_letters
+    )
 
 
 def _fail(message: str) -> SystemExit:
@@ -350,6 +350,12 @@ def _batch_only(argv: Sequence[str]) -> list[str]:
 def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     """Parse options, check the model and the table, and build (not run) the job."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    batch_only = _batch_only(argv)  # before the unknown-flag check, which would name another
+    if batch_only:
+        raise _fail(
+            f"batch-only option(s) {', '.join(batch_only)}: streaming predictions go to "
+            "--output_topic and dead letters to --dead_letter_topic"
+        )
     options = parse_job_options(
         argv,
         prog="skewless score --streaming",
@@ -371,12 +377,6 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     model_opts = options.view_as(ModelOptions)
     pubsub = options.view_as(SubscriptionOptions)
     bt = options.view_as(BigtableOptions)
-    batch_only = _batch_only(argv)
-    if batch_only:
-        raise _fail(
-            f"batch-only option(s) {', '.join(batch_only)}: streaming predictions go to "
-            "--output_topic and dead letters to --dead_letter_topic"
-        )
     try:
         model = load_model(
             model_opts.model_dir,
@@ -424,6 +424,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         WritePredictions(opts.output_topic),
         WriteDeadLetters(pubsub.dead_letter_topic),
         serving_log,
+        timestamp_attribute=options.view_as(EventTimeOptions).timestamp_attribute,
     )
     info = {
         "subscription": pubsub.subscription,

@@ -470,7 +470,7 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
             PubsubMessage(json.dumps(restamped(raw, t)).encode(), {"event_time": str(t)})
         )
     parse, validate, tiles = (
-        _ParseMessages("event_time", fs.name),
+        _ParseMessages("event_time", fs),
         ValidateRecordsFn(fs),
         _ToTiles(fs),
     )

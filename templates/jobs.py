@@ -57,7 +57,11 @@ JOBS: dict[str, TemplateJob] = {
             ),
             required=("output_dir",),
             streaming=False,
-            not_parameters={**_EMULATOR_ONLY, "allow_anomalies": _FLAG_ONLY},
+            not_parameters={
+                **_EMULATOR_ONLY,
+                "allow_anomalies": _FLAG_ONLY,
+                "allow_duplicate_example_keys": _FLAG_ONLY,
+            },
         ),
         TemplateJob(
             name="aggregate",
@@ -144,6 +148,7 @@ JOBS: dict[str, TemplateJob] = {
                 "beam_pipelines.io.bigtable:BigtableOptions",
                 "beam_pipelines.options:FeatureSetOptions",
                 "beam_pipelines.options:ServingLogOptions",
+                "beam_pipelines.io.pubsub:EventTimeOptions",
             ),
             required=(
                 "model_dir",

@@ -155,17 +155,23 @@ def flights_shifted_to_end_before_now(fs: FeatureSet, start: str, end: str, befo
     return events, shift, batch_cells(fs, typed)
 
 
-def start_aggregate_job(ps, bt, table_id: str, lateness_s: int, *extra: str):
-    """The aggregate job (its real make_pipeline) on the emulators, reading a new topic and
+def start_aggregate_job(
+    ps, bt, table_id: str, lateness_s: int, *extra: str, events: tuple[str, str] | None = None
+):
+    """The aggregate job (its real make_pipeline) on the emulators, reading a new topic (or
+    `events`: a topic and a subscription of it made before, e.g. one that has a backlog) and
     dead-lettering to another: (running result, events topic, dead-letter subscription)."""
     from beam_pipelines.aggregate import make_pipeline
 
-    topic = ps.topic("events")
+    topic, subscription = events or (None, None)
+    if topic is None:
+        topic = ps.topic("events")
+        subscription = ps.subscription(topic, "job")
     dead_topic = ps.topic("dead")
     dead_subscription = ps.subscription(dead_topic, "dead-reader")
     p, _ = make_pipeline(
         [
-            f"--subscription={ps.subscription(topic, 'job')}",
+            f"--subscription={subscription}",
             f"--bigtable_project={bt.project}",
             f"--bigtable_instance={bt.instance}",
             f"--bigtable_table={table_id}",
@@ -214,7 +220,7 @@ def score_streaming(ps, bt, table_id: str, model_dir, fs: FeatureSet, raws: list
 
     from beam_pipelines import score_stream
     from beam_pipelines.common import metric_counters
-    from beam_pipelines.replay import to_message
+    from beam_pipelines.replay import ReplayStats, order_events, publish_events
 
     inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
     inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
@@ -228,9 +234,8 @@ def score_streaming(ps, bt, table_id: str, model_dir, fs: FeatureSet, raws: list
     )  # fmt: skip
     result = p.run()
     try:
-        publisher = ps.publisher()
-        for future in [publisher.publish(inp, to_message(fs, r)) for r in raws]:
-            future.result(timeout=30)
+        # As replay publishes them: the event time in the timestamp attribute.
+        publish_events(ps.publisher(), inp, fs, order_events(fs, raws, ReplayStats()))
         streamed: list = []
         deadline = time.monotonic() + timeout_s
         while len(streamed) < len(raws) and time.monotonic() < deadline:

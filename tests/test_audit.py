@@ -24,7 +24,7 @@ from beam_pipelines.cli import run_job
 from beam_pipelines.io.bigtable import open_table
 from beam_pipelines.io.online_store import cell_keys
 from beam_pipelines.io.serving_log import WriteServingLog
-from beam_pipelines.replay import ReplayStats, order_events, to_message
+from beam_pipelines.replay import ReplayStats, order_events, publish_events
 from tests.aggregate_support import typed_events, write_cells_with_the_aggregate_job
 from tests.flights_data import write_jsonl
 from tests.test_templates import dataflow_jobs  # noqa: F401 - a fixture
@@ -224,8 +224,7 @@ def _serve(ps, bt, table_id, model_dir, raws, log_dir, sample, lookup_fs=None, t
     result = p.run()
     try:
         publisher = ps.publisher()
-        for future in [publisher.publish(inp, to_message(FLIGHTS, r)) for r in raws]:
-            future.result(timeout=30)
+        publish_events(publisher, inp, FLIGHTS, order_events(FLIGHTS, raws, ReplayStats()))
         streamed: list = []
         deadline = time.monotonic() + timeout_s
         while len(streamed) < len(raws) and time.monotonic() < deadline:

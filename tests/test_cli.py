@@ -126,7 +126,7 @@ def test_train_and_score_print_their_own_lines_only(tmp_path_factory, tmp_path):
     trained = prepared_and_trained(tmp_path_factory)
     skewless = [sys.executable, "-m", "beam_pipelines.cli"]
     noise = ("oneDNN", "cuda", "cpu_feature_guard", "absl::InitializeLog", "I0000", "W0000",
-             "Resource module", "WARNING")  # fmt: skip
+             "Resource module", "WARNING root")  # fmt: skip
     runs = {
         "train": ["train", "--prepared_dir", str(trained["prepared"]), "--model_dir",
                   str(tmp_path / "m"), "--epochs", "1"],

@@ -15,6 +15,7 @@ run them.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import pickle
@@ -199,7 +200,10 @@ def _message(payload: bytes, attributes: dict | None = None):
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
     if attributes is None:
-        attributes = {"event_time": str(to_epoch_ms(GOOD["time_hour"]))}
+        # The event time the payload itself carries (scheduled departure + delay).
+        attributes = {
+            "event_time": str(RecordValidator(FLIGHTS).validate(dict(GOOD))["event_time"])
+        }
     return PubsubMessage(payload, attributes)
 
 
@@ -217,7 +221,7 @@ def test_pubsub_dead_letter_keeps_the_payload_exactly(stage):
 
     text, attributes, reason = PUBSUB_CASES[stage]
     payload = text.encode("utf-8")
-    parse = _ParseMessages("event_time", "flights")
+    parse = _ParseMessages("event_time", FLIGHTS)
     parse.setup()
     letters, payloads = [], []
     for out in parse.process(_message(payload, attributes)):
@@ -230,6 +234,65 @@ def test_pubsub_dead_letter_keeps_the_payload_exactly(stage):
     assert letter["stage"] == stage and reason in letter["reason"], letter
     assert letter["record"] == text
     assert to_dead_letter_message(letter).data == payload
+
+
+def _streaming_letters(message) -> list[dict]:
+    """ParseMessages then ValidateRecords on one message -> its dead letters."""
+    from beam_pipelines.io.pubsub import _ParseMessages
+
+    parse = _ParseMessages("event_time", FLIGHTS)
+    parse.setup()
+    letters, payloads = [], []
+    for out in parse.process(message):
+        if getattr(out, "tag", None) == DEAD:
+            letters.append(out.value)
+        else:
+            payloads.append(out.value)
+    return letters + _dead_letters(payloads)
+
+
+def test_a_payload_that_is_not_utf8_is_said_so_and_kept_byte_for_byte(tmp_path):
+    """Not re-encoded with U+FFFD (16 bytes became 22): the dead-letter message carries the
+    very bytes, a dead-letter file base64 with its encoding named."""
+    from beam_pipelines.io.pubsub import to_dead_letter_message
+    from beam_pipelines.io.sinks import WriteDeadLetters
+
+    payload = b'{"carrier": "\xff\xfeUA"}'
+    (letter,) = _streaming_letters(_message(payload))
+    assert letter["stage"] == "parse"
+    assert letter["reason"] == "not UTF-8: byte 0xff at offset 13"
+    assert letter["record_encoding"] == "base64"
+    assert base64.b64decode(letter["record"]) == payload
+    assert to_dead_letter_message(letter).data == payload
+    with TestPipeline(runner="FnApiRunner") as p:
+        _ = p | beam.Create([letter]) | WriteDeadLetters(str(tmp_path / "dead" / "part"))
+    (line,) = [x for f in (tmp_path / "dead").glob("*") for x in f.read_text().splitlines()]
+    assert base64.b64decode(json.loads(line)["record"]) == payload
+
+
+def test_the_streaming_jobs_take_the_feature_set_s_time_range_from_1970_on():
+    """ParseMessages applied the default range whatever the feature set declared; and Bigtable,
+    the online store, holds no time before 1970."""
+    from beam_pipelines.io.pubsub import streaming_time_range
+
+    narrow = replace(FLIGHTS, timestamp_range=("2013-01-01T00:00:00Z", "2014-01-01T00:00:00Z"))
+    assert streaming_time_range(narrow) == ("2013-01-01T00:00:00Z", "2014-01-01T00:00:00Z")
+    assert streaming_time_range(FLIGHTS)[0] == "1970-01-01T00:00:00+00:00"
+
+    from beam_pipelines.io.pubsub import _ParseMessages
+
+    for fs, stamp, accepted in (
+        (narrow, "2012-12-31T23:59:59Z", False),
+        (narrow, "2013-06-01T00:00:00Z", True),
+        (FLIGHTS, "1969-12-31T23:59:59Z", False),
+        (FLIGHTS, "1970-01-01T00:00:00Z", True),
+    ):
+        parse = _ParseMessages("event_time", fs)
+        parse.setup()
+        (out,) = parse.process(_message(b"{}", {"event_time": stamp}))
+        assert (getattr(out, "tag", None) != DEAD) == accepted, (fs.timestamp_range, stamp)
+        if not accepted:
+            assert "outside the accepted time range" in out.value["reason"]
 
 
 def test_pubsub_dead_letters_keep_the_payload_in_a_pipeline():
@@ -247,7 +310,7 @@ def test_pubsub_dead_letters_keep_the_payload_in_a_pipeline():
         )
 
     with TestPipeline(runner="FnApiRunner") as p:
-        payloads, bad_times = p | beam.Create(messages) | ParseMessages("event_time", "flights")
+        payloads, bad_times = p | beam.Create(messages) | ParseMessages("event_time", FLIGHTS)
         _, invalid = payloads | ValidateRecords(FLIGHTS)
         assert_that((bad_times, invalid) | beam.Flatten(), check)
 

@@ -161,6 +161,7 @@ def test_bigtable_setup_creates_the_reference_families_with_their_gc_rules(bigta
             "static": False,
             "max_age_s": 86_400,
             "max_versions": None,
+            "keeps_newest_version": True,
             "tables": ["origin_weather"],
         },
         "flights_tables_static": {
@@ -168,6 +169,7 @@ def test_bigtable_setup_creates_the_reference_families_with_their_gc_rules(bigta
             "static": True,
             "max_age_s": None,
             "max_versions": 1,
+            "keeps_newest_version": True,
             "tables": ["plane", "dest_airport"],
         },
     }
@@ -177,8 +179,11 @@ def test_bigtable_setup_creates_the_reference_families_with_their_gc_rules(bigta
     families = open_table(bt.project, bt.instance, name, admin=True).list_column_families()
     assert set(families) == {"flights_tables", "flights_tables_ref", "flights_tables_static"}
     versioned = families["flights_tables_ref"].gc_rule.to_pb()
-    assert versioned.max_age.total_seconds() == 2 * 86_400  # updated; no version limit
-    assert type(versioned).pb(versioned).WhichOneof("rule") == "max_age"
+    # Collected when older than the retention AND not the newest version of its column.
+    assert type(versioned).pb(versioned).WhichOneof("rule") == "intersection"
+    age, versions = versioned.intersection.rules
+    assert age.max_age.total_seconds() == 2 * 86_400  # updated (lengthened)
+    assert versions.max_num_versions == 1
     static = families["flights_tables_static"].gc_rule.to_pb()
     assert type(static).pb(static).WhichOneof("rule") == "max_num_versions"
     assert static.max_num_versions == 1
@@ -248,15 +253,9 @@ def test_a_month_of_weather_keeps_every_version_and_bad_rows_are_dead_letters(
 
     letters = dead_letters(dead_dir)
     assert sorted(x["stage"] for x in letters) == ["reference", "validate", "validate"]
-    # A CSV row that fails validation keeps its line text; the duplicate is a typed row.
-    by_record = {
-        (
-            x["record"].split(",")[0] if isinstance(x["record"], str) else x["record"]["origin"],
-            x["stage"],
-        ): x
-        for x in letters
-    }
-    assert all(isinstance(x["record"], str) for x in letters if x["stage"] == "validate")
+    # Every dead letter keeps its CSV line's text and number, the duplicate's too.
+    by_record = {(x["record"].split(",")[0], x["stage"]): x for x in letters}
+    assert all(isinstance(x["record"], str) and x["line"] > 1 for x in letters)
     out_of_range, duplicate, no_key = weather_month["bad"]
     humid = by_record[(out_of_range["origin"], "validate")]
     assert "humid" in humid["reason"] and "150" in humid["reason"]
@@ -264,7 +263,7 @@ def test_a_month_of_weather_keeps_every_version_and_bad_rows_are_dead_letters(
     assert "origin" in missing["reason"]
     dup = by_record[(duplicate["origin"], "reference")]
     assert dup["reason"].startswith(f"duplicate row for origin={duplicate['origin']!r} valid from")
-    assert dup["record"]["temp"] == 99.5
+    assert ",99.5," in dup["record"] and dup["line"] == len(month) + 3  # its own CSV line
     assert {x["feature_set"] for x in letters} == {"reference:origin_weather"}
 
     before = dump(bt, table_id)

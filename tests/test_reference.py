@@ -7,18 +7,22 @@ import functools
 from dataclasses import replace
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from beam_pipelines.io.files import _read_bytes, read_csv_table
 from tests.aggregate_support import typed_events
 from tests.flights_data import real_flights
 from transforms.example_schema import example_fields_record_batch
 from transforms.examples import BuildExamples
-from transforms.featureset import FeatureSetError, ReferenceTable
+from transforms.featureset import FeatureSetError, Field, ReferenceTable
 from transforms.flights import DEST_AIRPORTS, FLIGHTS, PLANES, REFERENCE_TABLES, WEATHER_AT_ORIGIN
+from transforms.records import TracedRecord
 from transforms.reference import (
     DEAD,
     BuildReferenceIndex,
@@ -26,9 +30,11 @@ from transforms.reference import (
     _BuildIndex,
     join_reference_columns,
     join_references,
+    reference_row_validator,
+    row_as_of,
     rows_feature_set,
 )
-from transforms.validation import RecordValidator
+from transforms.validation import ValidateRecordsFn, ms_to_datetime
 
 HOUR_MS = 3_600_000
 FS = replace(
@@ -43,12 +49,19 @@ FS = replace(
 def table_rows(table: ReferenceTable) -> tuple[dict, ...]:
     """The bundled table's rows, typed by the table's own schema."""
     data, _ = read_csv_table(_read_bytes(table.resolve_default_input()))
-    validator = RecordValidator(rows_feature_set(table))
+    validator = reference_row_validator(table)
     return tuple(validator.validate(row) for row in data.to_pylist())
 
 
+def traced(rows) -> list[TracedRecord]:
+    """Typed rows as ValidateReferenceRows hands them on (the row itself as its original)."""
+    return [TracedRecord(row, row, None) for row in rows]
+
+
 def index_of(table: ReferenceTable, rows) -> dict:
-    (index,) = [x for x in _BuildIndex(table).process(list(rows)) if isinstance(x, ReferenceIndex)]
+    (index,) = [
+        x for x in _BuildIndex(table).process(traced(rows)) if isinstance(x, ReferenceIndex)
+    ]
     return index
 
 
@@ -214,7 +227,7 @@ def test_duplicate_rows_are_dead_letters_and_the_join_runs_in_the_pipeline(fligh
     with TestPipeline(runner="FnApiRunner") as p:
         indexes, dead = {}, []
         for table in FS.references:
-            rows = p | f"Rows{table.name}" >> beam.Create(tables[table.name])
+            rows = p | f"Rows{table.name}" >> beam.Create(traced(tables[table.name]))
             index, letters = rows | f"Index{table.name}" >> BuildReferenceIndex(table)
             indexes[table.name], dead = index, [*dead, letters]
         examples = (
@@ -342,3 +355,124 @@ def test_prepare_train_and_score_join_the_tables_read_from_files(tmp_path, fligh
          "--reference", f"origin_weather={weather_path}", "--start", "2013-02-12T00:00:00Z"]
     )  # fmt: skip
     assert scored["examples_scored"] > 500
+
+
+# --- validity times below the millisecond: never joined before they are valid ----------------
+
+OBSERVATIONS = ReferenceTable(
+    name="obs",
+    key="origin",
+    valid_from="time_hour",
+    availability_delay_s=3600,
+    fields=(Field("temp", "float"),),
+)
+T0_MS = 1_357_041_600_000  # 2013-01-01T12:00:00Z
+D_MS = OBSERVATIONS.availability_delay_ms
+
+
+def _iso_ns(ns: int) -> str:
+    """Epoch nanoseconds as ISO-8601 text with all nine digits."""
+    seconds, fraction = divmod(ns, 10**9)
+    return f"{ms_to_datetime(seconds * 1000).isoformat()[:19]}.{fraction:09d}Z"
+
+
+def _index_of_raw(rows: list[dict], arrow: bool) -> ReferenceIndex:
+    """The batch index of raw rows typed as prepare types them: text through the validator,
+    or an Arrow timestamp[ns] column through the batch reader's conversion."""
+    if arrow:
+        batch = pa.RecordBatch.from_pydict(
+            {
+                "origin": [r["origin"] for r in rows],
+                "time_hour": pa.array([r["ns"] for r in rows], pa.timestamp("ns", tz="UTC")),
+                "temp": [r["temp"] for r in rows],
+            }
+        )
+        fn = ValidateRecordsFn(rows_feature_set(OBSERVATIONS), round_up=("time_hour",), traced=True)
+        fn.setup()
+        typed = list(fn.process(batch))
+    else:
+        validator = reference_row_validator(OBSERVATIONS)
+        typed = traced(
+            validator.validate(
+                {"origin": r["origin"], "time_hour": _iso_ns(r["ns"]), "temp": r["temp"]}
+            )
+            for r in rows
+        )
+    assert all(isinstance(t, TracedRecord) for t in typed) and len(typed) == len(rows)
+    return index_of_traced(OBSERVATIONS, typed)
+
+
+def index_of_traced(table: ReferenceTable, typed: list[TracedRecord]) -> ReferenceIndex:
+    out = list(_BuildIndex(table).process(typed))
+    assert not [x for x in out if not isinstance(x, ReferenceIndex)], "no duplicates expected"
+    (index,) = out
+    return index
+
+
+def _brute_force_temp(rows: list[dict], key: str, t_ms: int) -> float | None:
+    """The rule on exact times: the latest row of the key with valid_from <= t - D_ref."""
+    usable = [r for r in rows if r["origin"] == key and r["ns"] <= (t_ms - D_MS) * 10**6]
+    return max(usable, key=lambda r: r["ns"])["temp"] if usable else None
+
+
+def _joined_temps(index: ReferenceIndex, events: list[tuple[str, int]]) -> list:
+    found = index.rows_as_of(
+        pa.array([k for k, _ in events]), np.array([t for _, t in events]), D_MS
+    )
+    temps = index.rows.column(OBSERVATIONS.columns[0].name).to_pylist()  # obs_temp
+    return [temps[i] if i >= 0 else None for i in found]
+
+
+@pytest.mark.parametrize("arrow", [False, True], ids=["iso_text", "arrow_ns"])
+@pytest.mark.parametrize("offset_ns", [1, 500_000, 999_000, 999_999])
+def test_a_row_valid_a_fraction_of_a_millisecond_after_t_minus_d_is_not_joined(arrow, offset_ns):
+    valid_ns = (T0_MS - D_MS) * 10**6 + offset_ns
+    rows = [{"origin": "JFK", "ns": valid_ns, "temp": 1.0}]
+    index = _index_of_raw(rows, arrow)
+    assert _joined_temps(index, [("JFK", T0_MS), ("JFK", T0_MS + 1)]) == [None, 1.0]
+    per_event = [
+        row_as_of(index.get("JFK"), t, D_MS) for t in (T0_MS, T0_MS + 1)
+    ]  # the per-event form streaming uses
+    assert per_event == [None, (1.0,)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    versions=st.lists(
+        st.tuples(st.sampled_from("AB"), st.integers(-3_000_000, 6_000_000)),
+        min_size=1,
+        max_size=12,
+        unique_by=(lambda v: v, lambda v: (v[0], -(-v[1] // 10**6))),  # one version per ms
+    ),
+    events=st.lists(st.tuples(st.sampled_from("ABC"), st.integers(-4, 8)), min_size=1, max_size=20),
+    arrow=st.booleans(),
+)
+def test_prepare_s_join_equals_a_brute_force_on_exact_times(versions, events, arrow):
+    """Random validity times with parts below the millisecond (nanoseconds, before and after
+    t - D_ref), random event times: the batch join == the rule applied to the exact times."""
+    base_ns = (T0_MS - D_MS) * 10**6
+    rows = [
+        {"origin": key, "ns": base_ns + offset, "temp": float(i)}
+        for i, (key, offset) in enumerate(versions)
+    ]
+    at = [(key, T0_MS + dt_ms) for key, dt_ms in events]
+    index = _index_of_raw(rows, arrow)
+    assert _joined_temps(index, at) == [_brute_force_temp(rows, k, t) for k, t in at]
+
+
+def test_two_versions_in_one_millisecond_are_a_duplicate_with_its_line():
+    """The join compares validity times to the millisecond (rounded up): two versions of a key
+    within one millisecond cannot be told apart, so the second is a dead letter saying so."""
+    validator = reference_row_validator(OBSERVATIONS)
+    raw = [
+        {"origin": "JFK", "time_hour": "2013-01-01T11:00:00.0002Z", "temp": 1.0},
+        {"origin": "JFK", "time_hour": "2013-01-01T11:00:00.0007Z", "temp": 2.0},
+    ]
+    typed = [
+        TracedRecord(validator.validate(dict(r)), f"JFK,{r['time_hour']},{r['temp']}", {"file": "f.csv", "line": i + 2})
+        for i, r in enumerate(raw)
+    ]  # fmt: skip
+    out = list(_BuildIndex(OBSERVATIONS).process(typed))
+    (letter,) = [x.value for x in out if not isinstance(x, ReferenceIndex)]
+    assert letter["reason"] == "duplicate row for origin='JFK' valid from 2013-01-01T11:00:00.001Z"
+    assert letter["record"] == "JFK,2013-01-01T11:00:00.0007Z,2.0" and letter["line"] == 3

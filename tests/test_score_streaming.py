@@ -29,6 +29,7 @@ from models import train
 from models.handler import SkewlessModelHandler, predict, rows_to_feed
 from tests.aggregate_support import write_cells_with_the_aggregate_job
 from tests.flights_data import write_jsonl
+from tests.poison_messages import timestamp_poison
 from tests.test_train import prepared_and_trained
 from transforms.aggregations import attach_aggregates
 from transforms.flights import FLIGHTS
@@ -105,10 +106,21 @@ def _topics(ps) -> dict:
     }
 
 
-def _publish(publisher, topic: str, payloads: list[bytes]) -> None:
-    futures = [publisher.publish(topic, data) for data in payloads]
+def _publish(publisher, topic: str, messages: list) -> None:
+    """Publish raw flights (with their event time attribute, as replay does) or (payload,
+    attributes) pairs, in order."""
+    validator = RecordValidator(FLIGHTS)
+    futures = []
+    for message in messages:
+        if isinstance(message, dict):
+            event_ms = validator.validate(dict(message))[FLIGHTS.event_time]
+            message = (to_message(FLIGHTS, message), {"event_time": str(event_ms)})
+        data, attributes = message
+        futures.append(publisher.publish(topic, data, **attributes))
     for f in futures:
         f.result(timeout=30)
+
+
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +155,12 @@ def both_scorers(trained, pubsub_emulator, bigtable_emulator, tmp_path_factory):
     try:
         wrong_type = dict(to_score[0][1], dep_delay="late", flight=999_001)
         bad = {**BAD_MESSAGES, json.dumps(wrong_type).encode(): ("validate", "'dep_delay' 'late' is not a number")}
-        _publish(ps.publisher(), topics["input"], [to_message(FLIGHTS, r) for _, r in to_score] + list(bad))
+        first_ms, first_raw = to_score[0]
+        messages = [(payload, {"event_time": str(first_ms)}) for payload in bad]
+        for payload, (attributes, stage, reason) in timestamp_poison(first_raw, first_ms).items():
+            bad[payload] = (stage, reason)
+            messages.append((payload, attributes))
+        _publish(ps.publisher(), topics["input"], [r for _, r in to_score] + messages)
         streamed = _wait_for(ps.pull_all, topics["output_sub"], lambda got: len(got) >= len(to_score), 120)
         dead = ps.pull_all(topics["dead_sub"], expect=len(bad), timeout_s=60)
         time.sleep(1)  # anything extra (duplicates) would arrive now
@@ -194,7 +211,9 @@ def test_bad_messages_reach_the_dead_letter_topic_with_stage_and_reason(both_sco
         assert by_payload[payload]["stage"] == stage
         assert reason in by_payload[payload]["reason"], by_payload[payload]
         assert by_payload[payload]["feature_set"] == "flights"
-    assert both_scorers["counters"]["records_rejected"] == len(bad)
+    timestamps = sum(stage == "timestamp" for stage, _ in bad.values())
+    assert both_scorers["counters"]["messages_bad_timestamp"] == timestamps - 1  # 1 disagrees
+    assert both_scorers["counters"]["records_rejected"] == len(bad) - timestamps + 1
 
 
 class _ExplodingHandler(SkewlessModelHandler):
@@ -363,7 +382,7 @@ def test_a_version_published_while_the_job_runs_takes_over_without_a_restart(
     publisher = ps.publisher()
     pull = ps.pull_all
     try:
-        _publish(publisher, topics["input"], [to_message(FLIGHTS, r) for r in before])
+        _publish(publisher, topics["input"], before)
         first = _wait_for(pull, topics["output_sub"], lambda got: len(got) >= len(before), 90)
 
         # A training run publishes version 2 (staging dir + rename) while the job runs.
@@ -374,12 +393,12 @@ def test_a_version_published_while_the_job_runs_takes_over_without_a_restart(
 
         def swapped(got):
             if not any(g["model_version"] == 2 for g in got):
-                _publish(publisher, topics["input"], [to_message(FLIGHTS, probe)])
+                _publish(publisher, topics["input"], [probe])
                 return False
             return True
 
         _wait_for(pull, topics["output_sub"], swapped, 90)
-        _publish(publisher, topics["input"], [to_message(FLIGHTS, r) for r in after])
+        _publish(publisher, topics["input"], after)
         after_keys = {_raw_key(r) for r in after}
         second = _wait_for(
             pull, topics["output_sub"], lambda got: len({_key(g) for g in got} & after_keys) >= len(after), 90

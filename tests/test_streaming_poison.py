@@ -18,6 +18,7 @@ from beam_pipelines.common import metric_counters
 from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
 from beam_pipelines.replay import Heartbeat, publish_events, to_message
 from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
+from tests.poison_messages import timestamp_poison
 from tests.test_aggregate_e2e import HOUR_MS, LATENESS_S
 from transforms.flights import FLIGHTS
 from transforms.validation import to_epoch_ms
@@ -40,7 +41,7 @@ def _poison(events: list, shift: int) -> list[tuple[str, bytes, dict, str, str]]
 
     return [
         ("not JSON", b"{not json", ts, "parse", "not JSON"),
-        ("not UTF-8", b'{"carrier": "\xff\xfe"}', ts, "parse", "not JSON"),
+        ("not UTF-8", b'{"carrier": "\xff\xfe"}', ts, "parse", "not UTF-8: byte 0xff at offset 13"),
         ("not an object", b"[1, 2, 3]", ts, "validate", "expected a JSON object"),
         ("deep nesting", b"[" * 100_000 + b"]" * 100_000, ts, "parse", "RecursionError"),
         ("missing field", record(14, drop="origin"), ts, "validate", "missing required field 'origin'"),
@@ -57,6 +58,13 @@ def _poison(events: list, shift: int) -> list[tuple[str, bytes, dict, str, str]]
         ("garbled timestamp", record(11), {"event_time": "yesterday-ish"}, "timestamp", "neither epoch"),
         ("timestamp overflow", record(12), {"event_time": "99999999999999999999"}, "timestamp", "outside the accepted time range"),
         ("timestamp far future", record(13), {"event_time": str(to_epoch_ms("2300-01-01T00:00:00Z"))}, "timestamp", "outside the accepted time range"),
+        # The same messages the streaming scorer refuses (tests/test_score_streaming.py).
+        *(
+            (f"attribute {reason}", data, attributes, stage, reason)
+            for data, (attributes, stage, reason) in timestamp_poison(
+                events[15][1], events[15][0], shift
+            ).items()
+        ),
     ]  # fmt: skip
 
 
@@ -102,7 +110,7 @@ def test_every_poison_message_is_dead_lettered_once_and_cells_stay_correct(
     for message in dead:
         by_payload.setdefault(message.data, []).append(message)
     for kind, data, _, stage, reason in poison:
-        letters = by_payload.get(data.decode("utf-8", "replace").encode("utf-8"), [])
+        letters = by_payload.get(data, [])  # the very bytes, also of a payload not UTF-8
         assert len(letters) == 1, (kind, len(letters))
         assert letters[0].attributes["stage"] == stage, (kind, letters[0].attributes)
         assert reason in letters[0].attributes["reason"], (kind, letters[0].attributes["reason"])

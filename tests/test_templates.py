@@ -389,7 +389,9 @@ def test_score_batch_run_returns_after_a_dry_run(trained, tmp_path):
 BIGTABLE = {"bigtable_project": "fake-project", "bigtable_instance": "skewless-features", "bigtable_table": "features"}
 # Dataflow's in-place update (--update) maps running steps to new ones by name: these must stay.
 AGGREGATE_STEPS = {"Read", "EventTime", "Validate", "Aggregate", "WriteCells", "AllDeadLetters", "DeadLetters"}
-SCORE_STREAM_STEPS = {"Read", "Payloads", "Validate", "LookupAggregates", "Score", "Write", "AllDeadLetters", "DeadLetters"}
+# (issue 20 renamed the scorer's "Payloads" to "EventTime", the aggregate job's step that reads the
+# timestamp attribute: updating a scorer that predates it needs --transform_name_mapping.)
+SCORE_STREAM_STEPS = {"Read", "EventTime", "Validate", "LookupAggregates", "Score", "Write", "AllDeadLetters", "DeadLetters"}
 
 
 @pytest.mark.timeout(120)

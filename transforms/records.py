@@ -4,7 +4,7 @@ Beam here, so a reader runs in any process."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -42,3 +42,22 @@ class RawBatch(NamedTuple):
     positions: Sequence[int]
     unit: str = "line"
     texts: tuple | None = None
+
+
+class TracedRecord(NamedTuple):
+    """A valid, typed record with what its dead letter must keep should a later step reject
+    it (a duplicate reference row): the original (the file's text of the row where the reader
+    kept it, else the raw record) and where it came from ({"file", "line"} or {"file", "row"})."""
+
+    record: dict
+    original: Any
+    origin: dict | None
+
+
+class StampedPayload(NamedTuple):
+    """A Pub/Sub message's payload with the event time its timestamp attribute carries (epoch
+    ms). The streaming jobs stamp elements with the attribute; validation checks that the
+    payload's own event time is the same, so the two cannot disagree silently."""
+
+    data: bytes
+    event_ms: int

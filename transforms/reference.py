@@ -32,7 +32,13 @@ from apache_beam.pvalue import TaggedOutput
 from transforms.example_schema import arrow_schema
 from transforms.featureset import FeatureSet, Field, ReferenceTable
 from transforms.partials import NAMESPACE, entity_value
-from transforms.validation import dead_letter
+from transforms.records import TracedRecord
+from transforms.validation import (
+    RecordValidator,
+    ValidateRecords,
+    dead_letter,
+    ms_to_datetime,
+)
 
 DEAD = "dead"
 STATIC_VALID_FROM = "valid_from"  # the derived validity time of a static table's rows: 0
@@ -63,6 +69,36 @@ def rows_feature_set(table: ReferenceTable) -> FeatureSet:
     )
 
 
+def validity_fields(table: ReferenceTable) -> tuple[str, ...]:
+    """The table's validity time, rounded up to the millisecond when typed (an event time is
+    rounded down), so `valid_from <= t - D_ref` on the typed values equals the comparison of
+    the exact times: a row is never joined before it is valid (validation.to_epoch_ms)."""
+    return (table.valid_from,) if table.valid_from is not None else ()
+
+
+def reference_row_validator(table: ReferenceTable) -> RecordValidator:
+    """The validator of one table's rows (the rule of ValidateReferenceRows, in one process)."""
+    return RecordValidator(rows_feature_set(table), round_up=validity_fields(table))
+
+
+class ValidateReferenceRows(beam.PTransform):
+    """A table's raw rows -> (TracedRecords of the valid rows, dead letters): validated as a
+    feature set of their own (counters `reference_<name>_rows_*`), the validity time rounded
+    up, each row keeping its original text and location for a duplicate's dead letter."""
+
+    def __init__(self, table: ReferenceTable):
+        super().__init__()
+        self.table = table
+
+    def expand(self, raw):
+        return raw | ValidateRecords(
+            rows_feature_set(self.table),
+            counters=f"reference_{self.table.name}_rows",
+            round_up=validity_fields(self.table),
+            traced=True,
+        )
+
+
 def row_as_of(entry: tuple[list, list] | None, t: int, delay_ms: int) -> tuple | None:
     """The row valid for an event at t: the latest with valid_from <= t - D_ref, or None.
 
@@ -81,12 +117,18 @@ def duplicate_order(table: ReferenceTable, row: dict) -> tuple:
     return tuple(str(row.get(f.name)) for f in table.fields)
 
 
-def duplicate_letter(table: ReferenceTable, key: str, valid_from: int, row: dict) -> dict:
-    """The dead letter of a row that repeats a key (and valid_from) of its table."""
+def duplicate_letter(table: ReferenceTable, key: str, valid_from: int, row: TracedRecord) -> dict:
+    """The dead letter of a row that repeats a key (and valid_from) of its table: its original
+    text and location, as every other dead letter."""
     reason = f"duplicate row for {table.table_key}={key!r}" + (
-        f" valid from {valid_from}" if table.valid_from else ""
+        f" valid from {iso_time(valid_from)}" if table.valid_from else ""
     )
-    return dead_letter("reference", reason, row, f"reference:{table.name}")
+    return dead_letter("reference", reason, row.original, f"reference:{table.name}", row.origin)
+
+
+def iso_time(ms: int) -> str:
+    """Epoch ms as ISO-8601 UTC text with milliseconds: 2013-01-05T10:00:00.000Z."""
+    return ms_to_datetime(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ReferenceIndex:
@@ -138,22 +180,23 @@ class ReferenceIndex:
 
 
 class _BuildIndex(beam.DoFn):
-    """All typed rows of a table (one list) -> its ReferenceIndex; a second row for the same
-    key and validity time -> dead letter (the first by value order is kept)."""
+    """All typed rows of a table (one list of TracedRecords) -> its ReferenceIndex; a second
+    row for the same key and validity time -> dead letter (the first by value order is kept)."""
 
     def __init__(self, table: ReferenceTable):
         self.table = table
 
-    def process(self, rows: list[dict]) -> Iterator:
+    def process(self, traced: list[TracedRecord]) -> Iterator:
         table = self.table
         time_field = table.valid_from or STATIC_VALID_FROM
         by_key: dict[str, dict[int, dict]] = {}
-        for row in sorted(rows, key=lambda r: duplicate_order(table, r)):
+        for item in sorted(traced, key=lambda r: duplicate_order(table, r.record)):
+            row = item.record
             key = entity_value(row[table.table_key])
             versions = by_key.setdefault(key, {})
             valid_from = row[time_field]
             if valid_from in versions:
-                yield TaggedOutput(DEAD, duplicate_letter(table, key, valid_from, row))
+                yield TaggedOutput(DEAD, duplicate_letter(table, key, valid_from, item))
                 continue
             versions[valid_from] = row
         keys, starts, times, ordered = sorted(by_key), [], [], []
@@ -173,7 +216,8 @@ class _BuildIndex(beam.DoFn):
 
 
 class BuildReferenceIndex(beam.PTransform):
-    """Typed table rows -> (a one-element PCollection: the ReferenceIndex, duplicate letters)."""
+    """TracedRecords of a table's rows (ValidateReferenceRows) -> (a one-element PCollection:
+    the ReferenceIndex, duplicate letters)."""
 
     def __init__(self, table: ReferenceTable):
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import decimal
 import json
@@ -18,7 +19,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from transforms.featureset import FeatureSet
-from transforms.records import RawBatch, RawLine, UnparseableRow
+from transforms.records import RawBatch, RawLine, StampedPayload, TracedRecord, UnparseableRow
 
 VALID = "valid"
 DEAD = "dead"
@@ -55,9 +56,21 @@ def dead_letter(
         "feature_set": feature_set,
         "record": _jsonable(record),
     }
+    if isinstance(record, bytes) and not _is_utf8(record):
+        # Bytes that are not text are kept exactly, as base64, not re-encoded with U+FFFD.
+        letter["record"] = base64.b64encode(record).decode("ascii")
+        letter["record_encoding"] = "base64"
     if origin:
         letter.update(origin)
     return letter
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _jsonable(value: Any) -> Any:
@@ -159,10 +172,20 @@ def _check_utf8(text: str) -> None:
 
 
 _NUMBER_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# The fraction of an ISO-8601 time past the microsecond, which datetime.fromisoformat drops.
+_SUB_MICROSECOND = re.compile(r"[.,]\d{6}(\d+)")
+
+# Timestamps become epoch milliseconds. An event time is rounded down (floor): every window
+# bound, period and delay is a whole number of milliseconds, so the window an event falls in
+# is the same as for its exact time. A validity time (a reference row's valid_from) is
+# rounded up: `valid_from <= t - D` then holds for the rounded value exactly when it holds for
+# the exact one, so a row is never joined before it is valid, at any precision the input
+# carries (docs/architecture.md, "Reference tables"). The parsers below give the floor and
+# whether a nonzero part below the millisecond was dropped; `to_epoch_ms` applies the rule.
 
 
 @lru_cache(maxsize=65536)
-def _parse_timestamp_text(text: str) -> int:
+def _parse_timestamp_text(text: str) -> tuple[int, bool]:
     # Timestamps repeat a lot in real data (hours, dates): the cache makes parsing nearly free.
     stripped = text.strip()
     if _NUMBER_TEXT.fullmatch(stripped):
@@ -170,43 +193,64 @@ def _parse_timestamp_text(text: str) -> int:
         # (ISO-8601's basic form 20130101 is taken as epoch seconds too: one rule for digits.)
         digits = stripped.lstrip("+-")
         if digits.isdigit() and len(digits) <= 18:  # exact, no float rounding
-            return _epoch_seconds_to_ms(int(stripped))
-        return _epoch_seconds_to_ms(float(stripped))
+            return int(stripped) * 1000, False
+        try:
+            millis = decimal.Decimal(stripped) * 1000
+            floor = int(millis.to_integral_value(rounding=decimal.ROUND_FLOOR))
+        except (decimal.InvalidOperation, OverflowError):
+            raise InvalidRecord(f"{text!r} is not a timestamp") from None
+        return floor, millis != floor
     try:
         parsed = dt.datetime.fromisoformat(stripped)
     except ValueError:
         raise InvalidRecord(f"{text!r} is not an ISO-8601 timestamp or epoch seconds") from None
-    return _datetime_to_ms(parsed)
+    floor, below = _datetime_ms(parsed)
+    beyond = _SUB_MICROSECOND.search(stripped)
+    return floor, below or bool(beyond and beyond.group(1).strip("0"))
 
 
-def _epoch_seconds_to_ms(seconds: float | int) -> int:
-    if isinstance(seconds, float) and not math.isfinite(seconds):
-        raise InvalidRecord(f"{seconds!r} is not a timestamp")
+def _epoch_seconds_ms(seconds: float | int) -> tuple[int, bool]:
     if isinstance(seconds, int):
-        return seconds * 1000
-    return int(round(seconds * 1000))
+        return seconds * 1000, False
+    if not math.isfinite(seconds):
+        raise InvalidRecord(f"{seconds!r} is not a timestamp")
+    # A float carries about 16 significant digits, i.e. microseconds for epoch seconds of
+    # today: rounded to the microsecond first, so 1357016400.123 is 123 ms, not 122.999...
+    micros = round(seconds * 1_000_000)
+    return micros // 1000, micros % 1000 != 0
 
 
-def _datetime_to_ms(value: dt.datetime) -> int:
+def _datetime_ms(value: dt.datetime) -> tuple[int, bool]:
     if value.tzinfo is None:  # naive timestamps are UTC by contract (documented in the README)
         value = value.replace(tzinfo=_UTC)
     delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    floor = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    return floor, delta.microseconds % 1000 != 0
 
 
-def to_epoch_ms(value: Any) -> int:
-    """Timestamp -> epoch ms. Accepts ISO-8601 text, datetime, or a number of epoch seconds."""
+def _epoch_seconds_to_ms(seconds: float | int, round_up: bool = False) -> int:
+    floor, below = _epoch_seconds_ms(seconds)
+    return floor + (round_up and below)
+
+
+def to_epoch_ms(value: Any, round_up: bool = False) -> int:
+    """Timestamp -> epoch ms. Accepts ISO-8601 text, datetime, or a number of epoch seconds.
+
+    Rounded down (an event time), or up with `round_up` (a validity time), at any precision
+    the value carries."""
     if isinstance(value, str):
-        return _parse_timestamp_text(value)
-    if isinstance(value, dt.datetime):
-        return _datetime_to_ms(value)
-    if isinstance(value, bool):
+        floor, below = _parse_timestamp_text(value)
+    elif isinstance(value, dt.datetime):
+        floor, below = _datetime_ms(value)
+    elif isinstance(value, bool):
         raise InvalidRecord("is a boolean, expected a timestamp")
-    if isinstance(value, (int, float)):
-        return _epoch_seconds_to_ms(value)
-    if isinstance(value, dt.date):
-        return _datetime_to_ms(dt.datetime(value.year, value.month, value.day))
-    raise InvalidRecord(f"has type {type(value).__name__}, expected a timestamp")
+    elif isinstance(value, (int, float)):
+        floor, below = _epoch_seconds_ms(value)
+    elif isinstance(value, dt.date):
+        floor, below = _datetime_ms(dt.datetime(value.year, value.month, value.day))
+    else:
+        raise InvalidRecord(f"has type {type(value).__name__}, expected a timestamp")
+    return floor + (round_up and below)
 
 
 def ms_to_datetime(ms: int) -> dt.datetime:
@@ -236,8 +280,11 @@ class RecordValidator:
     MAX_KEY_BYTES bytes. NaN is never taken for null.
     """
 
-    def __init__(self, fs: FeatureSet):
+    def __init__(self, fs: FeatureSet, round_up: Iterable[str] = ()):
+        """`round_up`: timestamp fields that are validity times, rounded up to the millisecond
+        (every other timestamp is rounded down; see `to_epoch_ms`)."""
         self.fs = fs
+        self.round_up = frozenset(round_up)
         non_finite_ok = frozenset(fs.allow_non_finite)
         start, end = fs.timestamp_range
         self.timestamp_range = (str(start), str(end))
@@ -251,6 +298,7 @@ class RecordValidator:
                 f.min_value,
                 f.max_value,
                 f.name in non_finite_ok,
+                f.name in self.round_up,
             )
             for f in fs.schema
         ]
@@ -269,7 +317,7 @@ class RecordValidator:
         ts_lo, ts_hi = self._ts_lo, self._ts_hi
         # The common cases (values already of their type, as Arrow and JSON give them) are
         # handled inline: this loop runs for every field of every record of every job.
-        for name, kind, coerce, nullable, lo, hi, non_finite_ok in self._plan:
+        for name, kind, coerce, nullable, lo, hi, non_finite_ok, up in self._plan:
             value = raw.get(name)
             t = type(value)
             if value is None or (t is str and kind != "string" and value == ""):
@@ -291,12 +339,12 @@ class RecordValidator:
             elif (
                 kind == "timestamp"
                 and t is float
-                and value == value
-                and ts_lo <= (ms := int(round(value * 1000))) < ts_hi
+                and -1e12 < value < 1e12  # NaN fails the comparison and takes the slow path
+                and ts_lo <= (ms := _epoch_seconds_to_ms(value, up)) < ts_hi
             ):
                 value = ms  # epoch seconds, as Arrow timestamps reach here
             else:
-                value = self._coerce(name, kind, coerce, value, non_finite_ok)
+                value = self._coerce(name, kind, coerce, value, non_finite_ok, up)
             if lo is not None and value < lo:
                 raise InvalidRecord(f"field {name!r} = {value!r} is below the minimum {lo!r}")
             if hi is not None and value > hi:
@@ -304,7 +352,15 @@ class RecordValidator:
             out[name] = value
         return out
 
-    def _coerce(self, name: str, kind: str, coerce, original: Any, non_finite_ok: bool = False):
+    def _coerce(
+        self,
+        name: str,
+        kind: str,
+        coerce,
+        original: Any,
+        non_finite_ok: bool = False,
+        round_up: bool = False,
+    ):
         """The value of one field as its type, or InvalidRecord naming the field."""
         value = original
         try:
@@ -324,10 +380,7 @@ class RecordValidator:
                 if not INT64_MIN <= value <= INT64_MAX:
                     raise InvalidRecord(f"{original!r} is outside the 64-bit integer range")
             elif kind == "timestamp":
-                if type(value) in (int, float):
-                    value = _epoch_seconds_to_ms(value)
-                else:
-                    value = coerce(value)
+                value = to_epoch_ms(value, round_up)
                 if not self._ts_lo <= value < self._ts_hi:
                     raise InvalidRecord(
                         f"{original!r} is outside the accepted time range "
@@ -385,9 +438,16 @@ class RecordValidator:
 
 def parse_json_payload(payload: str | bytes) -> Any:
     """JSON text (a Pub/Sub message, a JSON-lines row) -> value; InvalidRecord if unparseable."""
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRecord(
+                f"not UTF-8: byte 0x{payload[exc.start]:02x} at offset {exc.start}"
+            ) from None
     try:
         return json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise InvalidRecord(f"not JSON: {exc}") from None
 
 
@@ -406,24 +466,30 @@ def origin_of(where: Where | None) -> dict | None:
     return out or None
 
 
-def iter_raw_records(element: Any) -> Iterator[tuple[str, Any, Where | None]]:
+def iter_raw_records(
+    element: Any, round_up: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, Any, Where | None]]:
     """Flatten what a source emits into (stage, raw record, where it came from) triples.
 
     Sources emit RecordBatches (plain or as RawBatch with positions), dicts, JSON text (plain
-    or as RawLine) and UnparseableRows.
+    or as RawLine) and UnparseableRows. `round_up`: timestamp columns of a batch rounded up to
+    the millisecond (validity times), the others down.
     """
     if isinstance(element, RawBatch):
         file, unit, positions = element.file, element.unit, element.positions
         positions = positions.tolist() if hasattr(positions, "tolist") else positions
         originals = _row_texts(element.texts, len(positions))
         for row, position, original in zip(
-            _rows_or_unparseable(element.batch), positions, originals, strict=True
+            _rows_or_unparseable(element.batch, round_up), positions, originals, strict=True
         ):
             stage = "parse" if type(row) is UnparseableRow else "validate"
             yield stage, row, (file, unit, position, original)
         return
     if isinstance(element, RawLine):
         yield "parse", element.text, (element.file, "line", element.line)
+        return
+    if isinstance(element, StampedPayload):
+        yield "parse", element.data, None
         return
     if isinstance(element, UnparseableRow):
         where = (element.file, "line", element.line) if element.file or element.line else None
@@ -433,7 +499,7 @@ def iter_raw_records(element: Any) -> Iterator[tuple[str, Any, Where | None]]:
         yield "parse", element, None
         return
     if isinstance(element, pa.RecordBatch):
-        for row in _rows_or_unparseable(element):
+        for row in _rows_or_unparseable(element, round_up):
             yield ("parse" if isinstance(row, UnparseableRow) else "validate"), row, None
         return
     yield "validate", element, None
@@ -450,33 +516,37 @@ def _row_texts(texts: tuple | None, n: int) -> list:
     return out
 
 
-def _batch_rows(batch: pa.RecordBatch) -> list[dict]:
+def _batch_rows(batch: pa.RecordBatch, round_up: frozenset[str] = frozenset()) -> list[dict]:
     # Timestamp and date columns become epoch seconds: converting them to datetime objects row
     # by row costs more than all the validation (to_epoch_ms takes numbers as epoch seconds),
     # and Python's datetime cannot even hold the years past 9999 a corrupt file may carry.
     columns = []
-    for column in batch.columns:
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
         if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
             if pa.types.is_date(column.type):
                 column = column.cast(pa.timestamp("s"))
-            # safe=False: sub-millisecond digits are dropped, as for ISO text
-            millis = column.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64())
+            # Whole milliseconds by the rule of to_epoch_ms (down; up for a validity time),
+            # toward minus infinity for the times before 1970 too.
+            to_ms = pc.ceil_temporal if name in round_up else pc.floor_temporal
+            millis = to_ms(column, unit="millisecond").cast(pa.timestamp("ms")).cast(pa.int64())
             column = pc.divide(millis.cast(pa.float64()), 1000.0)
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names).to_pylist()
 
 
-def _rows_or_unparseable(batch: pa.RecordBatch) -> Iterator[dict | UnparseableRow]:
+def _rows_or_unparseable(
+    batch: pa.RecordBatch, round_up: frozenset[str] = frozenset()
+) -> Iterator[dict | UnparseableRow]:
     """Rows of a batch as dicts; a row Python cannot represent becomes an UnparseableRow."""
     try:
-        yield from _batch_rows(batch)
+        yield from _batch_rows(batch, round_up)
         return
     except (pa.ArrowException, ValueError, OverflowError):
         pass
     for i in range(batch.num_rows):
         row = batch.slice(i, 1)
         try:
-            yield _batch_rows(row)[0]
+            yield _batch_rows(row, round_up)[0]
         except (pa.ArrowException, ValueError, OverflowError) as exc:
             yield UnparseableRow(repr(row.to_pydict())[:2000], f"row cannot be read: {exc}")
 
@@ -488,18 +558,40 @@ def _original(raw: Any, where: Where | None) -> Any:
     return raw
 
 
+def check_stamp(fs: FeatureSet, event: dict, stamped_ms: int) -> None:
+    """A message's timestamp attribute must carry its payload's event time: the attribute
+    drives the watermark and the lateness of the streaming jobs, the payload the windows and
+    the as-of time, and both jobs must read the same instant off the same message."""
+    if event[fs.event_time] != stamped_ms:
+        raise InvalidRecord(
+            f"the timestamp attribute says {ms_to_datetime(stamped_ms).isoformat()} "
+            f"({stamped_ms} ms) but the payload's event time {fs.event_time!r} is "
+            f"{ms_to_datetime(event[fs.event_time]).isoformat()} ({event[fs.event_time]} ms)"
+        )
+
+
 class ValidateRecordsFn(beam.DoFn):
     """Raw element(s) -> typed events on the main output, dead letters on `dead`.
 
-    Counts every record read, valid, rejected and valid-but-not-an-event.
+    Counts every record read, valid, rejected and valid-but-not-an-event. `round_up`: the
+    validity-time fields (RecordValidator); `traced`: valid records come as TracedRecords,
+    keeping their original and origin for a later step's dead letter.
     """
 
-    def __init__(self, fs: FeatureSet, counters: str = "records"):
+    def __init__(
+        self,
+        fs: FeatureSet,
+        counters: str = "records",
+        round_up: Iterable[str] = (),
+        traced: bool = False,
+    ):
         self.fs = fs
         self.counters = counters
+        self.round_up = frozenset(round_up)
+        self.traced = traced
 
     def setup(self) -> None:
-        self._validator = RecordValidator(self.fs)
+        self._validator = RecordValidator(self.fs, self.round_up)
         prefix = self.counters
         self._read = Metrics.counter(NAMESPACE, f"{prefix}_read")
         self._valid = Metrics.counter(NAMESPACE, f"{prefix}_valid")
@@ -510,7 +602,8 @@ class ValidateRecordsFn(beam.DoFn):
         validator = self._validator
         name = self.fs.name
         read = valid = rejected = not_events = 0
-        for stage, raw, where in iter_raw_records(element):
+        stamped = element.event_ms if type(element) is StampedPayload else None
+        for stage, raw, where in iter_raw_records(element, self.round_up):
             read += 1
             try:
                 record = raw
@@ -522,6 +615,9 @@ class ValidateRecordsFn(beam.DoFn):
                 record = validator.typed(record)
                 stage = "derive"
                 event = validator.derive(record)
+                if stamped is not None and event is not None:
+                    stage = "timestamp"
+                    check_stamp(self.fs, event, stamped)
             except InvalidRecord as exc:
                 rejected += 1
                 original = _original(raw, where)
@@ -541,7 +637,7 @@ class ValidateRecordsFn(beam.DoFn):
                 not_events += 1
                 continue
             valid += 1
-            yield event
+            yield TracedRecord(event, _original(raw, where), origin_of(where)) if self.traced else event
         self._read.inc(read)
         self._valid.inc(valid)
         self._rejected.inc(rejected)
@@ -550,15 +646,24 @@ class ValidateRecordsFn(beam.DoFn):
 
 class ValidateRecords(beam.PTransform):
     """PCollection of raw elements -> (events, dead letters). Used by every job; `counters`
-    names the counters (`records_read`, ...; a reference table's rows count apart)."""
+    names the counters (`records_read`, ...; a reference table's rows count apart);
+    `round_up` and `traced` as ValidateRecordsFn's."""
 
-    def __init__(self, fs: FeatureSet, counters: str = "records"):
+    def __init__(
+        self,
+        fs: FeatureSet,
+        counters: str = "records",
+        round_up: Iterable[str] = (),
+        traced: bool = False,
+    ):
         super().__init__()
         self.fs = fs
         self.counters = counters
+        self.round_up = tuple(round_up)
+        self.traced = traced
 
     def expand(self, pcoll):
         results = pcoll | "ValidateAndDerive" >> beam.ParDo(
-            ValidateRecordsFn(self.fs, self.counters)
+            ValidateRecordsFn(self.fs, self.counters, self.round_up, self.traced)
         ).with_outputs(DEAD, main=VALID)
         return results[VALID], results[DEAD]

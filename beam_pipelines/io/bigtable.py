@@ -149,11 +149,14 @@ def gc_rule(max_age_s: int):
 
 
 def reference_gc_rules(fs: FeatureSet, retention_s: int) -> dict:
-    """{family: GC rule} of the feature set's reference families: `{fs}_ref` keeps every
-    version up to `retention_s` old (counted from the cell timestamp, valid_from; no version
-    limit, so an as-of read finds the row valid at any t within the retention); `{fs}_static`
-    keeps one version and no age limit (its cells are stamped 0: an age limit would delete
-    them at once)."""
+    """{family: GC rule} of the feature set's reference families.
+
+    `{fs}_ref`: a cell is collected only when it is older than `retention_s` (counted from its
+    timestamp, valid_from) AND not the newest version of its column. The intersection keeps
+    the row that is still valid, however long ago it became valid (a plane's seat count set in
+    2001), so serving never sees null where the batch join finds the row; older versions, which
+    only events older than the retention need, are collected. `{fs}_static`: one version and no
+    age limit (its cells are stamped 0: an age limit would delete them at once)."""
     from google.cloud.bigtable import column_family
 
     rules = {}
@@ -162,8 +165,54 @@ def reference_gc_rules(fs: FeatureSet, retention_s: int) -> dict:
         if table.valid_from is None:
             rules[family] = column_family.MaxVersionsGCRule(1)
         else:
-            rules[family] = column_family.MaxAgeGCRule(dt.timedelta(seconds=retention_s))
+            rules[family] = column_family.GCRuleIntersection(
+                [
+                    column_family.MaxAgeGCRule(dt.timedelta(seconds=retention_s)),
+                    column_family.MaxVersionsGCRule(1),
+                ]
+            )
     return rules
+
+
+def gc_max_age_s(rule) -> float | None:
+    """The max age of a GC rule in seconds (the first max-age part of a union or intersection);
+    None when the rule has none (cells never expire by age)."""
+    if rule is None:
+        return None
+    max_age = getattr(rule, "max_age", None)
+    if max_age is not None:
+        return max_age.total_seconds()
+    for part in getattr(rule, "rules", ()):
+        found = gc_max_age_s(part)
+        if found is not None:
+            return found
+    return None
+
+
+def describe_gc_rule(rule) -> str:
+    """What a GC rule collects, in words: 'age > 90000 s or beyond 1 version'."""
+    from google.cloud.bigtable import column_family
+
+    if rule is None:
+        return "nothing"
+    if isinstance(rule, column_family.MaxAgeGCRule):
+        seconds = rule.max_age.total_seconds()
+        return f"age > {int(seconds) if seconds.is_integer() else seconds} s"
+    if isinstance(rule, column_family.MaxVersionsGCRule):
+        return f"beyond {rule.max_num_versions} version{'s' if rule.max_num_versions != 1 else ''}"
+    joiner = " or " if isinstance(rule, column_family.GCRuleUnion) else " and "
+    return joiner.join(describe_gc_rule(part) for part in rule.rules)
+
+
+def with_max_age(rule, max_age_s: float):
+    """The same rule with its max-age part(s) set to `max_age_s`."""
+    from google.cloud.bigtable import column_family
+
+    if isinstance(rule, column_family.MaxAgeGCRule):
+        return column_family.MaxAgeGCRule(dt.timedelta(seconds=max_age_s))
+    if isinstance(rule, (column_family.GCRuleUnion, column_family.GCRuleIntersection)):
+        return type(rule)([with_max_age(part, max_age_s) for part in rule.rules])
+    return rule
 
 
 def check_table(project: str, instance: str, table_id: str, family: str | Iterable[str]) -> None:
@@ -378,17 +427,25 @@ class WriteCells(beam.PTransform):
 
 
 def valid_from_ms(table: ReferenceTable, row: dict) -> int:
-    """The cell timestamp of a typed table row: its valid_from (epoch ms), 0 for a static table."""
+    """A typed table row's valid_from (epoch ms), 0 for a static table."""
     return int(row[table.valid_from]) if table.valid_from is not None else 0
+
+
+def cell_timestamp_ms(valid_from: int) -> int:
+    """The Bigtable cell timestamp of a version valid from `valid_from` ms: itself, and 0 for a
+    time before 1970 (Bigtable holds no negative timestamp): a version stamped 0 is valid at
+    or before 1970-01-01, which answers every as-of time from 1970 on. publish-reference
+    writes only the latest of a key's pre-1970 versions."""
+    return max(valid_from, 0)
 
 
 def reference_row(bt_table, fs: FeatureSet, table: ReferenceTable, row: dict):
     """One DirectRow setting every declared field of a typed table row (a null as JSON null)
-    at timestamp valid_from (static: 0), in the table's reference family."""
+    at timestamp valid_from (static: 0; before 1970: 0), in the table's reference family."""
     key = reference_row_key(table, entity_value(row[table.table_key]))
     out = bt_table.direct_row(key.encode("utf-8"))
     family = reference_family(fs, table)
-    stamp = window_end_timestamp(valid_from_ms(table, row))
+    stamp = window_end_timestamp(cell_timestamp_ms(valid_from_ms(table, row)))
     for field in table.fields:
         value = encode_value(row.get(field.name))
         out.set_cell(family, field.name.encode("utf-8"), value, timestamp=stamp)

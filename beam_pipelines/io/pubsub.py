@@ -8,18 +8,26 @@ RFC 3339 text, the two formats Beam and Dataflow accept. Where it is parsed is a
   (the job stops) and Dataflow retries the message for ever, so it is never dead-lettered.
 - `source_timestamps=False` (the default except on Dataflow, see aggregate.py): the source
   stamps messages with their publish time and ParseMessages parses the attribute, dead-letters
-  a missing or garbled one and re-stamps the rest with their event time. The watermark then
-  follows publish time (local runner: wall clock), which is later than event time: the
-  allowed lateness must cover the publishing delay.
+  a missing or garbled one and re-stamps the rest with their event time. On Dataflow the
+  watermark then follows publish time, which is later than event time: the allowed lateness
+  must cover the publishing delay. (The local runner's patched source stamps event time and
+  its watermark follows the attribute either way: local_runner.py.)
 
-Either way ParseMessages checks the attribute, so a missing one is always dead-lettered.
+Either way ParseMessages checks the attribute, so a missing one is always dead-lettered, and
+hands each payload on with the attribute's time (StampedPayload): validation dead-letters a
+message whose payload's event time differs from its attribute (stage `timestamp`). Both
+streaming jobs (aggregate, score --streaming) read messages this way, so they accept and
+reject the same messages for the same reasons. The accepted times are the feature set's
+`timestamp_range` from 1970 on: Bigtable, the online store, has no timestamp before 1970.
 Messages carrying the heartbeat attribute (published by `skewless replay` to keep the local
 runner's watermark moving) are counted and dropped.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -30,7 +38,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import window
 
-from transforms.featureset import DEFAULT_TIMESTAMP_RANGE
+from transforms.featureset import DEFAULT_TIMESTAMP_RANGE, FeatureSet
+from transforms.records import StampedPayload
 from transforms.validation import dead_letter, to_epoch_ms
 
 NAMESPACE = "skewless"
@@ -39,7 +48,17 @@ DEFAULT_TIMESTAMP_ATTRIBUTE = "event_time"
 MAX_ATTRIBUTE_BYTES = 1024  # Pub/Sub's limit for one attribute value
 DEAD = "dead"
 LOG = logging.getLogger("skewless.pubsub")
-_RANGE_MS = tuple(to_epoch_ms(t) for t in DEFAULT_TIMESTAMP_RANGE)
+ONLINE_STORE_START = "1970-01-01T00:00:00+00:00"  # Bigtable holds no earlier timestamp
+
+
+def streaming_time_range(fs: FeatureSet | None = None) -> tuple[str, str]:
+    """The event times a streaming job accepts: the feature set's range (default
+    DEFAULT_TIMESTAMP_RANGE), from 1970 on."""
+    start, end = fs.timestamp_range if fs is not None else DEFAULT_TIMESTAMP_RANGE
+    return max(str(start), ONLINE_STORE_START, key=to_epoch_ms), str(end)
+
+
+_RANGE = streaming_time_range()
 
 
 class EventTimeOptions(PipelineOptions):
@@ -58,12 +77,13 @@ class BadTimestamp(ValueError):
     pass
 
 
-def parse_timestamp_attribute(text: str | None) -> int:
+def parse_timestamp_attribute(text: str | None, time_range: tuple[str, str] = _RANGE) -> int:
     """Attribute value -> epoch ms. Accepts integer epoch ms or RFC 3339 text (with a zone).
 
-    Times outside the accepted range (featureset.DEFAULT_TIMESTAMP_RANGE) are BadTimestamp:
-    a garbled attribute must never become an element timestamp or a watermark Beam cannot
-    encode (a bundle that fails is retried for ever on a streaming runner).
+    Times outside `time_range` (`streaming_time_range(fs)`; default: the default timestamp
+    range from 1970) are BadTimestamp: a garbled attribute must never become an element
+    timestamp or a watermark Beam cannot encode (a bundle that fails is retried for ever on a
+    streaming runner).
     """
     if text is None or not text.strip():
         raise BadTimestamp("missing")
@@ -79,24 +99,29 @@ def parse_timestamp_attribute(text: str | None) -> int:
             raise BadTimestamp(f"{text[:80]!r} has no time zone (RFC 3339 needs one)")
         delta = parsed - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
         ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-    if not _RANGE_MS[0] <= ms < _RANGE_MS[1]:
+    if not _range_ms(time_range)[0] <= ms < _range_ms(time_range)[1]:
         raise BadTimestamp(
-            f"{text[:80]!r} is outside the accepted time range "
-            f"[{DEFAULT_TIMESTAMP_RANGE[0]}, {DEFAULT_TIMESTAMP_RANGE[1]})"
+            f"{text[:80]!r} is outside the accepted time range [{time_range[0]}, {time_range[1]})"
         )
     return ms
 
 
+@functools.cache
+def _range_ms(time_range: tuple[str, str]) -> tuple[int, int]:
+    return to_epoch_ms(time_range[0]), to_epoch_ms(time_range[1])
+
+
 class _ParseMessages(beam.DoFn):
-    """PubsubMessage -> payload stamped with its event time; bad timestamps -> dead letters.
+    """PubsubMessage -> StampedPayload at its event time; bad timestamps -> dead letters.
 
     Nothing a message carries can fail the bundle (which a streaming runner would retry for
     ever): anything unexpected is the message's dead letter, written once.
     """
 
-    def __init__(self, timestamp_attribute: str, feature_set: str):
+    def __init__(self, timestamp_attribute: str, fs: FeatureSet):
         self.timestamp_attribute = timestamp_attribute
-        self.feature_set = feature_set
+        self.feature_set = fs.name
+        self.time_range = streaming_time_range(fs)
 
     def setup(self) -> None:
         self._read = Metrics.counter(NAMESPACE, "messages_read")
@@ -117,7 +142,9 @@ class _ParseMessages(beam.DoFn):
             return
         self._read.inc()
         try:
-            event_ms = parse_timestamp_attribute(attributes.get(self.timestamp_attribute))
+            event_ms = parse_timestamp_attribute(
+                attributes.get(self.timestamp_attribute), self.time_range
+            )
         except BadTimestamp as exc:
             self._bad.inc()
             reason = f"timestamp attribute {self.timestamp_attribute!r}: {exc}"
@@ -128,20 +155,20 @@ class _ParseMessages(beam.DoFn):
             reason = f"timestamp attribute {self.timestamp_attribute!r}: {type(exc).__name__}: {exc}"
             yield TaggedOutput(DEAD, dead_letter("timestamp", reason, data, self.feature_set))
             return
-        yield window.TimestampedValue(data, event_ms / 1000.0)
+        yield window.TimestampedValue(StampedPayload(data, event_ms), event_ms / 1000.0)
 
 
 class ParseMessages(beam.PTransform):
-    """PubsubMessages -> (payloads stamped with event time, dead letters)."""
+    """PubsubMessages -> (StampedPayloads at their event time, dead letters)."""
 
-    def __init__(self, timestamp_attribute: str, feature_set: str):
+    def __init__(self, timestamp_attribute: str, fs: FeatureSet):
         super().__init__()
         self.timestamp_attribute = timestamp_attribute
-        self.feature_set = feature_set
+        self.fs = fs
 
     def expand(self, messages):
         results = messages | "StampEventTime" >> beam.ParDo(
-            _ParseMessages(self.timestamp_attribute, self.feature_set)
+            _ParseMessages(self.timestamp_attribute, self.fs)
         ).with_outputs(DEAD, main="payloads")
         return results.payloads, results[DEAD]
 
@@ -164,17 +191,21 @@ def _truncate(text: str, limit: int = MAX_ATTRIBUTE_BYTES) -> str:
 
 
 def to_dead_letter_message(letter: dict):
-    """Dead-letter dict -> PubsubMessage: the original payload, stage and reason as attributes."""
+    """Dead-letter dict -> PubsubMessage: the original payload (its very bytes when they are
+    not text), stage and reason as attributes."""
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
     record = letter.get("record")
-    data = record if isinstance(record, str) else json.dumps(record)
+    if letter.get("record_encoding") == "base64":
+        data = base64.b64decode(record)
+    else:
+        data = (record if isinstance(record, str) else json.dumps(record)).encode("utf-8")
     attributes = {
         "stage": _truncate(str(letter.get("stage", ""))),
         "reason": _truncate(str(letter.get("reason", ""))),
         "feature_set": _truncate(str(letter.get("feature_set", ""))),
     }
-    return PubsubMessage(data=data.encode("utf-8"), attributes=attributes)
+    return PubsubMessage(data=data, attributes=attributes)
 
 
 class _CountDeadLetters(beam.DoFn):

@@ -10,8 +10,7 @@ from beam_pipelines.io.file_sources import ReadRawFiles
 from beam_pipelines.io.files import check_input
 from beam_pipelines.options import SourceOptions
 from transforms.featureset import FeatureSet, ReferenceTable
-from transforms.reference import BuildReferenceIndex, rows_feature_set
-from transforms.validation import ValidateRecords
+from transforms.reference import BuildReferenceIndex, ValidateReferenceRows, rows_feature_set
 
 
 def default_input(fs: FeatureSet) -> str:
@@ -103,16 +102,22 @@ def reference_sources(options: PipelineOptions, fs: FeatureSet) -> dict[str, bea
     and project options), else the table's default_input; each is checked against the table's
     schema before the run."""
     given = _given_references(options, fs)
-    sources = {}
-    for t in fs.references:
-        path = given.get(t.name)
-        if path and path.startswith(BIGQUERY_REFERENCE):
-            sources[t.name] = bigquery_source(
-                options, rows_feature_set(t), path[len(BIGQUERY_REFERENCE) :]
-            )
-        else:
-            sources[t.name] = _table_file(options, t, path, None)
-    return sources
+    return {t.name: _reference_source(options, t, given.get(t.name))[0] for t in fs.references}
+
+
+def _reference_source(
+    options: PipelineOptions,
+    table: ReferenceTable,
+    spec: str | None,
+    input_format: str | None = None,
+) -> tuple[beam.PTransform, dict]:
+    """The source of `--reference NAME=spec` (a file, or `bigquery:` a table) or, without a
+    spec, of the table's default_input; checked now. With what it reads, for a summary."""
+    if spec and spec.startswith(BIGQUERY_REFERENCE):
+        name = spec[len(BIGQUERY_REFERENCE) :]
+        return bigquery_source(options, rows_feature_set(table), name), {"bigquery_table": name}
+    source = _table_file(options, table, spec, input_format)
+    return source, {"input": source.pattern}
 
 
 def _table_file(
@@ -133,24 +138,40 @@ def reference_table_source(
 ) -> tuple[beam.PTransform, dict]:
     """The source of one reference table's rows and what it reads (for the summary): the
     source options of the batch jobs, read as the table's rows (`rows_feature_set`):
-    --bigquery_table/--bigquery_query, else the file of --input, else of `--reference
-    NAME=PATH`, else the table's default_input. Checked before the run like read_source."""
+    --bigquery_table/--bigquery_query, else the file of --input, else `--reference NAME=PATH`
+    or `NAME=bigquery:PROJECT.DATASET.TABLE`, else the table's default_input. Checked before
+    the run like read_source."""
     opts = options.view_as(SourceOptions)
     rows_fs = rows_feature_set(table)
     if opts.bigquery_table or opts.bigquery_query:
         return read_source(options, rows_fs), describe_source(options, rows_fs)
-    source = _table_file(
-        options,
-        table,
-        opts.input or _given_references(options, fs).get(table.name),
-        opts.input_format,
+    if opts.input:
+        source = _table_file(options, table, opts.input, opts.input_format)
+        return source, {"input": source.pattern}
+    return _reference_source(
+        options, table, _given_references(options, fs).get(table.name), opts.input_format
     )
-    return source, {"input": source.pattern}
 
 
 def describe_references(options: PipelineOptions, fs: FeatureSet) -> dict:
     given = dict(s.partition("=")[::2] for s in options.view_as(SourceOptions).reference)
     return {t.name: given.get(t.name) or t.resolve_default_input() for t in fs.references}
+
+
+def reference_summary(options: PipelineOptions, fs: FeatureSet, counters: dict[str, int]) -> dict:
+    """A batch job's summary of its reference tables: per table the rows read, valid,
+    rejected and indexed and the examples without a row (`references`), and what each was
+    read from (`reference_inputs`); nothing for a feature set without tables."""
+    if not fs.references:
+        return {}
+    counts = ("rows_read", "rows_valid", "rows_rejected", "rows", "missing")
+    return {
+        "references": {
+            t.name: {what: counters.get(f"reference_{t.name}_{what}", 0) for what in counts}
+            for t in fs.references
+        },
+        "reference_inputs": describe_references(options, fs),
+    }
 
 
 class ReadReferenceIndexes(beam.PTransform):
@@ -172,7 +193,7 @@ class ReadReferenceIndexes(beam.PTransform):
                 pbegin
                 | f"Read_{name}" >> self.sources[name]
                 | f"Validate_{name}"
-                >> ValidateRecords(rows_feature_set(table), counters=f"reference_{name}_rows")
+                >> ValidateReferenceRows(table)
             )
             index, duplicates = rows | f"Index_{name}" >> BuildReferenceIndex(table)
             indexes[name] = index
