@@ -54,9 +54,9 @@ test: $(STAMP) $(BQ_STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-# Mutation testing (not in CI: too slow) over transforms/ and models/versions.py with the fast
+# Mutation testing (not in CI: too slow) over skewless/transforms/ and skewless/models/versions.py with the fast
 # tests (pyproject.toml [tool.mutmut]); report in out/mutation/report.md. One file at a time:
-#   make mutation FILES="transforms/operations.py transforms/partials.py"
+#   make mutation FILES="skewless/transforms/operations.py skewless/transforms/partials.py"
 FILES ?=
 MUTATION_JOBS ?= 1
 DEV_STAMP := $(VENV)/.installed-dev

@@ -43,8 +43,8 @@ SCALE = 150  # 5 min -> 2 s
 def bench_feature_set(long_windows: bool = False, week: bool = False):
     """The bundled feature set, time compressed SCALE times; with `long_windows`, a 1-day /
     5-min count and mean per origin and a mean per carrier instead (+ a 7-day count with `week`)."""
-    from transforms.featureset import WindowedAggregate
-    from transforms.flights import FLIGHTS
+    from skewless.examples.flights import FLIGHTS
+    from skewless.transforms.featureset import WindowedAggregate
 
     aggs = FLIGHTS.aggregates
     if long_windows:
@@ -72,7 +72,7 @@ def bench_feature_set(long_windows: bool = False, week: bool = False):
 
 
 def live_payloads(fs, n: int) -> list[dict]:
-    from beam_pipelines.replay import ReplayStats, order_events, read_raw_records
+    from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, read_raw_records
 
     raws = read_raw_records(fs.resolve_default_input())
     events = order_events(fs, raws, ReplayStats())
@@ -81,7 +81,7 @@ def live_payloads(fs, n: int) -> list[dict]:
 
 def restamped(raw: dict, now_ms: int) -> dict:
     """The flight as if it departed at now_ms: time_hour moved, minute and delay kept."""
-    from transforms.validation import ms_to_datetime
+    from skewless.transforms.record_checks import ms_to_datetime
 
     offset = int(raw["minute"]) * 60_000 + int(round(float(raw["dep_delay"]) * 60_000))
     record = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in raw.items()}
@@ -91,7 +91,7 @@ def restamped(raw: dict, now_ms: int) -> dict:
 
 def publish_live(publisher, topic: str, fs, raws: list[dict], rate: float, heartbeat_until: list):
     """Publish at `rate`, stamping each flight at the publish time (payload and attribute)."""
-    from beam_pipelines.replay import Heartbeat
+    from skewless.beam_pipelines.commands.replay import Heartbeat
 
     start = time.monotonic()
     futures = []
@@ -148,8 +148,8 @@ class LagProbe(threading.Thread):
         self.stop = threading.Event()
 
     def run(self):
-        from beam_pipelines.io.bigtable import decode_value
-        from transforms.aggregations import row_key
+        from skewless.beam_pipelines.io.bigtable import decode_value
+        from skewless.transforms.aggregations import row_key
 
         column = b"origin_departures_1h"
         while not self.stop.is_set():
@@ -190,7 +190,7 @@ def _fresh_stream(fs, table_id: str):
     """A Bigtable table for the run and a new topic + subscription on the emulators."""
     from google.cloud import pubsub_v1
 
-    from beam_pipelines.bigtable_setup import ensure_table
+    from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
 
     ensure_table(PROJECT, INSTANCE, table_id, fs, 60, 86_400)
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
@@ -204,10 +204,10 @@ def _fresh_stream(fs, table_id: str):
 def _job_pipeline(fs, sub: str, table_id: str, pull: int):
     import apache_beam as beam
 
-    from beam_pipelines.aggregate import build_pipeline
-    from beam_pipelines.io.bigtable import WriteCells
-    from beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
-    from beam_pipelines.local_runner import prepare_local_runner
+    from skewless.beam_pipelines.io.bigtable import WriteCells
+    from skewless.beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
+    from skewless.beam_pipelines.jobs.aggregate import build_pipeline
+    from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
 
     prepare_local_runner("event_time", pull)
     options = beam.options.pipeline_options.PipelineOptions(
@@ -247,9 +247,9 @@ def run_ceiling(raws, pull: int) -> float:
     import apache_beam as beam
     from apache_beam.metrics import Metrics
 
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.io.pubsub import read_messages
-    from beam_pipelines.local_runner import prepare_local_runner
+    from skewless.beam_pipelines.io.pubsub import read_messages
+    from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
 
     fs = bench_feature_set()
     publisher, topic, sub = _fresh_stream(fs, "ceiling")
@@ -278,7 +278,7 @@ def run_ceiling(raws, pull: int) -> float:
 
 def run_job_backlog(fs, raws, pull: int) -> dict:
     """The whole job draining a backlog: events through the tiles per second, and the shuffle."""
-    from beam_pipelines.common import metric_counters
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
 
     publisher, topic, sub = _fresh_stream(fs, "job-backlog")
     publish_backlog(publisher, topic, raws)
@@ -299,8 +299,8 @@ def run_job_backlog(fs, raws, pull: int) -> dict:
 
 
 def run_job(fs, raws, rate, table_id, pull: int, profile=None) -> dict:
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.io.bigtable import open_table
+    from skewless.beam_pipelines.io.bigtable import open_table
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
 
     publisher, topic, sub = _fresh_stream(fs, table_id)
     p = _job_pipeline(fs, sub, table_id, pull)
@@ -370,8 +370,8 @@ class Floor:
     """Plain Python: pull, parse + validate, per-bucket partials in memory, write cells at W."""
 
     def __init__(self, fs, subscription, table):
-        from transforms.aggregations import BucketAccumulatorFn, key_specs
-        from transforms.validation import RecordValidator
+        from skewless.transforms.aggregations import BucketAccumulatorFn, key_specs
+        from skewless.transforms.record_checks import RecordValidator
 
         self.fs, self.sub, self.table = fs, subscription, table
         self.validator = RecordValidator(fs)
@@ -384,9 +384,9 @@ class Floor:
     def run(self):
         from google.cloud import pubsub_v1
 
-        from beam_pipelines.io.bigtable import cell_row
-        from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
-        from transforms.aggregations import CellKey, _cell, entity_value
+        from skewless.beam_pipelines.io.bigtable import cell_row
+        from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
+        from skewless.transforms.aggregations import CellKey, _cell, entity_value
 
         sub = pubsub_v1.SubscriberClient()
         period = self.fs.period_ms
@@ -427,7 +427,7 @@ class Floor:
 
 def run_floor(fs, raws, rate, table_id) -> dict:
 
-    from beam_pipelines.io.bigtable import open_table
+    from skewless.beam_pipelines.io.bigtable import open_table
 
     publisher, topic, sub = _fresh_stream(fs, table_id)
     table = open_table(PROJECT, INSTANCE, table_id)
@@ -457,10 +457,10 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
     import apache_beam as beam
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
-    from beam_pipelines.io.pubsub import _ParseMessages
-    from transforms.partials import block_periods, key_specs
-    from transforms.tiles import KeyTiles, _ToTiles, merge_partials
-    from transforms.validation import ValidateRecordsFn
+    from skewless.beam_pipelines.io.pubsub import _ParseMessages
+    from skewless.transforms.partials import block_periods, key_specs
+    from skewless.transforms.record_checks import ValidateRecordsFn
+    from skewless.transforms.tiles import KeyTiles, _ToTiles, merge_partials
 
     t0_ms = 1_800_000_000_000
     messages = []

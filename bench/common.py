@@ -103,7 +103,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def flights_csv(path: Path, months: Collection[int] | None = None) -> int:
     """The bundled flights of `months` (all when None), as the CSV lines they are, written to
     `path`; returns the rows."""
-    from transforms.flights import bundled_flights_path
+    from skewless.examples.flights import bundled_flights_path
 
     with zipfile.ZipFile(bundled_flights_path()) as archive:
         text = archive.read(archive.namelist()[0]).decode()

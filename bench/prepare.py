@@ -33,7 +33,7 @@ def main() -> None:
         measure("floor", [python, "bench/floor_prepare.py", str(out / "floor")], str(out / "floor.log")),
         measure(
             "prepare",
-            [python, "-m", "beam_pipelines.prepare", "--output_dir", str(out / "job")],
+            [python, "-m", "skewless.beam_pipelines.jobs.prepare", "--output_dir", str(out / "job")],
             str(out / "job.log"),
         ),
     ]
@@ -42,7 +42,7 @@ def main() -> None:
             measure(
                 f"prepare x{args.workers} processes",
                 [
-                    python, "-m", "beam_pipelines.prepare", "--output_dir", str(out / "job_mp"),
+                    python, "-m", "skewless.beam_pipelines.jobs.prepare", "--output_dir", str(out / "job_mp"),
                     f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing",
                 ],
                 str(out / "job_mp.log"),

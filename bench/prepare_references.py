@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataclasses import replace  # noqa: E402
 
 from bench.common import flights_csv, measure  # noqa: E402
-from transforms.flights import FLIGHTS, FLIGHTS_PLUS  # noqa: E402
+from skewless.examples.flights import FLIGHTS, FLIGHTS_PLUS  # noqa: E402
 
 ROWS = 336_776
 HALF_MONTHS = range(1, 7)
@@ -64,7 +64,7 @@ def main() -> None:
     for i in range(args.repeat):
         for name, (spec, extra) in plan.items():
             target = out / f"{name}_{i}"
-            cmd = [sys.executable, "-m", "beam_pipelines.prepare", "--feature_set", spec,
+            cmd = [sys.executable, "-m", "skewless.beam_pipelines.jobs.prepare", "--feature_set", spec,
                    "--output_dir", str(target), *extra]  # fmt: skip
             runs[name].append(measure(name, cmd, str(out / f"{name}_{i}.log")))
     summary = json.loads((out / "flights_plus_0" / "summary.json").read_text())

@@ -35,7 +35,7 @@ def in_process_seconds(features_dir: Path) -> tuple[float, int]:
     """Seconds to compute the statistics of features/ (read beforehand) in one process."""
     import pyarrow.parquet as pq
 
-    from transforms.statistics import statistics_of_batches
+    from skewless.transforms.statistics import statistics_of_batches
 
     batches = pq.read_table(features_dir).to_batches(max_chunksize=1024)
     started = time.perf_counter()
@@ -62,7 +62,7 @@ def main() -> None:
                 *env[name],
                 sys.executable,
                 "-m",
-                "beam_pipelines.prepare",
+                "skewless.beam_pipelines.jobs.prepare",
                 "--output_dir",
                 str(target),
             ]

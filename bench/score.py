@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def load_floor(model_dir: str, features: str, batch_size: int):
     import pyarrow.parquet as pq
 
-    from models.handler import SkewlessModelHandler, arrow_to_feed, predict
+    from skewless.models.handler import SkewlessModelHandler, arrow_to_feed, predict
 
     handler = SkewlessModelHandler(model_dir)
     model = handler.load_model()
@@ -41,7 +41,7 @@ def load_floor(model_dir: str, features: str, batch_size: int):
 
 
 def floor(model, feed: dict, batch_size: int) -> tuple[int, float]:
-    from models.handler import predict
+    from skewless.models.handler import predict
 
     n = len(next(iter(feed.values())))
     started = time.perf_counter()
@@ -54,9 +54,9 @@ def _pipeline(features: str, handler=None, copies: int = 1) -> tuple[int, float]
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.score import ScoreExamples
-    from transforms.featureset import load_feature_set
+    from skewless.beam_pipelines.jobs.score import ScoreExamples
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
+    from skewless.transforms.featureset import load_feature_set
 
     fs = load_feature_set("flights")
     started = time.perf_counter()
@@ -91,7 +91,7 @@ def _count(batch) -> None:
 
 
 def job(model_dir: str, out: str) -> tuple[int, int, float]:
-    from beam_pipelines import score
+    from skewless.beam_pipelines.jobs import score
 
     started = time.perf_counter()
     summary = score.run(["--model_dir", model_dir, "--output", out])
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--skip_job", action="store_true", help="Only the floor and the stage.")
     args = parser.parse_args()
 
-    from models.handler import SkewlessModelHandler
+    from skewless.models.handler import SkewlessModelHandler
 
     features = os.path.join(args.prepared_dir, "features")
     model, feed = load_floor(args.model_dir, features, args.batch_size)

@@ -59,9 +59,9 @@ def flights(n: int) -> list[tuple[int, dict]]:
 
     import pyarrow.compute as pc
 
-    from beam_pipelines.io.files import _read_bytes, read_csv_table
-    from beam_pipelines.replay import ReplayStats, order_events
-    from transforms.flights import FLIGHTS, bundled_flights_path
+    from skewless.beam_pipelines.commands.replay import ReplayStats, order_events
+    from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
+    from skewless.examples.flights import FLIGHTS, bundled_flights_path
 
     table, _ = read_csv_table(_read_bytes(bundled_flights_path()))
     hours = pc.cast(table.column("time_hour"), "string")
@@ -80,11 +80,11 @@ def write_cells(table_id: str, events: list[tuple[int, dict]], fs=None) -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_pipelines.bigtable_setup import ensure_table
-    from beam_pipelines.io.bigtable import WriteCells
-    from transforms.aggregations import ComputeAggregates
-    from transforms.flights import FLIGHTS
-    from transforms.validation import RecordValidator
+    from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+    from skewless.beam_pipelines.io.bigtable import WriteCells
+    from skewless.examples.flights import FLIGHTS
+    from skewless.transforms.aggregations import ComputeAggregates
+    from skewless.transforms.record_checks import RecordValidator
 
     fs = fs or FLIGHTS
     ensure_table(PROJECT, INSTANCE, table_id, fs, 600, 20 * 365 * 86_400)
@@ -95,8 +95,8 @@ def write_cells(table_id: str, events: list[tuple[int, dict]], fs=None) -> None:
 
 
 def flight_key(record: dict) -> tuple:
-    from transforms.flights import FLIGHTS
-    from transforms.validation import RecordValidator, ms_to_datetime
+    from skewless.examples.flights import FLIGHTS
+    from skewless.transforms.record_checks import RecordValidator, ms_to_datetime
 
     if "probability" in record:  # a prediction: timestamps are ISO text already
         return (record["carrier"], int(record["flight"]), record["origin"], record["scheduled_departure"])
@@ -226,10 +226,10 @@ def bigtable_floor(table_id: str, events: list[tuple[int, dict]], batch: int, re
     """One read_rows of the cells `batch` events need, as the job issues it (median, p99 ms)."""
     import numpy as np
 
-    from beam_pipelines.io.bigtable import open_table
-    from beam_pipelines.io.online_store import cell_keys, read_cells
-    from transforms.flights import FLIGHTS
-    from transforms.validation import RecordValidator
+    from skewless.beam_pipelines.io.bigtable import open_table
+    from skewless.beam_pipelines.io.online_store import cell_keys, read_cells
+    from skewless.examples.flights import FLIGHTS
+    from skewless.transforms.record_checks import RecordValidator
 
     validator = RecordValidator(FLIGHTS)
     table = open_table(PROJECT, INSTANCE, table_id)
@@ -258,8 +258,8 @@ def ceiling_child(subscription: str, pull: int, expect: int) -> None:
     from apache_beam.metrics import Metrics
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.local_runner import prepare_local_runner
+    from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
 
     prepare_local_runner(max_messages=pull)  # the scorer's runner settings
     counter = Metrics.counter("skewless", "ceiling_read")
@@ -288,8 +288,8 @@ def ceiling_child(subscription: str, pull: int, expect: int) -> None:
 
 def runner_ceiling(topics: Topics, events: list[tuple[int, dict]], pull: int, env: dict) -> dict:
     """Messages/s of the local runner's read -> count, on a backlog of the same flight messages."""
-    from beam_pipelines.replay import to_message
-    from transforms.flights import FLIGHTS
+    from skewless.beam_pipelines.commands.replay import to_message
+    from skewless.examples.flights import FLIGHTS
 
     topic, sub = topics.pair("ceiling")
     futures = [topics.publisher.publish(topic, to_message(FLIGHTS, raw)) for _, raw in events]
@@ -340,13 +340,13 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
     from apache_beam.io.gcp.pubsub import PubsubMessage
     from google.cloud.bigtable.row_set import RowSet
 
-    from beam_pipelines import score_stream as ss
-    from beam_pipelines.io.bigtable import open_table
-    from beam_pipelines.replay import to_message
-    from beam_pipelines.scoring import CheckExamples, ToPredictionDict
-    from models.watch import WatchingModelHandler
-    from transforms.flights import FLIGHTS
-    from transforms.validation import ValidateRecordsFn
+    from skewless.beam_pipelines.commands.replay import to_message
+    from skewless.beam_pipelines.io.bigtable import open_table
+    from skewless.beam_pipelines.jobs import score_streaming as ss
+    from skewless.beam_pipelines.score_core import CheckExamples, ToPredictionDict
+    from skewless.examples.flights import FLIGHTS
+    from skewless.models.watch import WatchingModelHandler
+    from skewless.transforms.record_checks import ValidateRecordsFn
 
     handler = WatchingModelHandler(model_dir, poll_s=3600)
     model = handler.load_model()
@@ -398,8 +398,8 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
 
 def scorer_child(pull: int, argv: list[str]) -> None:
     """In a child process: the real streaming scorer, its local read set to `pull` per pull."""
-    from beam_pipelines import score_stream
-    from beam_pipelines.local_runner import patch_local_pubsub_read
+    from skewless.beam_pipelines.jobs import score_streaming as score_stream
+    from skewless.beam_pipelines.runtime.local_runner import patch_local_pubsub_read
 
     p, _ = score_stream.make_pipeline(argv)
     patch_local_pubsub_read(max_messages=pull)  # replaces the job's setting (same evaluator code)
@@ -407,8 +407,8 @@ def scorer_child(pull: int, argv: list[str]) -> None:
 
 
 def run_scorer(topics, env, table_id, model_dir, events, rate, seconds, pull, log_path, profile) -> dict:
-    from beam_pipelines.replay import to_message
-    from transforms.flights import FLIGHTS
+    from skewless.beam_pipelines.commands.replay import to_message
+    from skewless.examples.flights import FLIGHTS
 
     events_topic, events_sub = topics.pair("events")
     out_topic, out_sub = topics.pair("predictions")
@@ -526,7 +526,7 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = str(Path(args.model_dir).resolve())
 
-    from models.versions import ModelDirError, resolve
+    from skewless.models.versions import ModelDirError, resolve
 
     try:
         resolve(model_dir)

@@ -55,10 +55,10 @@ def train_model(name: str, work: Path) -> str:
     import pyarrow.compute as pc
     import pyarrow.csv as pv
 
-    from beam_pipelines import prepare
-    from beam_pipelines.io.files import _read_bytes, read_csv_table
-    from models import train
-    from transforms.flights import bundled_flights_path
+    from skewless.beam_pipelines.commands import train
+    from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
+    from skewless.beam_pipelines.jobs import prepare
+    from skewless.examples.flights import bundled_flights_path
 
     model_dir = work / f"model_{name}"
     if model_dir.exists():
@@ -83,8 +83,8 @@ def publish_tables(
     with `weather_window` (first, last day), only those days of the weather."""
     import csv
 
-    from beam_pipelines import publish_reference
-    from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
+    from skewless.beam_pipelines.jobs import publish_reference
+    from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 
     extra = {}
     if weather_window:
@@ -127,8 +127,8 @@ def main() -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
-    from beam_pipelines.bigtable_setup import ensure_table
-    from transforms.flights import FLIGHTS, FLIGHTS_PLUS
+    from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+    from skewless.examples.flights import FLIGHTS, FLIGHTS_PLUS
 
     models = {name: train_model(name, work) for name in NAMES}
     procs, env = start_emulators()

@@ -38,7 +38,7 @@ from bench.common import flights_csv  # noqa: E402
 ROWS = 336_776
 # What the job's process loads before it reads the data: the CLI, the in-process path, the
 # feature set's module.
-IMPORTS = "import beam_pipelines.cli, beam_pipelines.validate_local; import transforms.featureset as f; f.load_feature_set('flights')"
+IMPORTS = "import skewless.beam_pipelines.runtime.cli, skewless.beam_pipelines.validation.in_process; import skewless.transforms.featureset as f; f.load_feature_set('flights')"
 
 
 def month_csv(month: int, path: Path) -> int:
@@ -105,7 +105,7 @@ def in_process_local(baseline_dir: str, csv: str, out: str) -> float:
     """validate_local.run in this process, imports loaded (its log lines silenced)."""
     import logging
 
-    from beam_pipelines import validate_local
+    from skewless.beam_pipelines.validation import in_process as validate_local
 
     argv = ["--baseline", baseline_dir, "--input", csv, "--output_dir", out]
     started = time.perf_counter()
@@ -125,10 +125,10 @@ def in_process_beam(baseline_dir: str, csv: str, out: str) -> float:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_pipelines import validate
-    from beam_pipelines.baseline_check import RAW, load_baseline
-    from beam_pipelines.io.validation_io import ReadInferredFiles
-    from transforms.featureset import load_feature_set
+    from skewless.beam_pipelines.jobs import validate
+    from skewless.beam_pipelines.validation.baseline import RAW, load_baseline
+    from skewless.beam_pipelines.validation.steps import ReadInferredFiles
+    from skewless.transforms.featureset import load_feature_set
 
     started = time.perf_counter()
     baseline = load_baseline(baseline_dir)
@@ -161,7 +161,7 @@ def main() -> None:
     if not (baseline / "statistics" / "statistics.pb").exists():
         print(f"preparing the baseline (all {ROWS:,} flights) in {baseline} ...", flush=True)
         run_child(
-            [sys.executable, "-m", "beam_pipelines.prepare", "--output_dir", str(baseline)],
+            [sys.executable, "-m", "skewless.beam_pipelines.jobs.prepare", "--output_dir", str(baseline)],
             out / "prepare.log",
         )
     csv = out / f"month_{args.month:02d}.csv"
@@ -176,7 +176,7 @@ def main() -> None:
         "floor_in_process": [],
         "beam_in_process": [],
     }
-    command = [*env_python, "-m", "beam_pipelines.cli", "validate", "--baseline", str(baseline),
+    command = [*env_python, "-m", "skewless.beam_pipelines.runtime.cli", "validate", "--baseline", str(baseline),
                "--input", str(csv)]  # fmt: skip
     code = None
     for i in range(args.repeat):

@@ -1,6 +1,6 @@
-"""`make mutation`: mutmut over transforms/ and models/versions.py, then a report per file.
+"""`make mutation`: mutmut over skewless/transforms/ and skewless/models/versions.py, then a report per file.
 
-    .venv/bin/python scripts/mutation.py [--files transforms/operations.py ...] [--jobs 1]
+    .venv/bin/python scripts/mutation.py [--files skewless/transforms/operations.py ...] [--jobs 1]
     .venv/bin/python scripts/mutation.py --report-only
 
 Mutmut (configured in pyproject.toml, [tool.mutmut]) copies the sources to mutants/, runs the
@@ -35,7 +35,7 @@ COLUMNS = ("killed", "survived", "timeout", "no tests", "other")
 
 
 def module_glob(path: str) -> str:
-    """transforms/operations.py -> transforms.operations.* (mutmut's mutant names)."""
+    """skewless/transforms/operations.py -> skewless.transforms.operations.* (mutmut's mutant names)."""
     return path.removesuffix(".py").replace("/", ".") + ".*"
 
 

@@ -4,22 +4,34 @@
 #
 #   PROJECT=my-proj REGION=us-central1 REPOSITORY=skewless BUCKET=my-bucket templates/build.sh [--dry-run] [JOB...]
 #
-# JOB: prepare aggregate score_batch score_streaming publish_reference validate (default: all). --dry-run prints every
-# command instead of running it (no Docker, no gcloud, no credentials needed).
+# JOB: a template name (`python templates/render.py --list`: the jobs whose declaration has
+# a template; default: all). --dry-run prints every command instead of running it (no
+# Docker, no gcloud, no credentials needed). The metadata files are checked against the job
+# declarations first (`python templates/render.py --check`).
 # Needs: docker (or run the printed docker commands elsewhere), gcloud authenticated with
 # roles/artifactregistry.writer on REPOSITORY and storage write on BUCKET. See docs/dataflow.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ALL_JOBS=(prepare aggregate score_batch score_streaming publish_reference validate)
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PYTHON" ] || PYTHON=python3
+# One pass over the job declarations: every metadata file checked against its rendering,
+# then each template's name and kind ("streaming" or "batch").
+"$PYTHON" "$ROOT/templates/render.py" --check || exit 1
+declare -A KIND
+ALL_JOBS=()
+while read -r name kind; do ALL_JOBS+=("$name"); KIND[$name]=$kind; done \
+  < <("$PYTHON" "$ROOT/templates/render.py" --list)
 DRY_RUN=0
 JOBS=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    prepare|aggregate|score_batch|score_streaming|publish_reference|validate) JOBS+=("$arg") ;;
-    *) echo "build.sh: unknown argument '$arg' (jobs: ${ALL_JOBS[*]})" >&2; exit 2 ;;
+    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -*) echo "build.sh: unknown option '$arg'" >&2; exit 2 ;;
+    *)
+      if [[ " ${ALL_JOBS[*]} " == *" $arg "* ]]; then JOBS+=("$arg")
+      else echo "build.sh: unknown template '$arg' (templates: ${ALL_JOBS[*]})" >&2; exit 2; fi ;;
   esac
 done
 [ ${#JOBS[@]} -gt 0 ] || JOBS=("${ALL_JOBS[@]}")
@@ -29,8 +41,6 @@ done
 : "${BUCKET:?set BUCKET (a bucket name, without gs://)}"
 REPOSITORY="${REPOSITORY:-skewless}"
 TAG="${TAG:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || date +%Y%m%d-%H%M%S)}"
-PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON=python3
 REGISTRY="$REGION-docker.pkg.dev/$PROJECT/$REPOSITORY"
 
 run() {
@@ -39,7 +49,7 @@ run() {
   [ "$DRY_RUN" = 1 ] || "$@"
 }
 
-streaming() { [ "$1" = aggregate ] || [ "$1" = score_streaming ]; }
+streaming() { [ "${KIND[$1]}" = streaming ]; }
 
 # Fail before any build if a metadata file does not parse strictly (unknown fields rejected).
 "$PYTHON" - "$ROOT" "${JOBS[@]}" <<'PY' || { echo "build.sh: metadata check failed (pip install google-cloud-dataflow-client?)" >&2; exit 1; }
@@ -54,7 +64,7 @@ for job in "${JOBS[@]}"; do
   image="$REGISTRY/skewless-${job//_/-}:$TAG"
   spec="gs://$BUCKET/templates/skewless-${job//_/-}-$TAG.json"
   echo "== $job"
-  run docker build -f "$ROOT/templates/Dockerfile" --build-arg "JOB=$job" -t "$image" "$ROOT"
+  run docker build -f "$ROOT/templates/Dockerfile" --build-arg "TEMPLATE=$job" -t "$image" "$ROOT"
   run docker push "$image"
   extra=()
   if streaming "$job"; then extra+=(--enable-streaming-engine); fi

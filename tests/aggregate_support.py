@@ -12,11 +12,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from beam_pipelines.local_runner import fix_direct_runner_metrics
-from transforms.aggregations import ComputeAggregates, explode_cells
-from transforms.featureset import FeatureSet, Field, WindowedAggregate
-from transforms.tiles import Cell
-from transforms.validation import RecordValidator, ms_to_datetime
+from skewless.beam_pipelines.runtime.local_runner import fix_direct_runner_metrics
+from skewless.transforms.aggregations import ComputeAggregates, explode_cells
+from skewless.transforms.featureset import FeatureSet, Field, WindowedAggregate
+from skewless.transforms.record_checks import RecordValidator, ms_to_datetime
+from skewless.transforms.tiles import Cell
 
 TOY = FeatureSet(
     name="toy",
@@ -105,8 +105,8 @@ def flights_raw_slice(start: str, end: str) -> list[dict]:
     """Raw bundled flight records (dicts of the raw schema) whose time_hour is in [start, end)."""
     import pyarrow.compute as pc
 
-    from beam_pipelines.io.files import _read_bytes, read_csv_table
-    from transforms.flights import bundled_flights_path
+    from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
+    from skewless.examples.flights import bundled_flights_path
 
     table, _ = read_csv_table(_read_bytes(bundled_flights_path()))
     hours = pc.cast(table.column("time_hour"), "string")
@@ -139,8 +139,8 @@ def flights_shifted_to_end_before_now(fs: FeatureSet, start: str, end: str, befo
     to end `before_ms` before now: (events as (event ms, raw), the shift, the batch cells)."""
     import json
 
-    from beam_pipelines.replay import ReplayStats, order_events, to_message
-    from transforms.validation import to_epoch_ms
+    from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, to_message
+    from skewless.transforms.record_checks import to_epoch_ms
 
     lo, hi = to_epoch_ms(start), to_epoch_ms(end)
     raws = flights_raw_slice(  # scheduled up to 12 h earlier: delayed departures in [lo, hi)
@@ -161,7 +161,7 @@ def start_aggregate_job(
     """The aggregate job (its real make_pipeline) on the emulators, reading a new topic (or
     `events`: a topic and a subscription of it made before, e.g. one that has a backlog) and
     dead-lettering to another: (running result, events topic, dead-letter subscription)."""
-    from beam_pipelines.aggregate import make_pipeline
+    from skewless.beam_pipelines.jobs.aggregate import make_pipeline
 
     topic, subscription = events or (None, None)
     if topic is None:
@@ -191,10 +191,10 @@ def write_cells_with_the_aggregate_job(bt, table_id: str, fs: FeatureSet, raws: 
     from apache_beam.io.gcp.pubsub import PubsubMessage
     from apache_beam.testing.test_stream import TestStream
 
-    from beam_pipelines import aggregate
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.io.bigtable import WriteCells
-    from beam_pipelines.replay import ReplayStats, order_events, to_message
+    from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, to_message
+    from skewless.beam_pipelines.io.bigtable import WriteCells
+    from skewless.beam_pipelines.jobs import aggregate
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
 
     events = order_events(fs, raws, ReplayStats())
     messages = [PubsubMessage(to_message(fs, raw), {"event_time": str(t)}) for t, raw in events]
@@ -218,9 +218,9 @@ def score_streaming(ps, bt, table_id: str, model_dir, fs: FeatureSet, raws: list
     emulators, fed `raws` as messages: (predictions as dicts, the job's counters, its info)."""
     import json
 
-    from beam_pipelines import score_stream
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.replay import ReplayStats, order_events, publish_events
+    from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, publish_events
+    from skewless.beam_pipelines.jobs import score_streaming as score_stream
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
 
     inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
     inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")

@@ -11,8 +11,8 @@ import math
 from collections import Counter
 from fractions import Fraction
 
-from transforms.featureset import FeatureSet, WindowedAggregate
-from transforms.operations import (
+from skewless.transforms.featureset import FeatureSet, WindowedAggregate
+from skewless.transforms.operations import (
     Count,
     First,
     Histogram,

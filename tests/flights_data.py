@@ -7,8 +7,8 @@ import functools
 import json
 from pathlib import Path
 
-from beam_pipelines.io.files import _read_bytes, read_csv_table
-from transforms.flights import bundled_flights_path
+from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
+from skewless.examples.flights import bundled_flights_path
 
 CSV_COLUMNS = (
     "year,month,day,dep_time,sched_dep_time,dep_delay,arr_time,sched_arr_time,arr_delay,"
@@ -63,7 +63,7 @@ def write_jsonl(path: Path, rows: list, raw_lines: list[str] = ()) -> Path:
 def write_weather_slice(path: Path, first: str, last: str, drop=lambda row: False) -> list[dict]:
     """The bundled hourly weather of the days [first, last] (ISO dates) as a CSV of its own,
     rows for which `drop(row)` holds left out; returns the rows written (text, as in the file)."""
-    from transforms.flights import WEATHER_AT_ORIGIN
+    from skewless.examples.flights import WEATHER_AT_ORIGIN
 
     with open(WEATHER_AT_ORIGIN.resolve_default_input(), newline="") as src:
         reader = csv.DictReader(src)

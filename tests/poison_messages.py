@@ -3,9 +3,9 @@ the same reason: the one rule of io/pubsub.ParseMessages and the payload check o
 
 from __future__ import annotations
 
-from beam_pipelines.io.pubsub import streaming_time_range
-from beam_pipelines.replay import to_message
-from transforms.flights import FLIGHTS
+from skewless.beam_pipelines.commands.replay import to_message
+from skewless.beam_pipelines.io.pubsub import streaming_time_range
+from skewless.examples.flights import FLIGHTS
 
 
 def timestamp_poison(raw: dict, t: int, shift_ms: int = 0) -> dict[bytes, tuple[dict, str, str]]:

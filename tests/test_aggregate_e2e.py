@@ -14,13 +14,13 @@ import json
 
 import pytest
 
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
-from beam_pipelines.options import DEFAULT_ALLOWED_LATENESS_S
-from beam_pipelines.replay import ordered_publisher, replay_events, to_message
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.commands.replay import ordered_publisher, replay_events, to_message
+from skewless.beam_pipelines.io.bigtable import open_table, read_cells_with_versions
+from skewless.beam_pipelines.runtime.options import DEFAULT_ALLOWED_LATENESS_S
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.examples.flights import FLIGHTS
 from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
-from transforms.flights import FLIGHTS
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 # test_streaming_poison's lateness: it publishes wall-clock heartbeats beside replayed events,

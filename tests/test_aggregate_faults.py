@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import open_table, read_cells
-from beam_pipelines.replay import Heartbeat, publish_events, to_message
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.commands.replay import Heartbeat, publish_events, to_message
+from skewless.beam_pipelines.io.bigtable import open_table, read_cells
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.examples.flights import FLIGHTS
 from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
-from transforms.flights import FLIGHTS
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 LATENESS_S = 6 * 3600

@@ -16,16 +16,19 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from beam_pipelines.aggregate import make_pipeline
-from beam_pipelines.bigtable_setup import ensure_table, max_age_s
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import (
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table, max_age_s
+from skewless.beam_pipelines.io.bigtable import (
     WriteCells,
     cell_row,
     open_table,
     read_cells,
     read_cells_with_versions,
 )
+from skewless.beam_pipelines.jobs.aggregate import make_pipeline
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.aggregations import CellKey, ComputeAggregates
+from skewless.transforms.featureset import WindowedAggregate
 from tests.aggregate_support import (
     CollectPanes,
     batch_cells,
@@ -33,9 +36,6 @@ from tests.aggregate_support import (
     streaming_options,
     typed_events,
 )
-from transforms.aggregations import CellKey, ComputeAggregates
-from transforms.featureset import WindowedAggregate
-from transforms.flights import FLIGHTS
 
 pytestmark = [pytest.mark.emulator]
 LATENESS_S = 7200

@@ -10,9 +10,9 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from beam_pipelines.common import metric_counters
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.transforms.aggregations import ComputeAggregates
 from tests.aggregate_support import TOY, CollectPanes, batch_cells, streaming_options, toy
-from transforms.aggregations import ComputeAggregates
 
 LATENESS_S = 120
 

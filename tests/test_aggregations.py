@@ -10,12 +10,17 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.aggregations import (
+    ComputeAggregates,
+    explode_cells,
+    parse_row_key,
+    row_key,
+)
+from skewless.transforms.examples import BuildExamples
+from skewless.transforms.featureset import as_of_window_end
+from skewless.transforms.record_checks import RecordValidator
 from tests.flights_data import real_flights
-from transforms.aggregations import ComputeAggregates, explode_cells, parse_row_key, row_key
-from transforms.examples import BuildExamples
-from transforms.featureset import as_of_window_end
-from transforms.flights import FLIGHTS
-from transforms.validation import RecordValidator
 
 FS = FLIGHTS
 

@@ -18,19 +18,17 @@ from collections import Counter
 
 import pytest
 
-from beam_pipelines import audit, score_stream
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.cli import run_job
-from beam_pipelines.io.bigtable import open_table
-from beam_pipelines.io.online_store import cell_keys
-from beam_pipelines.io.serving_log import WriteServingLog
-from beam_pipelines.replay import ReplayStats, order_events, publish_events
-from tests.aggregate_support import typed_events, write_cells_with_the_aggregate_job
-from tests.flights_data import write_jsonl
-from tests.test_templates import dataflow_jobs  # noqa: F401 - a fixture
-from tests.test_train import prepared_and_trained
-from transforms.aggregations import row_key
-from transforms.consistency import (
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, publish_events
+from skewless.beam_pipelines.io.bigtable import open_table
+from skewless.beam_pipelines.io.online_store import cell_keys
+from skewless.beam_pipelines.io.serving_log import WriteServingLog
+from skewless.beam_pipelines.jobs import audit
+from skewless.beam_pipelines.jobs import score_streaming as score_stream
+from skewless.beam_pipelines.runtime.launch import run_job
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.aggregations import row_key
+from skewless.transforms.consistency import (
     ABSENT,
     audit_report,
     compare_value,
@@ -38,10 +36,13 @@ from transforms.consistency import (
     is_sampled,
     serving_log_record,
 )
-from transforms.example_schema import aggregate_column_names, example_columns
-from transforms.flights import FLIGHTS
-from transforms.split import HASH_BUCKETS, key_bucket
-from transforms.validation import to_epoch_ms
+from skewless.transforms.example_schema import aggregate_column_names, example_columns
+from skewless.transforms.record_checks import to_epoch_ms
+from skewless.transforms.split import HASH_BUCKETS, key_bucket
+from tests.aggregate_support import typed_events, write_cells_with_the_aggregate_job
+from tests.flights_data import write_jsonl
+from tests.test_templates import dataflow_jobs  # noqa: F401 - a fixture
+from tests.test_train import prepared_and_trained
 
 INPUT_START, INPUT_END = "2013-01-06T10:00:00Z", "2013-01-06T14:00:00Z"  # by scheduled hour
 SCORE_START, SCORE_END = "2013-01-06T11:00:00Z", "2013-01-06T14:00:00Z"  # by event time
@@ -177,10 +178,10 @@ def _serve(ps, bt, table_id, model_dir, raws, log_dir, sample, lookup_fs=None, t
     from apache_beam.io.gcp.pubsub import ReadFromPubSub
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_pipelines.common import metric_counters
-    from beam_pipelines.io.pubsub import WriteDeadLetters
-    from beam_pipelines.local_runner import prepare_local_runner
-    from beam_pipelines.scoring import load_model
+    from skewless.beam_pipelines.io.pubsub import WriteDeadLetters
+    from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
+    from skewless.beam_pipelines.score_core import load_model
 
     inp, out = ps.topic("events"), ps.topic("predictions")
     inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
@@ -445,8 +446,8 @@ def test_the_log_branch_carries_the_scored_examples_and_their_predictions(tmp_pa
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from models.handler import SkewlessModelHandler
-    from transforms.aggregations import attach_aggregates
+    from skewless.models.handler import SkewlessModelHandler
+    from skewless.transforms.aggregations import attach_aggregates
 
     trained = prepared_and_trained(tmp_path_factory)
     raws = [dict(r) for r in trained["rows"] if INPUT_START <= r["time_hour"] < INPUT_END][:40]

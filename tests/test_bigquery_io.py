@@ -13,7 +13,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from google.cloud import bigquery
 
-from beam_pipelines.io.bigquery import (
+from skewless.beam_pipelines.io.bigquery import (
     METRICS_NAMESPACE,
     ReadFromBigQueryStorage,
     parse_query_parameter,

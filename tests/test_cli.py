@@ -5,7 +5,17 @@ import sys
 
 import pytest
 
-from beam_pipelines.cli import JOBS, job_module, main, run_job
+from skewless.beam_pipelines.runtime.cli import main
+from skewless.beam_pipelines.runtime.job import (
+    PACKAGES,
+    _package_dir,
+    _static_declaration,
+    commands,
+    declared,
+    job_modules,
+    load,
+)
+from skewless.beam_pipelines.runtime.launch import job_module, run_job
 from tests.test_train import prepared_and_trained
 
 
@@ -15,7 +25,7 @@ def test_top_level_help_lists_every_job(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for job in ("prepare", "aggregate", "bigtable-setup", "replay", "train", "score", "report"):
-        assert job in out and job in JOBS
+        assert job in out and job in commands()
 
 
 def test_unknown_command_is_a_one_line_usage_error(capsys):
@@ -38,6 +48,7 @@ def test_bare_skewless_is_a_usage_error_with_the_commands_on_stderr(capsys):
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "publish-reference  batch:" in captured.err
+    assert "pipelines:" in captured.err and "commands:" in captured.err
 
 
 # A misspelt flag of each job: (job, arguments, the flag, the flag the error suggests).
@@ -124,7 +135,7 @@ def test_train_and_score_print_their_own_lines_only(tmp_path_factory, tmp_path):
     """No TensorFlow C++ start-up lines from train (it loads TensorFlow after its --help), no
     'Resource module is not available' warnings from RunInference in score."""
     trained = prepared_and_trained(tmp_path_factory)
-    skewless = [sys.executable, "-m", "beam_pipelines.cli"]
+    skewless = [sys.executable, "-m", "skewless.beam_pipelines.runtime.cli"]
     noise = ("oneDNN", "cuda", "cpu_feature_guard", "absl::InitializeLog", "I0000", "W0000",
              "Resource module", "WARNING root")  # fmt: skip
     runs = {
@@ -140,7 +151,7 @@ def test_train_and_score_print_their_own_lines_only(tmp_path_factory, tmp_path):
         assert not noisy, (job, noisy)
 
 
-@pytest.mark.parametrize("job", sorted(JOBS))
+@pytest.mark.parametrize("job", sorted(commands()))
 def test_every_job_explains_its_options(job, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([job, "--help"])
@@ -152,7 +163,7 @@ def test_every_job_explains_its_options(job, capsys):
 @pytest.mark.timeout(120)
 def test_prepare_runs_as_a_module_and_names_missing_options():
     proc = subprocess.run(
-        [sys.executable, "-m", "beam_pipelines.prepare"],
+        [sys.executable, "-m", "skewless.beam_pipelines.jobs.prepare"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -161,9 +172,36 @@ def test_prepare_runs_as_a_module_and_names_missing_options():
     assert "--output_dir" in proc.stderr
 
 
+def test_the_cli_reads_each_declaration_as_the_job_declares_it():
+    """`skewless` lists the commands without importing them (it reads `JOB = Job(...)` with
+    ast): what it reads is what each module declares, every module of jobs/ and commands/
+    declares one, and every command has one default module."""
+    entries = declared()
+    for entry in entries:
+        job = load(entry.module)
+        assert (entry.name, entry.summary, entry.mode, entry.in_process) == (
+            job.name, job.summary, job.mode, job.in_process
+        )  # fmt: skip
+    modules = {
+        f"{package}.{path.stem}"
+        for package in PACKAGES
+        for path in _package_dir(package).glob("[!_]*.py")
+    }
+    assert {e.module for e in entries} == modules == job_modules()
+    assert sorted(commands()) == sorted({e.name for e in entries})
+    assert [e.name for e in entries].count("score") == 2  # batch, and --streaming
+
+
+def test_a_declaration_the_cli_cannot_read_is_a_clear_error(tmp_path):
+    path = tmp_path / "job.py"
+    path.write_text('NAME = "x"\nJOB = Job(name=NAME, summary="s")\n')
+    with pytest.raises(ValueError, match="JOB's name must be a literal"):
+        _static_declaration(path)
+
+
 def test_score_streaming_is_its_own_job_module():
-    assert job_module("score", ["--model_dir=m"]) == "beam_pipelines.score"
-    assert job_module("score", ["--streaming", "--model_dir=m"]) == "beam_pipelines.score_stream"
+    assert job_module("score", ["--model_dir=m"]) == "skewless.beam_pipelines.jobs.score"
+    assert job_module("score", ["--streaming", "--model_dir=m"]) == "skewless.beam_pipelines.jobs.score_streaming"
 
 
 def test_score_streaming_help_lists_only_its_own_flags(capsys):

@@ -29,12 +29,10 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from tests.aggregate_support import typed_events
-from tests.flights_data import CSV_COLUMNS, real_flights, write_csv
-from transforms.aggregations import BucketAccumulatorFn, attach_aggregates
-from transforms.featureset import FeatureSet, Field, WindowedAggregate, as_of_window_end
-from transforms.flights import FLIGHTS
-from transforms.operations import (
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.aggregations import BucketAccumulatorFn, attach_aggregates
+from skewless.transforms.featureset import FeatureSet, Field, WindowedAggregate, as_of_window_end
+from skewless.transforms.operations import (
     Count,
     First,
     Histogram,
@@ -48,15 +46,17 @@ from transforms.operations import (
     UniqueCount,
     Variance,
 )
-from transforms.partials import CellKey, _cell, add_to_slot, key_specs, new_slot
-from transforms.tiles import _MergePartials, to_partials
-from transforms.validation import (
+from skewless.transforms.partials import CellKey, _cell, add_to_slot, key_specs, new_slot
+from skewless.transforms.record_checks import (
     DEAD,
     InvalidRecord,
     RecordValidator,
     ValidateRecordsFn,
     to_epoch_ms,
 )
+from skewless.transforms.tiles import _MergePartials, to_partials
+from tests.aggregate_support import typed_events
+from tests.flights_data import CSV_COLUMNS, real_flights, write_csv
 
 # --- 1. validation ranges: at the bounds accepted, one step outside rejected --------------------
 
@@ -175,7 +175,7 @@ def test_the_json_cases_are_valid_json_that_json_dumps_would_not_reproduce():
 
 @pytest.mark.parametrize("stage", list(JSON_CASES))
 def test_json_lines_dead_letter_keeps_the_line_text_exactly(tmp_path, stage):
-    from beam_pipelines.io.files import read_file_records
+    from skewless.beam_pipelines.io.files import read_file_records
 
     text, reason = JSON_CASES[stage]
     good = json.dumps(GOOD)
@@ -217,7 +217,7 @@ PUBSUB_CASES = {
 def test_pubsub_dead_letter_keeps_the_payload_exactly(stage):
     """ParseMessages then ValidateRecords, the streaming jobs' first steps; the dead-letter
     message published carries the payload's bytes unchanged."""
-    from beam_pipelines.io.pubsub import _ParseMessages, to_dead_letter_message
+    from skewless.beam_pipelines.io.pubsub import _ParseMessages, to_dead_letter_message
 
     text, attributes, reason = PUBSUB_CASES[stage]
     payload = text.encode("utf-8")
@@ -238,7 +238,7 @@ def test_pubsub_dead_letter_keeps_the_payload_exactly(stage):
 
 def _streaming_letters(message) -> list[dict]:
     """ParseMessages then ValidateRecords on one message -> its dead letters."""
-    from beam_pipelines.io.pubsub import _ParseMessages
+    from skewless.beam_pipelines.io.pubsub import _ParseMessages
 
     parse = _ParseMessages("event_time", FLIGHTS)
     parse.setup()
@@ -254,8 +254,8 @@ def _streaming_letters(message) -> list[dict]:
 def test_a_payload_that_is_not_utf8_is_said_so_and_kept_byte_for_byte(tmp_path):
     """Not re-encoded with U+FFFD (16 bytes became 22): the dead-letter message carries the
     very bytes, a dead-letter file base64 with its encoding named."""
-    from beam_pipelines.io.pubsub import to_dead_letter_message
-    from beam_pipelines.io.sinks import WriteDeadLetters
+    from skewless.beam_pipelines.io.file_sinks import WriteDeadLetters
+    from skewless.beam_pipelines.io.pubsub import to_dead_letter_message
 
     payload = b'{"carrier": "\xff\xfeUA"}'
     (letter,) = _streaming_letters(_message(payload))
@@ -273,13 +273,13 @@ def test_a_payload_that_is_not_utf8_is_said_so_and_kept_byte_for_byte(tmp_path):
 def test_the_streaming_jobs_take_the_feature_set_s_time_range_from_1970_on():
     """ParseMessages applied the default range whatever the feature set declared; and Bigtable,
     the online store, holds no time before 1970."""
-    from beam_pipelines.io.pubsub import streaming_time_range
+    from skewless.beam_pipelines.io.pubsub import streaming_time_range
 
     narrow = replace(FLIGHTS, timestamp_range=("2013-01-01T00:00:00Z", "2014-01-01T00:00:00Z"))
     assert streaming_time_range(narrow) == ("2013-01-01T00:00:00Z", "2014-01-01T00:00:00Z")
     assert streaming_time_range(FLIGHTS)[0] == "1970-01-01T00:00:00+00:00"
 
-    from beam_pipelines.io.pubsub import _ParseMessages
+    from skewless.beam_pipelines.io.pubsub import _ParseMessages
 
     for fs, stamp, accepted in (
         (narrow, "2012-12-31T23:59:59Z", False),
@@ -296,8 +296,8 @@ def test_the_streaming_jobs_take_the_feature_set_s_time_range_from_1970_on():
 
 
 def test_pubsub_dead_letters_keep_the_payload_in_a_pipeline():
-    from beam_pipelines.io.pubsub import ParseMessages
-    from transforms.validation import ValidateRecords
+    from skewless.beam_pipelines.io.pubsub import ParseMessages
+    from skewless.transforms.record_checks import ValidateRecords
 
     cases = {stage: case[0] for stage, case in PUBSUB_CASES.items()}
     messages = [_message(json.dumps(GOOD).encode())] + [
@@ -326,7 +326,7 @@ def _csv_line(**changes) -> str:
 
 
 def test_csv_line_that_does_not_split_keeps_its_text(tmp_path):
-    from beam_pipelines.io.files import read_file_records
+    from skewless.beam_pipelines.io.files import read_file_records
 
     line = _csv_line() + ",extra"
     path = _csv_file(tmp_path, line)
@@ -345,7 +345,7 @@ CSV_CASES = {
 
 @pytest.mark.parametrize("stage", list(CSV_CASES))
 def test_csv_dead_letter_names_the_stage_reason_file_and_line(tmp_path, stage):
-    from beam_pipelines.io.files import read_file_records
+    from skewless.beam_pipelines.io.files import read_file_records
 
     line, reason = CSV_CASES[stage]
     path = _csv_file(tmp_path, line)
@@ -357,7 +357,7 @@ def test_csv_dead_letter_names_the_stage_reason_file_and_line(tmp_path, stage):
 
 @pytest.mark.parametrize("stage", list(CSV_CASES))
 def test_csv_dead_letter_keeps_the_line_text_exactly(tmp_path, stage):
-    from beam_pipelines.io.files import read_file_records
+    from skewless.beam_pipelines.io.files import read_file_records
 
     line, _ = CSV_CASES[stage]
     path = _csv_file(tmp_path, line)
@@ -559,7 +559,7 @@ def test_the_lookup_sees_the_window_of_t_minus_d_by_hand():
 
 
 def test_build_examples_gives_defaults_for_empty_windows_and_sees_t_minus_d():
-    from transforms.examples import BuildExamples
+    from skewless.transforms.examples import BuildExamples
 
     def check(rows):
         got = {}
@@ -586,7 +586,7 @@ def _fake_version(base: Path, number: int, complete: bool = True) -> Path:
     no TensorFlow graph: a SavedModel proto holding only the serving signature."""
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from models.versions import MODEL_FILE, SIGNATURE
+    from skewless.models.versions import MODEL_FILE, SIGNATURE
 
     path = base / str(number)
     (path / "variables").mkdir(parents=True, exist_ok=True)
@@ -600,7 +600,7 @@ def _fake_version(base: Path, number: int, complete: bool = True) -> Path:
 
 
 def test_resolve_takes_the_highest_version_numerically_and_refuses_an_incomplete_one(tmp_path):
-    from models.versions import ModelDirError, list_versions, resolve
+    from skewless.models.versions import ModelDirError, list_versions, resolve
 
     for n in (1, 2, 10):
         _fake_version(tmp_path, n)
@@ -617,8 +617,8 @@ def test_resolve_takes_the_highest_version_numerically_and_refuses_an_incomplete
 @pytest.fixture
 def watcher(tmp_path, monkeypatch):
     """A LiveModel serving version 1 of tmp_path/models, whose loads are recorded, not run."""
-    from models import watch
-    from models.handler import LoadedModel
+    from skewless.models import watch
+    from skewless.models.handler import LoadedModel
 
     loads = []
     broken: set[int] = set()
@@ -823,7 +823,7 @@ def test_tile_partials_merged_in_any_split_and_order_give_the_same_cells(ewr_con
 
 
 def test_entity_values_are_text_and_booleans_are_lowercase_words():
-    from transforms.partials import entity_value
+    from skewless.transforms.partials import entity_value
 
     assert entity_value(None) is None
     assert entity_value(True) == "true" and entity_value(False) == "false"
@@ -853,7 +853,7 @@ def test_aggregates_of_one_partial_kind_and_field_share_one_partial_per_bucket()
 
 
 def test_key_specs_are_computed_once_per_feature_set_and_never_taken_from_another():
-    from transforms import partials
+    from skewless.transforms import partials
 
     first = key_specs(GUARD)
     assert key_specs(GUARD) is first  # cached
@@ -896,7 +896,7 @@ def test_by_time_operations_read_ints_as_floats_and_strings_as_lists_of_strings(
 
 
 def test_an_operation_that_takes_no_value_refuses_one():
-    from transforms.featureset import FeatureSetError
+    from skewless.transforms.featureset import FeatureSetError
 
     with pytest.raises(FeatureSetError, match="count takes no value field"):
         replace(GUARD, aggregates=(WindowedAggregate("n", "k", Count("v"), 60, 60),))

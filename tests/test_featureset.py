@@ -4,14 +4,14 @@ import dataclasses
 
 import pytest
 
-from transforms.featureset import (
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.featureset import (
     FeatureSetError,
     Field,
     WindowedAggregate,
     as_of_window_end,
     load_feature_set,
 )
-from transforms.flights import FLIGHTS
 
 P = 300_000  # 5 min in ms
 S = 3_600_000  # 60 min in ms
@@ -114,7 +114,7 @@ def test_bad_field_type_is_rejected():
 
 def test_load_feature_set_by_bundled_name_and_by_module_path():
     assert load_feature_set("flights") is FLIGHTS
-    assert load_feature_set("transforms.flights:FLIGHTS") is FLIGHTS
+    assert load_feature_set("skewless.examples.flights:FLIGHTS") is FLIGHTS
     assert load_feature_set("tests.toy_featureset:CLICKS").name == "clicks"
 
 
@@ -123,7 +123,7 @@ def test_load_feature_set_by_bundled_name_and_by_module_path():
     [
         ("nope", "expected 'package.module:NAME'"),
         ("no_such_module_xyz:X", "cannot import"),
-        ("transforms.flights:AGGREGATES", "is not a FeatureSet"),
+        ("skewless.examples.flights:AGGREGATES", "is not a FeatureSet"),
     ],
 )
 def test_load_feature_set_errors_are_clear(spec, message):

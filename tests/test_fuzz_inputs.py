@@ -41,25 +41,24 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from beam_pipelines.io.file_sources import ReadRawFiles
-from beam_pipelines.io.files import (
+from skewless.beam_pipelines.io.file_sources import ReadRawFiles
+from skewless.beam_pipelines.io.files import (
     CSV_NULL_VALUES,
     InputError,
     check_input,
     read_file_records,
 )
-from beam_pipelines.io.pubsub import to_dead_letter_message
-from tests.toy_featureset import CLICKS
-from transforms.aggregations import attach_aggregates, entity_value, row_key
-from transforms.example_schema import (
+from skewless.beam_pipelines.io.pubsub import to_dead_letter_message
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.aggregations import attach_aggregates, entity_value, row_key
+from skewless.transforms.example_schema import (
     example_fields_record_batch,
     features_arrow_schema,
     to_tft_record_batch,
     with_aggregate_columns,
 )
-from transforms.featureset import FeatureSet, as_of_window_end
-from transforms.flights import FLIGHTS
-from transforms.validation import (
+from skewless.transforms.featureset import FeatureSet, as_of_window_end
+from skewless.transforms.record_checks import (
     DEAD,
     InvalidRecord,
     RecordValidator,
@@ -68,6 +67,7 @@ from transforms.validation import (
     iter_raw_records,
     parse_json_payload,
 )
+from tests.toy_featureset import CLICKS
 
 EXAMPLES = int(os.environ.get("SKEWLESS_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -474,9 +474,9 @@ def test_fuzzed_inputs_never_crash_lose_or_corrupt_a_record(fmt, tmp_path_factor
 def test_fuzzed_files_through_the_real_batch_pipeline(tmp_path_factory):
     """Generated files of every format through ReadRawFiles + ValidateRecords + BuildExamples
     in one pipeline: the job finishes and every record is counted once."""
-    from beam_pipelines.common import metric_counters
-    from transforms.examples import BuildExamples
-    from transforms.validation import ValidateRecords
+    from skewless.beam_pipelines.runtime.parsing import metric_counters
+    from skewless.transforms.examples import BuildExamples
+    from skewless.transforms.record_checks import ValidateRecords
 
     formats = st.sampled_from(["csv", "jsonl", "parquet"])
 

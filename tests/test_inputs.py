@@ -23,13 +23,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import prepare
-from beam_pipelines.cli import run_job
-from beam_pipelines.io.files import InputError, check_input, read_file_records
-from tests.flights_data import CSV_COLUMNS, real_flights, write_csv, write_jsonl
-from transforms.examples import BuildExamples
-from transforms.flights import FLIGHTS
-from transforms.validation import (
+from skewless.beam_pipelines.io.files import InputError, check_input, read_file_records
+from skewless.beam_pipelines.jobs import prepare
+from skewless.beam_pipelines.runtime.launch import run_job
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.examples import BuildExamples
+from skewless.transforms.record_checks import (
     InvalidRecord,
     RawBatch,
     RawLine,
@@ -38,6 +37,7 @@ from transforms.validation import (
     ValidateRecords,
     to_epoch_ms,
 )
+from tests.flights_data import CSV_COLUMNS, real_flights, write_csv, write_jsonl
 
 ROWS = real_flights(1, 1)[:120]
 HEADER = ",".join(CSV_COLUMNS)
@@ -172,7 +172,7 @@ def test_reader_counts_every_record_once_with_its_line(hostile_inputs):
 def test_examples_path_survives_every_valid_record_and_dead_letters_the_rest(hostile_inputs):
     """prepare's and score's path (read, validate, BuildExamples): no OverflowError, no lost
     record; every dead letter names its file and line."""
-    from beam_pipelines.io.file_sources import ReadRawFiles
+    from skewless.beam_pipelines.io.file_sources import ReadRawFiles
 
     with TestPipeline(runner="FnApiRunner") as p:
         raw = p | ReadRawFiles(str(hostile_inputs / "flights.*"), fs=FLIGHTS)
@@ -268,7 +268,7 @@ def test_parquet_schema_is_checked_and_dead_letters_carry_the_row_index(tmp_path
     pq.write_table(pa.Table.from_pylist(rows), path)
     check_input(str(path), None, FLIGHTS)
     with TestPipeline(runner="FnApiRunner") as p:
-        from beam_pipelines.io.file_sources import ReadRawFiles
+        from skewless.beam_pipelines.io.file_sources import ReadRawFiles
 
         _, dead = p | ReadRawFiles(str(path), fs=FLIGHTS) | ValidateRecords(FLIGHTS)
         assert_that(dead | beam.Map(lambda d: (d["row"], d["file"])), equal_to([(3, str(path))]))
@@ -442,7 +442,7 @@ def test_a_failure_inside_the_pipeline_is_one_line_too(capsys, monkeypatch):
 def test_the_command_prints_its_own_lines_only(tmp_path):
     """No TensorFlow/absl start-up screen: an error is exactly one line; a run only its result."""
     (tmp_path / "empty.csv").write_bytes(b"")
-    skewless = [sys.executable, "-m", "beam_pipelines.cli"]
+    skewless = [sys.executable, "-m", "skewless.beam_pipelines.runtime.cli"]
     proc = subprocess.run(
         [*skewless, "prepare", "--input", str(tmp_path / "empty.csv"), "--output_dir", str(tmp_path / "o")],
         capture_output=True, text=True, timeout=300,
@@ -472,7 +472,7 @@ def test_the_command_prints_its_own_lines_only(tmp_path):
     assert [line for line in lines if "skewless.prepare" in line and "prepare finished" in line]
     # The Flex Template entry point (python -m) reports errors the same way.
     proc = subprocess.run(
-        [sys.executable, "-m", "beam_pipelines.prepare", "--input", str(tmp_path / "empty.csv"), "--output_dir", "o"],
+        [sys.executable, "-m", "skewless.beam_pipelines.jobs.prepare", "--input", str(tmp_path / "empty.csv"), "--output_dir", "o"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -499,7 +499,7 @@ def test_the_command_prints_its_own_lines_only(tmp_path):
     ],
 )
 def test_garbled_timestamp_attributes_are_bad_timestamps(value, reason):
-    from beam_pipelines.io.pubsub import BadTimestamp, parse_timestamp_attribute
+    from skewless.beam_pipelines.io.pubsub import BadTimestamp, parse_timestamp_attribute
 
     with pytest.raises(BadTimestamp, match=reason):
         parse_timestamp_attribute(value)
@@ -509,7 +509,7 @@ def test_parse_messages_turns_every_poison_message_into_one_dead_letter():
     from apache_beam.io.gcp.pubsub import PubsubMessage
     from apache_beam.transforms.window import TimestampedValue
 
-    from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, _ParseMessages
+    from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, _ParseMessages
 
     fn = _ParseMessages("event_time", FLIGHTS)
     fn.setup()
@@ -572,7 +572,7 @@ def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path
 def test_score_on_the_hostile_inputs_and_bad_files(
     hostile_inputs, tmp_path_factory, tmp_path, capsys
 ):
-    from beam_pipelines import score
+    from skewless.beam_pipelines.jobs import score
     from tests.test_train import prepared_and_trained
 
     trained = prepared_and_trained(tmp_path_factory)
@@ -615,8 +615,8 @@ def test_score_on_the_hostile_inputs_and_bad_files(
 def test_large_compressed_files_have_their_head_checked(tmp_path, monkeypatch):
     """Above FULL_CHECK_BYTES only the head is read before the run; a truncated tail then
     fails the reader with the same clear InputError instead of silently losing records."""
-    from beam_pipelines.io import files
-    from transforms.flights import bundled_flights_path
+    from skewless.beam_pipelines.io import files
+    from skewless.examples.flights import bundled_flights_path
 
     monkeypatch.setattr(files, "FULL_CHECK_BYTES", 0)
     _bad_inputs(tmp_path)
@@ -644,7 +644,7 @@ def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
     poison message: one dead letter each, the good message through, no failed bundle."""
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
-    from beam_pipelines.io.pubsub import ParseMessages
+    from skewless.beam_pipelines.io.pubsub import ParseMessages
 
     good = dict(ROWS[0])
     ts = {"event_time": str(RecordValidator(FLIGHTS).validate(dict(good))["event_time"])}
@@ -688,7 +688,7 @@ def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
 def test_a_file_that_breaks_during_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     """A file that passed the check but fails when read (changed since, or corrupt past the
     checked head) fails the job with the reader's one-line reason, not a worker traceback."""
-    from beam_pipelines.io import file_sources
+    from skewless.beam_pipelines.io import file_sources
 
     def broken(path, fmt, fs=None, batch_rows=0):
         raise InputError(f"{path}: not a valid gzip file (truncated)")

@@ -8,14 +8,15 @@ import random
 
 import pytest
 
-from beam_pipelines import bigtable_setup, publish_reference
-from beam_pipelines.io.bigtable import open_table
-from beam_pipelines.io.online_store import OnlineLookup
+from skewless.beam_pipelines.commands import bigtable_setup
+from skewless.beam_pipelines.io.bigtable import open_table
+from skewless.beam_pipelines.io.online_store import OnlineLookup
+from skewless.beam_pipelines.jobs import publish_reference
+from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
+from skewless.transforms.reference import join_references
 from tests.aggregate_support import typed_events
 from tests.flights_data import real_flights, write_weather_slice
 from tests.test_reference import index_of, table_rows
-from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
-from transforms.reference import join_references
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
 

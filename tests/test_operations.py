@@ -24,15 +24,12 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
 
-from beam_pipelines.common import metric_counters
-from tests.aggregate_support import CollectPanes, batch_cells, streaming_options, typed_events
-from tests.brute_force import brute_cells, brute_example
-from tests.flights_data import real_flights
-from tests.weather_featureset import WEATHER, weather_path
-from transforms.aggregations import ComputeAggregates, attach_aggregates
-from transforms.featureset import Aggregate, FeatureSetError
-from transforms.flights import FLIGHTS
-from transforms.operations import (
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.examples.flights import FLIGHTS
+from skewless.examples.weather import WEATHER, weather_path
+from skewless.transforms.aggregations import ComputeAggregates, attach_aggregates
+from skewless.transforms.featureset import Aggregate, FeatureSetError
+from skewless.transforms.operations import (
     OPERATIONS,
     Count,
     First,
@@ -47,7 +44,10 @@ from transforms.operations import (
     UniqueCount,
     Variance,
 )
-from transforms.partials import CellKey
+from skewless.transforms.partials import CellKey
+from tests.aggregate_support import CollectPanes, batch_cells, streaming_options, typed_events
+from tests.brute_force import brute_cells, brute_example
+from tests.flights_data import real_flights
 
 DAY_MS = 86_400_000
 
@@ -181,7 +181,7 @@ def test_the_as_of_lookup_with_a_serving_delay_equals_the_brute_force(weather):
 
 
 def test_the_batch_as_of_join_with_a_serving_delay_equals_the_brute_force(weather):
-    from transforms.examples import BuildExamples
+    from skewless.transforms.examples import BuildExamples
 
     columns = [c for a in WEATHER.aggregates for c, _, _ in a.columns]
     expected = {}
@@ -338,7 +338,7 @@ def test_generated_names_and_windows_as_a_list():
 
 
 def test_signed_zeros_give_the_same_value_in_every_order():
-    from transforms.operations import ADD, MERGE
+    from skewless.transforms.operations import ADD, MERGE
 
     for op in (Min("v"), Max("v"), First("v"), Last("v"), LastK("v", k=2)):
         results = set()

@@ -11,12 +11,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from beam_pipelines import prepare
-from beam_pipelines.io.files import InputError
+from skewless.beam_pipelines.io.files import InputError
+from skewless.beam_pipelines.jobs import prepare
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.example_schema import features_arrow_schema
+from skewless.transforms.split import Split
 from tests.flights_data import real_flights, write_csv, write_jsonl
-from transforms.example_schema import features_arrow_schema
-from transforms.flights import FLIGHTS
-from transforms.split import Split
 
 BAD_LINES = {
     "2013,13,1,517,515,2,830,819,11,UA,1545,N14228,EWR,IAH,227,1400,5,15,2013-01-01T10:00:00Z": "'month' = 13 is above the maximum 12",

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipelines import prepare
+from skewless.beam_pipelines.jobs import prepare
 from tests.flights_data import real_flights, write_csv
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]

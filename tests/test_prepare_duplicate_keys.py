@@ -11,11 +11,11 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import prepare
-from beam_pipelines.cli import run_job
+from skewless.beam_pipelines.jobs import prepare
+from skewless.beam_pipelines.runtime.launch import run_job
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.examples import CountDuplicateKeys
 from tests.flights_data import real_flights, write_csv
-from transforms.examples import CountDuplicateKeys
-from transforms.flights import FLIGHTS
 
 MS = 1000
 JAN_1 = int(dt.datetime(2013, 1, 1, 10, tzinfo=dt.UTC).timestamp() * MS)
@@ -123,13 +123,13 @@ def test_a_key_gets_the_same_shard_in_every_process():
     import subprocess
     import sys
 
-    from transforms.examples import _key_table, _shards
+    from skewless.transforms.examples import _key_table, _shards
 
     keys = batch(("UA", 1, "EWR", JAN_1), ("AA", None, "JFK", JAN_1 + 1), (None, 3, "LGA", 0))
     here = _shards(_key_table(FLIGHTS, keys), FLIGHTS.example_key).tolist()
     code = (
         "import sys; from tests.test_prepare_duplicate_keys import batch, JAN_1; "
-        "from transforms.examples import _key_table, _shards; from transforms.flights import "
+        "from skewless.transforms.examples import _key_table, _shards; from skewless.examples.flights import "
         "FLIGHTS; keys = batch(('UA', 1, 'EWR', JAN_1), ('AA', None, 'JFK', JAN_1 + 1), "
         "(None, 3, 'LGA', 0)); print(_shards(_key_table(FLIGHTS, keys), FLIGHTS.example_key)"
         ".tolist())"

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_transform as tft
 
-from beam_pipelines import prepare
+from skewless.beam_pipelines.jobs import prepare
 from tests.flights_data import real_flights, write_csv
 from tests.test_prepare import read_tfrecords
 

@@ -8,8 +8,8 @@ import numpy as np
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from transforms.example_schema import tft_feature_spec
-from transforms.flights import FLIGHTS
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.example_schema import tft_feature_spec
 
 MS = 1000
 
@@ -89,12 +89,12 @@ def test_a_reference_category_with_more_values_than_a_sketch_keeps_gets_an_id_pe
     import pyarrow as pa
     import tensorflow_transform as tft
 
-    from transforms.example_schema import (
+    from skewless.examples.flights import FLIGHTS_PLUS
+    from skewless.transforms.example_schema import (
         features_arrow_schema,
         tft_tensor_adapter_config,
         to_tft_record_batch,
     )
-    from transforms.flights import FLIGHTS_PLUS
 
     manufacturers = [f"MAKER {i:05d}" for i in range(10_050)]
     # The first 50 build two aircraft each: the vocabulary puts them first.

@@ -16,17 +16,17 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that
 
-from beam_pipelines import publish_reference
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.io.bigtable import (
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.io.bigtable import (
     BigtableSetupError,
     WriteReferenceRows,
     check_reference_families,
     decode_value,
     open_table,
 )
+from skewless.beam_pipelines.jobs import publish_reference
+from skewless.examples.flights import FLIGHTS, PLANES, WEATHER_AT_ORIGIN
 from tests.test_reference import FS
-from transforms.flights import FLIGHTS, PLANES, WEATHER_AT_ORIGIN
 
 pytestmark = [pytest.mark.emulator]
 RETENTION_S = 20 * 365 * 86_400  # the 2013 rows must outlive the GC rule's age

@@ -15,15 +15,20 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from beam_pipelines.io.files import _read_bytes, read_csv_table
-from tests.aggregate_support import typed_events
-from tests.flights_data import real_flights
-from transforms.example_schema import example_fields_record_batch
-from transforms.examples import BuildExamples
-from transforms.featureset import FeatureSetError, Field, ReferenceTable
-from transforms.flights import DEST_AIRPORTS, FLIGHTS, PLANES, REFERENCE_TABLES, WEATHER_AT_ORIGIN
-from transforms.records import TracedRecord
-from transforms.reference import (
+from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
+from skewless.examples.flights import (
+    DEST_AIRPORTS,
+    FLIGHTS,
+    PLANES,
+    REFERENCE_TABLES,
+    WEATHER_AT_ORIGIN,
+)
+from skewless.transforms.example_schema import example_fields_record_batch
+from skewless.transforms.examples import BuildExamples
+from skewless.transforms.featureset import FeatureSetError, Field, ReferenceTable
+from skewless.transforms.record_checks import ValidateRecordsFn, ms_to_datetime
+from skewless.transforms.records import TracedRecord
+from skewless.transforms.reference import (
     DEAD,
     BuildReferenceIndex,
     ReferenceIndex,
@@ -34,7 +39,8 @@ from transforms.reference import (
     row_as_of,
     rows_feature_set,
 )
-from transforms.validation import ValidateRecordsFn, ms_to_datetime
+from tests.aggregate_support import typed_events
+from tests.flights_data import real_flights
 
 HOUR_MS = 3_600_000
 FS = replace(
@@ -300,8 +306,8 @@ def test_prepare_train_and_score_join_the_tables_read_from_files(tmp_path, fligh
 
     import pyarrow.parquet as pq
 
-    from beam_pipelines import prepare, score
-    from models import train
+    from skewless.beam_pipelines.commands import train
+    from skewless.beam_pipelines.jobs import prepare, score
     from tests.flights_data import write_csv
 
     raws = real_flights(month=2, day=10, days=3)

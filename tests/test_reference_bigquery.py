@@ -11,12 +11,12 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipelines import prepare, score
-from beam_pipelines.io.files import InputError, _read_bytes, read_csv_table
-from models import train
+from skewless.beam_pipelines.commands import train
+from skewless.beam_pipelines.io.files import InputError, _read_bytes, read_csv_table
+from skewless.beam_pipelines.jobs import prepare, score
+from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 from tests.flights_data import real_flights, write_csv
 from tests.test_prepare_bigquery import emulator_args, features
-from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(600)]
 
@@ -115,9 +115,9 @@ def test_publish_reference_reads_a_reference_table_from_bigquery(weather, bq_emu
     checked before the run; a missing table is an error then."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_pipelines.io.bigquery import ReadFromBigQueryStorage
-    from beam_pipelines.io.sources import reference_table_source
-    from beam_pipelines.options import SourceOptions
+    from skewless.beam_pipelines.io.bigquery import ReadFromBigQueryStorage
+    from skewless.beam_pipelines.runtime.inputs import reference_table_source
+    from skewless.beam_pipelines.runtime.options import SourceOptions
 
     def source(table):
         argv = ["--reference", f"origin_weather=bigquery:{table}", *emulator_args(bq_emulator)]

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipelines import bigtable_setup
-from beam_pipelines.cli import run_job
-from beam_pipelines.io.bigtable import open_table
-from beam_pipelines.io.online_store import OnlineLookup
+from skewless.beam_pipelines.commands import bigtable_setup
+from skewless.beam_pipelines.io.bigtable import open_table
+from skewless.beam_pipelines.io.online_store import OnlineLookup
+from skewless.beam_pipelines.runtime.launch import run_job
+from skewless.examples.flights import WEATHER_AT_ORIGIN
+from skewless.transforms.record_checks import to_epoch_ms
+from skewless.transforms.reference import join_references, reference_row_validator
 from tests.test_publish_reference import (
     csv_lines,
     dead_letters,
@@ -26,9 +29,6 @@ from tests.test_publish_reference import (
     typed_weather,
 )
 from tests.test_reference import FS, index_of, table_rows
-from transforms.flights import WEATHER_AT_ORIGIN
-from transforms.reference import join_references, reference_row_validator
-from transforms.validation import to_epoch_ms
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
 REF = "flights_tables_ref"

@@ -11,25 +11,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipelines import (
-    bigtable_setup,
-    prepare,
-    publish_reference,
-    score,
-)
-from beam_pipelines.io.bigtable import open_table
-from beam_pipelines.io.online_store import OnlineLookup
-from beam_pipelines.replay import ReplayStats, order_events
-from models import train
-from models.handler import SkewlessModelHandler, predict, rows_to_feed
+from skewless.beam_pipelines.commands import bigtable_setup, train
+from skewless.beam_pipelines.commands.replay import ReplayStats, order_events
+from skewless.beam_pipelines.io.bigtable import open_table
+from skewless.beam_pipelines.io.online_store import OnlineLookup
+from skewless.beam_pipelines.jobs import prepare, publish_reference, score
+from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
+from skewless.models.handler import SkewlessModelHandler, predict, rows_to_feed
+from skewless.transforms.record_checks import ms_to_datetime, to_epoch_ms
 from tests.aggregate_support import (
     score_streaming,
     typed_events,
     write_cells_with_the_aggregate_job,
 )
 from tests.flights_data import real_flights, write_csv, write_weather_slice
-from transforms.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
-from transforms.validation import ms_to_datetime, to_epoch_ms
 
 SCORE_START = "2013-02-13T00:00:00Z"
 RETENTION_S = 20 * 365 * 86_400

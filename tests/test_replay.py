@@ -10,12 +10,12 @@ from concurrent.futures import Future
 
 import pytest
 
-from beam_pipelines import replay
-from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, parse_timestamp_attribute
+from skewless.beam_pipelines.commands import replay
+from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, parse_timestamp_attribute
+from skewless.examples.flights import FLIGHTS
+from skewless.examples.weather import WEATHER
+from skewless.transforms.record_checks import RecordValidator
 from tests.aggregate_support import flights_raw_slice
-from tests.weather_featureset import WEATHER
-from transforms.flights import FLIGHTS
-from transforms.validation import RecordValidator
 
 
 def _jsonable(row: dict) -> dict:
@@ -89,7 +89,7 @@ def test_a_replay_as_fast_as_possible_reaches_the_topic_in_event_time_order(pubs
     subscription = pubsub_emulator.subscription(topic)
     stats = replay.run(
         [
-            f"--topic={topic}", "--feature_set=tests.weather_featureset:WEATHER",
+            f"--topic={topic}", "--feature_set=skewless.examples.weather:WEATHER",
             "--speedup=0", "--heartbeat_s=0.2",
         ]
     )  # fmt: skip

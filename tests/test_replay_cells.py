@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from beam_pipelines import cells
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.io.bigtable import cell_row, open_table
-from tests.weather_featureset import WEATHER
-from transforms.partials import CellKey
+from skewless.beam_pipelines.commands import cells
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.io.bigtable import cell_row, open_table
+from skewless.examples.weather import WEATHER
+from skewless.transforms.partials import CellKey
 
-WEATHER_SPEC = "tests.weather_featureset:WEATHER"
+WEATHER_SPEC = "skewless.examples.weather:WEATHER"
 DAY_MS = 86_400_000
 
 

@@ -1,7 +1,7 @@
 """Issue 20: a replay as fast as possible into the local aggregate job, with the default lateness.
 
 `skewless replay --speedup 0 --heartbeat_s 1` (its CLI) publishes the events of
-tests/weather_featureset.py (real hourly weather at three airports, a 1-day period, 1-day and
+skewless/examples/weather.py (real hourly weather at three airports, a 1-day period, 1-day and
 7-day windows, every operation) into the aggregate job (its real make_pipeline, local runner,
 `--allowed_lateness_s` left at its default) on the Pub/Sub and Bigtable emulators. The cells
 must equal the batch backfill, cell by cell, with nothing dropped: the replay keeps event-time
@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import pytest
 
-from beam_pipelines import replay
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import open_table, read_cells
-from beam_pipelines.options import DEFAULT_ALLOWED_LATENESS_S
+from skewless.beam_pipelines.commands import replay
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.io.bigtable import open_table, read_cells
+from skewless.beam_pipelines.runtime.options import DEFAULT_ALLOWED_LATENESS_S
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.examples.weather import WEATHER, weather_path
+from skewless.transforms.record_checks import to_epoch_ms
 from tests.aggregate_support import batch_cells, start_aggregate_job, typed_events, wait_for
-from tests.weather_featureset import WEATHER, weather_path
-from transforms.validation import to_epoch_ms
 
 pytestmark = [pytest.mark.emulator]
-SPEC = "tests.weather_featureset:WEATHER"
+SPEC = "skewless.examples.weather:WEATHER"
 RETENTION_S = 20 * 365 * 86_400  # the cells are stamped in 2013: keep them
 DROPS = ("late_updates_dropped", "events_dropped_too_late")
 

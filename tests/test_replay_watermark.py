@@ -1,4 +1,4 @@
-"""The local runner's event-time watermark as a replay drives it (beam_pipelines/local_runner.py).
+"""The local runner's event-time watermark as a replay drives it (skewless/beam_pipelines/runtime/local_runner.py).
 
 Each pull moves the watermark to the later of two bounds: the oldest event of the pull, and the
 latest heartbeat of the pull (a promise that every event before it was published before it),
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 from apache_beam.utils.timestamp import Timestamp
 
-from beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
-from beam_pipelines.local_runner import _event_times, _local_watermark
+from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
+from skewless.beam_pipelines.runtime.local_runner import _event_times, _local_watermark
 
 NOW = Timestamp(micros=1_800_000_000_000_000)
 

@@ -16,11 +16,11 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import score
-from models.handler import SkewlessModelHandler, arrow_to_feed, predict
+from skewless.beam_pipelines.jobs import score
+from skewless.examples.flights import FLIGHTS
+from skewless.models.handler import SkewlessModelHandler, arrow_to_feed, predict
 from tests.flights_data import write_jsonl
 from tests.test_train import EVAL_START, prepared_and_trained
-from transforms.flights import FLIGHTS
 
 KEY = list(FLIGHTS.example_key)
 BAD_LINES = {
@@ -193,7 +193,7 @@ def test_predictions_to_bigquery_table(trained, bq_emulator, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_report_checks_scores_against_training_and_draws_the_chart(trained, scored, tmp_path):
-    from models.report import format_report, report
+    from skewless.models.report import format_report, report
 
     out, summary, _ = scored
     chart = tmp_path / "report.png"

@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipelines import score
+from skewless.beam_pipelines.jobs import score
+from skewless.examples.flights import FLIGHTS
 from tests.flights_data import write_jsonl
 from tests.test_train import EVAL_START, prepared_and_trained
-from transforms.flights import FLIGHTS
 
 KEY = list(FLIGHTS.example_key)
 COUNTS = ("records_read", "records_valid", "records_rejected", "examples", "examples_scored", "inference_failures")

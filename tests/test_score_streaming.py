@@ -20,20 +20,21 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import score, score_stream
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.online_store import cell_keys
-from beam_pipelines.replay import ReplayStats, order_events, to_message
-from models import train
-from models.handler import SkewlessModelHandler, predict, rows_to_feed
+from skewless.beam_pipelines.commands import train
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, to_message
+from skewless.beam_pipelines.io.online_store import cell_keys
+from skewless.beam_pipelines.jobs import score
+from skewless.beam_pipelines.jobs import score_streaming as score_stream
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.examples.flights import FLIGHTS
+from skewless.models.handler import SkewlessModelHandler, predict, rows_to_feed
+from skewless.transforms.aggregations import attach_aggregates
+from skewless.transforms.record_checks import RecordValidator, ms_to_datetime, to_epoch_ms
 from tests.aggregate_support import write_cells_with_the_aggregate_job
 from tests.flights_data import write_jsonl
 from tests.poison_messages import timestamp_poison
 from tests.test_train import prepared_and_trained
-from transforms.aggregations import attach_aggregates
-from transforms.flights import FLIGHTS
-from transforms.validation import RecordValidator, ms_to_datetime, to_epoch_ms
 
 KEY = ["carrier", "flight", "origin", "scheduled_departure"]
 INPUT_START, INPUT_END = "2013-01-06T10:00:00Z", "2013-01-06T14:00:00Z"  # by scheduled hour
@@ -293,7 +294,7 @@ class _CountingHandler(SkewlessModelHandler):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_bigtable_read_and_one_model_call_per_batch_with_the_as_of_cells(trained):
-    from transforms.aggregations import row_key
+    from skewless.transforms.aggregations import row_key
 
     events = [e for e in map(RecordValidator(FLIGHTS).validate, _slice(trained)) if e][:25]
     keys = {k for e in events for k in cell_keys(FLIGHTS, e)}
@@ -422,7 +423,7 @@ def test_a_version_published_while_the_job_runs_takes_over_without_a_restart(
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_the_watcher_skips_incomplete_and_broken_versions_and_keeps_serving(trained, tmp_path):
-    from models.watch import WatchingModelHandler
+    from skewless.models.watch import WatchingModelHandler
 
     base = tmp_path / "models"
     source = trained["result"]["path"]

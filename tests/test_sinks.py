@@ -13,7 +13,7 @@ import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from beam_pipelines.io import sinks
+from skewless.beam_pipelines.io import file_sinks as sinks
 
 ROWS = 1_000
 BATCHES = 25

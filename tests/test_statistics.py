@@ -18,9 +18,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
-from beam_pipelines import prepare
-from beam_pipelines.io.files import _read_bytes, read_csv_table
-from beam_pipelines.io.statistics_io import (
+from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
+from skewless.beam_pipelines.jobs import prepare
+from skewless.beam_pipelines.validation.files import (
     SchemaFileError,
     read_schema,
     read_statistics,
@@ -29,11 +29,10 @@ from beam_pipelines.io.statistics_io import (
     write_schema,
     write_statistics,
 )
-from tests.flights_data import real_flights, write_csv
-from transforms.example_schema import features_arrow_schema
-from transforms.flights import FLIGHTS, bundled_flights_path
-from transforms.split import Split
-from transforms.statistics import (
+from skewless.examples.flights import FLIGHTS, bundled_flights_path
+from skewless.transforms.example_schema import features_arrow_schema
+from skewless.transforms.split import Split
+from skewless.transforms.statistics import (
     DEFAULT_CATEGORICAL_THRESHOLD,
     DEFAULT_NUMERIC_THRESHOLD,
     QUANTILES_EPS,
@@ -44,7 +43,8 @@ from transforms.statistics import (
     infer_schema,
     statistics_of_batches,
 )
-from transforms.statistics_fn import ComputeStatistics, StatisticsFn
+from skewless.transforms.statistics_fn import ComputeStatistics, StatisticsFn
+from tests.flights_data import real_flights, write_csv
 
 Stats = statistics_pb2.FeatureNameStatistics
 

@@ -13,15 +13,15 @@ import time
 
 import pytest
 
-from beam_pipelines.bigtable_setup import ensure_table
-from beam_pipelines.common import metric_counters
-from beam_pipelines.io.bigtable import open_table, read_cells_with_versions
-from beam_pipelines.replay import Heartbeat, publish_events, to_message
+from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+from skewless.beam_pipelines.commands.replay import Heartbeat, publish_events, to_message
+from skewless.beam_pipelines.io.bigtable import open_table, read_cells_with_versions
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.record_checks import to_epoch_ms
 from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
 from tests.poison_messages import timestamp_poison
 from tests.test_aggregate_e2e import HOUR_MS, LATENESS_S
-from transforms.flights import FLIGHTS
-from transforms.validation import to_epoch_ms
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 

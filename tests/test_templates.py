@@ -4,24 +4,65 @@ options, the image definition, build.sh, and every job's graph built by the Data
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from google.cloud.dataflow_v1beta3 import ParameterType, TemplateMetadata
 
-from beam_pipelines.io.bigquery import parse_query_parameter, validate_table_name
-from templates.jobs import JOBS, job_flags, option_classes, run_job
+from skewless.beam_pipelines.io.bigquery import parse_query_parameter, validate_table_name
+from skewless.beam_pipelines.runtime import job as declarations
+from skewless.transforms.featureset import load_feature_set
+from skewless.transforms.record_checks import to_epoch_ms
+from templates.render import job_flags, metadata_path, text_of
 from tests.test_train import prepared_and_trained
-from transforms.featureset import load_feature_set
-from transforms.validation import to_epoch_ms
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TemplateUnderTest:
+    """A template as these tests see it: its name and the declaration of the job that has it."""
+
+    name: str
+    module: str
+    job: declarations.Job
+
+    @property
+    def metadata_path(self) -> Path:
+        return metadata_path(self.name)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return self.job.required
+
+    @property
+    def not_parameters(self) -> dict[str, str]:
+        return self.job.template.not_parameters
+
+    @property
+    def fixed_args(self) -> tuple[str, ...]:
+        return self.job.template.fixed_args
+
+    @property
+    def streaming(self) -> bool:
+        return self.job.streaming
+
+
+JOBS = {name: TemplateUnderTest(name, *found) for name, found in declarations.templates().items()}
+MAIN = ROOT / "templates" / "main.py"
+
+
+def run_job(template: TemplateUnderTest, argv: list[str]):
+    """What templates/main.py runs: the job's run() with the template's fixed flags first."""
+    return importlib.import_module(template.module).run([*template.fixed_args, *argv])
 DATAFLOW = [
     "--runner=DataflowRunner", "--project=fake-project", "--region=us-central1",
     "--temp_location=gs://fake-bucket/tmp", "--dry_run=True",
@@ -99,11 +140,14 @@ def all_parameters():
 
 
 @pytest.mark.timeout(60)
-def test_there_is_a_template_per_job():
-    assert sorted(JOBS) == ["aggregate", "prepare", "publish_reference", "score_batch", "score_streaming", "validate"]
-    assert sorted(p.name for p in (ROOT / "templates").glob("*/metadata.json")) == ["metadata.json"] * 6
-    for job in JOBS.values():
-        assert job.metadata_path.is_file() and job.main_path.is_file(), job.name
+def test_there_is_a_template_per_declared_job_and_its_metadata_is_the_declaration_s():
+    """The metadata files are rendered from the job declarations (templates/render.py): a
+    declaration changed without rendering again fails here."""
+    assert sorted(JOBS) == ["aggregate", "prepare", "publish_reference", "score", "score_streaming", "validate"]
+    assert sorted(p.parent.name for p in (ROOT / "templates").glob("*/metadata.json")) == sorted(JOBS)
+    for name, job in JOBS.items():
+        assert job.metadata_path.read_text() == text_of(name), f"{name}: run templates/render.py"
+        assert json.loads(job.metadata_path.read_text())["description"] == job.job.description
 
 
 @pytest.mark.timeout(60)
@@ -181,7 +225,7 @@ def test_regexes_agree_with_the_jobs_own_validators():
 def test_parameters_are_the_jobs_options_and_required_ones_are_required(name):
     job = JOBS[name]
     params = parameters(job)
-    flags = job_flags(job)
+    flags = job_flags(job.job)
     assert set(params) <= set(flags), f"not options of {name}: {set(params) - set(flags)}"
     assert set(job.required) <= set(params)
     # Every option is a parameter or deliberately not one, with the reason.
@@ -208,7 +252,7 @@ def test_parameters_are_the_jobs_options_and_required_ones_are_required(name):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_required_parameters_are_what_the_job_reports_missing(name, tmp_path):
-    """jobs.py's `required` is the job's own: run with no flags, the job names exactly those."""
+    """The declaration's `required`: run with no flags, the job names exactly those."""
     job = JOBS[name]
     with pytest.raises(SystemExit) as exc:
         run_job(job, [])
@@ -232,8 +276,8 @@ def test_parameters_parse_in_the_form_flex_templates_pass_them(name):
         argv.append(f"--{pname}={value}")
         expected[pname] = value
     options = PipelineOptions([*job.fixed_args, *argv])
-    flags = job_flags(job)
-    for cls in option_classes(job):
+    flags = job_flags(job.job)
+    for cls in job.job.groups:
         view = options.view_as(cls)
         for pname, value in expected.items():
             if hasattr(view, pname):
@@ -259,14 +303,14 @@ def test_dockerfile_is_one_image_for_launcher_and_workers():
     assert re.search(r"pip install -r requirements.txt -c constraints.txt", text)
     assert re.search(r"pip install --no-deps \.", text)
     assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
-    assert "ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/templates/${JOB}/main.py" in text
+    assert "ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/templates/main.py" in text
+    assert "SKEWLESS_TEMPLATE=${TEMPLATE}" in text
     assert "FLEX_TEMPLATE_PYTHON_REQUIREMENTS_FILE=" not in text  # everything is in the image
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for path in src.split():
             assert (ROOT / path).exists(), f"COPY source {path} missing"
-    # The packages setup.py installs are all copied into the image.
-    for package in ("transforms", "beam_pipelines", "models"):
-        assert f"COPY {package} {package}" in text
+    # The one package setup.py installs is copied into the image.
+    assert "COPY skewless skewless" in text
     # Every pinned requirement is installed from the pins, not resolved anew.
     pins = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line]
     assert any(p.startswith("apache-beam[gcp]==") for p in pins)
@@ -275,16 +319,15 @@ def test_dockerfile_is_one_image_for_launcher_and_workers():
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_entry_point_runs_as_a_script(name):
-    """The launcher runs `python templates/<job>/main.py ...` with the image's packages."""
+    """The launcher runs `python templates/main.py ...` with the image's packages and
+    SKEWLESS_TEMPLATE set by the image: the job of that template, its fixed flags first."""
     job = JOBS[name]
-    text = job.main_path.read_text()
-    assert f"from {job.module} import run" in text
-    for arg in job.fixed_args:
-        assert repr(arg).replace("'", '"') in text
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SKEWLESS_TEMPLATE": name}
     out = subprocess.run(
-        [sys.executable, str(job.main_path), "--help"],
-        capture_output=True, text=True, timeout=110, cwd="/", env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, str(MAIN), "--help"],
+        capture_output=True, text=True, timeout=110, cwd="/", env=env,
     )  # fmt: skip
+    assert out.stdout.startswith(f"usage: {job.job.prog}"), out.stdout[:200]
     assert out.returncode == 0, out.stderr[-2000:]
     for flag in parameters(job):
         assert f"--{flag}" in out.stdout, flag
@@ -301,7 +344,7 @@ def test_build_script_prints_the_build_and_run_commands():
     for name, job in JOBS.items():
         image = f"europe-west1-docker.pkg.dev/my-proj/skewless/skewless-{name.replace('_', '-')}:v1"
         spec = f"gs://my-bucket/templates/skewless-{name.replace('_', '-')}-v1.json"
-        assert f"--build-arg JOB={name} -t {image}" in out.stdout
+        assert f"--build-arg TEMPLATE={name} -t {image}" in out.stdout
         build = [line for line in out.stdout.splitlines() if f"flex-template build {spec}" in line]
         assert len(build) == 1
         assert f"--image {image} --sdk-language PYTHON --metadata-file {job.metadata_path}" in build[0]
@@ -367,10 +410,10 @@ def test_prepare_builds_for_dataflow_with_tf_transform(trained, dataflow_jobs, t
 @pytest.mark.timeout(300)
 def test_score_batch_builds_for_dataflow_with_run_inference(trained, dataflow_jobs, tmp_path):
     argv = template_argv(
-        "score_batch",
+        "score",
         {"model_dir": str(trained["model_dir"]), "input": str(trained["csv"]), "output": str(tmp_path / "out")},
     )
-    run_job(JOBS["score_batch"], [*argv, *DATAFLOW])
+    run_job(JOBS["score"], [*argv, *DATAFLOW])
     (job,) = dataflow_jobs
     assert job.proto.type.name == "JOB_TYPE_BATCH"
     steps = step_names(job)
@@ -382,7 +425,7 @@ def test_score_batch_builds_for_dataflow_with_run_inference(trained, dataflow_jo
 @pytest.mark.timeout(300)
 def test_score_batch_run_returns_after_a_dry_run(trained, tmp_path):
     argv = ["--model_dir", str(trained["model_dir"]), "--input", str(trained["csv"]), "--output", str(tmp_path / "o")]
-    assert run_job(JOBS["score_batch"], [*argv, *DATAFLOW]) is None
+    assert run_job(JOBS["score"], [*argv, *DATAFLOW]) is None
     assert not (tmp_path / "o" / "summary.json").exists()
 
 

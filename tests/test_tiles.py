@@ -11,12 +11,12 @@ import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
-from beam_pipelines.common import metric_counters
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.transforms.aggregations import ComputeAggregates
+from skewless.transforms.featureset import FeatureSet, WindowedAggregate
+from skewless.transforms.partials import _cell, add_to_slot, key_specs, new_slot
+from skewless.transforms.tiles import to_partials
 from tests.aggregate_support import TOY, CollectPanes, batch_cells, streaming_options, toy
-from transforms.aggregations import ComputeAggregates
-from transforms.featureset import FeatureSet, WindowedAggregate
-from transforms.partials import _cell, add_to_slot, key_specs, new_slot
-from transforms.tiles import to_partials
 
 LATENESS_S = 600
 

@@ -17,9 +17,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from models import train, versions
-from models.handler import SkewlessModelHandler, arrow_to_feed, predict
-from models.metrics import (
+from skewless.beam_pipelines.commands import train
+from skewless.examples.flights import FLIGHTS
+from skewless.models import training, versions
+from skewless.models.handler import SkewlessModelHandler, arrow_to_feed, predict
+from skewless.models.metrics import (
     baseline_metrics,
     compare_with_baselines,
     fit_logistic_1d,
@@ -28,7 +30,6 @@ from models.metrics import (
 )
 from tests.flights_data import real_flights, write_csv
 from tests.toy_featureset import CLICKS
-from transforms.flights import FLIGHTS
 
 EVAL_START = "2013-01-06T00:00:00Z"
 _CACHE: dict = {}
@@ -37,7 +38,7 @@ _CACHE: dict = {}
 def prepared_and_trained(tmp_path_factory) -> dict:
     """A week of real flights, prepared (eval from Jan 6) and trained once per test session."""
     if not _CACHE:
-        from beam_pipelines import prepare
+        from skewless.beam_pipelines.jobs import prepare
 
         root = tmp_path_factory.mktemp("trained")
         rows = real_flights(1, 1, days=7)
@@ -112,7 +113,7 @@ def test_version_holds_metrics_and_metadata(trained):
     meta = json.loads((path / versions.MODEL_FILE).read_text())
     assert meta["feature_set"] == "flights" and meta["feature_set_spec"] == "flights"
     assert meta["example_key"] == list(FLIGHTS.example_key)
-    assert meta["transform_fingerprint"] == train.transform_fingerprint(str(trained["prepared"] / "transform"))
+    assert meta["transform_fingerprint"] == training.transform_fingerprint(str(trained["prepared"] / "transform"))
     assert meta["training_data"]["train"]["last"] < "2013-01-06T00:00:00+00:00"
     assert meta["training_data"]["eval"]["first"] >= "2013-01-06T00:00:00+00:00"
     assert meta["versions"]["tensorflow"] == tf.__version__
@@ -188,16 +189,16 @@ def test_logistic_baseline_recovers_known_coefficients():
 
 
 def test_the_rule_baseline_comes_from_the_feature_set_unless_the_flags_set_one():
-    flights_rule = train.rule_settings(FLIGHTS, None, None)
+    flights_rule = training.rule_settings(FLIGHTS, None, None)
     assert flights_rule == (FLIGHTS.baseline.field, FLIGHTS.baseline.threshold, FLIGHTS.baseline.label)
-    assert train.rule_settings(FLIGHTS, FLIGHTS.baseline.field, FLIGHTS.baseline.threshold) == flights_rule
-    assert train.rule_settings(FLIGHTS, "distance", 500.0) == ("distance", 500.0, "distance > 500")
+    assert training.rule_settings(FLIGHTS, FLIGHTS.baseline.field, FLIGHTS.baseline.threshold) == flights_rule
+    assert training.rule_settings(FLIGHTS, "distance", 500.0) == ("distance", 500.0, "distance > 500")
     # A feature set without a baseline: no rule, unless the flags name a field.
     assert CLICKS.baseline is None
-    assert train.rule_settings(CLICKS, None, None) is None
-    assert train.rule_settings(CLICKS, "price", 2.5) == ("price", 2.5, "price > 2.5")
+    assert training.rule_settings(CLICKS, None, None) is None
+    assert training.rule_settings(CLICKS, "price", 2.5) == ("price", 2.5, "price > 2.5")
     with pytest.raises(SystemExit, match="--baseline_threshold needs --baseline_feature"):
-        train.rule_settings(CLICKS, None, 3.0)
+        training.rule_settings(CLICKS, None, 3.0)
 
 
 def test_without_a_rule_baseline_the_model_is_compared_with_the_majority_class():
@@ -218,13 +219,13 @@ def test_without_a_rule_baseline_the_model_is_compared_with_the_majority_class()
 
 def test_train_takes_the_feature_set_prepare_recorded_and_refuses_another(tmp_path):
     summary = {"feature_set": "clicks", "feature_set_spec": "tests.toy_featureset:CLICKS"}
-    spec, fs = train.prepared_feature_set(str(tmp_path), summary, None)
+    spec, fs = training.prepared_feature_set(str(tmp_path), summary, None)
     assert (spec, fs) == ("tests.toy_featureset:CLICKS", CLICKS)
-    assert train.prepared_feature_set(str(tmp_path), summary, "tests.toy_featureset:CLICKS")[1] is CLICKS
+    assert training.prepared_feature_set(str(tmp_path), summary, "tests.toy_featureset:CLICKS")[1] is CLICKS
     with pytest.raises(SystemExit, match="was made with feature set 'clicks', not 'flights'"):
-        train.prepared_feature_set(str(tmp_path), summary, "flights")
+        training.prepared_feature_set(str(tmp_path), summary, "flights")
     with pytest.raises(SystemExit, match="no summary.json: give --feature_set"):
-        train.prepared_feature_set(str(tmp_path), {}, None)
+        training.prepared_feature_set(str(tmp_path), {}, None)
 
 
 def test_a_model_version_names_its_feature_set_and_refuses_another():

@@ -17,23 +17,28 @@ import pyarrow.parquet as pq
 import pytest
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
-from beam_pipelines.cli import run_job
-from beam_pipelines.io.statistics_io import read_schema, read_statistics, schema_path, write_schema
-from tests.flights_data import _read_bytes, real_flights, write_jsonl
-from tests.weather_featureset import weather_path
-from transforms.anomalies import (
+from skewless.beam_pipelines.runtime.launch import run_job
+from skewless.beam_pipelines.validation.files import (
+    read_schema,
+    read_statistics,
+    schema_path,
+    write_schema,
+)
+from skewless.examples.weather import weather_path
+from skewless.transforms.anomalies import (
     DEFAULT_DRIFT_THRESHOLD,
     find_anomalies,
     jensen_shannon_divergence,
     numeric_distributions,
 )
-from transforms.consistency import plain
-from transforms.statistics import common_stats
+from skewless.transforms.consistency import plain
+from skewless.transforms.statistics import common_stats
+from tests.flights_data import _read_bytes, real_flights, write_jsonl
 
 BASELINE_MONTHS = (1, 2, 3)
 HELD_OUT = 12
 SHIFTED_CARRIER = "UA"
-WEATHER = "tests.weather_featureset:WEATHER"
+WEATHER = "skewless.examples.weather:WEATHER"
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -49,7 +54,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 def run_prepare(*argv: str) -> int:
     """`skewless prepare` in its own process (as a user runs it); its exit code."""
-    done = subprocess.run([sys.executable, "-m", "beam_pipelines.prepare", *argv], capture_output=True, text=True, timeout=280)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "skewless.beam_pipelines.jobs.prepare", *argv], capture_output=True, text=True, timeout=280)  # fmt: skip
     assert done.returncode in (0, 3), done.stderr[-3000:]
     return done.returncode
 
@@ -261,7 +266,7 @@ def test_exit_codes_of_errors(baseline, tmp_path):
 
 @pytest.fixture(scope="module")
 def weather_baseline(tmp_path_factory) -> Path:
-    from beam_pipelines.io.files import read_csv_table
+    from skewless.beam_pipelines.io.files import read_csv_table
 
     table, _ = read_csv_table(_read_bytes(weather_path()))
     rows = []
@@ -307,7 +312,7 @@ def test_a_list_feature_with_too_many_values_in_a_serving_log(weather_baseline, 
 
 @pytest.mark.timeout(300)
 def test_prepare_refuses_drifted_data_and_train_refuses_it(baseline, december, tmp_path):
-    from models import train
+    from skewless.beam_pipelines.commands import train
 
     rows = [dict(r) for r in december]
     for r in rows:
@@ -512,14 +517,14 @@ def test_a_bigquery_table_is_validated_as_read(baseline, december, bq_emulator, 
 
 
 def test_local_files_on_the_local_default_run_in_process_and_nothing_else_does(tmp_path):
-    from beam_pipelines.cli import job_module
+    from skewless.beam_pipelines.runtime.launch import job_module
 
     local = ["--baseline", "b", "--output_dir", "o"]
     assert (
-        job_module("validate", [*local, "--input", "new/*.csv"]) == "beam_pipelines.validate_local"
+        job_module("validate", [*local, "--input", "new/*.csv"]) == "skewless.beam_pipelines.validation.in_process"
     )
-    assert job_module("validate", [*local, "--prepared_dir", "p", "--feature_set", "flights"]) == "beam_pipelines.validate_local"  # fmt: skip
-    assert job_module("validate", [*local, "--input=x.csv", "--input_format=csv"]) == "beam_pipelines.validate_local"  # fmt: skip
+    assert job_module("validate", [*local, "--prepared_dir", "p", "--feature_set", "flights"]) == "skewless.beam_pipelines.validation.in_process"  # fmt: skip
+    assert job_module("validate", [*local, "--input=x.csv", "--input_format=csv"]) == "skewless.beam_pipelines.validation.in_process"  # fmt: skip
     for beam_run in (
         [*local, "--input", "x.csv", "--runner", "FnApiRunner"],
         [*local, "--input", "x.csv", "--runner=DataflowRunner"],
@@ -535,7 +540,7 @@ def test_local_files_on_the_local_default_run_in_process_and_nothing_else_does(t
         [*local, "--inp", "x.csv"],
         ["--output_dir", "o", "--input", "x.csv"],
     ):
-        assert job_module("validate", beam_run) == "beam_pipelines.validate", beam_run
+        assert job_module("validate", beam_run) == "skewless.beam_pipelines.jobs.validate", beam_run
 
 
 @pytest.mark.timeout(300)
@@ -544,7 +549,7 @@ def test_the_in_process_run_loads_neither_beam_nor_tensorflow(baseline, december
     path = write_rows(tmp_path / "dec.csv", december)
     argv = ["--baseline", str(baseline), "--input", str(path), "--output_dir", str(tmp_path / "o")]
     script = (
-        "import sys; from beam_pipelines.cli import run_job; "
+        "import sys; from skewless.beam_pipelines.runtime.launch import run_job; "
         f"code = run_job('validate', {argv!r}); "
         "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'apache_beam', 'tensorflow', 'tensorflow_transform'}))"  # fmt: skip
     )
@@ -675,7 +680,7 @@ def test_a_file_without_rows_is_one_no_examples_anomaly_not_missing_columns(
 ):
     path = write_header(tmp_path / "header.csv", december[0])
     if fmt == "parquet":
-        from beam_pipelines.io.files import read_csv_table
+        from skewless.beam_pipelines.io.files import read_csv_table
 
         pq.write_table(read_csv_table(path.read_bytes())[0], tmp_path / "empty.parquet")
         path = tmp_path / "empty.parquet"

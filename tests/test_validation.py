@@ -7,9 +7,14 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from skewless.examples.flights import FLIGHTS
+from skewless.transforms.record_checks import (
+    InvalidRecord,
+    RecordValidator,
+    ValidateRecords,
+    to_epoch_ms,
+)
 from tests.flights_data import real_flights
-from transforms.flights import FLIGHTS
-from transforms.validation import InvalidRecord, RecordValidator, ValidateRecords, to_epoch_ms
 
 GOOD = {
     "year": 2013, "month": 1, "day": 1, "dep_time": 517, "sched_dep_time": 515, "dep_delay": 2.0,

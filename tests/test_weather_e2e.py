@@ -1,6 +1,6 @@
 """A user's own feature set through every job, with no flights-specific option.
 
-tests/weather_featureset.py (real NYC weather, every aggregate operation, list and map
+skewless/examples/weather.py (real NYC weather, every aggregate operation, list and map
 features, D = 1 h, a 1-day period) goes through prepare -> train -> score -> report ->
 bigtable-setup -> aggregate -> score --streaming. Only the jobs that start from raw data take
 `--feature_set`; train, score, report and the streaming scorer take it from the prepared data
@@ -14,12 +14,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipelines import bigtable_setup, prepare, score
-from beam_pipelines.io.bigtable import open_table, read_cells
-from beam_pipelines.io.files import _read_bytes, read_csv_table
-from beam_pipelines.replay import ReplayStats, order_events
-from models import report, train
-from models.handler import SkewlessModelHandler, predict, rows_to_feed
+from skewless.beam_pipelines.commands import bigtable_setup, report, train
+from skewless.beam_pipelines.commands.replay import ReplayStats, order_events
+from skewless.beam_pipelines.io.bigtable import open_table, read_cells
+from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
+from skewless.beam_pipelines.jobs import prepare, score
+from skewless.examples.weather import WEATHER, weather_path
+from skewless.models.handler import SkewlessModelHandler, predict, rows_to_feed
+from skewless.transforms.record_checks import to_epoch_ms
 from tests.aggregate_support import (
     batch_cells,
     score_streaming,
@@ -28,10 +30,8 @@ from tests.aggregate_support import (
 )
 from tests.brute_force import brute_cells, brute_example
 from tests.flights_data import write_jsonl
-from tests.weather_featureset import WEATHER, weather_path
-from transforms.validation import to_epoch_ms
 
-SPEC = "tests.weather_featureset:WEATHER"
+SPEC = "skewless.examples.weather:WEATHER"
 INPUT_START, INPUT_END = "2013-01-01T00:00:00Z", "2013-01-22T00:00:00Z"
 SCORE_START, SCORE_END = "2013-01-15T00:00:00Z", "2013-01-22T00:00:00Z"
 RETENTION_S = 20 * 365 * 86_400  # the cells are stamped in 2013: keep them

@@ -7,7 +7,7 @@ It proves another team can declare its own features and run every job with
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from transforms.featureset import FeatureSet, Field, WindowedAggregate
+from skewless.transforms.featureset import FeatureSet, Field, WindowedAggregate
 
 
 def preprocessing_fn(inputs):

@@ -1,0 +1,465 @@
+"""The prepare job (batch): raw events -> point-in-time-correct examples -> tf.Transform -> TFRecords."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+)
+from apache_beam.pvalue import TaggedOutput
+from tensorflow_metadata.proto.v0 import schema_pb2
+
+from skewless.beam_pipelines.io.file_sinks import (
+    WriteDeadLetters,
+    WriteFeaturesParquet,
+    WriteTFRecords,
+)
+from skewless.beam_pipelines.runtime.inputs import (
+    ReadReferenceIndexes,
+    describe_source,
+    read_source,
+    reference_sources,
+    reference_summary,
+)
+from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
+from skewless.beam_pipelines.runtime.launch import launch
+from skewless.beam_pipelines.runtime.options import (
+    FeatureSetOptions,
+    OutputDirOptions,
+    SourceOptions,
+    feature_set_spec,
+)
+from skewless.beam_pipelines.runtime.parsing import (
+    before_run,
+    check_output_dir,
+    configure_logging,
+    parse_job_options,
+    run_and_summarise,
+)
+from skewless.beam_pipelines.validation.baseline import (
+    EXIT_BLOCKING,
+    FEATURES,
+    Baseline,
+    load_baseline,
+    validation_outcome,
+)
+from skewless.beam_pipelines.validation.files import read_schema, schema_path, statistics_path
+from skewless.beam_pipelines.validation.steps import (
+    CheckAgainstBaseline,
+    WriteSchema,
+    WriteStatistics,
+)
+from skewless.transforms.example_schema import (
+    features_arrow_schema,
+    tft_tensor_adapter_config,
+    to_tft_record_batch,
+)
+from skewless.transforms.examples import BuildExamples, CountDuplicateKeys
+from skewless.transforms.featureset import FeatureSet, load_feature_set
+from skewless.transforms.record_checks import ValidateRecords, ms_to_datetime
+from skewless.transforms.split import Split
+from skewless.transforms.statistics import infer_schema
+from skewless.transforms.statistics_fn import ComputeStatistics
+
+LOG = logging.getLogger("skewless.prepare")
+# Benchmarks only (bench/prepare_statistics.py): SKEWLESS_NO_STATISTICS=1 leaves out the
+# statistics and the inferred schema, to measure what they cost.
+NO_STATISTICS_ENV = "SKEWLESS_NO_STATISTICS"
+
+
+class PrepareOptions(PipelineOptions):
+    """prepare's own flags; --output_dir, --input/--bigquery_* and --feature_set are in
+    options.py."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--eval_start",
+            help="Time split: examples with event time at or after this ISO-8601 instant go to "
+            "eval/. Default: the feature set's eval_start, else a hashed split of its "
+            "eval_fraction.",
+        )
+        parser.add_argument(
+            "--eval_fraction",
+            type=float,
+            help="Hashed split: this fraction of examples (by a stable hash of the example key) "
+            "goes to eval/. Overrides the time split.",
+        )
+        parser.add_argument(
+            "--schema",
+            help="A schema.pbtxt to keep (for example one from an earlier run, edited): copied to "
+            "schema/schema.pbtxt instead of inferring a schema from the train statistics.",
+        )
+        parser.add_argument(
+            "--validate_against",
+            help="A prepared directory (its statistics/ and schema/) to validate this run's "
+            "examples against, as `skewless validate` does: anomalies in validation/; on a blocking "
+            f"one summary.json records the refusal and the job exits {EXIT_BLOCKING}.",
+        )
+        parser.add_argument(
+            "--allow_anomalies",
+            action="store_true",
+            help="With --validate_against: record blocking anomalies without refusing the data.",
+        )
+        parser.add_argument(
+            "--allow_duplicate_example_keys",
+            action="store_true",
+            help="Finish even when examples share an example key (summary.json counts them; "
+            "the report's and the audit's joins by key are then ambiguous). Default: fail.",
+        )
+
+
+JOB = Job(
+    name="prepare",
+    summary="batch: raw events -> training data (TFRecords + transform)",
+    description="Batch job: read raw events (files or BigQuery), validate them, compute "
+    "point-in-time-correct windowed aggregates, analyze and apply the tf.Transform "
+    "preprocessing_fn, and write features/ (Parquet), train/ and eval/ (gzip TFRecords), "
+    "transform/, statistics/ (of the train and eval examples), schema/, dead_letters/ and "
+    "summary.json under --output_dir.",
+    groups=(PrepareOptions, OutputDirOptions, SourceOptions, FeatureSetOptions),
+    required=("output_dir",),
+    template=Template(
+        "prepare",
+        not_parameters={
+            **EMULATOR_ONLY,
+            "allow_anomalies": FLAG_ONLY,
+            "allow_duplicate_example_keys": FLAG_ONLY,
+        },
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything a prepare run needs, resolved from its options before any pipeline exists
+    (an error here is a one-line usage error): the feature set, the split, the sources, the
+    output directory and the optional schema and baseline."""
+
+    fs: FeatureSet
+    feature_set_spec: str
+    output_dir: str
+    split: Split
+    source: beam.PTransform
+    input_desc: dict
+    references: dict[str, beam.PTransform]
+    schema: schema_pb2.Schema | None
+    statistics: bool
+    baseline: Baseline | None
+    validate_against: str | None
+    allow_anomalies: bool
+    allow_duplicate_example_keys: bool
+    options: PipelineOptions
+
+    @property
+    def temp_dir(self) -> str:
+        return os.path.join(self.output_dir, "tmp")
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> PrepareConfig:
+        opts = options.view_as(PrepareOptions)
+        output_dir = options.view_as(OutputDirOptions).output_dir
+        spec = feature_set_spec(options)
+        with before_run():
+            fs = load_feature_set(spec)
+            statistics = os.environ.get(NO_STATISTICS_ENV, "") in ("", "0")
+            if opts.validate_against and not statistics:
+                raise ValueError(
+                    f"--validate_against needs the statistics ({NO_STATISTICS_ENV} is set)"
+                )
+            config = cls(
+                fs=fs,
+                feature_set_spec=spec,
+                output_dir=output_dir,
+                split=Split.from_settings(fs, opts.eval_start, opts.eval_fraction),
+                source=read_source(options, fs),
+                input_desc=describe_source(options, fs),
+                references=reference_sources(options, fs),
+                schema=read_schema(opts.schema) if opts.schema else None,
+                statistics=statistics,
+                baseline=load_baseline(opts.validate_against) if opts.validate_against else None,
+                validate_against=opts.validate_against,
+                allow_anomalies=opts.allow_anomalies,
+                allow_duplicate_example_keys=opts.allow_duplicate_example_keys,
+                options=options,
+            )
+            check_output_dir(output_dir, "--output_dir")
+        return config
+
+
+class ToTFTBatches(beam.PTransform):
+    """Day-sized example batches -> tf.Transform input batches of about `rows` rows.
+
+    Every tf.Transform batch is one call into the TF graph; a few large batches beat hundreds
+    of small ones.
+    """
+
+    def __init__(self, fs: FeatureSet, batches: int = 32):
+        super().__init__()
+        self.fs = fs
+        self.batches = batches
+
+    def expand(self, pcoll):
+        fs = self.fs
+        return (
+            pcoll
+            | "Group"
+            >> beam.BatchElements(min_batch_size=self.batches, max_batch_size=self.batches)
+            | "Concat"
+            >> beam.Map(lambda bs: pa.Table.from_batches(bs).combine_chunks().to_batches()[0])
+            | "ToListColumns" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
+        )
+
+
+class _SplitBatch(beam.DoFn):
+    def __init__(self, fs: FeatureSet, split: Split):
+        self.fs = fs
+        self.split = split
+
+    def process(self, batch: pa.RecordBatch):
+        is_eval = self.split.is_eval(self.fs, batch)
+        train = batch.filter(pc.invert(is_eval))
+        evaluation = batch.filter(is_eval)
+        if train.num_rows:
+            yield train
+        if evaluation.num_rows:
+            yield TaggedOutput("eval", evaluation)
+
+
+def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
+    """Wire the prepare job: `config.source` yields raw elements, `config.references` ({table
+    name: source}) the rows of the feature set's reference tables; every output lands under
+    `config.output_dir`. `config.schema` is written as the run's schema instead of one
+    inferred from the train statistics; `statistics=False` (benchmarks only) leaves the
+    statistics and the inferred schema out; `config.baseline` checks the statistics of all
+    examples against that baseline (validation/)."""
+    fs, output_dir, temp_dir, split = config.fs, config.output_dir, config.temp_dir, config.split
+    references, schema, statistics = config.references, config.schema, config.statistics
+    validate_against = config.baseline
+    raw = p | "Read" >> config.source
+    events, dead = raw | "Validate" >> ValidateRecords(fs)
+    indexes = None
+    if fs.references:
+        indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
+        dead = (dead, reference_dead) | "AllDeadLetters" >> beam.Flatten()
+    _ = dead | "DeadLetters" >> WriteDeadLetters(os.path.join(output_dir, "dead_letters", "part"))
+
+    examples = events | "BuildExamples" >> BuildExamples(fs, references=indexes)
+    _ = (
+        examples
+        | "DuplicateKeys" >> CountDuplicateKeys(fs)
+        | "WriteDuplicateKeys" >> beam.Map(_write_json, duplicate_keys_path(temp_dir))
+    )
+    _ = examples | "WriteFeatures" >> WriteFeaturesParquet(
+        os.path.join(output_dir, "features", "part"), features_arrow_schema(fs)
+    )
+    splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, split)).with_outputs(
+        "eval", main="train"
+    )
+    if statistics:
+        train_stats = splits.train | "TrainStatistics" >> ComputeStatistics("train")
+        eval_stats = splits.eval | "EvalStatistics" >> ComputeStatistics("eval")
+        _ = (
+            (train_stats, eval_stats)
+            | "BothStatistics" >> beam.Flatten()
+            | "WriteStatistics" >> WriteStatistics(statistics_path(output_dir), ("train", "eval"))
+        )
+    if validate_against is not None:
+        # All examples of the run, whatever the split (a time split may put them all in eval).
+        new_stats = examples | "ExampleStatistics" >> ComputeStatistics("examples")
+        _ = new_stats | "ValidateAgainst" >> CheckAgainstBaseline(
+            validate_against, fs, FEATURES, validation_dir(output_dir),
+            f"skewless prepare: {output_dir} against {validate_against.directory}",
+        )  # fmt: skip
+    if schema is not None:
+        schemas = p | "GivenSchema" >> beam.Create([schema])
+    elif statistics:
+        schemas = train_stats | "InferSchema" >> beam.Map(infer_schema)
+    else:
+        schemas = None
+    if schemas is not None:
+        _ = schemas | "WriteSchema" >> WriteSchema(schema_path(output_dir))
+    adapter = tft_tensor_adapter_config(fs)
+    with tft_beam.Context(temp_dir=temp_dir):
+        train = splits.train | "TrainToTFT" >> ToTFTBatches(fs)
+        evaluation = splits.eval | "EvalToTFT" >> ToTFTBatches(fs)
+        (train_out, _), transform_fn = (
+            train,
+            adapter,
+        ) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+            fs.preprocessing_fn, output_record_batches=True
+        )
+        eval_out, _ = (
+            (evaluation, adapter),
+            transform_fn,
+        ) | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True)
+        _ = transform_fn | "WriteTransform" >> tft_beam.WriteTransformFn(
+            os.path.join(output_dir, "transform")
+        )
+    _ = train_out | "WriteTrain" >> WriteTFRecords(
+        os.path.join(output_dir, "train", "part"), "examples_train"
+    )
+    _ = eval_out | "WriteEval" >> WriteTFRecords(
+        os.path.join(output_dir, "eval", "part"), "examples_eval"
+    )
+
+
+def duplicate_keys_path(temp_dir: str) -> str:
+    """Where the job leaves CountDuplicateKeys' result for run() (under the temp dir)."""
+    return os.path.join(temp_dir, "duplicate_example_keys.json")
+
+
+def _write_json(value: dict, path: str) -> None:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(value).encode())
+
+
+def duplicate_keys_summary(fs: FeatureSet, found: dict) -> dict:
+    """summary.json's account of CountDuplicateKeys' result: the examples that share their
+    example key with another, the keys shared, and a sample (values by field, timestamps as
+    ISO-8601, and how many examples have the key)."""
+    times = {f.name for f in fs.example_fields if f.type == "timestamp"}
+    sample = []
+    for values, count in found["sample"]:
+        key = {
+            name: ms_to_datetime(v).isoformat() if name in times and v is not None else v
+            for name, v in zip(fs.example_key, values, strict=True)
+        }
+        sample.append({**key, "examples": count})
+    return {
+        "duplicate_example_keys": found["examples"],
+        "shared_example_keys": found["keys"],
+        "duplicate_example_key_sample": sample,
+    }
+
+
+def duplicate_keys_error(fs: FeatureSet, summary: dict) -> str:
+    """The one-line refusal of examples that share an example key."""
+    first = dict(summary["duplicate_example_key_sample"][0])
+    count = first.pop("examples")
+    named = ", ".join(f"{k}={v!r}" for k, v in first.items())
+    keys = summary["shared_example_keys"]
+    return (
+        f"{summary['duplicate_example_keys']} examples share their example key with another "
+        f"({keys} key{'' if keys == 1 else 's'} shared), e.g. {count} examples with {named}: "
+        f"the example_key ({', '.join(fs.example_key)}) of feature set {fs.name!r} must identify "
+        f"one event (the hashed split, the report and the audit join by it); declare an "
+        f"example_key of example fields that does, or pass --allow_duplicate_example_keys"
+    )
+
+
+def summarize(counters: dict[str, int], **extra) -> dict:
+    return {
+        "records_read": counters.get("records_read", 0),
+        "records_valid": counters.get("records_valid", 0),
+        "records_rejected": counters.get("records_rejected", 0),
+        "records_not_events": counters.get("records_not_events", 0),
+        "examples": counters.get("examples_joined", 0),
+        "examples_train": counters.get("examples_train", 0),
+        "examples_eval": counters.get("examples_eval", 0),
+        "aggregate_blocks": counters.get("aggregate_blocks", 0),
+        **extra,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ("apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl", "pyarrow")
+    return {n: version(n) for n in names}
+
+
+def run(argv: Sequence[str] | None = None) -> dict | None:
+    """Parse options, build and run the prepare job; write and return summary.json (None
+    after a Dataflow dry run)."""
+    configure_logging(batch=True)
+    options = parse_job_options(argv, JOB)
+    config = PrepareConfig.from_options(options)
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, config)
+    summary = run_and_summarise(p, options, functools.partial(finish, config), LOG)
+    if summary is not None:
+        refuse(config, summary)
+    return summary
+
+
+def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: float) -> dict:
+    """After the run: the summary of its counters and outputs, written to summary.json."""
+    fs, output_dir, temp_dir = config.fs, config.output_dir, config.temp_dir
+    with FileSystems.open(duplicate_keys_path(temp_dir)) as f:
+        duplicates = duplicate_keys_summary(fs, json.loads(f.read()))
+    # Recorded like a validation refusal, so a later job can tell refused data from allowed.
+    duplicates["duplicate_example_keys_refused"] = bool(
+        duplicates["duplicate_example_keys"] and not config.allow_duplicate_example_keys
+    )
+    summary = summarize(
+        counters,
+        **duplicates,
+        **reference_summary(config.options, fs, counters),
+        feature_set=fs.name,
+        feature_set_spec=config.feature_set_spec,
+        split=config.split.describe(),
+        statistics=statistics_path(output_dir) if config.statistics else None,
+        schema=schema_path(output_dir) if config.statistics or config.schema else None,
+        schema_source=_schema_source(config),
+        elapsed_seconds=elapsed_seconds,
+        versions=library_versions(),
+        **config.input_desc,
+    )
+    if config.baseline is not None:
+        summary["validation"] = validation_outcome(
+            validation_dir(output_dir), config.validate_against, config.allow_anomalies
+        )
+    if not FileSystems.exists(output_dir):
+        FileSystems.mkdirs(output_dir)
+    with FileSystems.create(os.path.join(output_dir, "summary.json")) as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    if FileSystems.exists(temp_dir):
+        FileSystems.delete([temp_dir])
+    return summary
+
+
+def _schema_source(config: PrepareConfig) -> str | None:
+    schema_flag = config.options.view_as(PrepareOptions).schema
+    return schema_flag or ("inferred" if config.statistics else None)
+
+
+def refuse(config: PrepareConfig, summary: dict) -> None:
+    """Exit non-zero, after the outputs and summary.json are written, when the data is
+    refused: examples sharing an example key, or a blocking anomaly against the baseline."""
+    if summary["duplicate_example_keys_refused"]:
+        raise SystemExit(duplicate_keys_error(config.fs, summary))
+    if summary["duplicate_example_keys"]:
+        LOG.warning(
+            "%d examples share their example key with another (--allow_duplicate_example_keys): "
+            "the report's and the audit's joins by key are ambiguous for them",
+            summary["duplicate_example_keys"],
+        )
+    if summary.get("validation", {}).get("refused"):
+        LOG.error(
+            "REFUSED: %d blocking anomalies against %s (train refuses this data; "
+            "--allow_anomalies to accept it): %s",
+            len(summary["validation"]["blocking"]),
+            config.validate_against,
+            summary["validation"]["report"],
+        )
+        raise SystemExit(EXIT_BLOCKING)
+
+
+def validation_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "validation")
+
+
+if __name__ == "__main__":
+    launch(JOB, run)

@@ -1,0 +1,472 @@
+"""The score job (streaming): Pub/Sub events -> validate -> Bigtable as-of aggregates -> RunInference -> Pub/Sub.
+
+The aggregates an event sees are the cells the aggregate job wrote, looked up by the exact row
+key of the as-of rule (`skewless.transforms.aggregations.attach_aggregates`, the same function the
+backfill tests use): an absent row is an empty window, i.e. the declared defaults. The model is
+the highest numbered version under --model_dir, hot-swapped without a restart when a higher
+one is published (skewless/models/watch.py); every prediction names the version that made it.
+
+Cost per event: after validation, events travel as batches (one per bundle, up to
+LOOKUP_BATCH): one Bigtable `read_rows` per batch, one check of the model inputs per batch and
+one model call per batch (RunInference on pre-batched elements). The local runner pays a fixed
+price per bundle and step (a pickle round trip of the DoFn, its setup and teardown, empty
+bundles included), so setups are cheap (the Bigtable table is opened once per process, the
+model kept loaded) and the local runner gets the patches of skewless.beam_pipelines.runtime.local_runner.
+bench/score_streaming.py measures it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from skewless.beam_pipelines.io.bigtable import (
+    BigtableOptions,
+    BigtableSetupError,
+    check_table,
+    open_table,
+)
+from skewless.beam_pipelines.io.online_store import OnlineLookup
+from skewless.beam_pipelines.io.pubsub import (
+    DEFAULT_TIMESTAMP_ATTRIBUTE,
+    EventTimeOptions,
+    ParseMessages,
+    WriteDeadLetters,
+)
+from skewless.beam_pipelines.io.serving_log import WriteServingLog
+from skewless.beam_pipelines.runtime.job import FLAG_ONLY, Job, Template
+from skewless.beam_pipelines.runtime.launch import launch
+from skewless.beam_pipelines.runtime.local_runner import (
+    LOCAL_STREAMING_RUNNER,
+    LOCAL_STREAMING_RUNNERS,
+    prepare_local_runner,
+)
+from skewless.beam_pipelines.runtime.options import (
+    FeatureSetOptions,
+    ModelOptions,
+    ServingLogOptions,
+    SubscriptionOptions,
+    TableCheckOptions,
+)
+from skewless.beam_pipelines.runtime.parsing import configure_logging, parse_job_options
+from skewless.beam_pipelines.score_core import (
+    MODEL_ERRORS,
+    MODEL_VERSION,
+    PROBABILITY,
+    ScoreWithModel,
+    ToPredictionDict,
+    load_model,
+)
+from skewless.models.handler import SkewlessModelHandler
+from skewless.models.watch import WatchingModelHandler
+from skewless.transforms.consistency import (
+    example_key,
+    is_sampled,
+    sample_threshold,
+    serving_log_record,
+)
+from skewless.transforms.featureset import FeatureSet
+from skewless.transforms.record_checks import NAMESPACE, ValidateRecords
+
+LOG = logging.getLogger("skewless.score_stream")
+DEFAULT_MODEL_POLL_S = 30.0
+LOOKUP_BATCH = 500  # events per Bigtable read and model call, at most (--max_batch_size lowers it)
+DESCRIPTION = (
+    "Streaming scoring (score --streaming): read JSON events of the feature set's raw schema "
+    "from --subscription, validate them, look up their as-of aggregates in the Bigtable table "
+    "the aggregate job writes (absent row = empty window), score them with the highest model "
+    "version under --model_dir (a newly published version is picked up without a restart; "
+    "--model_version pins one) and publish one JSON prediction per event to --output_topic. "
+    "Bad messages and failed inferences go to --dead_letter_topic with their stage and reason. "
+    "The feature set is the one recorded with the model version. With --serving_log, a "
+    "sample of the scored events (--serving_log_sample, by a stable hash of the example key) "
+    "is logged with its served features and prediction as JSON lines, for `skewless audit`."
+)
+
+
+class ScoreStreamOptions(PipelineOptions):
+    """Streaming scoring's own flags. Shared ones live in options.py (one parser per process):
+    --subscription, --dead_letter_topic, --skip_table_check, --model_dir, --model_version, the
+    batch sizes, --feature_set; --bigtable_* in io/bigtable.py."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_topic", help="projects/P/topics/T for JSON predictions (required with --streaming)."
+        )
+        parser.add_argument(
+            "--model_poll_s",
+            type=float,
+            default=DEFAULT_MODEL_POLL_S,
+            help="How often the scorer looks for a higher model version under --model_dir.",
+        )
+
+
+GROUPS = (
+    ScoreStreamOptions,
+    ModelOptions,
+    SubscriptionOptions,
+    TableCheckOptions,
+    BigtableOptions,
+    FeatureSetOptions,
+    ServingLogOptions,
+    EventTimeOptions,
+)
+
+
+JOB = Job(
+    name="score",
+    mode="--streaming",
+    summary="batch or streaming scoring with RunInference",
+    description=DESCRIPTION,
+    groups=GROUPS,
+    required=(
+        "model_dir",
+        "subscription",
+        "output_topic",
+        "bigtable_project",
+        "bigtable_instance",
+        "bigtable_table",
+    ),
+    streaming=True,
+    template=Template(
+        "score_streaming",
+        fixed_args=("--streaming",),
+        not_parameters={"skip_table_check": FLAG_ONLY},
+    ),
+)
+# The batch scorer's flags: given with --streaming they would be silently ignored.
+BATCH_ONLY_FLAGS = ("output", "output_table", "output_format", "output_method", "start", "end", "dead_letter_dir")
+
+
+class _LookupAggregatesFn(beam.DoFn):
+    """A batch of events -> one element: the batch's examples with their as-of aggregates and
+    reference columns, read from Bigtable in one request (io/online_store.py).
+
+    A failed read raises, so the runner retries the bundle (reads are idempotent): a Bigtable
+    outage delays predictions instead of scoring events with made-up empty windows.
+    """
+
+    def __init__(self, fs: FeatureSet, open_cells: Callable[[], object]):
+        self.fs = fs
+        self.open_cells = open_cells
+
+    def setup(self) -> None:
+        self._lookup = _shared_lookup(self.fs, self.open_cells)
+        self._counters = {
+            name: Metrics.counter(NAMESPACE, name)
+            for name in ("cells_found", "cells_missing", "reference_reads", "reference_cache_hits")
+        }
+
+    def process(self, events: list[dict]) -> Iterator[list[dict]]:
+        lookup = self._lookup
+        before = dict(lookup.stats)
+        examples = lookup.examples(events)
+        for name, counter in self._counters.items():
+            delta = lookup.stats[name] - before[name]
+            if delta:
+                counter.inc(delta)
+        yield examples
+
+
+_LOOKUPS: dict[tuple, OnlineLookup] = {}
+_LOOKUPS_LOCK = threading.Lock()
+
+
+def _shared_lookup(fs: FeatureSet, open_cells: Callable[[], object]) -> OnlineLookup:
+    """One lookup (and its reference cache) per feature set and table in a process: the local
+    runner calls setup for every bundle."""
+    key = (id(fs), fs.name, getattr(open_cells, "args", id(open_cells)))
+    table = open_cells()  # before taking the lock: the opener takes _TABLES_LOCK itself
+    with _LOOKUPS_LOCK:
+        found = _LOOKUPS.get(key)
+        if found is None or found.fs is not fs or found.table is not table:
+            found = _LOOKUPS[key] = OnlineLookup(fs, table)
+        return found
+
+
+class LookupAggregates(beam.PTransform):
+    """Typed events -> batches (lists) of examples with the aggregates as of their event time.
+
+    A batch is the events of one bundle, up to `max_batch`: BatchElements with a fixed size
+    (its adaptive sizing would restart at one event in every bundle of the local runner).
+    `open_cells()` (called on the worker) returns a Bigtable table, or anything with the same
+    `read_rows(row_set=..., filter_=...)`.
+    """
+
+    def __init__(self, fs: FeatureSet, open_cells: Callable[[], object], max_batch: int = LOOKUP_BATCH):
+        super().__init__()
+        self.fs = fs
+        self.open_cells = open_cells
+        self.max_batch = max_batch
+
+    @classmethod
+    def from_bigtable(
+        cls, fs: FeatureSet, project: str, instance: str, table: str, max_batch: int = LOOKUP_BATCH
+    ) -> LookupAggregates:
+        return cls(fs, _TableOpener(project, instance, table), max_batch)
+
+    def expand(self, events):
+        return (
+            events
+            | "Batch" >> beam.BatchElements(min_batch_size=self.max_batch, max_batch_size=self.max_batch)
+            | "ReadCells" >> beam.ParDo(_LookupAggregatesFn(self.fs, self.open_cells))
+        )
+
+
+_TABLES: dict[tuple, object] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+class _TableOpener:
+    """Opens the Bigtable table once per process: the local runner calls DoFn.setup for every
+    bundle, and a new client per bundle costs more than the read."""
+
+    def __init__(self, project: str, instance: str, table: str):
+        self.args = (project, instance, table)
+
+    def __call__(self):
+        with _TABLES_LOCK:
+            if self.args not in _TABLES:
+                _TABLES[self.args] = open_table(*self.args)
+            return _TABLES[self.args]
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+SERVING_LOG = "serving_log"  # the tag, and the key a sampled prediction carries its record in
+
+
+class ToLoggedPredictionDict(ToPredictionDict):
+    """ToPredictionDict that also carries, for an example in the serving log's sample, its log
+    record (served features, model version, prediction) under SERVING_LOG; SplitServingLog
+    takes it off. Built inside RunInference, where the example and its prediction meet."""
+
+    def __init__(self, fs: FeatureSet, sample: float):
+        super().__init__(fs)
+        self.fs = fs
+        self.sample = sample
+
+    def __call__(self, result) -> dict:
+        out = super().__call__(result)
+        example = result.example
+        if is_sampled(example_key(self.fs, example), self.sample):
+            out[SERVING_LOG] = serving_log_record(
+                self.fs, example, out[PROBABILITY], out[MODEL_VERSION]
+            )
+        return out
+
+
+class SplitServingLog(beam.DoFn):
+    """Prediction dicts -> the predictions (main) and the serving log records (SERVING_LOG)."""
+
+    def setup(self) -> None:
+        self._logged = Metrics.counter(NAMESPACE, "serving_log_events")
+
+    def process(self, prediction: dict) -> Iterator:
+        if SERVING_LOG not in prediction:
+            yield prediction
+            return
+        prediction = dict(prediction)  # an input element is not ours to change
+        self._logged.inc()
+        yield beam.pvalue.TaggedOutput(SERVING_LOG, prediction.pop(SERVING_LOG))
+        yield prediction
+
+
+class ScoreEvents(ScoreWithModel):
+    """Batches (lists) of examples, timestamps as epoch ms -> (prediction dicts, dead letters).
+
+    RunInference gets the batches as they are (`with_no_batching`): one model call per batch.
+    A batch whose inference fails is dead-lettered example by example (skewless.beam_pipelines.score_core).
+    With `log_sample`, the predictions of sampled examples carry their serving log record.
+    """
+
+    def __init__(
+        self, fs: FeatureSet, handler: SkewlessModelHandler, log_sample: float | None = None
+    ):
+        postprocess = (
+            ToPredictionDict(fs) if log_sample is None else ToLoggedPredictionDict(fs, log_sample)
+        )
+        super().__init__(handler, postprocess, prebatched=True)
+        self.fs = fs
+
+
+def to_prediction_message(prediction: dict):
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    data = json.dumps(prediction, separators=(",", ":")).encode("utf-8")
+    return PubsubMessage(data=data, attributes={"model_version": str(prediction["model_version"])})
+
+
+class _ToMessage(beam.DoFn):
+    """A DoFn class rather than a Map: the local runner's memoised DoFn specs key on the class
+    (a Map's wrapped function is a new object after every bundle's pickle round trip)."""
+
+    def process(self, prediction: dict):
+        yield to_prediction_message(prediction)
+
+
+class WritePredictions(beam.PTransform):
+    """Prediction dicts -> JSON messages on a Pub/Sub topic (attribute `model_version`)."""
+
+    def __init__(self, topic: str):
+        super().__init__()
+        self.topic = topic
+
+    def expand(self, predictions):
+        from apache_beam.io.gcp.pubsub import WriteToPubSub
+
+        return (
+            predictions
+            | "ToMessage" >> beam.ParDo(_ToMessage())
+            | "Publish" >> WriteToPubSub(self.topic, with_attributes=True)
+        )
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    fs: FeatureSet,
+    handler: SkewlessModelHandler,
+    source: beam.PTransform,
+    lookup: beam.PTransform,
+    sink: beam.PTransform,
+    dead_letters: beam.PTransform,
+    serving_log: WriteServingLog | None = None,
+    timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
+) -> None:
+    """Wire streaming scoring. `source` yields PubsubMessages, `lookup` turns events into
+    batches (lists) of examples (LookupAggregates), `sink` takes prediction dicts,
+    `dead_letters` dead-letter dicts, `serving_log` (optional) the log records of its sample.
+    Messages are read as the aggregate job reads them (ParseMessages: the event time of the
+    `timestamp_attribute`, which must agree with the payload's), so both jobs accept and
+    reject the same messages."""
+    messages = p | "Read" >> source
+    payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs)
+    events, invalid = payloads | "Validate" >> ValidateRecords(fs)
+    batches = events | "LookupAggregates" >> lookup
+    sample = serving_log.sample if serving_log is not None else None
+    predictions, failed = batches | "Score" >> ScoreEvents(fs, handler, sample)
+    if serving_log is not None:
+        split = predictions | "SplitServingLog" >> beam.ParDo(SplitServingLog()).with_outputs(
+            SERVING_LOG, main="predictions"
+        )
+        predictions = split.predictions
+        _ = split[SERVING_LOG] | "ServingLog" >> serving_log
+    _ = predictions | "Write" >> sink
+    _ = (
+        (bad_timestamps, invalid, failed)
+        | "AllDeadLetters" >> beam.Flatten()
+        | "DeadLetters" >> dead_letters
+    )
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"skewless score --streaming: {message}")
+
+
+def _batch_only(argv: Sequence[str]) -> list[str]:
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return [f"--{name}" for name in BATCH_ONLY_FLAGS if f"--{name}" in given]
+
+
+def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
+    """Parse options, check the model and the table, and build (not run) the job."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    batch_only = _batch_only(argv)  # before the unknown-flag check, which would name another
+    if batch_only:
+        raise _fail(
+            f"batch-only option(s) {', '.join(batch_only)}: streaming predictions go to "
+            "--output_topic and dead letters to --dead_letter_topic"
+        )
+    options = parse_job_options(argv, JOB, default_runner=LOCAL_STREAMING_RUNNER)
+    std = options.view_as(StandardOptions)
+    std.streaming = True  # set in code: Flex Template metadata cannot carry it
+    opts = options.view_as(ScoreStreamOptions)
+    model_opts = options.view_as(ModelOptions)
+    pubsub = options.view_as(SubscriptionOptions)
+    bt = options.view_as(BigtableOptions)
+    try:
+        model = load_model(
+            model_opts.model_dir,
+            model_opts.model_version,
+            options.view_as(FeatureSetOptions).feature_set,
+            min_batch_size=model_opts.min_batch_size,
+            max_batch_size=model_opts.max_batch_size,
+            watch_poll_s=opts.model_poll_s,
+        )
+    except MODEL_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    handler, fs = model.handler, model.fs
+    log_opts = options.view_as(ServingLogOptions)
+    serving_log = None
+    if log_opts.serving_log:
+        try:
+            sample_threshold(log_opts.serving_log_sample)
+            serving_log = WriteServingLog(
+                log_opts.serving_log, log_opts.serving_log_sample, log_opts.serving_log_window_s
+            )
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    if not options.view_as(TableCheckOptions).skip_table_check:
+        try:
+            check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)
+        except BigtableSetupError as exc:
+            raise _fail(str(exc)) from None
+    if std.runner in LOCAL_STREAMING_RUNNERS:
+        # Pulls of many messages per bundle instead of Beam's 10: the local runner's price per
+        # bundle of every step is paid once per pull. The watermark stays the wall clock (the
+        # scorer does no windowing).
+        prepare_local_runner()
+    from apache_beam.io.gcp.pubsub import ReadFromPubSub
+
+    p = beam.Pipeline(options=options)
+    build_pipeline(
+        p,
+        fs,
+        handler,
+        ReadFromPubSub(subscription=pubsub.subscription, with_attributes=True),
+        LookupAggregates.from_bigtable(
+            fs, bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table,
+            max_batch=min(model_opts.max_batch_size, LOOKUP_BATCH),
+        ),  # fmt: skip
+        WritePredictions(opts.output_topic),
+        WriteDeadLetters(pubsub.dead_letter_topic),
+        serving_log,
+        timestamp_attribute=options.view_as(EventTimeOptions).timestamp_attribute,
+    )
+    info = {
+        "subscription": pubsub.subscription,
+        "output_topic": opts.output_topic,
+        "dead_letter_topic": pubsub.dead_letter_topic,
+        "model_dir": model_opts.model_dir,
+        "model_version": handler.version,
+        "feature_set": fs.name,
+        "hot_swap": isinstance(handler, WatchingModelHandler),
+        "serving_log": log_opts.serving_log,
+        "serving_log_sample": log_opts.serving_log_sample if log_opts.serving_log else None,
+    }
+    return p, info
+
+
+def run(argv: Sequence[str] | None = None):
+    """Parse options, build and start the job; blocks until it ends (the local runner: Ctrl-C)."""
+    configure_logging()
+    p, info = make_pipeline(argv)
+    if info["dead_letter_topic"] is None:
+        LOG.warning("no --dead_letter_topic: bad messages are only counted and logged")
+    result = p.run()
+    LOG.info("streaming scorer started: %s", json.dumps(info))
+    result.wait_until_finish()
+    return result
+
+
+if __name__ == "__main__":
+    launch(JOB, run)

@@ -1,0 +1,396 @@
+"""The windowed aggregate PTransform (batch backfill and streaming) and the batch as-of join.
+
+Every aggregate of one entity key shares the period P, so window ends W lie on one grid. An
+event at t falls in the P-wide bucket b = floor(t / P) * P, which feeds the windows ending at
+W = b + P, ..., b + S. Both paths keep the same per-bucket partials and compute a cell with the
+same function (`partials._cell`, exact sums), so batch and streaming are bit-identical:
+
+- Batch groups window ends into day *blocks*: each event is sent, keyed by (key name, key
+  value, block end), to the one or two blocks whose windows need its bucket; a CombineFn keeps
+  the per-bucket partials of a block and an AggregateBlock computes any W of it on demand. Each
+  event is handled about once, in the global window, and the work stays linear (event-time
+  SlidingWindows + CombinePerKey is quadratic in windows per key on the local runner).
+- Streaming uses tiles (tiles.py): one shuffle element per event and entity key, per-key state
+  of the recent buckets, a cell per W when the watermark passes it, late updates within the
+  allowed lateness re-emitted, later ones dropped and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsSingleton
+from apache_beam.transforms import window
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from skewless.transforms.example_schema import example_fields_record_batch, with_aggregate_columns
+from skewless.transforms.featureset import FeatureSet, as_of_window_end
+from skewless.transforms.partials import (
+    NAMESPACE,
+    CellKey,
+    _cell,
+    add_to_slot,
+    cell_columns,
+    entity_value,
+    key_specs,
+    merge_buckets,
+    new_slot,
+)
+from skewless.transforms.reference import join_reference_columns, reference_keys
+from skewless.transforms.tiles import Cell, TiledAggregates
+
+BATCH_BLOCK_S = 86_400
+
+
+class AggregateBlock:
+    """One entity's per-bucket partial aggregates for the window ends W of one block.
+
+    `cell(W)` computes the aggregates of one window end on demand (the batch join needs only
+    the W its examples ask for); `cells` computes every non-empty W of the block (the Bigtable
+    cells of the streaming job and the backfill of the parity tests).
+    """
+
+    __slots__ = ("key_name", "key_value", "block_end_ms", "block_ms", "buckets", "spec", "_memo")
+
+    def __init__(self, key_name, key_value, block_end_ms, block_ms, buckets, spec):
+        self.key_name = key_name
+        self.key_value = key_value
+        self.block_end_ms = block_end_ms
+        self.block_ms = block_ms
+        self.buckets = buckets  # bucket start (ms) -> slot, see BucketAccumulatorFn
+        self.spec = spec  # _KeySpec of the entity key
+        self._memo = {}
+
+    def __reduce__(self):
+        return (
+            AggregateBlock,
+            (
+                self.key_name,
+                self.key_value,
+                self.block_end_ms,
+                self.block_ms,
+                self.buckets,
+                self.spec,
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"AggregateBlock({self.key_name}={self.key_value!r}, block_end={self.block_end_ms}, "
+            f"{len(self.buckets)} buckets)"
+        )
+
+    def window_ends(self) -> range:
+        period = self.spec.period_ms
+        return range(self.block_end_ms - self.block_ms + period, self.block_end_ms + 1, period)
+
+    def cell(self, w: int) -> dict | None:
+        """{aggregate: value} for the window ending at w, or None if its largest window is empty."""
+        memo = self._memo
+        if w in memo:
+            return memo[w]
+        out = memo[w] = _cell(self.spec, self.buckets, w)
+        return out
+
+    @property
+    def cells(self) -> dict:
+        """{W: {aggregate: value}} for every W of the block whose largest window is non-empty."""
+        out = {}
+        for w in self.window_ends():
+            values = self.cell(w)
+            if values is not None:
+                out[w] = values
+        return out
+
+
+def row_key(key_name: str, key_value: Any, window_end_ms: int) -> str:
+    """Bigtable row key of the contract: `{key name}#{key value}#{W zero-padded epoch ms}`."""
+    return f"{key_name}#{key_value}#{window_end_ms:013d}"
+
+
+def parse_row_key(key: str | bytes) -> CellKey:
+    if isinstance(key, bytes):
+        key = key.decode("utf-8")
+    name, rest = key.split("#", 1)
+    value, _, end = rest.rpartition("#")
+    return CellKey(name, value, int(end))
+
+
+class _ToBlockContributions(beam.DoFn):
+    """Event -> ((key name, key value, block end), (spec index, bucket, time, values)) for each
+    block it feeds (values: one per partial of the key's slot)."""
+
+    def __init__(self, fs: FeatureSet, block_ms: int):
+        self.fs = fs
+        self.block_ms = block_ms
+
+    def setup(self) -> None:
+        self._specs = key_specs(self.fs)
+        self._null_keys = Metrics.counter(NAMESPACE, "aggregate_events_without_key")
+
+    def process(self, event: dict) -> Iterator:
+        t = event[self.fs.event_time]
+        block = self.block_ms
+        for index, spec in enumerate(self._specs):
+            key_value = entity_value(event.get(spec.key_name))
+            if key_value is None:
+                self._null_keys.inc()
+                continue
+            period = spec.period_ms
+            bucket = (t // period) * period
+            values = tuple(event.get(f) for f in spec.value_fields)
+            # This bucket feeds windows ending in [bucket + P, bucket + S]: those blocks.
+            first_block = -(-(bucket + period) // block) * block
+            last_block = -(-(bucket + spec.max_size_ms) // block) * block
+            for block_end in range(first_block, last_block + 1, block):
+                yield (spec.key_name, key_value, block_end), (index, bucket, t, values)
+
+
+class BucketAccumulatorFn(beam.CombineFn):
+    """Per (key, block): bucket start -> slot of per-bucket partials (partials.py)."""
+
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+
+    def create_accumulator(self) -> dict:
+        return {}
+
+    def add_input(self, acc: dict, element: tuple) -> dict:
+        index, bucket, t, values = element
+        slot = acc.get(bucket)
+        if slot is None:
+            slot = acc[bucket] = new_slot(key_specs(self.fs)[index])
+        add_to_slot(slot, values, t)
+        return acc
+
+    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
+        accumulators = iter(accumulators)
+        out = next(accumulators)
+        for acc in accumulators:
+            merge_buckets(out, acc)
+        return out
+
+    def extract_output(self, acc: dict) -> dict:
+        return acc
+
+
+class _ToBlocks(beam.DoFn):
+    def __init__(self, fs: FeatureSet, block_ms: int):
+        self.fs = fs
+        self.block_ms = block_ms
+
+    def setup(self) -> None:
+        self._specs = {spec.key_name: spec for spec in key_specs(self.fs)}
+        self._blocks = Metrics.counter(NAMESPACE, "aggregate_blocks")
+
+    def process(self, element: tuple) -> Iterator[AggregateBlock]:
+        (key_name, key_value, block_end), buckets = element
+        self._blocks.inc()
+        yield AggregateBlock(
+            key_name, key_value, block_end, self.block_ms, buckets, self._specs[key_name]
+        )
+
+
+class ComputeAggregates(beam.PTransform):
+    """Typed events -> the shared windowed aggregates of every (entity key, key value, W).
+
+    Batch (default): AggregateBlocks per (entity, block end); `block_s` (a multiple of the
+    period, default one day) only trades element count against memory. Streaming
+    (`streaming=True`): Cells, each emitted when the watermark passes its W and re-emitted
+    for updates within `allowed_lateness_s`; later updates are dropped and counted (tiles.py).
+    """
+
+    def __init__(
+        self,
+        fs: FeatureSet,
+        *,
+        block_s: int | None = None,
+        streaming: bool = False,
+        allowed_lateness_s: int = 0,
+    ):
+        super().__init__()
+        if not fs.aggregates:
+            raise ValueError(f"feature set {fs.name!r} declares no aggregates")
+        period_s = fs.aggregates[0].period_s
+        if block_s is None:
+            block_s = max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
+        if block_s % period_s:
+            raise ValueError(f"block size {block_s}s must be a multiple of the period {period_s}s")
+        if streaming and allowed_lateness_s < 0:
+            raise ValueError("allowed lateness must be >= 0")
+        self.fs = fs
+        self.block_ms = block_s * 1000
+        self.streaming = streaming
+        self.allowed_lateness_s = allowed_lateness_s
+
+    def expand(self, events):
+        if self.streaming:
+            return events | "Tiles" >> TiledAggregates(self.fs, self.allowed_lateness_s)
+        # The block end is in the key and every element is in the global window: grouping by
+        # key alone is exact, and the per-element window bookkeeping is skipped.
+        return (
+            events
+            | "ToBlockContributions" >> beam.ParDo(_ToBlockContributions(self.fs, self.block_ms))
+            | "CombineBuckets" >> beam.CombinePerKey(BucketAccumulatorFn(self.fs))
+            | "ToBlocks" >> beam.ParDo(_ToBlocks(self.fs, self.block_ms))
+        )
+
+
+def explode_cells(element: AggregateBlock | Cell) -> Iterator[tuple[CellKey, dict]]:
+    """AggregateBlock (batch) or Cell (streaming) -> (CellKey, {aggregate: value}) per window
+    end: the Bigtable cells."""
+    if isinstance(element, Cell):
+        yield element.key, element.values
+        return
+    for w, values in sorted(element.cells.items()):
+        yield CellKey(element.key_name, element.key_value, w), values
+
+
+def attach_aggregates(fs: FeatureSet, event: dict, lookup) -> dict:
+    """Copy `event` with every aggregate as of its event time, by the as-of rule.
+
+    `lookup(CellKey) -> {aggregate: value} | None` is the store: the batch join's dict or the
+    Bigtable read of streaming scoring. A missing cell is an empty window (declared defaults).
+    """
+    w = as_of_window_end(event[fs.event_time], fs.period_ms, fs.serving_delay_ms)
+    out = dict(event)
+    for spec in key_specs(fs):
+        key_value = entity_value(event.get(spec.key_name))
+        cell = lookup(CellKey(spec.key_name, key_value, w)) if key_value is not None else None
+        out.update(cell_columns(spec, cell))
+    return out
+
+
+class _ExamplesToBlockBatches(beam.DoFn):
+    """Example dicts -> (block end, RecordBatch of example fields), buffered per bundle.
+
+    Columnar batches cross the shuffle far cheaper than one pickled dict per example.
+    """
+
+    def __init__(self, fs: FeatureSet, block_ms: int, max_buffered: int = 50_000):
+        self.fs = fs
+        self.block_ms = block_ms
+        self.max_buffered = max_buffered
+        self.fields = block_fields(fs)
+
+    def start_bundle(self) -> None:
+        self._buffer: dict[int, list[dict]] = {}
+        self._buffered = 0
+
+    def process(self, event: dict) -> Iterator:
+        fs = self.fs
+        w = as_of_window_end(event[fs.event_time], fs.period_ms, fs.serving_delay_ms)
+        block_end = -(-w // self.block_ms) * self.block_ms
+        self._buffer.setdefault(block_end, []).append(event)
+        self._buffered += 1
+        if self._buffered >= self.max_buffered:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator:
+        for key_and_batch in self._flush():
+            yield WindowedValue(key_and_batch, MIN_TIMESTAMP, [window.GlobalWindow()])
+
+    def _flush(self) -> Iterator[tuple[int, object]]:
+        buffer, self._buffer, self._buffered = self._buffer, {}, 0
+        for block_end, rows in buffer.items():
+            yield block_end, example_fields_record_batch(self.fs, rows, self.fields)
+
+
+def block_fields(fs: FeatureSet) -> tuple:
+    """The fields an example carries to its block: its example fields but the reference
+    columns (joined in the block, after the shuffle), plus the reference tables' keys."""
+    joined = {c.name for t in fs.references for c in t.columns}
+    fields = [f for f in fs.example_fields if f.name not in joined]
+    have = {f.name for f in fields}
+    by_name = fs.fields_by_name
+    return (*fields, *(by_name[k] for k in reference_keys(fs) if k not in have))
+
+
+class _JoinBlock(beam.DoFn):
+    """One block: its examples (RecordBatches) + every entity's AggregateBlock (+ the reference
+    tables' indexes, side inputs) -> a flat batch."""
+
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+
+    def setup(self) -> None:
+        self._examples = Metrics.counter(NAMESPACE, "examples_joined")
+        self._specs = key_specs(self.fs)
+        self._missing = {
+            t.name: Metrics.counter(NAMESPACE, f"reference_{t.name}_missing")
+            for t in self.fs.references
+        }
+
+    def process(self, element: tuple, *indexes) -> Iterator:
+        _, grouped = element
+        batches = [b for b in grouped["examples"] if b.num_rows]
+        if not batches:
+            return
+        fs = self.fs
+        table = pa.Table.from_batches(batches)
+        if fs.references:
+            table = join_reference_columns(fs, table, indexes, self._missing)
+        blocks = {(b.key_name, b.key_value): b for b in grouped["aggregates"]}
+        times = table.column(fs.event_time).cast(pa.int64()).to_numpy()
+        window_ends = (
+            (times - fs.serving_delay_ms) // fs.period_ms * fs.period_ms
+        ).tolist()  # the as-of rule, vectorised: same arithmetic as as_of_window_end
+        columns = {}
+        for spec in self._specs:
+            keys = table.column(spec.key_name).to_pylist()
+            cells = []
+            for key, w in zip(keys, window_ends, strict=True):
+                block = blocks.get((spec.key_name, entity_value(key)))
+                cells.append(block.cell(w) if block is not None else None)
+            for agg in spec.aggregates:
+                default, name = agg.default, agg.name
+                values = [default if c is None else c[name] for c in cells]
+                if len(agg.columns) == 1:
+                    columns[name] = values
+                    continue
+                split = [agg.operation.columns_of(v) for v in values]
+                for j, column in enumerate(agg.columns):
+                    columns[column] = [parts[j] for parts in split]
+        joined = with_aggregate_columns(fs, table, columns)
+        self._examples.inc(joined.num_rows)
+        yield from joined.to_batches()
+
+
+class AsOfJoin(beam.PTransform):
+    """Batch point-in-time join: examples -> flat RecordBatches with the aggregates of W(t).
+
+    Examples and aggregate blocks meet by block end, so one group holds a day of examples
+    and the cells they can need; no example ever sees a window ending after W <= t - D.
+    """
+
+    def __init__(
+        self, fs: FeatureSet, *, block_s: int | None = None, references: dict | None = None
+    ):
+        super().__init__()
+        period_s = fs.aggregates[0].period_s
+        self.fs = fs
+        self.references = references or {}
+        block_s = block_s or max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
+        self.block_ms = block_s * 1000
+
+    def expand(self, inputs):
+        examples, blocks = inputs
+        sides = [AsSingleton(self.references[t.name]) for t in self.fs.references]
+        keyed_examples = examples | "ExamplesByBlock" >> beam.ParDo(
+            _ExamplesToBlockBatches(self.fs, self.block_ms)
+        )
+        keyed_blocks = (
+            blocks
+            | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+            | "KeyAggregatesByBlock" >> beam.Map(lambda b: (b.block_end_ms, b))
+        )
+        return (
+            {"examples": keyed_examples, "aggregates": keyed_blocks}
+            | "GroupByBlock" >> beam.CoGroupByKey()
+            | "Attach" >> beam.ParDo(_JoinBlock(self.fs), *sides)
+        )
