@@ -9,7 +9,7 @@ windows close every 2 s and give many freshness samples). Measured in one run, s
 - job max: the whole aggregate job draining the same backlog (events through the tiles/s);
 - per --rate: the job's sustained events/s and freshness lag (time a cell of origin JFK became
   visible in Bigtable with its complete value minus its W), p50/p99; and the floor: one Python
-  process that pulls, validates with the same RecordValidator, keeps the same per-bucket
+  process that pulls, validates with the same RecordChecker, keeps the same per-bucket
   partials and writes the same cells when the wall clock passes W;
 - job_code_us_per_event: the job's own DoFns and per-key logic called directly (no runner) on
   the same live stream (each key's state drained to the end), for the bench feature set, for a
@@ -205,7 +205,7 @@ def _job_pipeline(fs, sub: str, table_id: str, pull: int):
     import apache_beam as beam
 
     from skewless.beam_pipelines.io.bigtable import WriteCells
-    from skewless.beam_pipelines.io.pubsub import WriteDeadLetters, read_messages
+    from skewless.beam_pipelines.io.pubsub import PublishDeadLetters, read_messages
     from skewless.beam_pipelines.jobs.aggregate import build_pipeline
     from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
 
@@ -219,7 +219,7 @@ def _job_pipeline(fs, sub: str, table_id: str, pull: int):
         fs,
         read_messages(sub, "event_time", False),
         WriteCells(PROJECT, INSTANCE, table_id, fs.name),
-        WriteDeadLetters(None),
+        PublishDeadLetters(None),
         allowed_lateness_s=60,
     )
     return p
@@ -371,10 +371,10 @@ class Floor:
 
     def __init__(self, fs, subscription, table):
         from skewless.transforms.aggregations import BucketAccumulatorFn, key_specs
-        from skewless.transforms.record_checks import RecordValidator
+        from skewless.transforms.record_checks import RecordChecker
 
         self.fs, self.sub, self.table = fs, subscription, table
-        self.validator = RecordValidator(fs)
+        self.validator = RecordChecker(fs)
         self.specs = key_specs(fs)
         self.acc = BucketAccumulatorFn(fs)
         self.buckets: dict = {}  # (key name, key value) -> {bucket: slot}
@@ -386,7 +386,7 @@ class Floor:
 
         from skewless.beam_pipelines.io.bigtable import cell_row
         from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
-        from skewless.transforms.aggregations import CellKey, _cell, entity_value
+        from skewless.transforms.aggregations import CellKey, entity_value, window_cell
 
         sub = pubsub_v1.SubscriberClient()
         period = self.fs.period_ms
@@ -415,7 +415,7 @@ class Floor:
                 rows = []
                 for (name, value), buckets in self.buckets.items():
                     spec = next(s for s in self.specs if s.key_name == name)
-                    cell = _cell(spec, buckets, next_w)
+                    cell = window_cell(spec, buckets, next_w)
                     if cell is not None:
                         rows.append(
                             cell_row(self.table, self.fs.name, CellKey(name, value, next_w), cell)
@@ -459,7 +459,7 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
 
     from skewless.beam_pipelines.io.pubsub import _ParseMessages
     from skewless.transforms.partials import block_periods, key_specs
-    from skewless.transforms.record_checks import ValidateRecordsFn
+    from skewless.transforms.record_checks import CheckRecordsFn
     from skewless.transforms.tiles import KeyTiles, _ToTiles, merge_partials
 
     t0_ms = 1_800_000_000_000
@@ -471,7 +471,7 @@ def job_code_cost_us(fs, raws: list[dict], rate: float, bundle: int) -> dict:
         )
     parse, validate, tiles = (
         _ParseMessages("event_time", fs),
-        ValidateRecordsFn(fs),
+        CheckRecordsFn(fs),
         _ToTiles(fs),
     )
     for fn in (parse, validate, tiles):

@@ -4,7 +4,7 @@ Setup: a Pub/Sub and a Bigtable emulator; the Bigtable cells of the published fl
 the batch backfill through the aggregate job's Bigtable sink (so every lookup hits real rows).
 For each local Pub/Sub read setting (`--pulls`: messages per pull of the local runner's read;
 1000 is the patched read `score --streaming` uses, 10 is Beam's own) and each offered rate
-(`--rates`), a fresh scorer process runs the real job (`score_stream.make_pipeline`, local
+(`--rates`), a fresh scorer process runs the real job (`score_streaming.make_pipeline`, local
 runner), real flights are published one by one at the rate for `--seconds`, and each event's
 latency is the time its prediction (matched by flight key) reached a streaming-pull subscriber
 of the output topic minus the time just before its publish call. Sustained events/s = events
@@ -84,11 +84,11 @@ def write_cells(table_id: str, events: list[tuple[int, dict]], fs=None) -> None:
     from skewless.beam_pipelines.io.bigtable import WriteCells
     from skewless.examples.flights import FLIGHTS
     from skewless.transforms.aggregations import ComputeAggregates
-    from skewless.transforms.record_checks import RecordValidator
+    from skewless.transforms.record_checks import RecordChecker
 
     fs = fs or FLIGHTS
     ensure_table(PROJECT, INSTANCE, table_id, fs, 600, 20 * 365 * 86_400)
-    validator = RecordValidator(fs)
+    validator = RecordChecker(fs)
     typed = [validator.validate(dict(raw)) for _, raw in events]
     with beam.Pipeline(options=PipelineOptions([], runner="FnApiRunner")) as p:
         _ = p | beam.Create(typed) | ComputeAggregates(fs) | WriteCells(PROJECT, INSTANCE, table_id, fs.name)
@@ -96,11 +96,11 @@ def write_cells(table_id: str, events: list[tuple[int, dict]], fs=None) -> None:
 
 def flight_key(record: dict) -> tuple:
     from skewless.examples.flights import FLIGHTS
-    from skewless.transforms.record_checks import RecordValidator, ms_to_datetime
+    from skewless.transforms.record_checks import RecordChecker, ms_to_datetime
 
     if "probability" in record:  # a prediction: timestamps are ISO text already
         return (record["carrier"], int(record["flight"]), record["origin"], record["scheduled_departure"])
-    event = RecordValidator(FLIGHTS).validate(dict(record))
+    event = RecordChecker(FLIGHTS).validate(dict(record))
     return (event["carrier"], event["flight"], event["origin"], ms_to_datetime(event["scheduled_departure"]).isoformat())
 
 
@@ -227,18 +227,18 @@ def bigtable_floor(table_id: str, events: list[tuple[int, dict]], batch: int, re
     import numpy as np
 
     from skewless.beam_pipelines.io.bigtable import open_table
-    from skewless.beam_pipelines.io.online_store import cell_keys, read_cells
+    from skewless.beam_pipelines.io.online_store import cell_keys, read_cells_of
     from skewless.examples.flights import FLIGHTS
-    from skewless.transforms.record_checks import RecordValidator
+    from skewless.transforms.record_checks import RecordChecker
 
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     table = open_table(PROJECT, INSTANCE, table_id)
     times, found = [], 0
     for i in range(repeats):
         chunk = [validator.validate(dict(raw)) for _, raw in events[i * batch : (i + 1) * batch]]
         keys = [k for e in chunk for k in cell_keys(FLIGHTS, e)]
         t0 = time.perf_counter()
-        found += len(read_cells(table, FLIGHTS.name, keys))
+        found += len(read_cells_of(table, FLIGHTS.name, keys))
         times.append(time.perf_counter() - t0)
     return {
         "events_per_read": batch,
@@ -346,7 +346,7 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
     from skewless.beam_pipelines.score_core import CheckExamples, ToPredictionDict
     from skewless.examples.flights import FLIGHTS
     from skewless.models.watch import WatchingModelHandler
-    from skewless.transforms.record_checks import ValidateRecordsFn
+    from skewless.transforms.record_checks import CheckRecordsFn
 
     handler = WatchingModelHandler(model_dir, poll_s=3600)
     model = handler.load_model()
@@ -355,7 +355,7 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
     rows = list(open_table(PROJECT, INSTANCE, table_id).read_rows(row_set=row_set))
     fns = {
         "payloads": ss._Payloads(),
-        "validate": ValidateRecordsFn(FLIGHTS),
+        "validate": CheckRecordsFn(FLIGHTS),
         "lookup": ss._LookupAggregatesFn(FLIGHTS, lambda: _DictTable(rows)),
         "check_inputs": CheckExamples(handler.inputs),
     }
@@ -398,10 +398,10 @@ def job_code_cost_us(table_id: str, events: list[tuple[int, dict]], model_dir: s
 
 def scorer_child(pull: int, argv: list[str]) -> None:
     """In a child process: the real streaming scorer, its local read set to `pull` per pull."""
-    from skewless.beam_pipelines.jobs import score_streaming as score_stream
+    from skewless.beam_pipelines.jobs import score_streaming
     from skewless.beam_pipelines.runtime.local_runner import patch_local_pubsub_read
 
-    p, _ = score_stream.make_pipeline(argv)
+    p, _ = score_streaming.make_pipeline(argv)
     patch_local_pubsub_read(max_messages=pull)  # replaces the job's setting (same evaluator code)
     p.run().wait_until_finish()
 

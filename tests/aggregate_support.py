@@ -15,7 +15,7 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 from skewless.beam_pipelines.runtime.local_runner import fix_direct_runner_metrics
 from skewless.transforms.aggregations import ComputeAggregates, explode_cells
 from skewless.transforms.featureset import FeatureSet, Field, WindowedAggregate
-from skewless.transforms.record_checks import RecordValidator, ms_to_datetime
+from skewless.transforms.record_checks import RecordChecker, ms_to_datetime
 from skewless.transforms.tiles import Cell
 
 TOY = FeatureSet(
@@ -115,7 +115,7 @@ def flights_raw_slice(start: str, end: str) -> list[dict]:
 
 
 def typed_events(fs: FeatureSet, raws: Iterable[dict]) -> list[dict]:
-    validator = RecordValidator(fs)
+    validator = RecordChecker(fs)
     out = []
     for raw in raws:
         event = validator.validate(dict(raw))
@@ -150,7 +150,7 @@ def flights_shifted_to_end_before_now(fs: FeatureSet, start: str, end: str, befo
     events = [e for e in order_events(fs, raws, ReplayStats()) if lo <= e[0] < hi]
     now_ms = int(time.time() * 1000)
     shift = ((now_ms - before_ms - events[-1][0]) // fs.period_ms) * fs.period_ms
-    validator = RecordValidator(fs)
+    validator = RecordChecker(fs)
     typed = [validator.validate(json.loads(to_message(fs, raw, shift))) for _, raw in events]
     return events, shift, batch_cells(fs, typed)
 
@@ -219,12 +219,12 @@ def score_streaming(ps, bt, table_id: str, model_dir, fs: FeatureSet, raws: list
     import json
 
     from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, publish_events
-    from skewless.beam_pipelines.jobs import score_streaming as score_stream
+    from skewless.beam_pipelines.jobs import score_streaming
     from skewless.beam_pipelines.runtime.parsing import metric_counters
 
     inp, out, dead = ps.topic("events"), ps.topic("predictions"), ps.topic("dead")
     inp_sub, out_sub = ps.subscription(inp, "scorer"), ps.subscription(out, "reader")
-    p, info = score_stream.make_pipeline(
+    p, info = score_streaming.make_pipeline(
         [
             "--streaming", f"--subscription={inp_sub}", f"--output_topic={out}",
             f"--dead_letter_topic={dead}", f"--bigtable_project={bt.project}",

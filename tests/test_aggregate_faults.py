@@ -10,7 +10,7 @@ import pytest
 
 from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
 from skewless.beam_pipelines.commands.replay import Heartbeat, publish_events, to_message
-from skewless.beam_pipelines.io.bigtable import open_table, read_cells
+from skewless.beam_pipelines.io.bigtable import open_table, read_all_cells
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
 from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
@@ -95,7 +95,7 @@ def test_a_20_second_outage_loses_nothing(pubsub_emulator, bigtable_emulator, fr
                                           event_time=str(t + shift)) for t, raw in events[half:]]  # fmt: skip
             for future in sent:
                 future.result(timeout=120)
-            assert wait_for(lambda: read_cells(table, FLIGHTS.name) == expected, 180), (
+            assert wait_for(lambda: read_all_cells(table, FLIGHTS.name) == expected, 180), (
                 "the cells never matched the backfill after the outage"
             )
         counters = metric_counters(result)

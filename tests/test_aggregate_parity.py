@@ -21,7 +21,7 @@ from skewless.beam_pipelines.io.bigtable import (
     WriteCells,
     cell_row,
     open_table,
-    read_cells,
+    read_all_cells,
     read_cells_with_versions,
 )
 from skewless.beam_pipelines.jobs.aggregate import make_pipeline
@@ -102,7 +102,7 @@ def test_streaming_cells_equal_the_batch_backfill_and_a_second_replay_changes_no
     table_id = _new_table(bt)
     counters, late_panes = _stream_into_bigtable(bt, table_id, day_of_flights, seed=1)
     table = open_table(bt.project, bt.instance, table_id)
-    streamed = read_cells(table, FLIGHTS.name)
+    streamed = read_all_cells(table, FLIGHTS.name)
     expected = batch_cells(FLIGHTS, day_of_flights)
 
     assert len(day_of_flights) > 800
@@ -200,7 +200,7 @@ def test_long_windows_one_day_and_seven_days_equal_the_batch_backfill(bigtable_e
     result = p.run()
     result.wait_until_finish()
     counters = metric_counters(result)
-    streamed = read_cells(open_table(bt.project, bt.instance, table_id), LONG_WINDOWS.name)
+    streamed = read_all_cells(open_table(bt.project, bt.instance, table_id), LONG_WINDOWS.name)
     expected = batch_cells(LONG_WINDOWS, events)
 
     assert len(events) > 1500

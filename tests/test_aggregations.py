@@ -19,7 +19,7 @@ from skewless.transforms.aggregations import (
 )
 from skewless.transforms.examples import BuildExamples
 from skewless.transforms.featureset import as_of_window_end
-from skewless.transforms.record_checks import RecordValidator
+from skewless.transforms.record_checks import RecordChecker
 from tests.flights_data import real_flights
 
 FS = FLIGHTS
@@ -28,7 +28,7 @@ FS = FLIGHTS
 @pytest.fixture(scope="module")
 def events():
     """Three days of real departures (~2,800), typed and derived as every job sees them."""
-    validator = RecordValidator(FS)
+    validator = RecordChecker(FS)
     out = [validator.validate(r) for r in real_flights(3, 8, days=3)]
     return [e for e in out if e is not None]
 

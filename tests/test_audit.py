@@ -23,8 +23,7 @@ from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, p
 from skewless.beam_pipelines.io.bigtable import open_table
 from skewless.beam_pipelines.io.online_store import cell_keys
 from skewless.beam_pipelines.io.serving_log import WriteServingLog
-from skewless.beam_pipelines.jobs import audit
-from skewless.beam_pipelines.jobs import score_streaming as score_stream
+from skewless.beam_pipelines.jobs import audit, score_streaming
 from skewless.beam_pipelines.runtime.launch import run_job
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.aggregations import row_key
@@ -178,7 +177,7 @@ def _serve(ps, bt, table_id, model_dir, raws, log_dir, sample, lookup_fs=None, t
     from apache_beam.io.gcp.pubsub import ReadFromPubSub
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from skewless.beam_pipelines.io.pubsub import WriteDeadLetters
+    from skewless.beam_pipelines.io.pubsub import PublishDeadLetters
     from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
     from skewless.beam_pipelines.runtime.parsing import metric_counters
     from skewless.beam_pipelines.score_core import load_model
@@ -191,7 +190,7 @@ def _serve(ps, bt, table_id, model_dir, raws, log_dir, sample, lookup_fs=None, t
         "--serving_log_window_s=2",
     ]
     if lookup_fs is None:
-        p, _ = score_stream.make_pipeline(
+        p, _ = score_streaming.make_pipeline(
             ["--streaming", f"--subscription={inp_sub}", f"--output_topic={out}",
              f"--bigtable_project={bt.project}", f"--bigtable_instance={bt.instance}",
              f"--bigtable_table={table_id}", f"--model_dir={model_dir}",
@@ -207,16 +206,16 @@ def _serve(ps, bt, table_id, model_dir, raws, log_dir, sample, lookup_fs=None, t
                 runner="BundleBasedDirectRunner", streaming=True, project=ps.project
             )
         )
-        score_stream.build_pipeline(
+        score_streaming.build_pipeline(
             p,
             model.fs,
             model.handler,
             ReadFromPubSub(subscription=inp_sub, with_attributes=True),
-            score_stream.LookupAggregates.from_bigtable(
+            score_streaming.LookupAggregates.from_bigtable(
                 lookup_fs, bt.project, bt.instance, table_id
             ),
-            score_stream.WritePredictions(out),
-            WriteDeadLetters(None),
+            score_streaming.WritePredictions(out),
+            PublishDeadLetters(None),
             WriteServingLog(str(log_dir), sample, 2),
         )
     expected_logged = sum(
@@ -405,6 +404,7 @@ def test_the_scorer_with_a_serving_log_builds_for_dataflow_keeping_its_step_name
     """The template's serving log parameters reach the job; the steps of a scorer without a
     log keep their names (Dataflow's --update maps steps by name), the log adds two."""
     from templates.jobs import JOBS, run_job
+
     from tests.test_templates import (
         BIGTABLE,
         DATAFLOW,
@@ -457,12 +457,12 @@ def test_the_log_branch_carries_the_scored_examples_and_their_predictions(tmp_pa
     handler = SkewlessModelHandler(str(trained["model_dir"]))
     with TestPipeline(runner="FnApiRunner") as p:
         batches = p | beam.Create([examples[:25], examples[25:]])
-        predictions, dead = batches | score_stream.ScoreEvents(FLIGHTS, handler, SAMPLE)
-        split = predictions | beam.ParDo(score_stream.SplitServingLog()).with_outputs(
-            score_stream.SERVING_LOG, main="predictions"
+        predictions, dead = batches | score_streaming.ScoreEvents(FLIGHTS, handler, SAMPLE)
+        split = predictions | beam.ParDo(score_streaming.SplitServingLog()).with_outputs(
+            score_streaming.SERVING_LOG, main="predictions"
         )
-        plain = split.predictions | beam.Map(lambda r: (_id(r), score_stream.SERVING_LOG in r))
-        logged = split[score_stream.SERVING_LOG] | beam.Map(
+        plain = split.predictions | beam.Map(lambda r: (_id(r), score_streaming.SERVING_LOG in r))
+        logged = split[score_streaming.SERVING_LOG] | beam.Map(
             lambda r: (_id(r["example_key"]), r["features"]["dest"], round(r["prediction"], 6))
         )
         probability = beam.pvalue.AsDict(

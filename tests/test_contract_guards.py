@@ -46,12 +46,12 @@ from skewless.transforms.operations import (
     UniqueCount,
     Variance,
 )
-from skewless.transforms.partials import CellKey, _cell, add_to_slot, key_specs, new_slot
+from skewless.transforms.partials import CellKey, add_to_slot, key_specs, new_slot, window_cell
 from skewless.transforms.record_checks import (
     DEAD,
+    CheckRecordsFn,
     InvalidRecord,
-    RecordValidator,
-    ValidateRecordsFn,
+    RecordChecker,
     to_epoch_ms,
 )
 from skewless.transforms.tiles import _MergePartials, to_partials
@@ -102,7 +102,7 @@ def test_the_ranges_tested_here_are_the_declared_ones():
 @pytest.mark.parametrize("as_text", [False, True], ids=["typed", "text"])
 @pytest.mark.parametrize("name, lo, hi", RANGES)
 def test_values_at_the_minimum_and_maximum_are_accepted(name, lo, hi, as_text):
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     for value in (lo, hi):
         raw = {**GOOD, name: repr(value) if as_text else value}
         typed = validator.typed(raw)
@@ -113,7 +113,7 @@ def test_values_at_the_minimum_and_maximum_are_accepted(name, lo, hi, as_text):
 @pytest.mark.parametrize("name, lo, hi", RANGES)
 def test_one_step_outside_the_range_is_rejected_with_the_bound_in_the_reason(name, lo, hi, as_text):
     field = _declared(name)
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     for value, side, bound in ((_below(field, lo), "below the minimum", field.min_value),
                                (_above(field, hi), "above the maximum", field.max_value)):  # fmt: skip
         raw = {**GOOD, name: repr(value) if as_text else value}
@@ -135,8 +135,8 @@ def test_a_record_outside_a_range_is_a_validate_dead_letter_naming_field_and_bou
 
 
 def _dead_letters(elements) -> list[dict]:
-    """ValidateRecordsFn (the validation step of every job) over elements -> its dead letters."""
-    fn = ValidateRecordsFn(FLIGHTS)
+    """CheckRecordsFn (the validation step of every job) over elements -> its dead letters."""
+    fn = CheckRecordsFn(FLIGHTS)
     fn.setup()
     letters = []
     for element in elements:
@@ -202,7 +202,7 @@ def _message(payload: bytes, attributes: dict | None = None):
     if attributes is None:
         # The event time the payload itself carries (scheduled departure + delay).
         attributes = {
-            "event_time": str(RecordValidator(FLIGHTS).validate(dict(GOOD))["event_time"])
+            "event_time": str(RecordChecker(FLIGHTS).validate(dict(GOOD))["event_time"])
         }
     return PubsubMessage(payload, attributes)
 
@@ -215,7 +215,7 @@ PUBSUB_CASES = {
 
 @pytest.mark.parametrize("stage", list(PUBSUB_CASES))
 def test_pubsub_dead_letter_keeps_the_payload_exactly(stage):
-    """ParseMessages then ValidateRecords, the streaming jobs' first steps; the dead-letter
+    """ParseMessages then CheckRecords, the streaming jobs' first steps; the dead-letter
     message published carries the payload's bytes unchanged."""
     from skewless.beam_pipelines.io.pubsub import _ParseMessages, to_dead_letter_message
 
@@ -237,7 +237,7 @@ def test_pubsub_dead_letter_keeps_the_payload_exactly(stage):
 
 
 def _streaming_letters(message) -> list[dict]:
-    """ParseMessages then ValidateRecords on one message -> its dead letters."""
+    """ParseMessages then CheckRecords on one message -> its dead letters."""
     from skewless.beam_pipelines.io.pubsub import _ParseMessages
 
     parse = _ParseMessages("event_time", FLIGHTS)
@@ -254,7 +254,7 @@ def _streaming_letters(message) -> list[dict]:
 def test_a_payload_that_is_not_utf8_is_said_so_and_kept_byte_for_byte(tmp_path):
     """Not re-encoded with U+FFFD (16 bytes became 22): the dead-letter message carries the
     very bytes, a dead-letter file base64 with its encoding named."""
-    from skewless.beam_pipelines.io.file_sinks import WriteDeadLetters
+    from skewless.beam_pipelines.io.file_sinks import WriteDeadLetterFiles
     from skewless.beam_pipelines.io.pubsub import to_dead_letter_message
 
     payload = b'{"carrier": "\xff\xfeUA"}'
@@ -265,7 +265,7 @@ def test_a_payload_that_is_not_utf8_is_said_so_and_kept_byte_for_byte(tmp_path):
     assert base64.b64decode(letter["record"]) == payload
     assert to_dead_letter_message(letter).data == payload
     with TestPipeline(runner="FnApiRunner") as p:
-        _ = p | beam.Create([letter]) | WriteDeadLetters(str(tmp_path / "dead" / "part"))
+        _ = p | beam.Create([letter]) | WriteDeadLetterFiles(str(tmp_path / "dead" / "part"))
     (line,) = [x for f in (tmp_path / "dead").glob("*") for x in f.read_text().splitlines()]
     assert base64.b64decode(json.loads(line)["record"]) == payload
 
@@ -297,7 +297,7 @@ def test_the_streaming_jobs_take_the_feature_set_s_time_range_from_1970_on():
 
 def test_pubsub_dead_letters_keep_the_payload_in_a_pipeline():
     from skewless.beam_pipelines.io.pubsub import ParseMessages
-    from skewless.transforms.record_checks import ValidateRecords
+    from skewless.transforms.record_checks import CheckRecords
 
     cases = {stage: case[0] for stage, case in PUBSUB_CASES.items()}
     messages = [_message(json.dumps(GOOD).encode())] + [
@@ -311,7 +311,7 @@ def test_pubsub_dead_letters_keep_the_payload_in_a_pipeline():
 
     with TestPipeline(runner="FnApiRunner") as p:
         payloads, bad_times = p | beam.Create(messages) | ParseMessages("event_time", FLIGHTS)
-        _, invalid = payloads | ValidateRecords(FLIGHTS)
+        _, invalid = payloads | CheckRecords(FLIGHTS)
         assert_that((bad_times, invalid) | beam.Flatten(), check)
 
 
@@ -510,7 +510,7 @@ def test_the_hand_computed_windows_follow_the_as_of_rule():
 
 
 def _cells_by_hand() -> dict:
-    """The cell of every W that holds events, from the toy events, through the shared _cell."""
+    """The cell of every W that holds events, from the toy events, through the shared window_cell."""
     (spec,) = key_specs(GUARD)
     buckets: dict = {}
     for e in EVENTS:
@@ -521,7 +521,7 @@ def _cells_by_hand() -> dict:
         add_to_slot(slot, [e.get(f) for f in spec.value_fields], e["t"])
     out = {}
     for w in range(T0 - 300_000, T0 + 400_000, spec.period_ms):
-        cell = _cell(spec, buckets, w)
+        cell = window_cell(spec, buckets, w)
         if cell is not None:
             out[CellKey("k", "a", w)] = cell
     return out
@@ -718,7 +718,7 @@ def _all_cells(buckets: dict, blocks: dict | None = None, block_ms: int = 0) -> 
     first, last = min(buckets), max(buckets) + spec.max_size_ms
     cells = {}
     for w in range(first, last + spec.period_ms, spec.period_ms):
-        cells[w] = _cell(spec, buckets, w, blocks, block_ms)
+        cells[w] = window_cell(spec, buckets, w, blocks, block_ms)
     assert any(c is not None for c in cells.values())
     return cells
 
@@ -890,7 +890,7 @@ def test_by_time_operations_read_ints_as_floats_and_strings_as_lists_of_strings(
     slot = new_slot(spec)
     values = {"i": 3, "tag": "x", "v": None}  # v only null: last_k and sum read their defaults
     add_to_slot(slot, [values[f] for f in spec.value_fields], T0)
-    cell = _cell(spec, {T0: slot}, T0 + 60_000)
+    cell = window_cell(spec, {T0: slot}, T0 + 60_000)
     assert cell == {"first_i": 3.0, "last2_tag": ["x"], "last2_v": [-1.0], "sum_v": 70.5}
     assert type(cell["first_i"]) is float
 

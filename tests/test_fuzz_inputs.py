@@ -60,10 +60,10 @@ from skewless.transforms.example_schema import (
 from skewless.transforms.featureset import FeatureSet, as_of_window_end
 from skewless.transforms.record_checks import (
     DEAD,
+    CheckRecordsFn,
     InvalidRecord,
-    RecordValidator,
+    RecordChecker,
     UnparseableRow,
-    ValidateRecordsFn,
     iter_raw_records,
     parse_json_payload,
 )
@@ -358,7 +358,7 @@ class _Counter:
 
 
 def validate_elements(fs: FeatureSet, elements: list) -> tuple[list, list, dict]:
-    fn = ValidateRecordsFn(fs)
+    fn = CheckRecordsFn(fs)
     fn.setup()
     counters = {name: _Counter() for name in ("_read", "_valid", "_rejected", "_not_events")}
     for name, counter in counters.items():
@@ -376,7 +376,7 @@ def validate_elements(fs: FeatureSet, elements: list) -> tuple[list, list, dict]
 
 def typed_by_position(fs: FeatureSet, elements: list) -> dict:
     """Position -> the typed record (or the exception) of every record the reader emitted."""
-    validator = RecordValidator(fs)
+    validator = RecordChecker(fs)
     out = {}
     for element in elements:
         for stage, raw, where in iter_raw_records(element):
@@ -472,11 +472,11 @@ def test_fuzzed_inputs_never_crash_lose_or_corrupt_a_record(fmt, tmp_path_factor
 
 @pytest.mark.timeout(600)
 def test_fuzzed_files_through_the_real_batch_pipeline(tmp_path_factory):
-    """Generated files of every format through ReadRawFiles + ValidateRecords + BuildExamples
+    """Generated files of every format through ReadRawFiles + CheckRecords + BuildExamples
     in one pipeline: the job finishes and every record is counted once."""
     from skewless.beam_pipelines.runtime.parsing import metric_counters
     from skewless.transforms.examples import BuildExamples
-    from skewless.transforms.record_checks import ValidateRecords
+    from skewless.transforms.record_checks import CheckRecords
 
     formats = st.sampled_from(["csv", "jsonl", "parquet"])
 
@@ -493,7 +493,7 @@ def test_fuzzed_files_through_the_real_batch_pipeline(tmp_path_factory):
             elements = list(read_file_records(str(path), case.fmt, FLIGHTS))
             direct.append((path.name, len(case.records), validate_elements(FLIGHTS, elements)[2]["read"]))
         p = TestPipeline(runner="FnApiRunner")
-        events, _ = p | ReadRawFiles(str(root / "part*"), fs=FLIGHTS) | ValidateRecords(FLIGHTS)
+        events, _ = p | ReadRawFiles(str(root / "part*"), fs=FLIGHTS) | CheckRecords(FLIGHTS)
         _ = events | BuildExamples(FLIGHTS, require_label=False)
         result = p.run()
         result.wait_until_finish()

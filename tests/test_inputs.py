@@ -29,12 +29,12 @@ from skewless.beam_pipelines.runtime.launch import run_job
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.examples import BuildExamples
 from skewless.transforms.record_checks import (
+    CheckRecords,
     InvalidRecord,
     RawBatch,
     RawLine,
-    RecordValidator,
+    RecordChecker,
     UnparseableRow,
-    ValidateRecords,
     to_epoch_ms,
 )
 from tests.flights_data import CSV_COLUMNS, real_flights, write_csv, write_jsonl
@@ -86,11 +86,11 @@ def records_of(path: Path, fmt: str, fs=FLIGHTS) -> list:
 def test_values_the_pipeline_cannot_carry_are_rejected(changes, reason):
     raw = {**ROWS[0], **changes}
     with pytest.raises(InvalidRecord, match=reason):
-        RecordValidator(FLIGHTS).validate(raw)
+        RecordChecker(FLIGHTS).validate(raw)
 
 
 def test_timestamps_as_epoch_seconds_are_the_same_in_text_and_numbers():
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     iso = validator.validate(dict(ROWS[0]))
     for value in (1357034400, 1357034400.0, "1357034400", "1357034400.0", " 1357034400 "):
         raw = {**ROWS[0], "time_hour": value}
@@ -109,7 +109,7 @@ def test_a_declared_timestamp_range_and_non_finite_fields_are_honoured():
         timestamp_range=("2013-01-01T00:00:00+00:00", "2014-01-01T00:00:00+00:00"),
         allow_non_finite=("air_time",),
     )
-    validator = RecordValidator(fs)
+    validator = RecordChecker(fs)
     assert math.isnan(validator.validate({**ROWS[0], "air_time": float("nan")})["air_time"])
     with pytest.raises(
         InvalidRecord,
@@ -122,12 +122,12 @@ def test_derived_event_time_outside_the_range_is_rejected():
     # time_hour at the very end of the range; dep_delay moves the departure past it
     raw = {**ROWS[0], "time_hour": "2200-12-31T23:00:00Z", "minute": 59, "dep_delay": 120.0}
     with pytest.raises(InvalidRecord, match="derived 'scheduled_departure'|derived 'event_time'"):
-        RecordValidator(FLIGHTS).validate(raw)
+        RecordChecker(FLIGHTS).validate(raw)
 
 
 def test_nan_is_never_a_missing_value():
     # A cancelled flight has no dep_delay (null); NaN is a broken number, not a cancellation.
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     assert validator.validate({**ROWS[0], "dep_delay": None, "dep_time": None}) is None
     with pytest.raises(InvalidRecord, match="'dep_delay' nan is not a finite number"):
         validator.validate({**ROWS[0], "dep_delay": float("nan")})
@@ -176,7 +176,7 @@ def test_examples_path_survives_every_valid_record_and_dead_letters_the_rest(hos
 
     with TestPipeline(runner="FnApiRunner") as p:
         raw = p | ReadRawFiles(str(hostile_inputs / "flights.*"), fs=FLIGHTS)
-        events, dead = raw | ValidateRecords(FLIGHTS)
+        events, dead = raw | CheckRecords(FLIGHTS)
         examples = events | BuildExamples(FLIGHTS, require_label=False)
         rows = examples | beam.Map(lambda b: b.num_rows) | beam.CombineGlobally(sum)
         cancelled = sum(1 for r in [*ROWS[:60], *ROWS[63:120]] if r["dep_delay"] is None)
@@ -270,7 +270,7 @@ def test_parquet_schema_is_checked_and_dead_letters_carry_the_row_index(tmp_path
     with TestPipeline(runner="FnApiRunner") as p:
         from skewless.beam_pipelines.io.file_sources import ReadRawFiles
 
-        _, dead = p | ReadRawFiles(str(path), fs=FLIGHTS) | ValidateRecords(FLIGHTS)
+        _, dead = p | ReadRawFiles(str(path), fs=FLIGHTS) | CheckRecords(FLIGHTS)
         assert_that(dead | beam.Map(lambda d: (d["row"], d["file"])), equal_to([(3, str(path))]))
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist(rows).drop_columns(["origin"]), bad)
@@ -348,7 +348,7 @@ def test_a_line_separator_inside_a_json_string_is_one_record(tmp_path, separator
     )
     records = records_of(path, "jsonl")
     assert [r.line for r in records] == [1, 2, 3, 4, 5]
-    typed = RecordValidator(FLIGHTS).typed(json.loads(records[2].text))
+    typed = RecordChecker(FLIGHTS).typed(json.loads(records[2].text))
     assert typed["tailnum"] == f"N1{separator}X"
 
 
@@ -640,14 +640,14 @@ def test_large_compressed_files_have_their_head_checked(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
-    """The aggregate job's first two steps (ParseMessages, ValidateRecords) on every kind of
+    """The aggregate job's first two steps (ParseMessages, CheckRecords) on every kind of
     poison message: one dead letter each, the good message through, no failed bundle."""
     from apache_beam.io.gcp.pubsub import PubsubMessage
 
     from skewless.beam_pipelines.io.pubsub import ParseMessages
 
     good = dict(ROWS[0])
-    ts = {"event_time": str(RecordValidator(FLIGHTS).validate(dict(good))["event_time"])}
+    ts = {"event_time": str(RecordChecker(FLIGHTS).validate(dict(good))["event_time"])}
 
     def msg(i: int, attributes=ts, **changes) -> PubsubMessage:
         return PubsubMessage(
@@ -670,7 +670,7 @@ def test_streaming_parse_and_validate_dead_letter_each_poison_message_once():
         payloads, bad_times = (
             p | beam.Create([msg(0), *poison]) | ParseMessages("event_time", FLIGHTS)
         )
-        events, invalid = payloads | ValidateRecords(FLIGHTS)
+        events, invalid = payloads | CheckRecords(FLIGHTS)
         assert_that(events | beam.Map(lambda e: e["flight"]), equal_to([900_000]), label="events")
         letters = (bad_times, invalid) | beam.Flatten()
         assert_that(

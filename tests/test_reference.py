@@ -26,7 +26,7 @@ from skewless.examples.flights import (
 from skewless.transforms.example_schema import example_fields_record_batch
 from skewless.transforms.examples import BuildExamples
 from skewless.transforms.featureset import FeatureSetError, Field, ReferenceTable
-from skewless.transforms.record_checks import ValidateRecordsFn, ms_to_datetime
+from skewless.transforms.record_checks import CheckRecordsFn, ms_to_datetime
 from skewless.transforms.records import TracedRecord
 from skewless.transforms.reference import (
     DEAD,
@@ -60,7 +60,7 @@ def table_rows(table: ReferenceTable) -> tuple[dict, ...]:
 
 
 def traced(rows) -> list[TracedRecord]:
-    """Typed rows as ValidateReferenceRows hands them on (the row itself as its original)."""
+    """Typed rows as CheckReferenceRows hands them on (the row itself as its original)."""
     return [TracedRecord(row, row, None) for row in rows]
 
 
@@ -393,7 +393,7 @@ def _index_of_raw(rows: list[dict], arrow: bool) -> ReferenceIndex:
                 "temp": [r["temp"] for r in rows],
             }
         )
-        fn = ValidateRecordsFn(rows_feature_set(OBSERVATIONS), round_up=("time_hour",), traced=True)
+        fn = CheckRecordsFn(rows_feature_set(OBSERVATIONS), round_up=("time_hour",), traced=True)
         fn.setup()
         typed = list(fn.process(batch))
     else:

@@ -14,7 +14,7 @@ from skewless.beam_pipelines.commands import replay
 from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, parse_timestamp_attribute
 from skewless.examples.flights import FLIGHTS
 from skewless.examples.weather import WEATHER
-from skewless.transforms.record_checks import RecordValidator
+from skewless.transforms.record_checks import RecordChecker
 from tests.aggregate_support import flights_raw_slice
 
 
@@ -55,7 +55,7 @@ def test_replay_publishes_valid_events_in_event_time_order_with_the_attribute(
 
     messages = pubsub_emulator.pull_all(subscription, expect=n_valid, timeout_s=60)
     assert len(messages) == n_valid
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     stamps = []
     for message in messages:
         stamp = parse_timestamp_attribute(message.attributes["event_time"])
@@ -178,7 +178,7 @@ def test_order_and_shift_keep_window_alignment():
     assert times == sorted(times)
     shift = replay.shift_for_now(FLIGHTS, times[0], times[0] + 7 * FLIGHTS.period_ms + 123)
     assert shift == 7 * FLIGHTS.period_ms
-    moved = RecordValidator(FLIGHTS).validate(json.loads(replay.to_message(FLIGHTS, events[0][1], shift)))
+    moved = RecordChecker(FLIGHTS).validate(json.loads(replay.to_message(FLIGHTS, events[0][1], shift)))
     assert moved["event_time"] == times[0] + shift
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from skewless.beam_pipelines.commands import replay
 from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
-from skewless.beam_pipelines.io.bigtable import open_table, read_cells
+from skewless.beam_pipelines.io.bigtable import open_table, read_all_cells
 from skewless.beam_pipelines.runtime.options import DEFAULT_ALLOWED_LATENESS_S
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.weather import WEATHER, weather_path
@@ -47,7 +47,7 @@ def _job_until_cells_match(ps, bt, table_id: str, expected: dict, timeout_s: flo
 
     def cells_match() -> bool:
         stored.clear()
-        stored.update(read_cells(table, WEATHER.name))
+        stored.update(read_all_cells(table, WEATHER.name))
         return stored == expected
 
     try:

@@ -24,13 +24,12 @@ from skewless.beam_pipelines.commands import train
 from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
 from skewless.beam_pipelines.commands.replay import ReplayStats, order_events, to_message
 from skewless.beam_pipelines.io.online_store import cell_keys
-from skewless.beam_pipelines.jobs import score
-from skewless.beam_pipelines.jobs import score_streaming as score_stream
+from skewless.beam_pipelines.jobs import score, score_streaming
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
 from skewless.models.handler import SkewlessModelHandler, predict, rows_to_feed
 from skewless.transforms.aggregations import attach_aggregates
-from skewless.transforms.record_checks import RecordValidator, ms_to_datetime, to_epoch_ms
+from skewless.transforms.record_checks import RecordChecker, ms_to_datetime, to_epoch_ms
 from tests.aggregate_support import write_cells_with_the_aggregate_job
 from tests.flights_data import write_jsonl
 from tests.poison_messages import timestamp_poison
@@ -67,7 +66,7 @@ def _key(prediction: dict) -> tuple:
 
 
 def _raw_key(raw: dict) -> tuple:
-    event = RecordValidator(FLIGHTS).validate(dict(raw))
+    event = RecordChecker(FLIGHTS).validate(dict(raw))
     return (event["carrier"], str(event["flight"]), event["origin"], ms_to_datetime(event["scheduled_departure"]).isoformat())
 
 
@@ -110,7 +109,7 @@ def _topics(ps) -> dict:
 def _publish(publisher, topic: str, messages: list) -> None:
     """Publish raw flights (with their event time attribute, as replay does) or (payload,
     attributes) pairs, in order."""
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     futures = []
     for message in messages:
         if isinstance(message, dict):
@@ -151,7 +150,7 @@ def both_scorers(trained, pubsub_emulator, bigtable_emulator, tmp_path_factory):
     assert write_cells_with_the_aggregate_job(bt, table_id, FLIGHTS, raws)["cells_written"] > 0
 
     topics = _topics(ps)
-    p, info = score_stream.make_pipeline(_scorer_args(ps, bt, table_id, trained["model_dir"], topics))
+    p, info = score_streaming.make_pipeline(_scorer_args(ps, bt, table_id, trained["model_dir"], topics))
     result = p.run()
     try:
         wrong_type = dict(to_score[0][1], dep_delay="late", flight=999_001)
@@ -228,7 +227,7 @@ class _ExplodingHandler(SkewlessModelHandler):
 
 def _examples(trained, n: int) -> list[dict]:
     """n examples with empty windows (the aggregates' defaults)."""
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     events = [e for e in map(validator.validate, _slice(trained)) if e]
     return [attach_aggregates(FLIGHTS, e, lambda k: None) for e in events[:n]]
 
@@ -244,7 +243,7 @@ def test_failed_inferences_and_unfit_examples_become_dead_letters(trained):
         # Two batches: the unfit example is taken out of the first alone; the second fails as a
         # whole in the model, and each of its examples is dead-lettered with the reason.
         batches = p | beam.Create([[good, unfit], [exploding, other]])
-        predictions, dead = batches | score_stream.ScoreEvents(FLIGHTS, handler)
+        predictions, dead = batches | score_streaming.ScoreEvents(FLIGHTS, handler)
         assert_that(
             predictions | beam.Map(lambda r: (r["flight"], r["model_version"])),
             equal_to([(good["flight"], handler.version)]),
@@ -296,7 +295,7 @@ class _CountingHandler(SkewlessModelHandler):
 def test_one_bigtable_read_and_one_model_call_per_batch_with_the_as_of_cells(trained):
     from skewless.transforms.aggregations import row_key
 
-    events = [e for e in map(RecordValidator(FLIGHTS).validate, _slice(trained)) if e][:25]
+    events = [e for e in map(RecordChecker(FLIGHTS).validate, _slice(trained)) if e][:25]
     keys = {k for e in events for k in cell_keys(FLIGHTS, e)}
     # Distinct values per cell, so an example paired with the wrong row would show.
     cells = {
@@ -310,10 +309,10 @@ def test_one_bigtable_read_and_one_model_call_per_batch_with_the_as_of_cells(tra
     expected = [(e["flight"], e["scheduled_departure"], round(float(p), 6)) for e, p in zip(expected_examples, probabilities, strict=True)]
     _CALLS["read_rows"].clear()
     _CALLS["model"].clear()
-    lookup = score_stream.LookupAggregates(FLIGHTS, lambda: _CountingTable(some_absent), max_batch=10)
+    lookup = score_streaming.LookupAggregates(FLIGHTS, lambda: _CountingTable(some_absent), max_batch=10)
     with TestPipeline(runner="FnApiRunner") as p:
         batches = p | beam.Create(events, reshuffle=False) | lookup
-        predictions, dead = batches | score_stream.ScoreEvents(FLIGHTS, handler)
+        predictions, dead = batches | score_streaming.ScoreEvents(FLIGHTS, handler)
         assert_that(
             predictions
             | beam.Map(lambda r: (r["flight"], to_epoch_ms(r["scheduled_departure"]), round(r["probability"], 6))),
@@ -337,17 +336,17 @@ def test_missing_or_corrupt_model_dir_is_a_clear_error_before_the_job_starts(tra
         "--bigtable_table=t",
     ]
     with pytest.raises(SystemExit, match="score --streaming: model directory .* does not exist"):
-        score_stream.run([*base, f"--model_dir={tmp_path / 'none'}"])
+        score_streaming.run([*base, f"--model_dir={tmp_path / 'none'}"])
     broken = tmp_path / "models"
     shutil.copytree(trained["result"]["path"], broken / "1")
     (broken / "1" / "saved_model.pb").write_bytes(b"not a saved model")
     with pytest.raises(SystemExit, match="corrupt: saved_model.pb does not parse"):
-        score_stream.run([*base, f"--model_dir={broken}"])
+        score_streaming.run([*base, f"--model_dir={broken}"])
     with pytest.raises(SystemExit, match="missing required option.*--output_topic"):
-        score_stream.run([a for a in base if not a.startswith("--output_topic")] + [f"--model_dir={broken}"])
+        score_streaming.run([a for a in base if not a.startswith("--output_topic")] + [f"--model_dir={broken}"])
     with pytest.raises(SystemExit, match="batch-only option.*--output, --start"):
         model_dir = str(trained["result"]["path"]).rsplit("/", 1)[0]
-        score_stream.run([*base, f"--model_dir={model_dir}", "--output=/tmp/x", "--start=2013-01-01T00:00:00Z"])
+        score_streaming.run([*base, f"--model_dir={model_dir}", "--output=/tmp/x", "--start=2013-01-01T00:00:00Z"])
     # The batch job's entry point points to the streaming one (the CLI picks it by --streaming).
     with pytest.raises(SystemExit, match="--streaming is the streaming scorer"):
         score.run([*base, f"--model_dir={model_dir}"])
@@ -356,7 +355,7 @@ def test_missing_or_corrupt_model_dir_is_a_clear_error_before_the_job_starts(tra
 def _expected(model_dir: str, version: int, raws: list[dict]) -> dict:
     """Version `version`'s probability per flight key, the aggregates being empty windows."""
     handler = SkewlessModelHandler(model_dir, version)
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     examples = [attach_aggregates(FLIGHTS, validator.validate(dict(r)), lambda k: None) for r in raws]
     probabilities = predict(handler.load_model(), rows_to_feed(examples, handler.inputs))
     return {_raw_key(r): float(p) for r, p in zip(raws, probabilities, strict=True)}
@@ -376,7 +375,7 @@ def test_a_version_published_while_the_job_runs_takes_over_without_a_restart(
     flights = [r for _, r in _to_score(_slice(trained))]
     before, probe, after = flights[:20], flights[20], flights[21:41]
     topics = _topics(ps)
-    p, _ = score_stream.make_pipeline(
+    p, _ = score_streaming.make_pipeline(
         _scorer_args(ps, bt, table_id, model_dir, topics, "--model_poll_s=0.5")
     )
     result = p.run()
@@ -441,7 +440,7 @@ def test_the_watcher_skips_incomplete_and_broken_versions_and_keeps_serving(trai
         assert live.check_now() and live.version == 2
         shutil.copytree(source, base / "4")
         assert live.check_now() and live.version == 4 and live.swaps == 2
-        example = attach_aggregates(FLIGHTS, RecordValidator(FLIGHTS).validate(dict(_slice(trained)[0])), lambda k: None)
+        example = attach_aggregates(FLIGHTS, RecordChecker(FLIGHTS).validate(dict(_slice(trained)[0])), lambda k: None)
         (result,) = handler.run_inference([example], live)
         assert result.model_id == "4" and 0.0 < result.inference < 1.0
     finally:

@@ -14,7 +14,7 @@ from apache_beam.transforms.window import TimestampedValue
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.transforms.aggregations import ComputeAggregates
 from skewless.transforms.featureset import FeatureSet, WindowedAggregate
-from skewless.transforms.partials import _cell, add_to_slot, key_specs, new_slot
+from skewless.transforms.partials import add_to_slot, key_specs, new_slot, window_cell
 from skewless.transforms.tiles import to_partials
 from tests.aggregate_support import TOY, CollectPanes, batch_cells, streaming_options, toy
 
@@ -177,6 +177,6 @@ def test_a_cell_from_blocks_equals_the_cell_from_buckets():
     for block_periods in (2, 3, 5, 7):
         buckets, blocks = to_partials(tile, block_periods * 60_000)
         for w in range(0, 100 * 60_000, 60_000):
-            assert _cell(spec, buckets, w, blocks, block_periods * 60_000) == _cell(
+            assert window_cell(spec, buckets, w, blocks, block_periods * 60_000) == window_cell(
                 spec, buckets, w
             ), (block_periods, w)

@@ -9,9 +9,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.record_checks import (
+    CheckRecords,
     InvalidRecord,
-    RecordValidator,
-    ValidateRecords,
+    RecordChecker,
     to_epoch_ms,
 )
 from tests.flights_data import real_flights
@@ -54,11 +54,11 @@ BAD = [
 @pytest.mark.parametrize("raw, stage, reason", BAD)
 def test_bad_records_are_rejected_with_a_clear_reason(raw, stage, reason):
     with pytest.raises(InvalidRecord, match=reason.replace("[", r"\[").replace("]", r"\]")):
-        RecordValidator(FLIGHTS).validate(raw)
+        RecordChecker(FLIGHTS).validate(raw)
 
 
 def test_good_record_is_typed_and_derived():
-    event = RecordValidator(FLIGHTS).validate(GOOD)
+    event = RecordChecker(FLIGHTS).validate(GOOD)
     assert event["time_hour"] == to_epoch_ms("2013-01-01T10:00:00+00:00")
     assert event["scheduled_departure"] == event["time_hour"] + 15 * 60_000
     assert event["event_time"] == event["scheduled_departure"] + 2 * 60_000
@@ -70,13 +70,13 @@ def test_csv_text_values_are_coerced_and_empty_means_null():
     raw = {k: ("" if v is None else str(v)) for k, v in GOOD.items()}
     raw["tailnum"] = None
     raw["air_time"] = ""
-    event = RecordValidator(FLIGHTS).validate(raw)
+    event = RecordChecker(FLIGHTS).validate(raw)
     assert event["flight"] == 1545 and event["dep_delay"] == 2.0
     assert event["air_time"] is None and event["tailnum"] is None
 
 
 def test_cancelled_flight_is_valid_but_not_an_event_and_unknown_arrival_has_no_label():
-    validator = RecordValidator(FLIGHTS)
+    validator = RecordChecker(FLIGHTS)
     assert validator.validate(with_(dep_delay=None, dep_time=None, arr_delay=None)) is None
     diverted = validator.validate(with_(arr_delay=None))
     assert diverted is not None and diverted["label"] is None
@@ -93,7 +93,7 @@ def test_unexpected_fields_policy_ignore_drops_them():
     from tests.toy_featureset import CLICKS
 
     raw = {"ts": "2024-01-01T00:00:00Z", "user": "u", "site": "s", "price": 1, "extra": 1}
-    assert "extra" not in RecordValidator(CLICKS).validate(raw)
+    assert "extra" not in RecordChecker(CLICKS).validate(raw)
 
 
 def test_validate_records_routes_every_bad_record_to_dead_letters_with_stage_and_reason():
@@ -103,7 +103,7 @@ def test_validate_records_routes_every_bad_record_to_dead_letters_with_stage_and
     elements = [*good, *bad, not_json, json.dumps(GOOD).encode()]
     expected_events = sum(1 for r in good if r["dep_delay"] is not None) + 1
     with TestPipeline() as p:
-        events, dead = p | beam.Create(elements) | ValidateRecords(FLIGHTS)
+        events, dead = p | beam.Create(elements) | CheckRecords(FLIGHTS)
         assert_that(
             events | "CountEvents" >> beam.combiners.Count.Globally(),
             equal_to([expected_events]),

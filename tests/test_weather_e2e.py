@@ -16,7 +16,7 @@ import pytest
 
 from skewless.beam_pipelines.commands import bigtable_setup, report, train
 from skewless.beam_pipelines.commands.replay import ReplayStats, order_events
-from skewless.beam_pipelines.io.bigtable import open_table, read_cells
+from skewless.beam_pipelines.io.bigtable import open_table, read_all_cells
 from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
 from skewless.beam_pipelines.jobs import prepare, score
 from skewless.examples.weather import WEATHER, weather_path
@@ -119,7 +119,7 @@ def test_a_user_feature_set_runs_through_every_job_and_streaming_equals_batch(
     # Cell by cell, the Bigtable cells (lists and maps as JSON) equal the batch backfill and
     # the brute force of the contract.
     events = typed_events(WEATHER, raws)
-    stored = read_cells(open_table(bt.project, bt.instance, table_id), WEATHER.name)
+    stored = read_all_cells(open_table(bt.project, bt.instance, table_id), WEATHER.name)
     assert stored == batch_cells(WEATHER, events) == brute_cells(WEATHER, events)
 
     to_score = [r for t, r in order_events(WEATHER, raws, ReplayStats()) if start <= t < end]

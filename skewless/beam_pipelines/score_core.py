@@ -1,4 +1,4 @@
-"""The scoring core shared by batch scoring (score.py) and streaming scoring (score_stream.py).
+"""The scoring core shared by batch scoring (score.py) and streaming scoring (score_streaming.py).
 
 Both jobs score examples the same way: the model version and the feature set it was trained on
 (`load_model`), a check of each example against the model's serving inputs (an example that
@@ -20,7 +20,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.pvalue import TaggedOutput
 
-from skewless.models.handler import InputError, SkewlessModelHandler, example_count, rows_to_feed
+from skewless.models.handler import (
+    ModelInputError,
+    SkewlessModelHandler,
+    example_count,
+    rows_to_feed,
+)
 from skewless.models.versions import FeatureSetMismatch, ModelDirError
 from skewless.models.watch import WatchingModelHandler
 from skewless.transforms.example_schema import features_arrow_schema
@@ -148,23 +153,23 @@ class ToPredictionDict:
 
 
 def check_batch(batch: pa.RecordBatch, inputs: Sequence[dict]) -> None:
-    """InputError unless every model input is a column of `batch` of a usable type, non-null
+    """ModelInputError unless every model input is a column of `batch` of a usable type, non-null
     where the model needs a value."""
     names = set(batch.schema.names)
     for spec in inputs:
         if spec["name"] not in names:
-            raise InputError(f"missing feature {spec['name']!r}")
+            raise ModelInputError(f"missing feature {spec['name']!r}")
         column = batch.column(spec["name"])
         if spec.get("repeated"):
             if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
-                raise InputError(
+                raise ModelInputError(
                     f"feature {spec['name']!r} has type {column.type}, expected a list"
                 )
             continue
         if not spec["nullable"] and column.null_count:
-            raise InputError(f"required feature {spec['name']!r} is null")
+            raise ModelInputError(f"required feature {spec['name']!r} is null")
         if not _castable(column.type, spec["dtype"]):
-            raise InputError(
+            raise ModelInputError(
                 f"feature {spec['name']!r} has type {column.type}, expected {spec['dtype']}"
             )
 
@@ -209,11 +214,11 @@ class CheckExamples(beam.DoFn):
             return
         try:
             if not isinstance(element, pa.RecordBatch):
-                raise InputError(
+                raise ModelInputError(
                     f"an example is a {type(element).__name__}, expected a RecordBatch"
                 )
             check_batch(element, self.inputs)
-        except InputError as exc:
+        except ModelInputError as exc:
             self._rejected.inc(example_count(element))
             for row in rows_of(element):
                 yield TaggedOutput(DEAD, dead_letter("model_input", str(exc), row))
@@ -223,7 +228,7 @@ class CheckExamples(beam.DoFn):
     def _check_rows(self, examples: list[dict]) -> Iterator:
         try:
             rows_to_feed(examples, self.inputs)
-        except InputError:
+        except ModelInputError:
             pass
         else:
             yield examples
@@ -232,7 +237,7 @@ class CheckExamples(beam.DoFn):
         for example in examples:
             try:
                 rows_to_feed([example], self.inputs)
-            except InputError as exc:
+            except ModelInputError as exc:
                 self._rejected.inc()
                 yield TaggedOutput(DEAD, dead_letter("model_input", str(exc), example))
                 continue

@@ -31,7 +31,7 @@ _ARROW = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32()}
 _FILL = {"string": "", "int64": 0, "float32": 0.0}
 
 
-class InputError(ValueError):
+class ModelInputError(ValueError):
     """An example does not fit the model's serving inputs (missing column, wrong type)."""
 
 
@@ -45,13 +45,13 @@ def example_count(element: Any) -> int:
 def arrow_to_feed(
     batch: pa.RecordBatch | pa.Table, inputs: Sequence[dict]
 ) -> dict[str, np.ndarray]:
-    """Columns of a batch -> {signature input: 1-D NumPy array}; InputError if one does not fit."""
+    """Columns of a batch -> {signature input: 1-D NumPy array}; ModelInputError if one does not fit."""
     feed = {}
     names = batch.schema.names
     for spec in inputs:
         name, dtype = spec["name"], spec["dtype"]
         if name not in names:
-            raise InputError(f"missing feature {name!r}")
+            raise ModelInputError(f"missing feature {name!r}")
         column = batch.column(name)
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
@@ -63,12 +63,12 @@ def arrow_to_feed(
                 column = column.cast(pa.int64())
             values = column.cast(_ARROW[dtype])
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise InputError(
+            raise ModelInputError(
                 f"feature {name!r} of type {column.type} is not {dtype}: {exc}"
             ) from None
         if values.null_count:
             if not spec["nullable"]:
-                raise InputError(
+                raise ModelInputError(
                     f"required feature {name!r} is null in {values.null_count} example(s)"
                 )
             feed[name + PRESENT_SUFFIX] = values.is_valid().to_numpy(zero_copy_only=False)
@@ -82,16 +82,16 @@ def arrow_to_feed(
 def _arrow_list_to_feed(name: str, dtype: str, column: pa.Array) -> dict[str, np.ndarray]:
     """A list column -> its values flat and one length per example (a null list is empty)."""
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
-        raise InputError(f"feature {name!r} of type {column.type} is not a list")
+        raise ModelInputError(f"feature {name!r} of type {column.type} is not a list")
     lengths = pc.fill_null(pc.list_value_length(column), 0).cast(pa.int64())
     try:
         values = pc.list_flatten(column).cast(_ARROW[dtype])
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise InputError(
+        raise ModelInputError(
             f"feature {name!r} of type {column.type} is not a list of {dtype}: {exc}"
         ) from None
     if values.null_count:
-        raise InputError(f"list feature {name!r} holds null values")
+        raise ModelInputError(f"list feature {name!r} holds null values")
     return {name: values.to_numpy(zero_copy_only=False), name + LENGTHS_SUFFIX: lengths.to_numpy()}
 
 
@@ -101,7 +101,7 @@ def _rows_list_to_feed(name: str, dtype: str, lists: list) -> dict[str, np.ndarr
         if value is None:
             value = []
         if not isinstance(value, (list, tuple)):
-            raise InputError(f"feature {name!r} is not a list: {value!r}")
+            raise ModelInputError(f"feature {name!r} is not a list: {value!r}")
         flat.extend(value)
         lengths.append(len(value))
     try:
@@ -114,7 +114,7 @@ def _rows_list_to_feed(name: str, dtype: str, lists: list) -> dict[str, np.ndarr
                 raise TypeError("a string or a null")
             values = np.asarray(flat, dtype=_NUMPY[dtype])
     except (TypeError, ValueError) as exc:
-        raise InputError(f"list feature {name!r} is not a list of {dtype}: {exc}") from None
+        raise ModelInputError(f"list feature {name!r} is not a list of {dtype}: {exc}") from None
     return {name: values, name + LENGTHS_SUFFIX: np.asarray(lengths, dtype=np.int64)}
 
 
@@ -128,16 +128,16 @@ def rows_to_feed(
         try:
             values = [row[name] for row in rows]
         except KeyError:
-            raise InputError(f"missing feature {name!r}") from None
+            raise ModelInputError(f"missing feature {name!r}") from None
         except TypeError:
-            raise InputError("an example is not a mapping of feature names to values") from None
+            raise ModelInputError("an example is not a mapping of feature names to values") from None
         if spec.get("repeated"):
             feed.update(_rows_list_to_feed(name, dtype, values))
             continue
         present = np.array([v is not None for v in values], dtype=bool)
         if not present.all():
             if not spec["nullable"]:
-                raise InputError(f"required feature {name!r} is null")
+                raise ModelInputError(f"required feature {name!r} is null")
             values = [v if v is not None else _FILL[dtype] for v in values]
         if spec["nullable"]:
             feed[name + PRESENT_SUFFIX] = present
@@ -151,7 +151,7 @@ def rows_to_feed(
                     raise TypeError("a string")
                 feed[name] = np.asarray(values, dtype=_NUMPY[dtype])
         except (TypeError, ValueError) as exc:
-            raise InputError(f"feature {name!r} is not {dtype}: {exc}") from None
+            raise ModelInputError(f"feature {name!r} is not {dtype}: {exc}") from None
     return feed
 
 
@@ -160,7 +160,7 @@ def to_feed(element: Example, inputs: Sequence[dict]) -> dict[str, np.ndarray]:
         return arrow_to_feed(element, inputs)
     if isinstance(element, Mapping):
         return rows_to_feed([element], inputs)
-    raise InputError(f"an example is a {type(element).__name__}, expected a RecordBatch or a dict")
+    raise ModelInputError(f"an example is a {type(element).__name__}, expected a RecordBatch or a dict")
 
 
 def batch_to_feed(batch: Sequence[Example], inputs: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 Every aggregate of one entity key shares the period P, so window ends W lie on one grid. An
 event at t falls in the P-wide bucket b = floor(t / P) * P, which feeds the windows ending at
 W = b + P, ..., b + S. Both paths keep the same per-bucket partials and compute a cell with the
-same function (`partials._cell`, exact sums), so batch and streaming are bit-identical:
+same function (`partials.window_cell`, exact sums), so batch and streaming are bit-identical:
 
 - Batch groups window ends into day *blocks*: each event is sent, keyed by (key name, key
   value, block end), to the one or two blocks whose windows need its bucket; a CombineFn keeps
@@ -33,13 +33,13 @@ from skewless.transforms.featureset import FeatureSet, as_of_window_end
 from skewless.transforms.partials import (
     NAMESPACE,
     CellKey,
-    _cell,
     add_to_slot,
     cell_columns,
     entity_value,
     key_specs,
     merge_buckets,
     new_slot,
+    window_cell,
 )
 from skewless.transforms.reference import join_reference_columns, reference_keys
 from skewless.transforms.tiles import Cell, TiledAggregates
@@ -94,7 +94,7 @@ class AggregateBlock:
         memo = self._memo
         if w in memo:
             return memo[w]
-        out = memo[w] = _cell(self.spec, self.buckets, w)
+        out = memo[w] = window_cell(self.spec, self.buckets, w)
         return out
 
     @property

@@ -8,7 +8,7 @@ blocks, aggregations.py) and streaming (tiles, tiles.py) keep the same per-bucke
 
 Aggregates whose operations keep the same partial over the same field (a 1 h and a 15 min
 mean, a variance and a stddev) share it. Every partial is exact and merges in any order, and
-`_cell` reads each aggregate off the merged partials, so batch and streaming give bit-identical
+`window_cell` reads each aggregate off the merged partials, so batch and streaming give bit-identical
 cells for any input delivered in any order. A new operation is one class in operations.py:
 nothing here or in either path changes.
 """
@@ -181,7 +181,7 @@ def block_start(bucket: int, block_ms: int) -> int:
     return (bucket // block_ms) * block_ms
 
 
-def _cell(
+def window_cell(
     spec: _KeySpec, buckets: dict, w: int, blocks: dict | None = None, block_ms: int = 0
 ) -> dict | None:
     """The aggregates of the window ending at w from per-bucket slots; None if all empty.

@@ -272,7 +272,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
 }
 
 
-class RecordValidator:
+class RecordChecker:
     """Validates raw records against a feature set's schema and derives its event fields.
 
     `validate(raw)` returns the typed record (the derived fields included) or raises
@@ -576,11 +576,11 @@ def check_stamp(fs: FeatureSet, event: dict, stamped_ms: int) -> None:
         )
 
 
-class ValidateRecordsFn(beam.DoFn):
+class CheckRecordsFn(beam.DoFn):
     """Raw element(s) -> typed events on the main output, dead letters on `dead`.
 
     Counts every record read, valid, rejected and valid-but-not-an-event. `round_up`: the
-    validity-time fields (RecordValidator); `traced`: valid records come as TracedRecords,
+    validity-time fields (RecordChecker); `traced`: valid records come as TracedRecords,
     keeping their original and origin for a later step's dead letter.
     """
 
@@ -597,7 +597,7 @@ class ValidateRecordsFn(beam.DoFn):
         self.traced = traced
 
     def setup(self) -> None:
-        self._validator = RecordValidator(self.fs, self.round_up)
+        self._validator = RecordChecker(self.fs, self.round_up)
         prefix = self.counters
         self._read = Metrics.counter(NAMESPACE, f"{prefix}_read")
         self._valid = Metrics.counter(NAMESPACE, f"{prefix}_valid")
@@ -650,10 +650,10 @@ class ValidateRecordsFn(beam.DoFn):
         self._not_events.inc(not_events)
 
 
-class ValidateRecords(beam.PTransform):
+class CheckRecords(beam.PTransform):
     """PCollection of raw elements -> (events, dead letters). Used by every job; `counters`
     names the counters (`records_read`, ...; a reference table's rows count apart);
-    `round_up` and `traced` as ValidateRecordsFn's."""
+    `round_up` and `traced` as CheckRecordsFn's."""
 
     def __init__(
         self,
@@ -670,6 +670,6 @@ class ValidateRecords(beam.PTransform):
 
     def expand(self, pcoll):
         results = pcoll | "ValidateAndDerive" >> beam.ParDo(
-            ValidateRecordsFn(self.fs, self.counters, self.round_up, self.traced)
+            CheckRecordsFn(self.fs, self.counters, self.round_up, self.traced)
         ).with_outputs(DEAD, main=VALID)
         return results[VALID], results[DEAD]

@@ -33,8 +33,8 @@ from skewless.transforms.example_schema import arrow_schema
 from skewless.transforms.featureset import FeatureSet, Field, ReferenceTable
 from skewless.transforms.partials import NAMESPACE, entity_value
 from skewless.transforms.record_checks import (
-    RecordValidator,
-    ValidateRecords,
+    CheckRecords,
+    RecordChecker,
     dead_letter,
     ms_to_datetime,
 )
@@ -76,12 +76,12 @@ def validity_fields(table: ReferenceTable) -> tuple[str, ...]:
     return (table.valid_from,) if table.valid_from is not None else ()
 
 
-def reference_row_validator(table: ReferenceTable) -> RecordValidator:
-    """The validator of one table's rows (the rule of ValidateReferenceRows, in one process)."""
-    return RecordValidator(rows_feature_set(table), round_up=validity_fields(table))
+def reference_row_validator(table: ReferenceTable) -> RecordChecker:
+    """The validator of one table's rows (the rule of CheckReferenceRows, in one process)."""
+    return RecordChecker(rows_feature_set(table), round_up=validity_fields(table))
 
 
-class ValidateReferenceRows(beam.PTransform):
+class CheckReferenceRows(beam.PTransform):
     """A table's raw rows -> (TracedRecords of the valid rows, dead letters): validated as a
     feature set of their own (counters `reference_<name>_rows_*`), the validity time rounded
     up, each row keeping its original text and location for a duplicate's dead letter."""
@@ -91,7 +91,7 @@ class ValidateReferenceRows(beam.PTransform):
         self.table = table
 
     def expand(self, raw):
-        return raw | ValidateRecords(
+        return raw | CheckRecords(
             rows_feature_set(self.table),
             counters=f"reference_{self.table.name}_rows",
             round_up=validity_fields(self.table),
@@ -216,7 +216,7 @@ class _BuildIndex(beam.DoFn):
 
 
 class BuildReferenceIndex(beam.PTransform):
-    """TracedRecords of a table's rows (ValidateReferenceRows) -> (a one-element PCollection:
+    """TracedRecords of a table's rows (CheckReferenceRows) -> (a one-element PCollection:
     the ReferenceIndex, duplicate letters)."""
 
     def __init__(self, table: ReferenceTable):

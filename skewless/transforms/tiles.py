@@ -7,7 +7,7 @@ How it works:
    window sizes: S/P no longer multiplies the elements shuffled.
 2. `_EmitCells`, a stateful DoFn keyed by (key name, key value), keeps the recent buckets of
    the key and one event-time timer. When the watermark passes a window end W it emits the
-   cell of W (ON_TIME), computed by the shared `_cell` from the buckets, so batch and streaming
+   cell of W (ON_TIME), computed by the shared `window_cell` from the buckets, so batch and streaming
    stay bit-identical. A tile that arrives after W was emitted, while W is still open, re-emits
    W at once with the accumulated value (LATE). W is *closed* once the watermark has passed
    W + allowed lateness: updates to a closed W are dropped and counted, and a bucket is freed
@@ -45,7 +45,6 @@ from skewless.transforms.featureset import FeatureSet
 from skewless.transforms.partials import (
     NAMESPACE,
     CellKey,
-    _cell,
     _KeySpec,
     add_to_slot,
     block_periods,
@@ -56,6 +55,7 @@ from skewless.transforms.partials import (
     merge_buckets,
     merge_slot,
     new_slot,
+    window_cell,
 )
 
 NEVER = -(2**62)  # "no window end yet": before every real W
@@ -149,7 +149,7 @@ class _ToTiles(beam.DoFn):
 
 
 def to_partials(tile: dict, block_ms: int) -> tuple[dict, dict]:
-    """A tile {bucket: slot} -> (buckets, blocks): the state's two levels (partials._cell)."""
+    """A tile {bucket: slot} -> (buckets, blocks): the state's two levels (partials.window_cell)."""
     blocks: dict = {}
     for bucket, slot in tile.items():
         start = block_start(bucket, block_ms)
@@ -249,7 +249,7 @@ class KeyTiles:
             buckets, blocks = merge_partials(merge_partials(({}, {}), read_partials()), partials)
             panes = dict(panes)
             for w in sorted(late):
-                values = _cell(self.spec, buckets, w, blocks, self.block_ms)
+                values = window_cell(self.spec, buckets, w, blocks, self.block_ms)
                 if values is not None:
                     index = panes.get(w, 0)
                     panes[w] = index + 1
@@ -272,7 +272,7 @@ class KeyTiles:
         cells = []
         through = min(floor_to(t, period), last_w)
         for w in range(emitted + period, through + 1, period):
-            values = _cell(self.spec, buckets, w, blocks, self.block_ms)
+            values = window_cell(self.spec, buckets, w, blocks, self.block_ms)
             if values is not None:
                 index = panes.get(w, 0)
                 panes[w] = index + 1

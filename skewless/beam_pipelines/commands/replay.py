@@ -55,7 +55,7 @@ from skewless.transforms.featureset import FeatureSet, load_feature_set
 from skewless.transforms.record_checks import (
     InvalidRecord,
     RawLine,
-    RecordValidator,
+    RecordChecker,
     ms_to_datetime,
     to_epoch_ms,
 )
@@ -187,7 +187,7 @@ def order_events(
     fs: FeatureSet, raws: Iterable[dict], stats: ReplayStats
 ) -> list[tuple[int, dict]]:
     """(event time ms, raw record) for every valid event, in event-time order (stable)."""
-    validator = RecordValidator(fs)
+    validator = RecordChecker(fs)
     out = []
     for raw in raws:
         try:

@@ -507,7 +507,7 @@ class WriteReferenceRows(beam.PTransform):
         return rows | "MutateRows" >> beam.ParDo(self.fn)
 
 
-def read_cells(table, family: str) -> dict[CellKey, dict]:
+def read_all_cells(table, family: str) -> dict[CellKey, dict]:
     """Every cell of the family: CellKey -> {aggregate: value} (latest version)."""
     return {key: values for key, values, _ in read_cells_with_versions(table, family)}
 

@@ -25,7 +25,7 @@ from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 NAMESPACE = "skewless"
 
 
-class WriteDeadLetters(beam.PTransform):
+class WriteDeadLetterFiles(beam.PTransform):
     """Dead-letter dicts -> JSON lines under `prefix` (one object a line, stage and reason first)."""
 
     def __init__(self, prefix: str):

@@ -37,7 +37,7 @@ class _ReadFile(beam.DoFn):
 
 
 class ReadRawFiles(beam.PTransform):
-    """A path or glob (local or gs://) -> raw elements for ValidateRecords.
+    """A path or glob (local or gs://) -> raw elements for CheckRecords.
 
     With `fs`, CSV int/float columns are read with the declared types and headers are checked
     against the schema again (the files may have changed since check_input).

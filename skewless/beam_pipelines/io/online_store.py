@@ -64,7 +64,7 @@ def cell_keys(fs: FeatureSet, event: dict) -> list[CellKey]:
     return keys
 
 
-def read_cells(table, family: str, keys: Iterable[CellKey]) -> dict[CellKey, dict]:
+def read_cells_of(table, family: str, keys: Iterable[CellKey]) -> dict[CellKey, dict]:
     """Read exactly these aggregate rows, latest cells (one request for all of them)."""
     from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
     from google.cloud.bigtable.row_set import RowSet

@@ -222,7 +222,7 @@ class _CountDeadLetters(beam.DoFn):
         yield letter
 
 
-class WriteDeadLetters(beam.PTransform):
+class PublishDeadLetters(beam.PTransform):
     """Dead-letter dicts -> the dead-letter topic (or the log when no topic is given), counted."""
 
     def __init__(self, topic: str | None):

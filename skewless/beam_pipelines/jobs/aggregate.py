@@ -19,7 +19,7 @@ from skewless.beam_pipelines.io.pubsub import (
     DEFAULT_TIMESTAMP_ATTRIBUTE,
     EventTimeOptions,
     ParseMessages,
-    WriteDeadLetters,
+    PublishDeadLetters,
     read_messages,
 )
 from skewless.beam_pipelines.runtime.job import FLAG_ONLY, Job, Template
@@ -40,7 +40,7 @@ from skewless.beam_pipelines.runtime.options import (
 from skewless.beam_pipelines.runtime.parsing import configure_logging, parse_job_options
 from skewless.transforms.aggregations import ComputeAggregates
 from skewless.transforms.featureset import FeatureSet, load_feature_set
-from skewless.transforms.record_checks import ValidateRecords
+from skewless.transforms.record_checks import CheckRecords
 
 LOG = logging.getLogger("skewless.aggregate")
 DESCRIPTION = (
@@ -109,7 +109,7 @@ def build_pipeline(
     """Wire the aggregate job. `source` yields PubsubMessages; `sink` takes Cells."""
     messages = p | "Read" >> source
     payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs)
-    events, invalid = payloads | "Validate" >> ValidateRecords(fs)
+    events, invalid = payloads | "Validate" >> CheckRecords(fs)
     cells = events | "Aggregate" >> ComputeAggregates(
         fs, streaming=True, allowed_lateness_s=allowed_lateness_s
     )
@@ -163,7 +163,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, Subscripti
             fs.name,
             retry_s=write_retry_s,
         ),
-        WriteDeadLetters(pubsub.dead_letter_topic),
+        PublishDeadLetters(pubsub.dead_letter_topic),
         timestamp_attribute=timestamp_attribute,
         allowed_lateness_s=lateness_s,
     )

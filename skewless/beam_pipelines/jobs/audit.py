@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton, TaggedOutput
 
-from skewless.beam_pipelines.io.file_sinks import WriteDeadLetters
+from skewless.beam_pipelines.io.file_sinks import WriteDeadLetterFiles
 from skewless.beam_pipelines.io.serving_log import ReadServingLog, scan_serving_log
 from skewless.beam_pipelines.runtime.inputs import (
     ReadReferenceIndexes,
@@ -64,7 +64,7 @@ from skewless.transforms.consistency import (
 from skewless.transforms.example_schema import example_columns
 from skewless.transforms.examples import BuildExamples
 from skewless.transforms.featureset import FeatureSet
-from skewless.transforms.record_checks import NAMESPACE, ValidateRecords
+from skewless.transforms.record_checks import NAMESPACE, CheckRecords
 
 LOG = logging.getLogger("skewless.audit")
 EXIT_MISMATCH = 3
@@ -251,7 +251,7 @@ def build_pipeline(
     index = logged | "LogIndex" >> beam.CombineGlobally(LogIndex(fs))
     served = logged | "KeyLog" >> beam.ParDo(_KeyRecord(fs))
 
-    events, invalid = p | "Read" >> source | "Validate" >> ValidateRecords(fs)
+    events, invalid = p | "Read" >> source | "Validate" >> CheckRecords(fs)
     events = events | "InSpan" >> beam.ParDo(_InSpan(fs, *span))
     indexes = None
     if fs.references:
@@ -332,7 +332,7 @@ def run_audit(argv: Sequence[str] | None = None) -> dict | None:
         ReadServingLog(log_opts.serving_log),
         source,
         report_path,
-        WriteDeadLetters(os.path.join(out_dir, "dead_letters", "part")),
+        WriteDeadLetterFiles(os.path.join(out_dir, "dead_letters", "part")),
         sample=log_opts.serving_log_sample,
         span=(lo, summary.end_ms),
         references=references,

@@ -21,7 +21,7 @@ from apache_beam.pvalue import TaggedOutput
 from tensorflow_metadata.proto.v0 import schema_pb2
 
 from skewless.beam_pipelines.io.file_sinks import (
-    WriteDeadLetters,
+    WriteDeadLetterFiles,
     WriteFeaturesParquet,
     WriteTFRecords,
 )
@@ -67,7 +67,7 @@ from skewless.transforms.example_schema import (
 )
 from skewless.transforms.examples import BuildExamples, CountDuplicateKeys
 from skewless.transforms.featureset import FeatureSet, load_feature_set
-from skewless.transforms.record_checks import ValidateRecords, ms_to_datetime
+from skewless.transforms.record_checks import CheckRecords, ms_to_datetime
 from skewless.transforms.split import Split
 from skewless.transforms.statistics import infer_schema
 from skewless.transforms.statistics_fn import ComputeStatistics
@@ -248,12 +248,12 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     references, schema, statistics = config.references, config.schema, config.statistics
     validate_against = config.baseline
     raw = p | "Read" >> config.source
-    events, dead = raw | "Validate" >> ValidateRecords(fs)
+    events, dead = raw | "Validate" >> CheckRecords(fs)
     indexes = None
     if fs.references:
         indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
         dead = (dead, reference_dead) | "AllDeadLetters" >> beam.Flatten()
-    _ = dead | "DeadLetters" >> WriteDeadLetters(os.path.join(output_dir, "dead_letters", "part"))
+    _ = dead | "DeadLetters" >> WriteDeadLetterFiles(os.path.join(output_dir, "dead_letters", "part"))
 
     examples = events | "BuildExamples" >> BuildExamples(fs, references=indexes)
     _ = (

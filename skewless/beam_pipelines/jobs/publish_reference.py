@@ -44,7 +44,7 @@ from skewless.beam_pipelines.io.bigtable import (
     check_reference_families,
     valid_from_ms,
 )
-from skewless.beam_pipelines.io.file_sinks import WriteDeadLetters
+from skewless.beam_pipelines.io.file_sinks import WriteDeadLetterFiles
 from skewless.beam_pipelines.runtime.inputs import reference_table_source
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
@@ -67,7 +67,7 @@ from skewless.transforms.partials import entity_value
 from skewless.transforms.record_checks import NAMESPACE, dead_letter
 from skewless.transforms.records import TracedRecord
 from skewless.transforms.reference import (
-    ValidateReferenceRows,
+    CheckReferenceRows,
     duplicate_letter,
     duplicate_order,
     iso_time,
@@ -203,7 +203,7 @@ def build_pipeline(
     """Wire the job. `source` yields the table's raw rows; `sink` takes typed rows (one per key
     and valid_from) and returns the dead letters of rows it could not write."""
     raw = p | "Read" >> source
-    rows, invalid = raw | "Validate" >> ValidateReferenceRows(table)
+    rows, invalid = raw | "Validate" >> CheckReferenceRows(table)
     unique, duplicates = rows | "Deduplicate" >> DeduplicateRows(table)
     unwritten = unique | "Write" >> sink
     _ = (
@@ -256,7 +256,7 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
         WriteReferenceRows(
             bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs, table, retry_s
         ),
-        WriteDeadLetters(os.path.join(dead_dir, "part")),
+        WriteDeadLetterFiles(os.path.join(dead_dir, "part")),
     )
     result = p.run()
     result.wait_until_finish()

@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from skewless.beam_pipelines.io.file_sinks import WriteDeadLetters
+from skewless.beam_pipelines.io.file_sinks import WriteDeadLetterFiles
 from skewless.beam_pipelines.runtime.inputs import (
     ReadReferenceIndexes,
     read_source,
@@ -53,7 +53,7 @@ from skewless.beam_pipelines.score_core import (
 from skewless.models.handler import SkewlessModelHandler
 from skewless.transforms.examples import BuildExamples
 from skewless.transforms.featureset import FeatureSet
-from skewless.transforms.record_checks import NAMESPACE, ValidateRecords, to_epoch_ms
+from skewless.transforms.record_checks import NAMESPACE, CheckRecords, to_epoch_ms
 
 LOG = logging.getLogger("skewless.score")
 OUTPUT_FORMATS = ("parquet", "jsonl")
@@ -206,7 +206,7 @@ def build_pipeline(
     """Wire the batch score job. `sink` takes prediction RecordBatches and returns dead letters;
     `references` ({table name: source}) reads the feature set's reference tables."""
     raw = p | "Read" >> source
-    events, invalid = raw | "Validate" >> ValidateRecords(fs)
+    events, invalid = raw | "Validate" >> CheckRecords(fs)
     indexes = None
     if fs.references:
         indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
@@ -293,7 +293,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         handler,
         source,
         sink,
-        WriteDeadLetters(os.path.join(dead_dir, "part")),
+        WriteDeadLetterFiles(os.path.join(dead_dir, "part")),
         start_ms,
         end_ms,
         references,

@@ -38,7 +38,7 @@ from skewless.beam_pipelines.io.pubsub import (
     DEFAULT_TIMESTAMP_ATTRIBUTE,
     EventTimeOptions,
     ParseMessages,
-    WriteDeadLetters,
+    PublishDeadLetters,
 )
 from skewless.beam_pipelines.io.serving_log import WriteServingLog
 from skewless.beam_pipelines.runtime.job import FLAG_ONLY, Job, Template
@@ -73,7 +73,7 @@ from skewless.transforms.consistency import (
     serving_log_record,
 )
 from skewless.transforms.featureset import FeatureSet
-from skewless.transforms.record_checks import NAMESPACE, ValidateRecords
+from skewless.transforms.record_checks import NAMESPACE, CheckRecords
 
 LOG = logging.getLogger("skewless.score_stream")
 DEFAULT_MODEL_POLL_S = 30.0
@@ -91,7 +91,7 @@ DESCRIPTION = (
 )
 
 
-class ScoreStreamOptions(PipelineOptions):
+class ScoreStreamingOptions(PipelineOptions):
     """Streaming scoring's own flags. Shared ones live in options.py (one parser per process):
     --subscription, --dead_letter_topic, --skip_table_check, --model_dir, --model_version, the
     batch sizes, --feature_set; --bigtable_* in io/bigtable.py."""
@@ -110,7 +110,7 @@ class ScoreStreamOptions(PipelineOptions):
 
 
 GROUPS = (
-    ScoreStreamOptions,
+    ScoreStreamingOptions,
     ModelOptions,
     SubscriptionOptions,
     TableCheckOptions,
@@ -350,7 +350,7 @@ def build_pipeline(
     reject the same messages."""
     messages = p | "Read" >> source
     payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs)
-    events, invalid = payloads | "Validate" >> ValidateRecords(fs)
+    events, invalid = payloads | "Validate" >> CheckRecords(fs)
     batches = events | "LookupAggregates" >> lookup
     sample = serving_log.sample if serving_log is not None else None
     predictions, failed = batches | "Score" >> ScoreEvents(fs, handler, sample)
@@ -389,7 +389,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     options = parse_job_options(argv, JOB, default_runner=LOCAL_STREAMING_RUNNER)
     std = options.view_as(StandardOptions)
     std.streaming = True  # set in code: Flex Template metadata cannot carry it
-    opts = options.view_as(ScoreStreamOptions)
+    opts = options.view_as(ScoreStreamingOptions)
     model_opts = options.view_as(ModelOptions)
     pubsub = options.view_as(SubscriptionOptions)
     bt = options.view_as(BigtableOptions)
@@ -438,7 +438,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
             max_batch=min(model_opts.max_batch_size, LOOKUP_BATCH),
         ),  # fmt: skip
         WritePredictions(opts.output_topic),
-        WriteDeadLetters(pubsub.dead_letter_topic),
+        PublishDeadLetters(pubsub.dead_letter_topic),
         serving_log,
         timestamp_attribute=options.view_as(EventTimeOptions).timestamp_attribute,
     )

@@ -12,7 +12,7 @@ from skewless.beam_pipelines.runtime.parsing import is_dry_run
 from skewless.transforms.featureset import FeatureSet, ReferenceTable
 from skewless.transforms.reference import (
     BuildReferenceIndex,
-    ValidateReferenceRows,
+    CheckReferenceRows,
     rows_feature_set,
 )
 
@@ -197,7 +197,7 @@ class ReadReferenceIndexes(beam.PTransform):
                 pbegin
                 | f"Read_{name}" >> self.sources[name]
                 | f"Validate_{name}"
-                >> ValidateReferenceRows(table)
+                >> CheckReferenceRows(table)
             )
             index, duplicates = rows | f"Index_{name}" >> BuildReferenceIndex(table)
             indexes[name] = index
