@@ -158,6 +158,56 @@ def _distribution(diffs: list[float]) -> dict:
     }
 
 
+class _FeatureTally:
+    """One example column's comparisons: mismatches, missing and extra values, the absolute
+    differences of a number, and a few examples of each way it differed."""
+
+    def __init__(self, numeric: bool):
+        self.numeric = numeric
+        self.counts = {"mismatch": 0, "missing": 0, "extra": 0}
+        self.diffs: list[float] = []
+        self.examples: list[dict] = []
+
+    def add(self, outcome: str, diff: float | None, key, served, batch) -> None:
+        """One comparison: its outcome, the absolute difference (numbers), and the example
+        key with the served and batch values (kept for the first few differences)."""
+        if diff is not None and self.numeric:
+            self.diffs.append(diff)
+        if outcome == "equal":
+            return
+        self.counts[outcome] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(
+                {"example_key": key, "served": plain(served), "batch": plain(batch)}
+            )
+
+    def entry(self, compared: int) -> dict:
+        wrong = sum(self.counts.values())
+        out = {
+            "compared": compared,
+            "mismatches": wrong,
+            "mismatch_rate": _rate(wrong, compared),
+            "missing": self.counts["missing"],
+            "missing_rate": _rate(self.counts["missing"], compared),
+            "extra": self.counts["extra"],
+            "extra_rate": _rate(self.counts["extra"], compared),
+        }
+        if self.numeric:
+            out["abs_diff"] = _distribution(self.diffs)
+        if self.examples:
+            out["examples"] = self.examples
+        return out
+
+
+def _prediction_summary(diffs: list[float]) -> dict:
+    return {
+        "count": len(diffs),
+        "mismatches": sum(d > TOLERANCE for d in diffs),
+        "max_abs_diff": max(diffs) if diffs else None,
+        "mean_abs_diff": float(np.mean(diffs)) if diffs else None,
+    }
+
+
 def audit_report(
     fs: FeatureSet,
     pairs: Iterable[tuple[dict | None, dict | None]],
@@ -174,14 +224,11 @@ def audit_report(
     that are not in the log. Any mismatch, missing or extra value, or prediction difference
     over the tolerance makes the report unclean (`clean` False)."""
     columns = example_columns(fs)
-    stats = {
-        c.name: {"mismatch": 0, "missing": 0, "extra": 0, "diffs": [], "examples": []}
-        for c in columns
+    tallies = {
+        c.name: _FeatureTally(c.type in ("int", "float") and not c.repeated) for c in columns
     }
-    numeric = {c.name for c in columns if c.type in ("int", "float") and not c.repeated}
-    compared = logged = 0
+    compared = logged = other_version = 0
     logged_only: list[tuple] = []
-    other_version = 0
     prediction_diffs: list[float] = []
     unknown: set[str] = set()
     for record, batch in pairs:
@@ -193,54 +240,24 @@ def audit_report(
             continue
         compared += 1
         same_version = model_version is None or record.get("model_version") == model_version
+        other_version += not same_version
         result = compare_example(
             fs, record, batch["features"], batch.get("prediction") if same_version else None
         )
-        other_version += not same_version
         unknown.update(result["unknown"])
         if result["prediction"] is not None:
             prediction_diffs.append(result["prediction"])
         served = record.get("features") or {}
         for name, (outcome, diff) in result["features"].items():
-            s = stats[name]
-            if diff is not None and name in numeric:
-                s["diffs"].append(diff)
-            if outcome == "equal":
-                continue
-            s[outcome] += 1
-            if len(s["examples"]) < MAX_EXAMPLES:
-                s["examples"].append(
-                    {
-                        "example_key": record.get("example_key"),
-                        "served": plain(served.get(name)),
-                        "batch": plain(batch["features"].get(name)),
-                    }
-                )
-    features = {}
-    for c in columns:
-        s = stats[c.name]
-        wrong = s["mismatch"] + s["missing"] + s["extra"]
-        entry = {
-            "compared": compared,
-            "mismatches": wrong,
-            "mismatch_rate": _rate(wrong, compared),
-            "missing": s["missing"],
-            "missing_rate": _rate(s["missing"], compared),
-            "extra": s["extra"],
-            "extra_rate": _rate(s["extra"], compared),
-        }
-        if c.name in numeric:
-            entry["abs_diff"] = _distribution(s["diffs"])
-        if s["examples"]:
-            entry["examples"] = s["examples"]
-        features[c.name] = entry
-    pred_wrong = sum(d > TOLERANCE for d in prediction_diffs)
-    prediction = {
-        "count": len(prediction_diffs),
-        "mismatches": pred_wrong,
-        "max_abs_diff": max(prediction_diffs) if prediction_diffs else None,
-        "mean_abs_diff": float(np.mean(prediction_diffs)) if prediction_diffs else None,
-    }
+            tallies[name].add(
+                outcome,
+                diff,
+                record.get("example_key"),
+                served.get(name),
+                batch["features"].get(name),
+            )
+    features = {name: tally.entry(compared) for name, tally in tallies.items()}
+    prediction = _prediction_summary(prediction_diffs)
     not_logged = sorted(batch_not_logged, key=repr)
     feature_mismatches = sum(f["mismatches"] for f in features.values())
     return {
@@ -260,5 +277,8 @@ def audit_report(
         "feature_mismatches": feature_mismatches,
         "features": features,
         "prediction": prediction,
-        "clean": feature_mismatches == 0 and pred_wrong == 0 and not logged_only and not not_logged,
+        "clean": feature_mismatches == 0
+        and prediction["mismatches"] == 0
+        and not logged_only
+        and not not_logged,
     }

@@ -14,17 +14,19 @@ from the earliest logged one minus (serving delay + period + largest window) to 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsSingleton, TaggedOutput
 
 from skewless.beam_pipelines.io.file_sinks import WriteDeadLetterFiles
@@ -47,11 +49,15 @@ from skewless.beam_pipelines.runtime.parsing import (
     before_run,
     check_output_dir,
     configure_logging,
-    is_dry_run,
-    metric_counters,
     parse_job_options,
+    run_and_summarise,
 )
-from skewless.beam_pipelines.score_core import MODEL_ERRORS, ScoreWithModel, load_model
+from skewless.beam_pipelines.score_core import (
+    MODEL_ERRORS,
+    LoadedVersion,
+    ScoreWithModel,
+    load_model,
+)
 from skewless.models.handler import SkewlessModelHandler
 from skewless.transforms.consistency import (
     audit_report,
@@ -287,86 +293,116 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(f"skewless audit: {message}")
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    """An audit resolved from its options before any pipeline exists (every error here is a
+    one-line usage error): the serving log and what it holds, the model version it logged,
+    the raw events' source and the output directory."""
+
+    serving_log: str
+    sample: float
+    logged: object  # scan_serving_log's summary: versions, start_ms, end_ms
+    model: LoadedVersion
+    source: beam.PTransform
+    references: dict[str, beam.PTransform]
+    output_dir: str
+
+    @property
+    def report_path(self) -> str:
+        return os.path.join(self.output_dir, REPORT)
+
+    @property
+    def span(self) -> tuple[int | None, int | None]:
+        """The events the logged examples' aggregates need: from the largest window before
+        the first logged event (and its serving delay and a period) to the last."""
+        fs, logged = self.model.fs, self.logged
+        if logged.start_ms is None:
+            return None, logged.end_ms
+        lo = logged.start_ms - fs.serving_delay_ms - fs.period_ms - fs.max_window_ms
+        return lo, logged.end_ms
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> AuditConfig:
+        with before_run():
+            log_opts = options.view_as(ServingLogOptions)
+            model_opts = options.view_as(ModelOptions)
+            sample_threshold(log_opts.serving_log_sample)
+            logged = scan_serving_log(log_opts.serving_log)
+            version = model_opts.model_version
+            if version is None:
+                if not logged.versions:
+                    raise _fail(f"--serving_log {log_opts.serving_log!r} has no records")
+                version = max(logged.versions)
+            try:
+                model = load_model(
+                    model_opts.model_dir,
+                    version,
+                    options.view_as(FeatureSetOptions).feature_set,
+                    min_batch_size=model_opts.min_batch_size,
+                    max_batch_size=model_opts.max_batch_size,
+                )
+            except MODEL_ERRORS as exc:
+                raise _fail(str(exc)) from None
+            output_dir = options.view_as(OutputDirOptions).output_dir
+            check_output_dir(output_dir, "--output_dir")
+            return cls(
+                serving_log=log_opts.serving_log,
+                sample=log_opts.serving_log_sample,
+                logged=logged,
+                model=model,
+                source=read_source(options, model.fs),
+                references=reference_sources(options, model.fs),
+                output_dir=output_dir,
+            )
+
+
 def run_audit(argv: Sequence[str] | None = None) -> dict | None:
     """Parse options, check the log and the model, build and run the audit; return the report
     (None for a dry run)."""
     configure_logging(batch=True)
     options = parse_job_options(argv, JOB)
-    out_dir = options.view_as(OutputDirOptions).output_dir
-    with before_run():
-        log_opts = options.view_as(ServingLogOptions)
-        model_opts = options.view_as(ModelOptions)
-        sample_threshold(log_opts.serving_log_sample)
-        summary = scan_serving_log(log_opts.serving_log)
-        version = model_opts.model_version
-        if version is None:
-            if not summary.versions:
-                raise _fail(f"--serving_log {log_opts.serving_log!r} has no records")
-            version = max(summary.versions)
-        try:
-            model = load_model(
-                model_opts.model_dir,
-                version,
-                options.view_as(FeatureSetOptions).feature_set,
-                min_batch_size=model_opts.min_batch_size,
-                max_batch_size=model_opts.max_batch_size,
-            )
-        except MODEL_ERRORS as exc:
-            raise _fail(str(exc)) from None
-        handler, fs = model.handler, model.fs
-        source = read_source(options, fs)
-        references = reference_sources(options, fs)
-        check_output_dir(out_dir, "--output_dir")
-    lo = None
-    if summary.start_ms is not None:
-        lo = summary.start_ms - fs.serving_delay_ms - fs.period_ms - fs.max_window_ms
-    report_path = os.path.join(out_dir, REPORT)
-    if not FileSystems.exists(out_dir):
-        FileSystems.mkdirs(out_dir)
-    started = time.monotonic()
+    config = AuditConfig.from_options(options)
+    if not FileSystems.exists(config.output_dir):
+        FileSystems.mkdirs(config.output_dir)
     p = beam.Pipeline(options=options)
     build_pipeline(
         p,
-        fs,
-        handler,
-        ReadServingLog(log_opts.serving_log),
-        source,
-        report_path,
-        WriteDeadLetterFiles(os.path.join(out_dir, "dead_letters", "part")),
-        sample=log_opts.serving_log_sample,
-        span=(lo, summary.end_ms),
-        references=references,
+        config.model.fs,
+        config.model.handler,
+        ReadServingLog(config.serving_log),
+        config.source,
+        config.report_path,
+        WriteDeadLetterFiles(os.path.join(config.output_dir, "dead_letters", "part")),
+        sample=config.sample,
+        span=config.span,
+        references=config.references,
     )
-    result = p.run()
-    result.wait_until_finish()
-    if is_dry_run(options):
-        LOG.info("dry run: the job graph was built and not run")
-        return None
-    with FileSystems.open(report_path) as f:
+    return run_and_summarise(
+        p,
+        options,
+        functools.partial(finish, config),
+        LOG,
+        shown=lambda report: {k: report[k] for k in ("compared", "feature_mismatches", "clean")},
+    )
+
+
+COUNTED = (
+    "serving_log_records_read", "records_read", "records_rejected", "examples_logged",
+    "examples_sampled_not_logged", "examples_scored", "examples_rejected_by_model_inputs",
+    "inference_failures",
+)  # fmt: skip
+
+
+def finish(config: AuditConfig, counters: dict[str, int], elapsed_seconds: float) -> dict:
+    """The report the pipeline wrote, with the run's counters added, written back."""
+    with FileSystems.open(config.report_path) as f:
         report = json.loads(f.read())
-    counters = metric_counters(result)
-    report["counters"] = {
-        name: counters.get(name, 0)
-        for name in (
-            "serving_log_records_read",
-            "records_read",
-            "records_rejected",
-            "examples_logged",
-            "examples_sampled_not_logged",
-            "examples_scored",
-            "examples_rejected_by_model_inputs",
-            "inference_failures",
-        )
-    }
-    report["serving_log"] = log_opts.serving_log
-    report["logged_model_versions"] = {str(v): n for v, n in sorted(summary.versions.items())}
-    report["elapsed_seconds"] = round(time.monotonic() - started, 2)
-    with FileSystems.create(report_path) as f:
+    report["counters"] = {name: counters.get(name, 0) for name in COUNTED}
+    report["serving_log"] = config.serving_log
+    report["logged_model_versions"] = {str(v): n for v, n in sorted(config.logged.versions.items())}
+    report["elapsed_seconds"] = elapsed_seconds
+    with FileSystems.create(config.report_path) as f:
         f.write(json.dumps(report, indent=2, default=str).encode("utf-8"))
-    LOG.info(
-        "audit finished: %s",
-        json.dumps({k: report[k] for k in ("compared", "feature_mismatches", "clean")}),
-    )
     return report
 
 

@@ -245,8 +245,7 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     statistics and the inferred schema out; `config.baseline` checks the statistics of all
     examples against that baseline (validation/)."""
     fs, output_dir, temp_dir, split = config.fs, config.output_dir, config.temp_dir, config.split
-    references, schema, statistics = config.references, config.schema, config.statistics
-    validate_against = config.baseline
+    references = config.references
     raw = p | "Read" >> config.source
     events, dead = raw | "Validate" >> CheckRecords(fs)
     indexes = None
@@ -267,6 +266,15 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, split)).with_outputs(
         "eval", main="train"
     )
+    write_statistics_and_schema(p, config, examples, splits)
+    transform_and_write(fs, splits, output_dir, temp_dir)
+
+
+def write_statistics_and_schema(p, config: PrepareConfig, examples, splits) -> None:
+    """statistics/ of the train and eval examples, the schema (given, or inferred from the
+    train statistics) and, against a baseline, validation/ of all examples."""
+    fs, output_dir, schema = config.fs, config.output_dir, config.schema
+    statistics, validate_against = config.statistics, config.baseline
     if statistics:
         train_stats = splits.train | "TrainStatistics" >> ComputeStatistics("train")
         eval_stats = splits.eval | "EvalStatistics" >> ComputeStatistics("eval")
@@ -290,6 +298,12 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
         schemas = None
     if schemas is not None:
         _ = schemas | "WriteSchema" >> WriteSchema(schema_path(output_dir))
+
+
+def transform_and_write(fs: FeatureSet, splits, output_dir: str, temp_dir: str) -> None:
+    """tf.Transform analyzed on the train batches and applied to both splits, written as gzip
+    TFRecords under train/ and eval/, with the transform graph under transform/ (the steps
+    keep their top-level names)."""
     adapter = tft_tensor_adapter_config(fs)
     with tft_beam.Context(temp_dir=temp_dir):
         train = splits.train | "TrainToTFT" >> ToTFTBatches(fs)

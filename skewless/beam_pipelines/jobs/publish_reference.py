@@ -24,11 +24,11 @@ retries of io/bigtable.py (`--write_retry_s`).
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -59,8 +59,8 @@ from skewless.beam_pipelines.runtime.parsing import (
     check_output_dir,
     configure_logging,
     is_dry_run,
-    metric_counters,
     parse_job_options,
+    run_and_summarise,
 )
 from skewless.transforms.featureset import FeatureSet, ReferenceTable, load_feature_set
 from skewless.transforms.partials import entity_value
@@ -225,75 +225,94 @@ def reference_table(fs: FeatureSet, name: str | None) -> ReferenceTable:
     return tables[name]
 
 
+@dataclass(frozen=True)
+class PublishConfig:
+    """A publish run resolved from its options before any pipeline exists (every error here
+    is a one-line usage error): the table, its source, the Bigtable table (checked to have the
+    table's family) and the dead-letter directory."""
+
+    fs: FeatureSet
+    table: ReferenceTable
+    source: beam.PTransform
+    described: dict
+    project: str
+    instance: str
+    bigtable_table: str
+    retry_s: float
+    dead_letter_dir: str
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> PublishConfig:
+        with before_run():
+            bt = options.view_as(BigtableOptions)
+            retry_s = options.view_as(BigtableWriteOptions).write_retry_s
+            dead_dir = options.view_as(DeadLetterDirOptions).dead_letter_dir
+            if retry_s < 0:
+                raise SystemExit(f"{PROG}: --write_retry_s must be >= 0")
+            fs = load_feature_set(feature_set_spec(options))
+            table = reference_table(fs, options.view_as(PublishReferenceOptions).table)
+            source, described = reference_table_source(options, fs, table)
+            check_output_dir(dead_dir, "--dead_letter_dir")
+            if not is_dry_run(options):
+                try:
+                    check_reference_families(
+                        bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs, [table]
+                    )
+                except BigtableSetupError as exc:
+                    raise SystemExit(f"{PROG}: {exc}") from None
+        return cls(
+            fs, table, source, described, bt.bigtable_project, bt.bigtable_instance,
+            bt.bigtable_table, retry_s, dead_dir,
+        )  # fmt: skip
+
+
 def run(argv: Sequence[str] | None = None) -> dict | None:
     """Parse options, check the table and the Bigtable family, publish; return the summary
     (None after a Dataflow dry run)."""
     configure_logging(batch=True)
     options = parse_job_options(argv, JOB)
-    with before_run():
-        bt = options.view_as(BigtableOptions)
-        retry_s = options.view_as(BigtableWriteOptions).write_retry_s
-        dead_dir = options.view_as(DeadLetterDirOptions).dead_letter_dir
-        if retry_s < 0:
-            raise SystemExit(f"{PROG}: --write_retry_s must be >= 0")
-        fs = load_feature_set(feature_set_spec(options))
-        table = reference_table(fs, options.view_as(PublishReferenceOptions).table)
-        source, described = reference_table_source(options, fs, table)
-        check_output_dir(dead_dir, "--dead_letter_dir")
-        if not is_dry_run(options):
-            try:
-                check_reference_families(
-                    bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs, [table]
-                )
-            except BigtableSetupError as exc:
-                raise SystemExit(f"{PROG}: {exc}") from None
-    started = time.monotonic()
+    config = PublishConfig.from_options(options)
     p = beam.Pipeline(options=options)
     build_pipeline(
         p,
-        table,
-        source,
+        config.table,
+        config.source,
         WriteReferenceRows(
-            bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs, table, retry_s
-        ),
-        WriteDeadLetterFiles(os.path.join(dead_dir, "part")),
+            config.project, config.instance, config.bigtable_table, config.fs, config.table,
+            config.retry_s,
+        ),  # fmt: skip
+        WriteDeadLetterFiles(os.path.join(config.dead_letter_dir, "part")),
     )
-    result = p.run()
-    result.wait_until_finish()
-    if is_dry_run(options):
-        LOG.info("dry run: the job graph was built and not run")
-        return None
-    counters = metric_counters(result)
-    prefix = f"reference_{table.name}"
+    return run_and_summarise(p, options, functools.partial(finish, config), LOG)
+
+
+COUNTED = (
+    "rows_read", "rows_valid", "rows_rejected", "rows_duplicate", "rows_superseded_before_1970",
+    "rows_written", "rows_write_failed",
+)  # fmt: skip
+DEAD_LETTERED = ("rows_rejected", "rows_duplicate", "rows_superseded_before_1970", "rows_write_failed")
+
+
+def finish(config: PublishConfig, counters: dict[str, int], elapsed_seconds: float) -> dict:
+    """The run's summary: the table's counters (`reference_<table>_<name>`) and where it went."""
+    prefix = f"reference_{config.table.name}"
 
     def count(name: str) -> int:
         return counters.get(f"{prefix}_{name}", 0)
 
-    summary = {
-        "feature_set": fs.name,
-        "table": table.name,
-        "static": table.valid_from is None,
-        "source": described,
-        "bigtable_table": bt.bigtable_table,
-        "family": reference_family(fs, table),
-        "rows_read": count("rows_read"),
-        "rows_valid": count("rows_valid"),
-        "rows_rejected": count("rows_rejected"),
-        "rows_duplicate": count("rows_duplicate"),
-        "rows_superseded_before_1970": count("rows_superseded_before_1970"),
-        "rows_written": count("rows_written"),
-        "rows_write_failed": count("rows_write_failed"),
-        "rows_dead_lettered": count("rows_rejected")
-        + count("rows_duplicate")
-        + count("rows_superseded_before_1970")
-        + count("rows_write_failed"),
+    return {
+        "feature_set": config.fs.name,
+        "table": config.table.name,
+        "static": config.table.valid_from is None,
+        "source": config.described,
+        "bigtable_table": config.bigtable_table,
+        "family": reference_family(config.fs, config.table),
+        **{name: count(name) for name in COUNTED},
+        "rows_dead_lettered": sum(count(name) for name in DEAD_LETTERED),
         "write_retries": count("write_retries"),
-        "dead_letter_dir": dead_dir,
-        "elapsed_seconds": round(time.monotonic() - started, 2),
+        "dead_letter_dir": config.dead_letter_dir,
+        "elapsed_seconds": elapsed_seconds,
     }
-    LOG.info("publish-reference finished: %s", json.dumps(summary))
-    print(json.dumps(summary))
-    return summary
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ raw features with the tf.Transform graph inside, so scoring re-implements no fea
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
@@ -39,12 +40,12 @@ from skewless.beam_pipelines.runtime.parsing import (
     before_run,
     check_output_dir,
     configure_logging,
-    is_dry_run,
-    metric_counters,
     parse_job_options,
+    run_and_summarise,
 )
 from skewless.beam_pipelines.score_core import (
     MODEL_ERRORS,
+    LoadedVersion,
     ScoreWithModel,
     ToPredictionBatch,
     load_model,
@@ -230,105 +231,144 @@ def _instant(value: str | None, flag: str) -> int | None:
         raise SystemExit(f"skewless score: {flag} {value!r} is not an ISO-8601 instant ({exc})") from None
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse options, check the model, build and run the batch score job; return its summary."""
+@dataclass(frozen=True)
+class ScoreConfig:
+    """A batch scoring run resolved from its options before any pipeline exists (every error
+    here is a one-line usage error): the model version and its feature set, the period, the
+    source, the sink and where dead letters go."""
+
+    model: LoadedVersion
+    model_dir: str
+    start: str | None
+    end: str | None
+    start_ms: int | None
+    end_ms: int | None
+    source: beam.PTransform
+    references: dict[str, beam.PTransform]
+    sink: beam.PTransform
+    output: str | None
+    output_table: str | None
+    dead_letter_dir: str
+    options: PipelineOptions
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> ScoreConfig:
+        with before_run():
+            opts = options.view_as(ScoreOptions)
+            model_opts = options.view_as(ModelOptions)
+            if bool(opts.output) == bool(opts.output_table):
+                raise SystemExit("skewless score: give exactly one of --output or --output_table")
+            dead_dir = options.view_as(DeadLetterDirOptions).dead_letter_dir
+            if not dead_dir and opts.output:
+                dead_dir = os.path.join(opts.output, "dead_letters")
+            if not dead_dir:
+                raise SystemExit("skewless score: --output_table needs --dead_letter_dir")
+            start_ms, end_ms = _instant(opts.start, "--start"), _instant(opts.end, "--end")
+            if start_ms is not None and end_ms is not None and start_ms >= end_ms:
+                raise SystemExit("skewless score: --start must be before --end")
+            try:
+                model = load_model(
+                    model_opts.model_dir,
+                    model_opts.model_version,
+                    options.view_as(FeatureSetOptions).feature_set,
+                    min_batch_size=model_opts.min_batch_size,
+                    max_batch_size=model_opts.max_batch_size,
+                )
+            except MODEL_ERRORS as exc:
+                raise SystemExit(f"skewless score: {exc}") from None
+            config = cls(
+                model=model,
+                model_dir=model_opts.model_dir,
+                start=opts.start,
+                end=opts.end,
+                start_ms=start_ms,
+                end_ms=end_ms,
+                source=read_source(options, model.fs),
+                references=reference_sources(options, model.fs),
+                sink=prediction_sink(options, prediction_schema(model.fs)),
+                output=opts.output,
+                output_table=opts.output_table,
+                dead_letter_dir=dead_dir,
+                options=options,
+            )
+            if opts.output:
+                check_output_dir(opts.output, "--output")
+            check_output_dir(dead_dir, "--dead_letter_dir")
+        return config
+
+
+def prediction_sink(options: PipelineOptions, schema: pa.Schema) -> beam.PTransform:
+    """Where the predictions go: files under --output, or the --output_table BigQuery table."""
+    opts = options.view_as(ScoreOptions)
+    if opts.output_table:
+        from skewless.beam_pipelines.io.bigquery_sink import WriteArrowToBigQuery
+
+        source_opts = options.view_as(SourceOptions)
+        return WriteArrowToBigQuery(
+            opts.output_table,
+            schema,
+            project=source_opts.bigquery_project or options.view_as(GoogleCloudOptions).project,
+            endpoint=source_opts.bigquery_endpoint,
+            method=opts.output_method,
+        )
+    return WritePredictionFiles(
+        os.path.join(opts.output, "predictions", "part"), schema, opts.output_format
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> dict | None:
+    """Parse options, check the model, build and run the batch score job; return its summary
+    (None after a Dataflow dry run)."""
     configure_logging(batch=True)
     if "--streaming" in (sys.argv[1:] if argv is None else argv):
-        # The streaming scorer is its own job (skewless.beam_pipelines.jobs.score_streaming); the CLI picks it.
+        # The streaming scorer is its own job (jobs/score_streaming.py); the CLI picks it.
         raise SystemExit(
             "skewless score: --streaming is the streaming scorer: run `skewless score "
             "--streaming ...` (skewless.beam_pipelines.jobs.score_streaming)"
         )
     options = parse_job_options(argv, JOB)
-    with before_run():
-        opts = options.view_as(ScoreOptions)
-        model_opts = options.view_as(ModelOptions)
-        source_opts = options.view_as(SourceOptions)
-        if bool(opts.output) == bool(opts.output_table):
-            raise SystemExit("skewless score: give exactly one of --output or --output_table")
-        dead_dir = options.view_as(DeadLetterDirOptions).dead_letter_dir
-        if not dead_dir and opts.output:
-            dead_dir = os.path.join(opts.output, "dead_letters")
-        if not dead_dir:
-            raise SystemExit("skewless score: --output_table needs --dead_letter_dir")
-        start_ms, end_ms = _instant(opts.start, "--start"), _instant(opts.end, "--end")
-        if start_ms is not None and end_ms is not None and start_ms >= end_ms:
-            raise SystemExit("skewless score: --start must be before --end")
-        try:
-            model = load_model(
-                model_opts.model_dir,
-                model_opts.model_version,
-                options.view_as(FeatureSetOptions).feature_set,
-                min_batch_size=model_opts.min_batch_size,
-                max_batch_size=model_opts.max_batch_size,
-            )
-        except MODEL_ERRORS as exc:
-            raise SystemExit(f"skewless score: {exc}") from None
-        handler, fs = model.handler, model.fs
-        schema = prediction_schema(fs)
-        if opts.output_table:
-            from skewless.beam_pipelines.io.bigquery_sink import WriteArrowToBigQuery
-
-            sink = WriteArrowToBigQuery(
-                opts.output_table,
-                schema,
-                project=source_opts.bigquery_project or options.view_as(GoogleCloudOptions).project,
-                endpoint=source_opts.bigquery_endpoint,
-                method=opts.output_method,
-            )
-        else:
-            sink = WritePredictionFiles(
-                os.path.join(opts.output, "predictions", "part"), schema, opts.output_format
-            )
-        source = read_source(options, fs)
-        references = reference_sources(options, fs)
-        if opts.output:
-            check_output_dir(opts.output, "--output")
-        check_output_dir(dead_dir, "--dead_letter_dir")
-    started = time.monotonic()
+    config = ScoreConfig.from_options(options)
     p = beam.Pipeline(options=options)
     build_pipeline(
         p,
-        fs,
-        handler,
-        source,
-        sink,
-        WriteDeadLetterFiles(os.path.join(dead_dir, "part")),
-        start_ms,
-        end_ms,
-        references,
+        config.model.fs,
+        config.model.handler,
+        config.source,
+        config.sink,
+        WriteDeadLetterFiles(os.path.join(config.dead_letter_dir, "part")),
+        config.start_ms,
+        config.end_ms,
+        config.references,
     )
-    result = p.run()
-    result.wait_until_finish()
-    if is_dry_run(options):
-        LOG.info("dry run: the job graph was built and not run")
-        return None
-    counters = metric_counters(result)
+    return run_and_summarise(p, options, functools.partial(finish, config), LOG)
+
+
+COUNTED = (
+    "records_read", "records_valid", "records_rejected", "records_not_events",
+    "examples_outside_period", "examples_scored", "examples_rejected_by_model_inputs",
+    "inference_failures", "rows_write_failed",
+)  # fmt: skip
+
+
+def finish(config: ScoreConfig, counters: dict[str, int], elapsed_seconds: float) -> dict:
+    """The run's summary, also written to --output/summary.json when scoring to files."""
+    fs = config.model.fs
     summary = {
-        "records_read": counters.get("records_read", 0),
-        "records_valid": counters.get("records_valid", 0),
-        "records_rejected": counters.get("records_rejected", 0),
-        "records_not_events": counters.get("records_not_events", 0),
+        **{name: counters.get(name, 0) for name in COUNTED},
         "examples": counters.get("examples_joined", 0),
-        "examples_outside_period": counters.get("examples_outside_period", 0),
-        "examples_scored": counters.get("examples_scored", 0),
-        "examples_rejected_by_model_inputs": counters.get("examples_rejected_by_model_inputs", 0),
-        "inference_failures": counters.get("inference_failures", 0),
-        "rows_write_failed": counters.get("rows_write_failed", 0),
-        **reference_summary(options, fs, counters),
-        "model_dir": model_opts.model_dir,
-        "model_version": handler.version,
+        **reference_summary(config.options, fs, counters),
+        "model_dir": config.model_dir,
+        "model_version": config.model.handler.version,
         "feature_set": fs.name,
-        "period": {"start": opts.start, "end": opts.end},
-        "output": opts.output or opts.output_table,
-        "elapsed_seconds": round(time.monotonic() - started, 2),
+        "period": {"start": config.start, "end": config.end},
+        "output": config.output or config.output_table,
+        "elapsed_seconds": elapsed_seconds,
     }
-    if opts.output:
-        if not FileSystems.exists(opts.output):
-            FileSystems.mkdirs(opts.output)
-        with FileSystems.create(os.path.join(opts.output, "summary.json")) as f:
+    if config.output:
+        if not FileSystems.exists(config.output):
+            FileSystems.mkdirs(config.output)
+        with FileSystems.create(os.path.join(config.output, "summary.json")) as f:
             f.write(json.dumps(summary, indent=2).encode())
-    LOG.info("score finished: %s", json.dumps(summary))
     return summary
 
 

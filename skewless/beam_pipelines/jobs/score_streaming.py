@@ -22,6 +22,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -60,6 +61,7 @@ from skewless.beam_pipelines.score_core import (
     MODEL_ERRORS,
     MODEL_VERSION,
     PROBABILITY,
+    LoadedVersion,
     ScoreWithModel,
     ToPredictionDict,
     load_model,
@@ -377,6 +379,84 @@ def _batch_only(argv: Sequence[str]) -> list[str]:
     return [f"--{name}" for name in BATCH_ONLY_FLAGS if f"--{name}" in given]
 
 
+@dataclass(frozen=True)
+class ScoreStreamingConfig:
+    """The streaming scorer resolved from its options before the job starts (every error
+    here is a one-line usage error): the model (watched for new versions unless pinned), the
+    Bigtable table (checked), the topics and the optional serving log."""
+
+    model: LoadedVersion
+    model_dir: str
+    subscription: str
+    output_topic: str
+    dead_letter_topic: str | None
+    project: str
+    instance: str
+    table: str
+    max_batch: int
+    timestamp_attribute: str
+    serving_log: WriteServingLog | None
+    serving_log_path: str | None
+    serving_log_sample: float
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> ScoreStreamingConfig:
+        opts = options.view_as(ScoreStreamingOptions)
+        model_opts = options.view_as(ModelOptions)
+        pubsub = options.view_as(SubscriptionOptions)
+        bt = options.view_as(BigtableOptions)
+        log_opts = options.view_as(ServingLogOptions)
+        try:
+            model = load_model(
+                model_opts.model_dir,
+                model_opts.model_version,
+                options.view_as(FeatureSetOptions).feature_set,
+                min_batch_size=model_opts.min_batch_size,
+                max_batch_size=model_opts.max_batch_size,
+                watch_poll_s=opts.model_poll_s,
+            )
+            serving_log = None
+            if log_opts.serving_log:
+                sample_threshold(log_opts.serving_log_sample)
+                serving_log = WriteServingLog(
+                    log_opts.serving_log, log_opts.serving_log_sample, log_opts.serving_log_window_s
+                )
+            if not options.view_as(TableCheckOptions).skip_table_check:
+                check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, model.fs.name)
+        except (*MODEL_ERRORS, BigtableSetupError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+        return cls(
+            model=model,
+            model_dir=model_opts.model_dir,
+            subscription=pubsub.subscription,
+            output_topic=opts.output_topic,
+            dead_letter_topic=pubsub.dead_letter_topic,
+            project=bt.bigtable_project,
+            instance=bt.bigtable_instance,
+            table=bt.bigtable_table,
+            max_batch=min(model_opts.max_batch_size, LOOKUP_BATCH),
+            timestamp_attribute=options.view_as(EventTimeOptions).timestamp_attribute,
+            serving_log=serving_log,
+            serving_log_path=log_opts.serving_log,
+            serving_log_sample=log_opts.serving_log_sample,
+        )
+
+    def describe(self) -> dict:
+        """What the job reads, writes and serves, for its start-up log line."""
+        handler = self.model.handler
+        return {
+            "subscription": self.subscription,
+            "output_topic": self.output_topic,
+            "dead_letter_topic": self.dead_letter_topic,
+            "model_dir": self.model_dir,
+            "model_version": handler.version,
+            "feature_set": self.model.fs.name,
+            "hot_swap": isinstance(handler, WatchingModelHandler),
+            "serving_log": self.serving_log_path,
+            "serving_log_sample": self.serving_log_sample if self.serving_log_path else None,
+        }
+
+
 def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     """Parse options, check the model and the table, and build (not run) the job."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -389,71 +469,29 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     options = parse_job_options(argv, JOB, default_runner=LOCAL_STREAMING_RUNNER)
     std = options.view_as(StandardOptions)
     std.streaming = True  # set in code: Flex Template metadata cannot carry it
-    opts = options.view_as(ScoreStreamingOptions)
-    model_opts = options.view_as(ModelOptions)
-    pubsub = options.view_as(SubscriptionOptions)
-    bt = options.view_as(BigtableOptions)
-    try:
-        model = load_model(
-            model_opts.model_dir,
-            model_opts.model_version,
-            options.view_as(FeatureSetOptions).feature_set,
-            min_batch_size=model_opts.min_batch_size,
-            max_batch_size=model_opts.max_batch_size,
-            watch_poll_s=opts.model_poll_s,
-        )
-    except MODEL_ERRORS as exc:
-        raise _fail(str(exc)) from None
-    handler, fs = model.handler, model.fs
-    log_opts = options.view_as(ServingLogOptions)
-    serving_log = None
-    if log_opts.serving_log:
-        try:
-            sample_threshold(log_opts.serving_log_sample)
-            serving_log = WriteServingLog(
-                log_opts.serving_log, log_opts.serving_log_sample, log_opts.serving_log_window_s
-            )
-        except ValueError as exc:
-            raise _fail(str(exc)) from None
-    if not options.view_as(TableCheckOptions).skip_table_check:
-        try:
-            check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, fs.name)
-        except BigtableSetupError as exc:
-            raise _fail(str(exc)) from None
+    config = ScoreStreamingConfig.from_options(options)
     if std.runner in LOCAL_STREAMING_RUNNERS:
         # Pulls of many messages per bundle instead of Beam's 10: the local runner's price per
-        # bundle of every step is paid once per pull. The watermark stays the wall clock (the
-        # scorer does no windowing).
+        # bundle of every step is paid once per pull.
         prepare_local_runner()
     from apache_beam.io.gcp.pubsub import ReadFromPubSub
 
+    fs = config.model.fs
     p = beam.Pipeline(options=options)
     build_pipeline(
         p,
         fs,
-        handler,
-        ReadFromPubSub(subscription=pubsub.subscription, with_attributes=True),
+        config.model.handler,
+        ReadFromPubSub(subscription=config.subscription, with_attributes=True),
         LookupAggregates.from_bigtable(
-            fs, bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table,
-            max_batch=min(model_opts.max_batch_size, LOOKUP_BATCH),
-        ),  # fmt: skip
-        WritePredictions(opts.output_topic),
-        PublishDeadLetters(pubsub.dead_letter_topic),
-        serving_log,
-        timestamp_attribute=options.view_as(EventTimeOptions).timestamp_attribute,
+            fs, config.project, config.instance, config.table, max_batch=config.max_batch
+        ),
+        WritePredictions(config.output_topic),
+        PublishDeadLetters(config.dead_letter_topic),
+        config.serving_log,
+        timestamp_attribute=config.timestamp_attribute,
     )
-    info = {
-        "subscription": pubsub.subscription,
-        "output_topic": opts.output_topic,
-        "dead_letter_topic": pubsub.dead_letter_topic,
-        "model_dir": model_opts.model_dir,
-        "model_version": handler.version,
-        "feature_set": fs.name,
-        "hot_swap": isinstance(handler, WatchingModelHandler),
-        "serving_log": log_opts.serving_log,
-        "serving_log_sample": log_opts.serving_log_sample if log_opts.serving_log else None,
-    }
-    return p, info
+    return p, config.describe()
 
 
 def run(argv: Sequence[str] | None = None):

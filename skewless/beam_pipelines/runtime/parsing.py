@@ -103,12 +103,16 @@ def parse_job_options(
 
 
 def run_and_summarise(
-    p, options: PipelineOptions, summarise: Callable[[dict[str, int], float], dict], log
+    p,
+    options: PipelineOptions,
+    summarise: Callable[[dict[str, int], float], dict],
+    log,
+    shown: Callable[[dict], dict] = lambda summary: summary,
 ) -> dict | None:
     """The end of every batch job: run the pipeline to its end, then (not after a Dataflow
     dry run, which only builds the graph) turn its counters and elapsed seconds into the
-    job's summary (`summarise(counters, elapsed_seconds)`), log it and print it as one JSON
-    line; returns it (None after a dry run)."""
+    job's summary (`summarise(counters, elapsed_seconds)`), log it and print it (or the part
+    `shown` picks) as one JSON line; returns the summary (None after a dry run)."""
     started = time.monotonic()
     result = p.run()
     result.wait_until_finish()
@@ -116,8 +120,9 @@ def run_and_summarise(
         log.info("dry run: the job graph was built and not run")
         return None
     summary = summarise(metric_counters(result), round(time.monotonic() - started, 2))
-    log.info("%s finished: %s", log.name.rsplit(".", 1)[-1], json.dumps(summary))
-    print(json.dumps(summary))
+    line = json.dumps(shown(summary), default=str)
+    log.info("%s finished: %s", log.name.rsplit(".", 1)[-1], line)
+    print(line)
     return summary
 
 
