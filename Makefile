@@ -6,6 +6,11 @@ VENV ?= .venv
 BQ_VENV ?= .venv-bqemu
 OUT ?= out/demo
 PYTEST_ARGS ?= --durations=30
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; 0: in this one), each with its own
+# emulators; modules are handed out whole, longest first (tests/conftest.py), so a module's
+# fixtures are built once and its tests keep their order.
+PYTEST_WORKERS ?= 2
+XDIST = -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 STAMP := $(VENV)/.installed
 BQ_STAMP := $(BQ_VENV)/.installed
@@ -49,10 +54,10 @@ demo: $(STAMP)
 	@echo "Outputs under $(OUT)/ ; chart: $(OUT)/report.png"
 
 test: $(STAMP) $(BQ_STAMP)
-	BQ_EMULATOR_VENV=$(abspath $(BQ_VENV)) $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+	BQ_EMULATOR_VENV=$(abspath $(BQ_VENV)) $(VENV)/bin/python -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # Mutation testing (not in CI: too slow) over skewless/transforms/ and skewless/models/versions.py with the fast
 # tests (pyproject.toml [tool.mutmut]); report in out/mutation/report.md. One file at a time:

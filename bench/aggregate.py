@@ -26,6 +26,7 @@ import argparse
 import cProfile
 import json
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -34,7 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import start_emulators, stop  # noqa: E402
+from tests.support.ceiling import drain_rate, runner_ceiling  # noqa: E402
+from tests.support.emulators import pubsub_and_bigtable  # noqa: E402
+from tests.support.traffic import publish_backlog, publish_live, restamped  # noqa: E402
 
 PROJECT, INSTANCE = "skewless-bench", "bench"
 SCALE = 150  # 5 min -> 2 s
@@ -77,61 +80,6 @@ def live_payloads(fs, n: int) -> list[dict]:
     raws = read_raw_records(fs.resolve_default_input())
     events = order_events(fs, raws, ReplayStats())
     return [raw for _, raw in events[:n]]
-
-
-def restamped(raw: dict, now_ms: int) -> dict:
-    """The flight as if it departed at now_ms: time_hour moved, minute and delay kept."""
-    from skewless.transforms.record_checks import ms_to_datetime
-
-    offset = int(raw["minute"]) * 60_000 + int(round(float(raw["dep_delay"]) * 60_000))
-    record = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in raw.items()}
-    record["time_hour"] = ms_to_datetime(now_ms - offset).isoformat()
-    return record
-
-
-def publish_live(publisher, topic: str, fs, raws: list[dict], rate: float, heartbeat_until: list):
-    """Publish at `rate`, stamping each flight at the publish time (payload and attribute)."""
-    from skewless.beam_pipelines.commands.replay import Heartbeat
-
-    start = time.monotonic()
-    futures = []
-    jfk = []
-    for i, raw in enumerate(raws):
-        due = start + i / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        now_ms = int(time.time() * 1000)
-        record = restamped(raw, now_ms)
-        futures.append(
-            publisher.publish(topic, json.dumps(record).encode(), event_time=str(now_ms))
-        )
-        if raw["origin"] == "JFK":
-            jfk.append(now_ms)
-    for f in futures:
-        f.result(timeout=120)
-    published = time.monotonic() - start
-
-    def beat():  # the event-time watermark moves on with the wall clock after the last event
-        with Heartbeat(publisher, topic, 0.2):
-            while time.monotonic() < heartbeat_until[0]:
-                time.sleep(0.2)
-
-    threading.Thread(target=beat, daemon=True).start()
-    return published, jfk
-
-
-def publish_backlog(publisher, topic: str, raws: list[dict]) -> None:
-    """Publish every flight at once (stamped now), so a job started afterwards drains a backlog."""
-    now_ms = int(time.time() * 1000)
-    futures = [
-        publisher.publish(
-            topic, json.dumps(restamped(raw, now_ms)).encode(), event_time=str(now_ms)
-        )
-        for raw in raws
-    ]
-    for f in futures:
-        f.result(timeout=300)
 
 
 class LagProbe(threading.Thread):
@@ -225,55 +173,13 @@ def _job_pipeline(fs, sub: str, table_id: str, pull: int):
     return p
 
 
-def _drain_rate(count, n: int, timeout_s: float = 300) -> float:
-    """Events/s between the first counted event and the n-th (a backlog drained)."""
-    deadline = time.monotonic() + timeout_s
-    first = None
-    while time.monotonic() < deadline:
-        c = count()
-        if first is None and c > 0:
-            first = (time.monotonic(), c)
-        if c >= n:
-            break
-        time.sleep(0.05)
-    if first is None:
-        return 0.0
-    end = time.monotonic()
-    return round((count() - first[1]) / max(end - first[0], 1e-9), 1)
-
-
 def run_ceiling(raws, pull: int) -> float:
-    """ReadFromPubSub -> count on the local runner, draining a backlog of len(raws) messages."""
-    import apache_beam as beam
-    from apache_beam.metrics import Metrics
-
-    from skewless.beam_pipelines.io.pubsub import read_messages
-    from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
-    from skewless.beam_pipelines.runtime.parsing import metric_counters
-
+    """ReadFromPubSub -> count on the local runner, draining a backlog of len(raws) messages,
+    with the job's runner settings (the event-time watermark, `pull` per pull): a fair ceiling."""
     fs = bench_feature_set()
     publisher, topic, sub = _fresh_stream(fs, "ceiling")
     publish_backlog(publisher, topic, raws)
-    prepare_local_runner("event_time", pull)  # the job's runner settings, for a fair ceiling
-
-    class Count(beam.DoFn):
-        def setup(self):
-            self.read = Metrics.counter("skewless", "messages_read")
-
-        def process(self, message):
-            self.read.inc()
-
-    p = beam.Pipeline(
-        options=beam.options.pipeline_options.PipelineOptions(
-            runner="BundleBasedDirectRunner", streaming=True, project=PROJECT
-        )
-    )
-    _ = p | read_messages(sub, "event_time", False) | beam.ParDo(Count())
-    result = p.run()
-    try:
-        return _drain_rate(lambda: metric_counters(result).get("messages_read", 0), len(raws))
-    finally:
-        result.cancel()
+    return runner_ceiling(sub, len(raws), PROJECT, pull, "event_time")["events_per_s"]
 
 
 def run_job_backlog(fs, raws, pull: int) -> dict:
@@ -284,7 +190,7 @@ def run_job_backlog(fs, raws, pull: int) -> dict:
     publish_backlog(publisher, topic, raws)
     result = _job_pipeline(fs, sub, "job-backlog", pull).run()
     try:
-        rate = _drain_rate(lambda: metric_counters(result).get("aggregate_events", 0), len(raws))
+        rate = drain_rate(lambda: metric_counters(result).get("aggregate_events", 0), len(raws))
         counters = metric_counters(result)
     finally:
         result.cancel()
@@ -337,7 +243,7 @@ def _drive(
     probe = LagProbe(table, fs, int(t0 * 1000), int((t0 + duration) * 1000))
     probe.start()
     heartbeat_until = [time.monotonic() + duration + 120]
-    published_s, jfk = publish_live(publisher, topic, fs, raws, rate, heartbeat_until)
+    published_s, jfk = publish_live(publisher, topic, raws, rate, heartbeat_until)
     deadline = time.monotonic() + 120
     while read_count() < len(raws) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -557,8 +463,8 @@ def main() -> None:
     )
     parser.add_argument("--profile", help="cProfile output of the job run (last rate)")
     args = parser.parse_args()
-    procs, _ = start_emulators()
-    try:
+    emulator_logs = Path(tempfile.mkdtemp(prefix="skewless-bench-aggregate-"))
+    with pubsub_and_bigtable(emulator_logs, PROJECT, INSTANCE):
         fs, long_fs = bench_feature_set(), bench_feature_set(long_windows=True)
         week_fs = bench_feature_set(long_windows=True, week=True)
         sample = live_payloads(fs, max(args.backlog, int(max(args.rate) * args.seconds)))
@@ -585,8 +491,6 @@ def main() -> None:
             job = run_job(fs, raws, rate, f"job-{int(rate)}", args.pull, profile=args.profile)
             results.append({"rate": rate, "job": job, "floor": floor})
             print(json.dumps(results[-1]), flush=True)
-    finally:
-        stop(procs)
     last = results[-1]
     ceiling = drains["ceiling"]
     print(

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataclasses import replace  # noqa: E402
 
-from bench.common import flights_csv, measure  # noqa: E402
+from bench.common import measure  # noqa: E402
 from skewless.examples.flights import FLIGHTS, FLIGHTS_PLUS  # noqa: E402
+from tests.support.flights_data import flights_csv_lines as flights_csv  # noqa: E402
 
 ROWS = 336_776
 HALF_MONTHS = range(1, 7)

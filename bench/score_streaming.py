@@ -37,7 +37,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,7 +44,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import start_emulators, stop  # noqa: E402
+from tests.support.ceiling import runner_ceiling as drain_ceiling  # noqa: E402
+from tests.support.emulators import pubsub_and_bigtable  # noqa: E402
+from tests.support.flights_data import departures_from  # noqa: E402
+from tests.support.traffic import Receiver, publish_paced  # noqa: E402
 
 PROJECT, INSTANCE = "skewless-bench", "bench"
 FIRST_DAY = "2013-01-06"
@@ -55,23 +57,7 @@ BEAM_PULL = 10  # messages per pull of Beam 2.77's own local Pub/Sub read
 
 def flights(n: int) -> list[tuple[int, dict]]:
     """(event time, raw record) of at least n departures from FIRST_DAY on, in event-time order."""
-    import datetime as dt
-
-    import pyarrow.compute as pc
-
-    from skewless.beam_pipelines.commands.replay import ReplayStats, order_events
-    from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
-    from skewless.examples.flights import FLIGHTS, bundled_flights_path
-
-    table, _ = read_csv_table(_read_bytes(bundled_flights_path()))
-    hours = pc.cast(table.column("time_hour"), "string")
-    days = max(2, n // 700 + 2)  # about 900 departures a day
-    end = (dt.date.fromisoformat(FIRST_DAY) + dt.timedelta(days=days)).isoformat()
-    table = table.filter(pc.and_(pc.greater_equal(hours, FIRST_DAY), pc.less(hours, end)))
-    events = order_events(FLIGHTS, table.to_pylist(), ReplayStats())
-    if len(events) < n:
-        raise SystemExit(f"only {len(events)} flights in [{FIRST_DAY}, {end}), need {n}")
-    return events
+    return departures_from(FIRST_DAY, n)
 
 
 def write_cells(table_id: str, events: list[tuple[int, dict]], fs=None) -> None:
@@ -104,45 +90,6 @@ def flight_key(record: dict) -> tuple:
     return (event["carrier"], event["flight"], event["origin"], ms_to_datetime(event["scheduled_departure"]).isoformat())
 
 
-class Receiver:
-    """Streaming-pull subscriber that stamps the arrival time of every message by its key."""
-
-    def __init__(self, subscription: str, key_of):
-        from google.cloud import pubsub_v1
-
-        self.arrived: dict = {}
-        self.versions: dict = {}
-        self.duplicates = 0
-        self._key_of = key_of
-        self._lock = threading.Lock()
-        self._client = pubsub_v1.SubscriberClient()
-        flow = pubsub_v1.types.FlowControl(max_messages=10_000)
-        self._future = self._client.subscribe(subscription, callback=self._on_message, flow_control=flow)
-
-    def _on_message(self, message) -> None:
-        now = time.perf_counter()
-        message.ack()
-        key, version = self._key_of(message)
-        with self._lock:
-            if key in self.arrived:
-                self.duplicates += 1
-            self.arrived.setdefault(key, now)
-            self.versions[key] = version
-
-    def wait_for(self, keys, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if all(k in self.arrived for k in keys):
-                    return True
-            time.sleep(0.05)
-        return False
-
-    def close(self) -> None:
-        self._future.cancel()
-        self._client.close()
-
-
 def _prediction_key(message):
     prediction = json.loads(message.data)
     return flight_key(prediction), prediction["model_version"]
@@ -150,24 +97,6 @@ def _prediction_key(message):
 
 def _echo_key(message):
     return message.attributes["key"], None
-
-
-def publish_paced(publisher, topic: str, items: list[tuple], rate: float, payload_of) -> dict:
-    """Publish each (key, ...) item at `rate`/s; returns key -> perf_counter just before publish."""
-    sent = {}
-    futures = []
-    started = time.perf_counter()
-    for i, item in enumerate(items):
-        due = started + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        data, attributes = payload_of(item)
-        sent[item[0]] = time.perf_counter()
-        futures.append(publisher.publish(topic, data, **attributes))
-    for f in futures:
-        f.result(timeout=60)
-    return sent
 
 
 def summarize(sent: dict, arrived: dict) -> dict:
@@ -253,36 +182,8 @@ def bigtable_floor(table_id: str, events: list[tuple[int, dict]], batch: int, re
 
 def ceiling_child(subscription: str, pull: int, expect: int) -> None:
     """In a child process: ReadFromPubSub -> count on the local runner, `pull` messages per pull."""
-    import apache_beam as beam
-    from apache_beam.io.gcp.pubsub import ReadFromPubSub
-    from apache_beam.metrics import Metrics
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from skewless.beam_pipelines.runtime.local_runner import prepare_local_runner
-    from skewless.beam_pipelines.runtime.parsing import metric_counters
-
-    prepare_local_runner(max_messages=pull)  # the scorer's runner settings
-    counter = Metrics.counter("skewless", "ceiling_read")
-
-    def count(_):
-        counter.inc()
-
-    options = PipelineOptions(runner="BundleBasedDirectRunner", streaming=True, project=PROJECT)
-    p = beam.Pipeline(options=options)
-    _ = p | ReadFromPubSub(subscription=subscription, with_attributes=True) | beam.Map(count)
-    result = p.run()
-    deadline = time.monotonic() + 180
-    first = None
-    read = 0
-    while read < expect and time.monotonic() < deadline:
-        time.sleep(0.02)
-        read = metric_counters(result).get("ceiling_read", 0)
-        if first is None and read:
-            first = (time.perf_counter(), read)
-    done = time.perf_counter()
-    result.cancel()
-    rate = (read - first[1]) / (done - first[0]) if first and done > first[0] else 0.0
-    print(json.dumps({"read": read, "events_per_s": round(rate, 1)}), flush=True)
+    measured = drain_ceiling(subscription, expect, PROJECT, pull, timeout_s=180, poll_s=0.02)
+    print(json.dumps(measured), flush=True)
     os._exit(0)
 
 
@@ -476,7 +377,7 @@ def cpu_seconds(pid: int) -> float:
 
 # --- profile: runner vs job ------------------------------------------------------------------
 
-_OURS = ("(beam_pipelines/", "(models/", "(transforms/")  # py-spy prints paths from sys.path
+_OURS = ("(skewless/",)  # py-spy prints paths from sys.path
 _INFERENCE = ("(tensorflow/", "(keras/")
 _CLIENTS = ("(grpc/", "(bigtable/", "(api_core/", "(pubsub_v1/", "(google/", "(proto/")
 
@@ -536,8 +437,8 @@ def main() -> None:
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
 
-    procs, env = start_emulators()
-    try:
+    with pubsub_and_bigtable(Path(args.log_dir), PROJECT, INSTANCE) as emulators:
+        env = emulators.env
         n_max = int(max(args.rates) * args.seconds)
         events = flights(max(n_max + WARM, args.ceiling_events))
         table_id = f"features-{uuid.uuid4().hex[:8]}"
@@ -574,8 +475,6 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps(row), flush=True)
         print(json.dumps({"results": results, "floor": floor, "ceiling": ceiling, "job_code": job_code}))
-    finally:
-        stop(procs)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import start_emulators, stop  # noqa: E402
 from bench.score_streaming import (  # noqa: E402
     INSTANCE,
     PROJECT,
@@ -44,6 +43,8 @@ from bench.score_streaming import (  # noqa: E402
     run_scorer,
     write_cells,
 )
+from tests.support.emulators import pubsub_and_bigtable  # noqa: E402
+from tests.support.flights_data import write_weather_slice  # noqa: E402
 
 TRAIN_START, TRAIN_END = "2013-01-01", "2013-02-01"
 RETENTION_S = 20 * 365 * 86_400
@@ -81,22 +82,14 @@ def publish_tables(
 ) -> dict:
     """Every reference table of flights_plus, published to `table_id` by publish-reference;
     with `weather_window` (first, last day), only those days of the weather."""
-    import csv
-
     from skewless.beam_pipelines.jobs import publish_reference
     from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 
     extra = {}
     if weather_window:
         first, last = weather_window
-        with open(WEATHER_AT_ORIGIN.resolve_default_input(), newline="") as src:
-            reader = csv.DictReader(src)
-            rows = [r for r in reader if first <= r["time_hour"][:10] <= last]
         path = work / f"weather_{first}_{last}.csv"
-        with open(path, "w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_weather_slice(path, first, last)
         extra[WEATHER_AT_ORIGIN.name] = [f"--input={path}"]
     written = {}
     for table in FLIGHTS_PLUS.references:
@@ -131,8 +124,8 @@ def main() -> None:
     from skewless.examples.flights import FLIGHTS, FLIGHTS_PLUS
 
     models = {name: train_model(name, work) for name in NAMES}
-    procs, env = start_emulators()
-    try:
+    with pubsub_and_bigtable(work, PROJECT, INSTANCE) as emulators:
+        env = emulators.env
         n = int(args.rate * args.seconds) + WARM
         events = flights(n)
         tables = {}
@@ -196,8 +189,6 @@ def main() -> None:
                 }
             )
         )
-    finally:
-        stop(procs)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import flights_csv  # noqa: E402
+from tests.support.flights_data import flights_csv_lines as flights_csv  # noqa: E402
 
 ROWS = 336_776
 # What the job's process loads before it reads the data: the CLI, the in-process path, the

@@ -15,7 +15,7 @@ from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE, parse_timesta
 from skewless.examples.flights import FLIGHTS
 from skewless.examples.weather import WEATHER
 from skewless.transforms.record_checks import RecordChecker
-from tests.aggregate_support import flights_raw_slice
+from tests.support.flights_data import flights_raw_slice
 
 
 def _jsonable(row: dict) -> dict:

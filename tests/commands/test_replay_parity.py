@@ -19,7 +19,8 @@ from skewless.beam_pipelines.runtime.options import DEFAULT_ALLOWED_LATENESS_S
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.weather import WEATHER, weather_path
 from skewless.transforms.record_checks import to_epoch_ms
-from tests.aggregate_support import batch_cells, start_aggregate_job, typed_events, wait_for
+from tests.support.pipelines import batch_cells, typed_events
+from tests.support.streaming_jobs import start_aggregate_job, wait_for
 
 pytestmark = [pytest.mark.emulator]
 SPEC = "skewless.examples.weather:WEATHER"

@@ -55,8 +55,8 @@ from skewless.transforms.record_checks import (
     to_epoch_ms,
 )
 from skewless.transforms.tiles import _MergePartials, to_partials
-from tests.aggregate_support import typed_events
-from tests.flights_data import CSV_COLUMNS, real_flights, write_csv
+from tests.support.flights_data import CSV_COLUMNS, real_flights, write_csv
+from tests.support.pipelines import typed_events
 
 # --- 1. validation ranges: at the bounds accepted, one step outside rejected --------------------
 

@@ -67,7 +67,7 @@ from skewless.transforms.record_checks import (
     iter_raw_records,
     parse_json_payload,
 )
-from tests.toy_featureset import CLICKS
+from tests.support.toy_featureset import CLICKS
 
 EXAMPLES = int(os.environ.get("SKEWLESS_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(

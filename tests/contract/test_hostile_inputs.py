@@ -37,7 +37,7 @@ from skewless.transforms.record_checks import (
     UnparseableRow,
     to_epoch_ms,
 )
-from tests.flights_data import CSV_COLUMNS, real_flights, write_csv, write_jsonl
+from tests.support.flights_data import CSV_COLUMNS, real_flights, write_csv, write_jsonl
 
 ROWS = real_flights(1, 1)[:120]
 HEADER = ",".join(CSV_COLUMNS)
@@ -246,7 +246,7 @@ def test_duplicate_column_is_an_error_before_the_run(tmp_path, renamed, message)
 
 
 def test_header_errors_follow_the_feature_set_policy(tmp_path):
-    from tests.toy_featureset import CLICKS
+    from tests.support.toy_featureset import CLICKS
 
     path = tmp_path / "clicks.csv"
     path.write_text("ts,user,site,price,campaign\n2024-01-01T00:00:00Z,u,s,1,x\n")
@@ -542,7 +542,7 @@ def test_parse_messages_turns_every_poison_message_into_one_dead_letter():
 @pytest.mark.emulator
 @pytest.mark.timeout(300)
 def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path):
-    from tests.test_prepare_bigquery import emulator_args, flights_table
+    from tests.support.flights_data import flights_arrow_table as flights_table
 
     dataset = bq_emulator.create_dataset()
     table = flights_table([dict(r) for r in ROWS[:5]])
@@ -559,7 +559,7 @@ def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path
         out = tmp_path / "out"
         with pytest.raises(InputError, match=message):
             prepare.run(
-                ["--bigquery_table", name, "--output_dir", str(out), *emulator_args(bq_emulator)]
+                ["--bigquery_table", name, "--output_dir", str(out), *bq_emulator.args()]
             )
         assert not out.exists()
 
@@ -569,13 +569,9 @@ def test_bigquery_table_columns_are_checked_before_the_run(bq_emulator, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_score_on_the_hostile_inputs_and_bad_files(
-    hostile_inputs, tmp_path_factory, tmp_path, capsys
-):
+def test_score_on_the_hostile_inputs_and_bad_files(hostile_inputs, trained, tmp_path, capsys):
     from skewless.beam_pipelines.jobs import score
-    from tests.test_train import prepared_and_trained
 
-    trained = prepared_and_trained(tmp_path_factory)
     out = tmp_path / "scored"
     summary = score.run(
         [

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from skewless.beam_pipelines.runtime.job import job_modules
+from tests.support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 BP = "skewless.beam_pipelines"
 CLI = f"{BP}.runtime.cli"
 # Roles, from the bottom up: a module may import its own role and the ones below it. Features

@@ -4,69 +4,40 @@ options, the image definition, build.sh, and every job's graph built by the Data
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from google.cloud.dataflow_v1beta3 import ParameterType, TemplateMetadata
 
 from skewless.beam_pipelines.io.bigquery import parse_query_parameter, validate_table_name
-from skewless.beam_pipelines.runtime import job as declarations
 from skewless.transforms.featureset import load_feature_set
 from skewless.transforms.record_checks import to_epoch_ms
-from templates.render import job_flags, metadata_path, text_of
-from tests.test_train import prepared_and_trained
+from templates.render import job_flags, text_of
+from tests.support import REPO_ROOT
+from tests.support.dataflow import (
+    AGGREGATE_STEPS,
+    BIGTABLE,
+    DATAFLOW,
+    JOBS,
+    SCORE_STREAM_STEPS,
+    metadata,
+    parameters,
+    run_job,
+    step_names,
+    template_argv,
+)
+from tests.support.reference_tables import FLIGHTS_TABLES_SPEC
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class TemplateUnderTest:
-    """A template as these tests see it: its name and the declaration of the job that has it."""
-
-    name: str
-    module: str
-    job: declarations.Job
-
-    @property
-    def metadata_path(self) -> Path:
-        return metadata_path(self.name)
-
-    @property
-    def required(self) -> tuple[str, ...]:
-        return self.job.required
-
-    @property
-    def not_parameters(self) -> dict[str, str]:
-        return self.job.template.not_parameters
-
-    @property
-    def fixed_args(self) -> tuple[str, ...]:
-        return self.job.template.fixed_args
-
-    @property
-    def streaming(self) -> bool:
-        return self.job.streaming
+ROOT = REPO_ROOT
 
 
-JOBS = {name: TemplateUnderTest(name, *found) for name, found in declarations.templates().items()}
 MAIN = ROOT / "templates" / "main.py"
 
-
-def run_job(template: TemplateUnderTest, argv: list[str]):
-    """What templates/main.py runs: the job's run() with the template's fixed flags first."""
-    return importlib.import_module(template.module).run([*template.fixed_args, *argv])
-DATAFLOW = [
-    "--runner=DataflowRunner", "--project=fake-project", "--region=us-central1",
-    "--temp_location=gs://fake-bucket/tmp", "--dry_run=True",
-]  # fmt: skip
 
 # Good and bad values per parameter name (a name means the same thing in every template).
 SAMPLES = {
@@ -88,7 +59,7 @@ SAMPLES = {
         ["2013-11-01", "2013-11-01T00:00:00Z", "2013-11-01T05:30:00.250+05:30", "2013-11-01 08:00"],
         ["yesterday", "2013/11/01", "2013-11-01T8:00", "1383264000", "2013-11-01T00:00:00 UTC"],
     ),
-    "feature_set": (["flights", "tests.toy_featureset:CLICKS"], ["flights:", "my module:X", "pkg.mod", "pkg.:X"]),
+    "feature_set": (["flights", "tests.support.toy_featureset:CLICKS"], ["flights:", "my module:X", "pkg.mod", "pkg.:X"]),
     "eval_fraction": (["0.2", "0", "1", "1.0", ".25"], ["1.5", "-0.1", "abc", "20%", ""]),
     "positive": (["1", "8192", "7"], ["0", "-1", "1.5", "abc", "01"]),
     "allowed_lateness_s": (["0", "600"], ["-1", "1.5", "ten", "0600"]),
@@ -125,14 +96,6 @@ SAMPLE_OF = {
 
 def samples(name: str) -> tuple[list[str], list[str]]:
     return SAMPLES[SAMPLE_OF.get(name, name)]
-
-
-def metadata(job) -> dict:
-    return json.loads(job.metadata_path.read_text())
-
-
-def parameters(job) -> dict[str, dict]:
-    return {p["name"]: p for p in metadata(job)["parameters"]}
 
 
 def all_parameters():
@@ -361,39 +324,6 @@ def test_build_script_prints_the_build_and_run_commands():
 # --- each job's graph, built by the DataflowRunner (dry run) -------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return prepared_and_trained(tmp_path_factory)
-
-
-@pytest.fixture()
-def dataflow_jobs(monkeypatch):
-    """The Dataflow job each dry run would have submitted."""
-    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
-
-    jobs = []
-    original = DataflowRunner.run_pipeline
-
-    def recording(self, pipeline, options, *args, **kwargs):
-        result = original(self, pipeline, options, *args, **kwargs)
-        jobs.append(result.job)
-        return result
-
-    monkeypatch.setattr(DataflowRunner, "run_pipeline", recording)
-    return jobs
-
-
-def step_names(job) -> set[str]:
-    return {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
-
-
-def template_argv(name: str, values: dict[str, str]) -> list[str]:
-    """The job's argv as the launcher would pass it: --name=value for each template parameter."""
-    params = parameters(JOBS[name])
-    assert set(values) <= set(params)
-    return [f"--{k}={v}" for k, v in values.items()]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_prepare_builds_for_dataflow_with_tf_transform(trained, dataflow_jobs, tmp_path):
@@ -429,12 +359,6 @@ def test_score_batch_run_returns_after_a_dry_run(trained, tmp_path):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
-BIGTABLE = {"bigtable_project": "fake-project", "bigtable_instance": "skewless-features", "bigtable_table": "features"}
-# Dataflow's in-place update (--update) maps running steps to new ones by name: these must stay.
-AGGREGATE_STEPS = {"Read", "EventTime", "Validate", "Aggregate", "WriteCells", "AllDeadLetters", "DeadLetters"}
-# (issue 20 renamed the scorer's "Payloads" to "EventTime", the aggregate job's step that reads the
-# timestamp attribute: updating a scorer that predates it needs --transform_name_mapping.)
-SCORE_STREAM_STEPS = {"Read", "EventTime", "Validate", "LookupAggregates", "Score", "Write", "AllDeadLetters", "DeadLetters"}
 
 
 @pytest.mark.timeout(120)
@@ -475,7 +399,7 @@ def test_publish_reference_builds_for_dataflow_as_a_batch_job(dataflow_jobs):
     """A dry run checks neither the input nor the Bigtable table (as for BigQuery tables)."""
     argv = template_argv(
         "publish_reference",
-        {"table": "origin_weather", "feature_set": "tests.test_reference:FS",
+        {"table": "origin_weather", "feature_set": FLIGHTS_TABLES_SPEC,
          "dead_letter_dir": "gs://fake-bucket/dead", **BIGTABLE},
     )  # fmt: skip
     assert run_job(JOBS["publish_reference"], [*argv, *DATAFLOW]) is None

@@ -14,9 +14,9 @@ from skewless.beam_pipelines.io.online_store import OnlineLookup
 from skewless.beam_pipelines.jobs import publish_reference
 from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 from skewless.transforms.reference import join_references
-from tests.aggregate_support import typed_events
-from tests.flights_data import real_flights, write_weather_slice
-from tests.test_reference import index_of, table_rows
+from tests.support.flights_data import real_flights, write_weather_slice
+from tests.support.pipelines import typed_events
+from tests.support.reference_tables import index_of, table_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
 

@@ -20,15 +20,18 @@ from skewless.beam_pipelines.runtime.launch import run_job
 from skewless.examples.flights import WEATHER_AT_ORIGIN
 from skewless.transforms.record_checks import to_epoch_ms
 from skewless.transforms.reference import join_references, reference_row_validator
-from tests.test_publish_reference import (
+from tests.support.reference_tables import FLIGHTS_TABLES as FS
+from tests.support.reference_tables import (
+    FLIGHTS_TABLES_SPEC,
     csv_lines,
     dead_letters,
     dump,
+    index_of,
     publish,
     published,
+    table_rows,
     typed_weather,
 )
-from tests.test_reference import FS, index_of, table_rows
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
 REF = "flights_tables_ref"
@@ -39,7 +42,7 @@ COLUMNS = [c.name for c in WEATHER_AT_ORIGIN.columns]
 
 def connection(bt, table_id: str) -> list[str]:
     return [
-        "--feature_set=tests.test_reference:FS",
+        f"--feature_set={FLIGHTS_TABLES_SPEC}",
         f"--bigtable_project={bt.project}",
         f"--bigtable_instance={bt.instance}",
         f"--bigtable_table={table_id}",

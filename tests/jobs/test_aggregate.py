@@ -20,13 +20,16 @@ from skewless.beam_pipelines.io.bigtable import open_table, read_cells_with_vers
 from skewless.beam_pipelines.runtime.options import DEFAULT_ALLOWED_LATENESS_S
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
-from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
+from tests.support.streaming_jobs import (
+    HOUR_MS,
+    flights_shifted_to_end_before_now,
+    start_aggregate_job,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 # test_streaming_poison's lateness: it publishes wall-clock heartbeats beside replayed events,
 # and a heartbeat's time is then no promise about the events after it.
-LATENESS_S = 6 * 3600
-HOUR_MS = 3_600_000
 
 
 @pytest.mark.timeout(300)

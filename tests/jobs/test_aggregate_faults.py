@@ -13,7 +13,11 @@ from skewless.beam_pipelines.commands.replay import Heartbeat, publish_events, t
 from skewless.beam_pipelines.io.bigtable import open_table, read_all_cells
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
-from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
+from tests.support.streaming_jobs import (
+    flights_shifted_to_end_before_now,
+    start_aggregate_job,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 LATENESS_S = 6 * 3600

@@ -29,13 +29,8 @@ from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.aggregations import CellKey, ComputeAggregates
 from skewless.transforms.featureset import WindowedAggregate
-from tests.aggregate_support import (
-    CollectPanes,
-    batch_cells,
-    flights_raw_slice,
-    streaming_options,
-    typed_events,
-)
+from tests.support.flights_data import flights_raw_slice
+from tests.support.pipelines import CollectPanes, batch_cells, streaming_options, typed_events
 
 pytestmark = [pytest.mark.emulator]
 LATENESS_S = 7200

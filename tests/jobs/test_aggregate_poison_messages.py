@@ -19,9 +19,14 @@ from skewless.beam_pipelines.io.bigtable import open_table, read_cells_with_vers
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.record_checks import to_epoch_ms
-from tests.aggregate_support import flights_shifted_to_end_before_now, start_aggregate_job, wait_for
-from tests.poison_messages import timestamp_poison
-from tests.test_aggregate_e2e import HOUR_MS, LATENESS_S
+from tests.support.poison_messages import timestamp_poison
+from tests.support.streaming_jobs import (
+    HOUR_MS,
+    LATENESS_S,
+    flights_shifted_to_end_before_now,
+    start_aggregate_job,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.emulator, pytest.mark.slow]
 

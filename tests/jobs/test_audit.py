@@ -38,10 +38,18 @@ from skewless.transforms.consistency import (
 from skewless.transforms.example_schema import aggregate_column_names, example_columns
 from skewless.transforms.record_checks import to_epoch_ms
 from skewless.transforms.split import HASH_BUCKETS, key_bucket
-from tests.aggregate_support import typed_events, write_cells_with_the_aggregate_job
-from tests.flights_data import write_jsonl
-from tests.test_templates import dataflow_jobs  # noqa: F401 - a fixture
-from tests.test_train import prepared_and_trained
+from tests.support.dataflow import (
+    BIGTABLE,
+    DATAFLOW,
+    JOBS,
+    SCORE_STREAM_STEPS,
+    step_names,
+    template_argv,
+)
+from tests.support.dataflow import run_job as run_template
+from tests.support.flights_data import write_jsonl
+from tests.support.pipelines import typed_events
+from tests.support.streaming_jobs import write_cells_with_the_aggregate_job
 
 INPUT_START, INPUT_END = "2013-01-06T10:00:00Z", "2013-01-06T14:00:00Z"  # by scheduled hour
 SCORE_START, SCORE_END = "2013-01-06T11:00:00Z", "2013-01-06T14:00:00Z"  # by event time
@@ -256,11 +264,10 @@ def _audit(trained, flights_path, log_dir, out_dir, sample) -> dict:
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory, pubsub_emulator, bigtable_emulator):
+def audited(trained, tmp_path_factory, pubsub_emulator, bigtable_emulator):
     """A clean replay, a re-run with a wrong D at lookup, and a replay after aggregate rows were
     deleted, each logged by the streaming scorer and audited."""
     ps, bt = pubsub_emulator, bigtable_emulator
-    trained = prepared_and_trained(tmp_path_factory)
     root = tmp_path_factory.mktemp("audit")
     raws = [dict(r) for r in trained["rows"] if INPUT_START <= r["time_hour"] < INPUT_END]
     start, end = to_epoch_ms(SCORE_START), to_epoch_ms(SCORE_END)
@@ -398,22 +405,10 @@ def test_audit_errors_before_the_run_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_scorer_with_a_serving_log_builds_for_dataflow_keeping_its_step_names(
-    tmp_path_factory,
-    dataflow_jobs,  # noqa: F811 - the fixture imported above
+    trained, dataflow_jobs
 ):
     """The template's serving log parameters reach the job; the steps of a scorer without a
     log keep their names (Dataflow's --update maps steps by name), the log adds two."""
-    from templates.jobs import JOBS, run_job
-
-    from tests.test_templates import (
-        BIGTABLE,
-        DATAFLOW,
-        SCORE_STREAM_STEPS,
-        step_names,
-        template_argv,
-    )
-
-    trained = prepared_and_trained(tmp_path_factory)
     argv = template_argv(
         "score_streaming",
         {"subscription": "projects/fake-project/subscriptions/events",
@@ -422,7 +417,7 @@ def test_the_scorer_with_a_serving_log_builds_for_dataflow_keeping_its_step_name
          "serving_log": "gs://fake-bucket/serving_log", "serving_log_sample": "0.05",
          "serving_log_window_s": "300"},
     )  # fmt: skip
-    run_job(JOBS["score_streaming"], [*argv, "--skip_table_check", *DATAFLOW])
+    run_template(JOBS["score_streaming"], [*argv, "--skip_table_check", *DATAFLOW])
     (job,) = dataflow_jobs
     assert job.proto.type.name == "JOB_TYPE_STREAMING"
     steps = step_names(job)
@@ -439,7 +434,7 @@ def _id(r: dict) -> tuple:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_the_log_branch_carries_the_scored_examples_and_their_predictions(tmp_path_factory):
+def test_the_log_branch_carries_the_scored_examples_and_their_predictions(trained):
     """ScoreEvents with a sample, then SplitServingLog: the predictions are the plain ones and
     each sampled example's record holds its example columns and its own prediction."""
     import apache_beam as beam
@@ -449,7 +444,6 @@ def test_the_log_branch_carries_the_scored_examples_and_their_predictions(tmp_pa
     from skewless.models.handler import SkewlessModelHandler
     from skewless.transforms.aggregations import attach_aggregates
 
-    trained = prepared_and_trained(tmp_path_factory)
     raws = [dict(r) for r in trained["rows"] if INPUT_START <= r["time_hour"] < INPUT_END][:40]
     examples = [attach_aggregates(FLIGHTS, e, lambda k: None) for e in typed_events(FLIGHTS, raws)]
     sampled = [e for e in examples if is_sampled(example_key(FLIGHTS, e), SAMPLE)]

@@ -3,12 +3,10 @@
 import datetime as dt
 import gzip
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tensorflow as tf
 import tensorflow_transform as tft
 
 from skewless.beam_pipelines.io.files import InputError
@@ -16,7 +14,8 @@ from skewless.beam_pipelines.jobs import prepare
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.example_schema import features_arrow_schema
 from skewless.transforms.split import Split
-from tests.flights_data import real_flights, write_csv, write_jsonl
+from tests.support.flights_data import real_flights, write_csv, write_jsonl
+from tests.support.outputs import read_tfrecords
 
 BAD_LINES = {
     "2013,13,1,517,515,2,830,819,11,UA,1545,N14228,EWR,IAH,227,1400,5,15,2013-01-01T10:00:00Z": "'month' = 13 is above the maximum 12",
@@ -26,14 +25,6 @@ BAD_LINES = {
     "2013,1,1,517,515,2,830,819,11,UA,1545,N14228,EWR,IAH,227,1400,5,15,": "required field 'time_hour' is null",
     "2013,1,1,517,515,2,830": "expected 19 fields, got 7",
 }  # fmt: skip
-
-
-def read_tfrecords(pattern_dir: Path, spec: dict) -> list[dict]:
-    files = sorted(str(p) for p in pattern_dir.glob("*.tfrecord.gz"))
-    rows = []
-    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
-        rows.append(tf.io.parse_single_example(record, spec))
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +171,7 @@ def test_a_second_feature_set_declared_elsewhere_runs_unchanged(tmp_path):
     path = write_jsonl(tmp_path / "clicks.jsonl", rows, ['{"ts": "soon", "user": "u", "site": "s", "price": 1}'])
     out = tmp_path / "out"
     summary = prepare.run(
-        ["--input", str(path), "--output_dir", str(out), "--feature_set", "tests.toy_featureset:CLICKS"]
+        ["--input", str(path), "--output_dir", str(out), "--feature_set", "tests.support.toy_featureset:CLICKS"]
     )
     assert summary["feature_set"] == "clicks"
     assert summary["records_rejected"] == 1

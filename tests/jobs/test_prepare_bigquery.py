@@ -1,35 +1,13 @@
 """prepare reading BigQuery (table and parameterized query) through the Storage Read API emulator."""
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from skewless.beam_pipelines.jobs import prepare
-from tests.flights_data import real_flights, write_csv
+from tests.support.flights_data import flights_arrow_table as flights_table
+from tests.support.flights_data import real_flights, write_csv
+from tests.support.outputs import sorted_features as features
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(300)]
-
-SORT = ["carrier", "flight", "origin", "scheduled_departure"]
-
-
-def flights_table(rows):
-    table = pa.Table.from_pylist(rows)
-    time_hour = pa.array([r["time_hour"] for r in rows], pa.string()).cast(
-        pa.timestamp("s", tz="UTC")
-    )
-    return table.set_column(table.schema.get_field_index("time_hour"), "time_hour", time_hour)
-
-
-def emulator_args(bq):
-    return [
-        "--bigquery_endpoint", bq.rest_endpoint,
-        "--bigquery_storage_endpoint", bq.grpc_endpoint,
-        "--bigquery_project", bq.project,
-    ]  # fmt: skip
-
-
-def features(out):
-    return pq.read_table(out / "features").sort_by([(k, "ascending") for k in SORT]).to_pylist()
 
 
 def test_prepare_from_a_bigquery_table_equals_prepare_from_files(bq_emulator, tmp_path):
@@ -42,7 +20,7 @@ def test_prepare_from_a_bigquery_table_equals_prepare_from_files(bq_emulator, tm
             table,
             "--output_dir",
             str(tmp_path / "bq"),
-            *emulator_args(bq_emulator),
+            *bq_emulator.args(),
         ]
     )
     csv = write_csv(tmp_path / "flights.csv", rows)
@@ -66,7 +44,7 @@ def test_prepare_from_a_parameterized_query(bq_emulator, tmp_path):
             "--bigquery_query_param", f"hostile=STRING:{hostile}",
             "--bigquery_temp_dataset", f"{bq_emulator.project}.{dataset}",
             "--output_dir", str(tmp_path / "q"),
-            *emulator_args(bq_emulator),
+            *bq_emulator.args(),
         ]
     )  # fmt: skip
     assert summary["records_read"] == sum(1 for r in rows if r["origin"] == "JFK")

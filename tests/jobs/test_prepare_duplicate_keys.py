@@ -3,7 +3,6 @@
 import datetime as dt
 import json
 import os
-from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
@@ -15,7 +14,8 @@ from skewless.beam_pipelines.jobs import prepare
 from skewless.beam_pipelines.runtime.launch import run_job
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.examples import CountDuplicateKeys
-from tests.flights_data import real_flights, write_csv
+from tests.support import REPO_ROOT
+from tests.support.flights_data import real_flights, write_csv
 
 MS = 1000
 JAN_1 = int(dt.datetime(2013, 1, 1, 10, tzinfo=dt.UTC).timestamp() * MS)
@@ -128,7 +128,7 @@ def test_a_key_gets_the_same_shard_in_every_process():
     keys = batch(("UA", 1, "EWR", JAN_1), ("AA", None, "JFK", JAN_1 + 1), (None, 3, "LGA", 0))
     here = _shards(_key_table(FLIGHTS, keys), FLIGHTS.example_key).tolist()
     code = (
-        "import sys; from tests.test_prepare_duplicate_keys import batch, JAN_1; "
+        "import sys; from tests.jobs.test_prepare_duplicate_keys import batch, JAN_1; "
         "from skewless.transforms.examples import _key_table, _shards; from skewless.examples.flights import "
         "FLIGHTS; keys = batch(('UA', 1, 'EWR', JAN_1), ('AA', None, 'JFK', JAN_1 + 1), "
         "(None, 3, 'LGA', 0)); print(_shards(_key_table(FLIGHTS, keys), FLIGHTS.example_key)"
@@ -137,7 +137,7 @@ def test_a_key_gets_the_same_shard_in_every_process():
     for seed in ("1", "2"):
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-            env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parent.parent,
+            env={**os.environ, "PYTHONHASHSEED": seed}, cwd=REPO_ROOT,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip().splitlines()[-1] == str(here), done.stdout

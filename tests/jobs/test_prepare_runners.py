@@ -6,8 +6,8 @@ import pytest
 import tensorflow_transform as tft
 
 from skewless.beam_pipelines.jobs import prepare
-from tests.flights_data import real_flights, write_csv
-from tests.test_prepare import read_tfrecords
+from tests.support.flights_data import real_flights, write_csv
+from tests.support.outputs import read_tfrecords
 
 SORT = [("carrier", "ascending"), ("flight", "ascending"), ("scheduled_departure", "ascending")]
 

@@ -6,11 +6,7 @@ and a missing table or family is a clear error before the run."""
 from __future__ import annotations
 
 import csv
-import datetime as dt
-import functools
-import json
 import random
-from pathlib import Path
 
 import apache_beam as beam
 import pytest
@@ -21,104 +17,37 @@ from skewless.beam_pipelines.io.bigtable import (
     BigtableSetupError,
     WriteReferenceRows,
     check_reference_families,
-    decode_value,
     open_table,
 )
 from skewless.beam_pipelines.jobs import publish_reference
 from skewless.examples.flights import FLIGHTS, PLANES, WEATHER_AT_ORIGIN
-from tests.test_reference import FS
+from tests.support.reference_tables import FLIGHTS_TABLES as FS
+from tests.support.reference_tables import (
+    NULLS,
+    csv_lines,
+    dead_letters,
+    dump,
+    number,
+    publish,
+    published,
+    typed_weather,
+)
 
 pytestmark = [pytest.mark.emulator]
 RETENTION_S = 20 * 365 * 86_400  # the 2013 rows must outlive the GC rule's age
 MONTH = "2013-01"
-NULLS = ("", "NA")
-
-
-def _number(text: str, kind):
-    return None if text in NULLS else kind(text)
-
-
-def _epoch_ms(text: str) -> int:
-    return round(dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-
-
-def typed_weather(line: dict) -> tuple[str, int, dict]:
-    """(row key, valid_from ms, {field: value}) of a weather.csv line, typed by hand."""
-    values = {f.name: _number(line[f.name], float) for f in WEATHER_AT_ORIGIN.fields}
-    return f"origin_weather#{line['origin']}", _epoch_ms(line["time_hour"]), values
-
-
 def typed_plane(line: dict) -> tuple[str, int, dict]:
     ints = {"year", "engines", "seats"}
     values = {}
     for f in PLANES.fields:
         text = line[f.name]
         if f.name in ints:
-            values[f.name] = _number(text, int)
+            values[f.name] = number(text, int)
         elif f.name == "speed":
-            values[f.name] = _number(text, float)
+            values[f.name] = number(text, float)
         else:
             values[f.name] = None if text in NULLS else text
     return f"plane#{line['tailnum']}", 0, values
-
-
-@functools.cache
-def csv_lines(path: str) -> tuple[list[str], list[dict]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames), list(reader)
-
-
-def dump(bt, table_id: str) -> dict:
-    """Every cell of the table, all versions: {row key: {family: {column: [(ts ms, bytes)]}}}."""
-    out = {}
-    for row in open_table(bt.project, bt.instance, table_id).read_rows():
-        out[row.row_key.decode()] = {
-            family: {
-                q.decode(): [(round(c.timestamp.timestamp() * 1000), c.value) for c in cells]
-                for q, cells in columns.items()
-            }
-            for family, columns in row.cells.items()
-        }
-    return out
-
-
-def reference_versions(row, family: str) -> dict[int, dict]:
-    """A Bigtable row -> {cell timestamp ms: {field: value}}, every version read."""
-    versions: dict[int, dict] = {}
-    for qualifier, cells in row.cells.get(family, {}).items():
-        for cell in cells:
-            stamp = round(cell.timestamp.timestamp() * 1000)
-            versions.setdefault(stamp, {})[qualifier.decode()] = decode_value(cell.value)
-    return versions
-
-
-def published(bt, table_id: str, family: str, prefix: str) -> dict[str, dict[int, dict]]:
-    """{row key: {valid_from ms: {field: value}}} of one reference table's rows."""
-    table = open_table(bt.project, bt.instance, table_id)
-    return {
-        row.row_key.decode(): reference_versions(row, family)
-        for row in table.read_rows()
-        if row.row_key.decode().startswith(prefix)
-    }
-
-
-def dead_letters(directory: Path) -> list[dict]:
-    return [json.loads(line) for p in sorted(directory.glob("*.jsonl")) for line in p.open()]
-
-
-def publish(bt, table_id: str, table: str, dead_dir: Path, *extra: str) -> dict:
-    return publish_reference.run(
-        [
-            "--feature_set=tests.test_reference:FS",
-            f"--table={table}",
-            f"--bigtable_project={bt.project}",
-            f"--bigtable_instance={bt.instance}",
-            f"--bigtable_table={table_id}",
-            f"--dead_letter_dir={dead_dir}",
-            *extra,
-        ]
-    )
 
 
 @pytest.fixture(scope="module")

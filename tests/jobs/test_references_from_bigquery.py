@@ -15,8 +15,8 @@ from skewless.beam_pipelines.commands import train
 from skewless.beam_pipelines.io.files import InputError, _read_bytes, read_csv_table
 from skewless.beam_pipelines.jobs import prepare, score
 from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
-from tests.flights_data import real_flights, write_csv
-from tests.test_prepare_bigquery import emulator_args, features
+from tests.support.flights_data import real_flights, write_csv
+from tests.support.outputs import sorted_features as features
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(600)]
 
@@ -70,7 +70,7 @@ def test_prepare_reads_a_reference_table_from_bigquery_like_from_a_file(
         ["--feature_set", "flights_plus", "--input", str(weather["flights"]),
          "--reference", f"origin_weather=bigquery:{weather['table']}",
          "--eval_start", SCORE_START, "--output_dir", str(tmp_path / "bq"),
-         *emulator_args(bq_emulator)]
+         *bq_emulator.args()]
     )  # fmt: skip
     from_file = trained["summary"]
     assert from_bq["references"] == from_file["references"]
@@ -96,7 +96,7 @@ def test_batch_score_reads_a_reference_table_from_bigquery_like_from_a_file(
         runs[name] = score.run(
             ["--model_dir", str(trained["models"]), "--input", str(weather["flights"]),
              "--reference", f"origin_weather={source}", "--start", SCORE_START,
-             "--output", str(tmp_path / name), *emulator_args(bq_emulator)]
+             "--output", str(tmp_path / name), *bq_emulator.args()]
         )  # fmt: skip
     from_bq, from_file = runs["bq"], runs["file"]
     assert from_bq["references"] == from_file["references"]
@@ -120,7 +120,7 @@ def test_publish_reference_reads_a_reference_table_from_bigquery(weather, bq_emu
     from skewless.beam_pipelines.runtime.options import SourceOptions
 
     def source(table):
-        argv = ["--reference", f"origin_weather=bigquery:{table}", *emulator_args(bq_emulator)]
+        argv = ["--reference", f"origin_weather=bigquery:{table}", *bq_emulator.args()]
         options = PipelineOptions(argv)
         options.view_as(SourceOptions)
         return reference_table_source(options, FLIGHTS_PLUS, WEATHER_AT_ORIGIN)

@@ -19,8 +19,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from skewless.beam_pipelines.jobs import score
 from skewless.examples.flights import FLIGHTS
 from skewless.models.handler import SkewlessModelHandler, arrow_to_feed, predict
-from tests.flights_data import write_jsonl
-from tests.test_train import EVAL_START, prepared_and_trained
+from tests.support.flights_data import write_jsonl
+from tests.support.training import EVAL_START
 
 KEY = list(FLIGHTS.example_key)
 BAD_LINES = {
@@ -28,11 +28,6 @@ BAD_LINES = {
     '{"year": 2013, "month": 1, "day": 6}': "missing required field",
     "[1, 2, 3]": "expected a JSON object",
 }
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return prepared_and_trained(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

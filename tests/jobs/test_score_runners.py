@@ -9,16 +9,11 @@ import pytest
 
 from skewless.beam_pipelines.jobs import score
 from skewless.examples.flights import FLIGHTS
-from tests.flights_data import write_jsonl
-from tests.test_train import EVAL_START, prepared_and_trained
+from tests.support.flights_data import write_jsonl
+from tests.support.training import EVAL_START
 
 KEY = list(FLIGHTS.example_key)
 COUNTS = ("records_read", "records_valid", "records_rejected", "examples", "examples_scored", "inference_failures")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return prepared_and_trained(tmp_path_factory)
 
 
 def dead_letters(out) -> list[tuple]:

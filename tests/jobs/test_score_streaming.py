@@ -30,10 +30,9 @@ from skewless.examples.flights import FLIGHTS
 from skewless.models.handler import SkewlessModelHandler, predict, rows_to_feed
 from skewless.transforms.aggregations import attach_aggregates
 from skewless.transforms.record_checks import RecordChecker, ms_to_datetime, to_epoch_ms
-from tests.aggregate_support import write_cells_with_the_aggregate_job
-from tests.flights_data import write_jsonl
-from tests.poison_messages import timestamp_poison
-from tests.test_train import prepared_and_trained
+from tests.support.flights_data import write_jsonl
+from tests.support.poison_messages import timestamp_poison
+from tests.support.streaming_jobs import write_cells_with_the_aggregate_job
 
 KEY = ["carrier", "flight", "origin", "scheduled_departure"]
 INPUT_START, INPUT_END = "2013-01-06T10:00:00Z", "2013-01-06T14:00:00Z"  # by scheduled hour
@@ -43,11 +42,6 @@ BAD_MESSAGES = {
     b'{"year": 2013, "month": 1': ("parse", "not JSON"),
     b'{"year": 2013, "carrier": "UA"}': ("validate", "missing required field"),
 }
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return prepared_and_trained(tmp_path_factory)
 
 
 def _slice(trained) -> list[dict]:

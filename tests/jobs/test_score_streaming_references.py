@@ -19,12 +19,9 @@ from skewless.beam_pipelines.jobs import prepare, publish_reference, score
 from skewless.examples.flights import FLIGHTS_PLUS, WEATHER_AT_ORIGIN
 from skewless.models.handler import SkewlessModelHandler, predict, rows_to_feed
 from skewless.transforms.record_checks import ms_to_datetime, to_epoch_ms
-from tests.aggregate_support import (
-    score_streaming,
-    typed_events,
-    write_cells_with_the_aggregate_job,
-)
-from tests.flights_data import real_flights, write_csv, write_weather_slice
+from tests.support.flights_data import real_flights, write_csv, write_weather_slice
+from tests.support.pipelines import typed_events
+from tests.support.streaming_jobs import score_streaming, write_cells_with_the_aggregate_job
 
 SCORE_START = "2013-02-13T00:00:00Z"
 RETENTION_S = 20 * 365 * 86_400

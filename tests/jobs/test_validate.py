@@ -33,7 +33,7 @@ from skewless.transforms.anomalies import (
 )
 from skewless.transforms.consistency import plain
 from skewless.transforms.statistics import common_stats
-from tests.flights_data import _read_bytes, real_flights, write_jsonl
+from tests.support.flights_data import real_flights, write_jsonl
 
 BASELINE_MONTHS = (1, 2, 3)
 HELD_OUT = 12
@@ -266,7 +266,7 @@ def test_exit_codes_of_errors(baseline, tmp_path):
 
 @pytest.fixture(scope="module")
 def weather_baseline(tmp_path_factory) -> Path:
-    from skewless.beam_pipelines.io.files import read_csv_table
+    from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
 
     table, _ = read_csv_table(_read_bytes(weather_path()))
     rows = []
@@ -495,12 +495,12 @@ def test_expected_and_known_columns_limit_questions_2_and_3():
 def test_a_bigquery_table_is_validated_as_read(baseline, december, bq_emulator, tmp_path):
     """No schema check against the feature set first: a renamed column is an anomaly, not an
     error before the run."""
-    from tests.test_prepare_bigquery import emulator_args, flights_table
+    from tests.support.flights_data import flights_arrow_table as flights_table
 
     week = [r for r in december if r["day"] <= 7]  # the emulator streams messages under 4 MB
     dataset = bq_emulator.create_dataset()
     clean = bq_emulator.create_table(dataset, "december", flights_table(week))
-    code, anomalies, _ = validate(tmp_path, baseline, "--bigquery_table", clean, *emulator_args(bq_emulator), name="clean")  # fmt: skip
+    code, anomalies, _ = validate(tmp_path, baseline, "--bigquery_table", clean, *bq_emulator.args(), name="clean")  # fmt: skip
     # BigQuery's types are the files' (no question 2-6 anomaly); a week differs in `day` only
     assert [a for a in anomalies if a["question"] > 1] == []
     assert blocking(anomalies) == [(1, "day", "distribution_drift")] and code == 3
@@ -508,7 +508,7 @@ def test_a_bigquery_table_is_validated_as_read(baseline, december, bq_emulator, 
         ["departure_delay" if n == "dep_delay" else n for n in flights_table(week[:1]).column_names]
     )
     table = bq_emulator.create_table(dataset, "renamed", renamed)
-    code, anomalies, _ = validate(tmp_path, baseline, "--bigquery_table", table, *emulator_args(bq_emulator), name="renamed")  # fmt: skip
+    code, anomalies, _ = validate(tmp_path, baseline, "--bigquery_table", table, *bq_emulator.args(), name="renamed")  # fmt: skip
     assert code == 3
     assert {(a["question"], a["feature"]) for a in anomalies if a["question"] in (2, 3)} == {(2, "dep_delay"), (3, "departure_delay")}  # fmt: skip
 

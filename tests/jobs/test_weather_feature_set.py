@@ -22,14 +22,10 @@ from skewless.beam_pipelines.jobs import prepare, score
 from skewless.examples.weather import WEATHER, weather_path
 from skewless.models.handler import SkewlessModelHandler, predict, rows_to_feed
 from skewless.transforms.record_checks import to_epoch_ms
-from tests.aggregate_support import (
-    batch_cells,
-    score_streaming,
-    typed_events,
-    write_cells_with_the_aggregate_job,
-)
-from tests.brute_force import brute_cells, brute_example
-from tests.flights_data import write_jsonl
+from tests.support.brute_force import brute_cells, brute_example
+from tests.support.flights_data import write_jsonl
+from tests.support.pipelines import batch_cells, typed_events
+from tests.support.streaming_jobs import score_streaming, write_cells_with_the_aggregate_job
 
 SPEC = "skewless.examples.weather:WEATHER"
 INPUT_START, INPUT_END = "2013-01-01T00:00:00Z", "2013-01-22T00:00:00Z"

@@ -28,40 +28,13 @@ from skewless.models.metrics import (
     log_loss,
     roc_auc,
 )
-from tests.flights_data import real_flights, write_csv
-from tests.toy_featureset import CLICKS
-
-EVAL_START = "2013-01-06T00:00:00Z"
-_CACHE: dict = {}
-
-
-def prepared_and_trained(tmp_path_factory) -> dict:
-    """A week of real flights, prepared (eval from Jan 6) and trained once per test session."""
-    if not _CACHE:
-        from skewless.beam_pipelines.jobs import prepare
-
-        root = tmp_path_factory.mktemp("trained")
-        rows = real_flights(1, 1, days=7)
-        csv_path = write_csv(root / "flights.csv", rows)
-        prepared = root / "prepared"
-        prepare.run(["--input", str(csv_path), "--output_dir", str(prepared), "--eval_start", EVAL_START])
-        model_dir = root / "models"
-        result = train.run(
-            ["--prepared_dir", str(prepared), "--model_dir", str(model_dir), "--epochs", "2", "--seed", "7"]
-        )
-        _CACHE.update(root=root, rows=rows, csv=csv_path, prepared=prepared, model_dir=model_dir, result=result)
-    return _CACHE
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return prepared_and_trained(tmp_path_factory)
+from tests.support.toy_featureset import CLICKS
+from tests.support.training import EVAL_START_MS
 
 
 def _eval_features(prepared: Path, limit: int = 600):
     table = pq.read_table(prepared / "features")
-    start_ms = 1357430400000  # EVAL_START
-    table = table.filter(pc.greater_equal(table.column("event_time").cast("int64"), start_ms))
+    table = table.filter(pc.greater_equal(table.column("event_time").cast("int64"), EVAL_START_MS))
     return table.slice(0, limit).combine_chunks()
 
 
@@ -218,10 +191,10 @@ def test_without_a_rule_baseline_the_model_is_compared_with_the_majority_class()
 
 
 def test_train_takes_the_feature_set_prepare_recorded_and_refuses_another(tmp_path):
-    summary = {"feature_set": "clicks", "feature_set_spec": "tests.toy_featureset:CLICKS"}
+    summary = {"feature_set": "clicks", "feature_set_spec": "tests.support.toy_featureset:CLICKS"}
     spec, fs = training.prepared_feature_set(str(tmp_path), summary, None)
-    assert (spec, fs) == ("tests.toy_featureset:CLICKS", CLICKS)
-    assert training.prepared_feature_set(str(tmp_path), summary, "tests.toy_featureset:CLICKS")[1] is CLICKS
+    assert (spec, fs) == ("tests.support.toy_featureset:CLICKS", CLICKS)
+    assert training.prepared_feature_set(str(tmp_path), summary, "tests.support.toy_featureset:CLICKS")[1] is CLICKS
     with pytest.raises(SystemExit, match="was made with feature set 'clicks', not 'flights'"):
         training.prepared_feature_set(str(tmp_path), summary, "flights")
     with pytest.raises(SystemExit, match="no summary.json: give --feature_set"):
@@ -230,10 +203,10 @@ def test_train_takes_the_feature_set_prepare_recorded_and_refuses_another(tmp_pa
 
 def test_a_model_version_names_its_feature_set_and_refuses_another():
     clicks = versions.ModelVersion(
-        "/m/1", 1, {"feature_set": "clicks", "feature_set_spec": "tests.toy_featureset:CLICKS"}
+        "/m/1", 1, {"feature_set": "clicks", "feature_set_spec": "tests.support.toy_featureset:CLICKS"}
     )
     assert clicks.feature_set() is CLICKS
-    assert clicks.feature_set("tests.toy_featureset:CLICKS") is CLICKS
+    assert clicks.feature_set("tests.support.toy_featureset:CLICKS") is CLICKS
     with pytest.raises(versions.FeatureSetMismatch, match="model version 1 was trained on feature set 'clicks', not 'flights'"):
         clicks.feature_set("flights")
     # A model that records only the name of the bundled set; one that records nothing.

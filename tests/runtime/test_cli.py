@@ -16,7 +16,6 @@ from skewless.beam_pipelines.runtime.job import (
     load,
 )
 from skewless.beam_pipelines.runtime.launch import job_module, run_job
-from tests.test_train import prepared_and_trained
 
 
 def test_top_level_help_lists_every_job(capsys):
@@ -131,10 +130,9 @@ def test_plain_argparse_jobs_report_usage_errors_in_one_line(job, args, message,
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_train_and_score_print_their_own_lines_only(tmp_path_factory, tmp_path):
+def test_train_and_score_print_their_own_lines_only(trained, tmp_path):
     """No TensorFlow C++ start-up lines from train (it loads TensorFlow after its --help), no
     'Resource module is not available' warnings from RunInference in score."""
-    trained = prepared_and_trained(tmp_path_factory)
     skewless = [sys.executable, "-m", "skewless.beam_pipelines.runtime.cli"]
     noise = ("oneDNN", "cuda", "cpu_feature_guard", "absl::InitializeLog", "I0000", "W0000",
              "Resource module", "WARNING root")  # fmt: skip

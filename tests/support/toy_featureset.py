@@ -1,7 +1,7 @@
 """A second, small feature set declared outside the project's transforms/: clicks on ads.
 
 It proves another team can declare its own features and run every job with
-`--feature_set tests.toy_featureset:CLICKS`, without editing the project.
+`--feature_set tests.support.toy_featureset:CLICKS`, without editing the project.
 """
 
 import tensorflow as tf

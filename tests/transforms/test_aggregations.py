@@ -20,7 +20,7 @@ from skewless.transforms.aggregations import (
 from skewless.transforms.examples import BuildExamples
 from skewless.transforms.featureset import as_of_window_end
 from skewless.transforms.record_checks import RecordChecker
-from tests.flights_data import real_flights
+from tests.support.flights_data import real_flights
 
 FS = FLIGHTS
 

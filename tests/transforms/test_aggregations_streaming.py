@@ -12,7 +12,7 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.transforms.aggregations import ComputeAggregates
-from tests.aggregate_support import TOY, CollectPanes, batch_cells, streaming_options, toy
+from tests.support.pipelines import TOY, CollectPanes, batch_cells, streaming_options, toy
 
 LATENESS_S = 120
 

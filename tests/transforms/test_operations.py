@@ -45,9 +45,9 @@ from skewless.transforms.operations import (
     Variance,
 )
 from skewless.transforms.partials import CellKey
-from tests.aggregate_support import CollectPanes, batch_cells, streaming_options, typed_events
-from tests.brute_force import brute_cells, brute_example
-from tests.flights_data import real_flights
+from tests.support.brute_force import brute_cells, brute_example
+from tests.support.flights_data import real_flights
+from tests.support.pipelines import CollectPanes, batch_cells, streaming_options, typed_events
 
 DAY_MS = 86_400_000
 

@@ -14,7 +14,7 @@ from skewless.transforms.record_checks import (
     RecordChecker,
     to_epoch_ms,
 )
-from tests.flights_data import real_flights
+from tests.support.flights_data import real_flights
 
 GOOD = {
     "year": 2013, "month": 1, "day": 1, "dep_time": 517, "sched_dep_time": 515, "dep_delay": 2.0,
@@ -90,7 +90,7 @@ def test_timestamps_accept_offsets_naive_utc_and_epoch_seconds():
 
 
 def test_unexpected_fields_policy_ignore_drops_them():
-    from tests.toy_featureset import CLICKS
+    from tests.support.toy_featureset import CLICKS
 
     raw = {"ts": "2024-01-01T00:00:00Z", "user": "u", "site": "s", "price": 1, "extra": 1}
     assert "extra" not in RecordChecker(CLICKS).validate(raw)

@@ -15,7 +15,6 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skewless.beam_pipelines.io.files import _read_bytes, read_csv_table
 from skewless.examples.flights import (
     DEST_AIRPORTS,
     FLIGHTS,
@@ -39,37 +38,12 @@ from skewless.transforms.reference import (
     row_as_of,
     rows_feature_set,
 )
-from tests.aggregate_support import typed_events
-from tests.flights_data import real_flights
+from tests.support.flights_data import real_flights
+from tests.support.pipelines import typed_events
+from tests.support.reference_tables import FLIGHTS_TABLES as FS
+from tests.support.reference_tables import FLIGHTS_TABLES_SPEC, index_of, table_rows, traced
 
 HOUR_MS = 3_600_000
-FS = replace(
-    FLIGHTS,
-    name="flights_tables",
-    references=REFERENCE_TABLES,
-    example_fields=(*FLIGHTS.example_fields, FLIGHTS.fields_by_name["tailnum"]),
-)
-
-
-@functools.cache
-def table_rows(table: ReferenceTable) -> tuple[dict, ...]:
-    """The bundled table's rows, typed by the table's own schema."""
-    data, _ = read_csv_table(_read_bytes(table.resolve_default_input()))
-    validator = reference_row_validator(table)
-    return tuple(validator.validate(row) for row in data.to_pylist())
-
-
-def traced(rows) -> list[TracedRecord]:
-    """Typed rows as CheckReferenceRows hands them on (the row itself as its original)."""
-    return [TracedRecord(row, row, None) for row in rows]
-
-
-def index_of(table: ReferenceTable, rows) -> dict:
-    (index,) = [
-        x for x in _BuildIndex(table).process(traced(rows)) if isinstance(x, ReferenceIndex)
-    ]
-    return index
-
 
 def brute_join(event: dict, table: ReferenceTable, rows) -> dict:
     """From the rule's words: the latest row of the key valid at t - D_ref, by a scan."""
@@ -308,7 +282,7 @@ def test_prepare_train_and_score_join_the_tables_read_from_files(tmp_path, fligh
 
     from skewless.beam_pipelines.commands import train
     from skewless.beam_pipelines.jobs import prepare, score
-    from tests.flights_data import write_csv
+    from tests.support.flights_data import write_csv
 
     raws = real_flights(month=2, day=10, days=3)
     events_path = write_csv(tmp_path / "flights.csv", raws)
@@ -323,7 +297,7 @@ def test_prepare_train_and_score_join_the_tables_read_from_files(tmp_path, fligh
         writer.writerow({**rows[0], "humid": "140"})  # above the declared maximum: a dead letter
     common = [
         "--feature_set",
-        "tests.test_reference:FS",
+        FLIGHTS_TABLES_SPEC,
         "--reference",
         f"origin_weather={weather_path}",
     ]

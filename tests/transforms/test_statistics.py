@@ -44,7 +44,7 @@ from skewless.transforms.statistics import (
     statistics_of_batches,
 )
 from skewless.transforms.statistics_fn import ComputeStatistics, StatisticsFn
-from tests.flights_data import real_flights, write_csv
+from tests.support.flights_data import real_flights, write_csv
 
 Stats = statistics_pb2.FeatureNameStatistics
 

@@ -16,7 +16,7 @@ from skewless.transforms.aggregations import ComputeAggregates
 from skewless.transforms.featureset import FeatureSet, WindowedAggregate
 from skewless.transforms.partials import add_to_slot, key_specs, new_slot, window_cell
 from skewless.transforms.tiles import to_partials
-from tests.aggregate_support import TOY, CollectPanes, batch_cells, streaming_options, toy
+from tests.support.pipelines import TOY, CollectPanes, batch_cells, streaming_options, toy
 
 LATENESS_S = 600
 
