@@ -391,7 +391,7 @@ class FeatureSet:
     preprocessing_fn: PreprocessingFn
     derive: Callable[[Record], Record | None] | None = None
     derived_fields: tuple[Field, ...] = ()
-    serving_delay_s: int = 0
+    serving_delay_s: int | str = 0
     unexpected_fields: str = "reject"
     description: str = ""
     example_key: tuple[str, ...] = ()
@@ -435,6 +435,9 @@ class FeatureSet:
         object.__setattr__(self, "example_fields", (*declared, *joined.values()))
         if self.unexpected_fields not in UNEXPECTED_FIELD_POLICIES:
             raise FeatureSetError(f"unexpected_fields must be one of {UNEXPECTED_FIELD_POLICIES}")
+        object.__setattr__(
+            self, "serving_delay_s", duration_s(self.serving_delay_s, "serving_delay_s")
+        )
         if self.serving_delay_s < 0:
             raise FeatureSetError("serving_delay_s must be >= 0")
         periods = {a.period_s for a in self.aggregates}
@@ -528,6 +531,13 @@ class FeatureSet:
                 raise FeatureSetError(f"{name} must be a tuple of names, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         examples = {f.name: f for f in self.example_fields}
+        if self.example_fields and self.event_time not in examples:
+            # The split, the as-of join of reference tables, statistics and scoring read the
+            # event time off the examples.
+            raise FeatureSetError(
+                f"event_time {self.event_time!r} must be one of the example_fields (add "
+                f"the field {self.event_time!r} to example_fields)"
+            )
         if not self.example_key:
             default = tuple(k for k in (*self.keys, self.event_time) if k in examples)
             object.__setattr__(

@@ -107,6 +107,26 @@ def test_inconsistent_declarations_fail_when_built(change, message):
         dataclasses.replace(FLIGHTS, **change)
 
 
+def test_example_fields_must_carry_the_event_time():
+    """The split, the as-of join and scoring read the event time off the examples."""
+    without = tuple(f for f in FLIGHTS.example_fields if f.name != FLIGHTS.event_time)
+    with pytest.raises(FeatureSetError, match="event_time 'event_time' must be one of the example"):
+        dataclasses.replace(FLIGHTS, example_fields=without)
+
+
+@pytest.mark.parametrize("written, seconds", [("1h", 3600), ("15m", 900), (90, 90), (0, 0)])
+def test_serving_delay_takes_a_duration(written, seconds):
+    fs = dataclasses.replace(FLIGHTS, serving_delay_s=written)
+    assert fs.serving_delay_s == seconds
+    assert fs.serving_delay_ms == seconds * 1000
+
+
+@pytest.mark.parametrize("written", ["1 hour", "-1h", "h", 1.5])
+def test_serving_delay_rejects_what_is_not_a_duration(written):
+    with pytest.raises(FeatureSetError, match="serving_delay_s"):
+        dataclasses.replace(FLIGHTS, serving_delay_s=written)
+
+
 def test_bad_field_type_is_rejected():
     with pytest.raises(FeatureSetError, match="type"):
         Field("x", "decimal")
@@ -115,7 +135,7 @@ def test_bad_field_type_is_rejected():
 def test_load_feature_set_by_bundled_name_and_by_module_path():
     assert load_feature_set("flights") is FLIGHTS
     assert load_feature_set("skewless.examples.flights:FLIGHTS") is FLIGHTS
-    assert load_feature_set("tests.toy_featureset:CLICKS").name == "clicks"
+    assert load_feature_set("tests.support.toy_featureset:CLICKS").name == "clicks"
 
 
 @pytest.mark.parametrize(
