@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from skewless.beam_pipelines.runtime.job import Job
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import DEFAULT_FEATURE_SET
-from skewless.beam_pipelines.runtime.parsing import configure_logging
+from skewless.beam_pipelines.runtime.process import configure_logging
 
 DESCRIPTION = "Print the feature cells the aggregate job wrote to Bigtable (JSON lines)."
 
@@ -23,6 +23,9 @@ JOB = Job(
     summary="print the feature cells in Bigtable (JSON lines)",
     description=DESCRIPTION,
     beam=False,
+    # Reading the row keys loads the feature core, which loads TensorFlow: the CLI absorbs
+    # its start-up lines before the run.
+    native_libraries=("tensorflow",),
 )
 
 DEFAULT_LIMIT = 20

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from skewless.beam_pipelines.runtime.job import Job
 from skewless.beam_pipelines.runtime.launch import launch
-from skewless.beam_pipelines.runtime.parsing import configure_logging
+from skewless.beam_pipelines.runtime.process import configure_logging
 
 DESCRIPTION = (
     "Create Pub/Sub topics and subscriptions for the streaming jobs (idempotent): "

@@ -50,7 +50,8 @@ from skewless.beam_pipelines.runtime.options import (
     SourceOptions,
     feature_set_spec,
 )
-from skewless.beam_pipelines.runtime.parsing import configure_logging, parse_job_options
+from skewless.beam_pipelines.runtime.parsing import parse_job_options
+from skewless.beam_pipelines.runtime.process import configure_logging
 from skewless.transforms.featureset import FeatureSet, load_feature_set
 from skewless.transforms.record_checks import (
     InvalidRecord,

@@ -37,7 +37,8 @@ from skewless.beam_pipelines.runtime.options import (
     TableCheckOptions,
     feature_set_spec,
 )
-from skewless.beam_pipelines.runtime.parsing import configure_logging, parse_job_options
+from skewless.beam_pipelines.runtime.parsing import parse_job_options
+from skewless.beam_pipelines.runtime.process import configure_logging
 from skewless.transforms.aggregations import ComputeAggregates
 from skewless.transforms.featureset import FeatureSet, load_feature_set
 from skewless.transforms.record_checks import CheckRecords

@@ -41,12 +41,10 @@ from skewless.beam_pipelines.runtime.options import (
     feature_set_spec,
 )
 from skewless.beam_pipelines.runtime.parsing import (
-    before_run,
-    check_output_dir,
-    configure_logging,
     parse_job_options,
     run_and_summarise,
 )
+from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging
 from skewless.beam_pipelines.validation.baseline import (
     EXIT_BLOCKING,
     FEATURES,

@@ -55,13 +55,11 @@ from skewless.beam_pipelines.runtime.options import (
     feature_set_spec,
 )
 from skewless.beam_pipelines.runtime.parsing import (
-    before_run,
-    check_output_dir,
-    configure_logging,
     is_dry_run,
     parse_job_options,
     run_and_summarise,
 )
+from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging
 from skewless.transforms.featureset import FeatureSet, ReferenceTable, load_feature_set
 from skewless.transforms.partials import entity_value
 from skewless.transforms.record_checks import NAMESPACE, dead_letter

@@ -56,7 +56,8 @@ from skewless.beam_pipelines.runtime.options import (
     SubscriptionOptions,
     TableCheckOptions,
 )
-from skewless.beam_pipelines.runtime.parsing import configure_logging, parse_job_options
+from skewless.beam_pipelines.runtime.parsing import parse_job_options
+from skewless.beam_pipelines.runtime.process import configure_logging
 from skewless.beam_pipelines.score_core import (
     MODEL_ERRORS,
     MODEL_VERSION,
@@ -77,7 +78,7 @@ from skewless.transforms.consistency import (
 from skewless.transforms.featureset import FeatureSet
 from skewless.transforms.record_checks import NAMESPACE, CheckRecords
 
-LOG = logging.getLogger("skewless.score_stream")
+LOG = logging.getLogger("skewless.score_streaming")
 DEFAULT_MODEL_POLL_S = 30.0
 LOOKUP_BATCH = 500  # events per Bigtable read and model call, at most (--max_batch_size lowers it)
 DESCRIPTION = (

@@ -25,12 +25,10 @@ from skewless.beam_pipelines.runtime.options import (
     SourceOptions,
 )
 from skewless.beam_pipelines.runtime.parsing import (
-    before_run,
-    check_output_dir,
-    configure_logging,
     is_dry_run,
     parse_job_options,
 )
+from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging
 from skewless.beam_pipelines.validation.baseline import (
     EXIT_BLOCKING,
     FEATURES,

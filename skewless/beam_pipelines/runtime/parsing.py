@@ -20,9 +20,6 @@ from apache_beam.options.pipeline_options import (
 
 from skewless.beam_pipelines.runtime.job import Job
 
-# Re-exported: the job modules import them from here.
-from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging  # noqa: F401
-
 BEAM_OPTION_GROUPS = (
     StandardOptions,
     GoogleCloudOptions,

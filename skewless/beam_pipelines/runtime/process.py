@@ -1,5 +1,5 @@
 """What every job does around its pipeline, without loading Beam: logging, errors found
-before the run, the output directory's check. common.py re-exports it for the job modules."""
+before the run, the output directory's check (the CLI imports it before any job)."""
 
 from __future__ import annotations
 
