@@ -10,11 +10,11 @@ tfx_bsl's C++ encoder and gzip TFRecords. No Beam, no TensorFlow graph: what one
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.resources
 import io
 import struct
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -164,4 +164,6 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="where the TFRecords are written")
+    main(parser.parse_args().out_dir)
