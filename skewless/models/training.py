@@ -106,6 +106,22 @@ def refuse_anomalous_data(prepared_dir: str, summary: dict, allow: bool) -> None
     raise SystemExit(EXIT_ANOMALIES)
 
 
+def refuse_duplicate_keys(prepared_dir: str, summary: dict) -> None:
+    """Exit EXIT_ANOMALIES when prepare refused its examples for sharing example keys: its
+    outputs exist (written before the refusal), but the joins by key of the report and the
+    audit would be ambiguous. Re-running prepare with --allow_duplicate_example_keys accepts."""
+    if not summary.get("duplicate_example_keys_refused"):
+        return
+    print(
+        f"skewless train: prepare refused the data in {prepared_dir!r}: "
+        f"{summary['duplicate_example_keys']} examples share their example key with another; "
+        f"declare an example_key that identifies one event, or re-run prepare with "
+        f"--allow_duplicate_example_keys",
+        file=sys.stderr,
+    )
+    raise SystemExit(EXIT_ANOMALIES)
+
+
 def read_transformed(pattern: str, feature_spec: dict) -> dict[str, np.ndarray]:
     """Gzip TFRecords of transformed tf.Examples -> {feature: array} (all in memory; it is small)."""
     import tensorflow as tf
@@ -249,6 +265,7 @@ def load(config: TrainConfig) -> Prepared:
     summary_path = os.path.join(config.prepared_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     refuse_anomalous_data(config.prepared_dir, summary, config.allow_anomalies)
+    refuse_duplicate_keys(config.prepared_dir, summary)
     fs_spec, fs = prepared_feature_set(config.prepared_dir, summary, config.feature_set)
     transform_dir = os.path.join(config.prepared_dir, "transform")
     tft_output = tft.TFTransformOutput(transform_dir)

@@ -103,6 +103,15 @@ def test_examples_sharing_a_key_fail_prepare_with_one_line_naming_the_key(twice,
             "examples": 2,
         }
     ]
+    # The outputs exist (written before the refusal): train refuses them too.
+    assert run_job("train", ["--prepared_dir", str(out), "--model_dir", str(tmp_path / "m")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"skewless train: prepare refused the data in {str(out)!r}: 2 examples share their "
+        f"example key with another; declare an example_key that identifies one event, or "
+        f"re-run prepare with --allow_duplicate_example_keys"
+    ), err
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.timeout(300)
