@@ -106,7 +106,7 @@ def all_parameters():
 def test_there_is_a_template_per_declared_job_and_its_metadata_is_the_declaration_s():
     """The metadata files are rendered from the job declarations (templates/render.py): a
     declaration changed without rendering again fails here."""
-    assert sorted(JOBS) == ["aggregate", "prepare", "publish_reference", "score", "score_streaming", "validate"]
+    assert sorted(JOBS) == ["aggregate", "audit", "prepare", "publish_reference", "score", "score_streaming", "validate"]
     assert sorted(p.parent.name for p in (ROOT / "templates").glob("*/metadata.json")) == sorted(JOBS)
     for name, job in JOBS.items():
         assert job.metadata_path.read_text() == text_of(name), f"{name}: run templates/render.py"

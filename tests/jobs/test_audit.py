@@ -426,6 +426,29 @@ def test_the_scorer_with_a_serving_log_builds_for_dataflow_keeping_its_step_name
     assert {"ServingLog/Window", "ServingLog/WriteFiles"} <= steps
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_audit_builds_for_dataflow_from_its_template_parameters(trained, dataflow_jobs, tmp_path):
+    """The audit ships as a Flex Template: the comparison and the report are steps of the
+    Dataflow job (the launcher only scans the log for its versions and span)."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    record = serving_log_record(FLIGHTS, _example(), 0.25, 1)
+    (log_dir / "part-0.jsonl").write_text(json.dumps(record) + "\n")
+    argv = template_argv(
+        "audit",
+        {"serving_log": str(log_dir), "model_dir": str(trained["model_dir"]),
+         "input": str(trained["csv"]), "output_dir": str(tmp_path / "out")},
+    )  # fmt: skip
+    assert run_template(JOBS["audit"], [*argv, *DATAFLOW]) is None
+    (job,) = dataflow_jobs
+    assert job.proto.type.name == "JOB_TYPE_BATCH"
+    steps = step_names(job)
+    for step in ("ReadLog", "LogIndex", "BuildExamples", "Score/RunInference", "Join", "Report", "DeadLetters"):
+        assert any(s == step or s.startswith(step + "/") for s in steps), (step, sorted(steps))
+    assert not (tmp_path / "out" / "audit.json").exists()
+
+
 def _id(r: dict) -> tuple:
     """Carrier, flight and origin: one flight of the slice (the scheduled time's form differs
     between a prediction and an example)."""

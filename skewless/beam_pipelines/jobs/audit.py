@@ -36,7 +36,7 @@ from skewless.beam_pipelines.runtime.inputs import (
     read_source,
     reference_sources,
 )
-from skewless.beam_pipelines.runtime.job import Job
+from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
     FeatureSetOptions,
@@ -97,6 +97,7 @@ JOB = Job(
     description=DESCRIPTION,
     groups=GROUPS,
     required=("serving_log", "model_dir", "output_dir"),
+    template=Template("audit", not_parameters=dict(EMULATOR_ONLY)),
 )
 
 
