@@ -180,3 +180,45 @@ def test_a_cell_from_blocks_equals_the_cell_from_buckets():
             assert window_cell(spec, buckets, w, blocks, block_periods * 60_000) == window_cell(
                 spec, buckets, w
             ), (block_periods, w)
+
+
+class _CountingDict(dict):
+    """A dict that counts the lookups window_cell makes through .get."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.gets = 0
+
+    def get(self, key, default=None):
+        self.gets += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize(
+    "block_periods, offset_periods, expected_blocks, expected_buckets",
+    [
+        (5, 0, 6, 0),  # W on a block boundary: the 30 periods are 6 whole blocks
+        (5, 2, 5, 5),  # 2 buckets up to a boundary, 5 blocks, then the 3 left
+        (2, 0, 15, 0),  # the smallest block that merges anything
+        (2, 1, 14, 2),
+    ],
+)
+def test_a_cell_merges_whole_blocks_where_they_fit_and_buckets_elsewhere(
+    block_periods, offset_periods, expected_blocks, expected_buckets
+):
+    """The blocks are what keeps a long window's cell O(sqrt(S/P)) slots: a block is read
+    exactly where it lies whole inside the span still to read (the cell is the same either
+    way, test_a_cell_from_blocks_equals_the_cell_from_buckets)."""
+    fs = replace(TOY, name="blocks", aggregates=(WindowedAggregate("n_30m", "k", "count", 1800, 60),))
+    (spec,) = key_specs(fs)
+    period, block_ms = 60_000, block_periods * 60_000
+    tile: dict = {}
+    for bucket in range(0, 120 * period, period):
+        add_to_slot(tile.setdefault(bucket, new_slot(spec)), [], bucket)
+    buckets, blocks = to_partials(tile, block_ms)
+    buckets, blocks = _CountingDict(buckets), _CountingDict(blocks)
+    w = 60 * period + offset_periods * period
+    assert w % block_ms != 0 or offset_periods == 0
+    cell = window_cell(spec, buckets, w, blocks, block_ms)
+    assert cell == {"n_30m": 30}
+    assert (blocks.gets, buckets.gets) == (expected_blocks, expected_buckets)
