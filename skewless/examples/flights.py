@@ -293,6 +293,8 @@ FLIGHTS = FeatureSet(
     eval_start="2013-11-01T00:00:00+00:00",
     # The rule a dispatcher would use: a flight that leaves more than 15 min late arrives late.
     baseline=Baseline(field="dep_delay", threshold=15.0, name="dep_delay rule"),
+    # The scheduled date and hour: a month of departures has its own month, days and year.
+    calendar_fields=("year", "month", "day", "hour"),
 )
 
 

@@ -206,4 +206,5 @@ WEATHER = FeatureSet(
     default_input=weather_path,
     eval_start="2013-11-01T00:00:00+00:00",
     baseline=Baseline(field="humid", threshold=90.0),
+    calendar_fields=("year", "month", "day", "hour"),  # of the observation
 )

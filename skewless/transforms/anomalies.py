@@ -377,34 +377,93 @@ def _non_finite(name, feature, stats) -> list[Anomaly]:
     ]  # fmt: skip
 
 
-def _drift(name, feature, base, new) -> list[Anomaly]:
-    comparator = feature.drift_comparator
+@dataclass(frozen=True)
+class DriftMeasure:
+    """The drift of one feature from the baseline: the distance, what it is, the threshold
+    the schema sets for it, and a detail (the value that changed most, for strings)."""
+
+    feature: str
+    measure: str
+    distance: float
+    threshold: float
+    detail: str = ""
+
+    @property
+    def drifted(self) -> bool:
+        return self.distance > self.threshold
+
+
+JS, L_INF = "Jensen-Shannon divergence", "L-infinity distance"
+
+
+def drift_distance(base, new) -> tuple[str, float, str] | None:
+    """(measure, distance, detail) of a feature's new statistics from its baseline ones:
+    L-infinity distance of the value frequencies of strings, Jensen-Shannon divergence of the
+    finite values of numbers; None when the two cannot be compared (other types, no values).
+    prepare's drift calibration measures its spans with this same function."""
     if base.type in _STRING_STATS and new.type in _STRING_STATS:
-        threshold = comparator.infinity_norm.threshold or DEFAULT_DRIFT_THRESHOLD
         labels, p, q = categorical_distributions(base, new)
         if not labels:
-            return []
+            return None
         gaps = np.abs(p - q)
-        distance, worst = float(gaps.max()), labels[int(gaps.argmax())]
-        what, detail = (
-            "L-infinity distance",
-            f" (largest change: {worst!r}, {p[gaps.argmax()]:.2%} -> {q[gaps.argmax()]:.2%})",
-        )
-    elif base.type in _NUMERIC_STATS and new.type in _NUMERIC_STATS:
-        threshold = comparator.jensen_shannon_divergence.threshold or DEFAULT_DRIFT_THRESHOLD
+        worst = int(gaps.argmax())
+        detail = f" (largest change: {labels[worst]!r}, {p[worst]:.2%} -> {q[worst]:.2%})"
+        return L_INF, float(gaps.max()), detail
+    if base.type in _NUMERIC_STATS and new.type in _NUMERIC_STATS:
         grid = numeric_distributions(base, new)
         if grid is None:
-            return []
-        _, p, q = grid
-        distance, what, detail = jensen_shannon_divergence(p, q), "Jensen-Shannon divergence", ""
-    else:
+            return None
+        return JS, jensen_shannon_divergence(grid[1], grid[2]), ""
+    return None
+
+
+def drift_threshold(feature: schema_pb2.Feature, measure: str) -> float:
+    """The schema's drift threshold of a feature for `measure` (DEFAULT_DRIFT_THRESHOLD when
+    unset)."""
+    comparator = feature.drift_comparator
+    if measure == L_INF:
+        return comparator.infinity_norm.threshold or DEFAULT_DRIFT_THRESHOLD
+    return comparator.jensen_shannon_divergence.threshold or DEFAULT_DRIFT_THRESHOLD
+
+
+def measure_drift(name, feature, base, new) -> DriftMeasure | None:
+    """The drift of one feature with a drift comparator, or None when not comparable."""
+    found = drift_distance(base, new)
+    if found is None:
+        return None
+    measure, distance, detail = found
+    return DriftMeasure(name, measure, distance, drift_threshold(feature, measure), detail)
+
+
+def drift_measures(
+    baseline: statistics_pb2.DatasetFeatureStatistics,
+    schema: schema_pb2.Schema,
+    new: statistics_pb2.DatasetFeatureStatistics,
+) -> list[DriftMeasure]:
+    """The drift of every feature the schema compares (a drift comparator) that both
+    statistics describe, blocking or not: what the report lists next to the thresholds."""
+    base = {_name(f): f for f in baseline.features}
+    fresh = {_name(f): f for f in new.features}
+    out = []
+    for feature in schema.feature:
+        name = feature.name
+        if feature.HasField("drift_comparator") and name in base and name in fresh:
+            found = measure_drift(name, feature, base[name], fresh[name])
+            if found is not None:
+                out.append(found)
+    return out
+
+
+def _drift(name, feature, base, new) -> list[Anomaly]:
+    found = measure_drift(name, feature, base, new)
+    if found is None or not found.drifted:
         return []
-    if distance <= threshold:
-        return []
+    distance, threshold = found.distance, found.threshold
     return [
         Anomaly(
             1, name, "distribution_drift", round(distance, 6), threshold, True,
-            f"{what} of {name!r} from the baseline is {distance:.4f} > {threshold:g}{detail}",
+            f"{found.measure} of {name!r} from the baseline is {distance:.4f} > {threshold:g}"
+            f"{found.detail}",
         )
     ]  # fmt: skip
 
@@ -436,29 +495,35 @@ def categorical_distributions(base, new) -> tuple[list[str], np.ndarray, np.ndar
 
 
 def histogram(stats: statistics_pb2.FeatureNameStatistics) -> statistics_pb2.Histogram | None:
-    """The finite buckets of the numeric feature's quantiles histogram (else its standard
-    one): equal-mass buckets resolve a heavy-tailed feature where most values are, equal-width
-    ones do not. Infinities (zero-width buckets at -inf and inf) are left out: the drift is
-    that of the finite values, and non_finite_counts counts the others. None without any."""
-    found = {}
+    """The finite buckets of the numeric feature's finest quantiles histogram (statistics.py
+    writes deciles and DRIFT_BUCKETS equal-mass buckets; else its standard one): equal-mass
+    buckets resolve a heavy-tailed feature where most values are, equal-width ones do not.
+    Infinities (zero-width buckets at -inf and inf) are left out: the drift is that of the
+    finite values, and non_finite_counts counts the others. None without any."""
+    found: dict = {}
     for h in stats.num_stats.histograms:
         finite = [b for b in h.buckets if math.isfinite(b.low_value) and math.isfinite(b.high_value)]  # fmt: skip
-        if finite:
-            found[h.type] = statistics_pb2.Histogram(type=h.type, buckets=finite)
-    return found.get(statistics_pb2.Histogram.QUANTILES) or found.get(
+        if finite and len(finite) > len(found.get(h.type, ())):
+            found[h.type] = finite
+    buckets = found.get(statistics_pb2.Histogram.QUANTILES) or found.get(
         statistics_pb2.Histogram.STANDARD
     )
+    return None if buckets is None else statistics_pb2.Histogram(buckets=buckets)
 
 
-def _cdf(h: statistics_pb2.Histogram, points: np.ndarray) -> np.ndarray:
-    """Mass of the histogram at or below each point, a bucket's mass spread uniformly over
-    it (a zero-width bucket is a point mass), as a fraction of the histogram's total."""
+def _mass_below(h: statistics_pb2.Histogram, points: np.ndarray, discrete: bool) -> np.ndarray:
+    """Mass of the histogram strictly below each point, as a fraction of its total. A bucket's
+    mass is spread evenly over it: over the interval (continuous), or over the integers from
+    its low to its high value (discrete: whole-number values); a zero-width bucket is a point
+    mass."""
     total = sum(b.sample_count for b in h.buckets)
     out = np.zeros(len(points))
     for b in h.buckets:
         lo, hi, n = b.low_value, b.high_value, b.sample_count
         if hi <= lo:
-            out += np.where(points >= lo, n, 0.0)
+            out += np.where(points > lo, n, 0.0)
+        elif discrete:
+            out += n * np.clip(np.ceil(points) - lo, 0.0, hi - lo + 1) / (hi - lo + 1)
         else:
             out += n * np.clip((points - lo) / (hi - lo), 0.0, 1.0)
     return out / total if total else out
@@ -467,11 +532,15 @@ def _cdf(h: statistics_pb2.Histogram, points: np.ndarray) -> np.ndarray:
 def numeric_distributions(base, new) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(boundaries, baseline masses, new masses) of two numeric features on common buckets.
 
-    Rebinning: both histograms are read as cumulative distributions, linear inside each bucket
-    (uniform density) with a jump at a zero-width bucket, and evaluated at the union of both
-    histograms' bucket boundaries; the mass between consecutive boundaries is a common bucket
-    (a point mass at a boundary falls in the bucket that starts there, and the last bucket
-    is closed). Nothing is lost where the ranges do not overlap: each side's range is covered.
+    Rebinning: both histograms are read as cumulative distributions and evaluated at the union
+    of both histograms' bucket boundaries; the mass between consecutive boundaries is a common
+    bucket (a point mass at a boundary falls in the bucket that starts there, and the last
+    bucket is closed). Nothing is lost where the ranges do not overlap: each side's range is
+    covered. When every boundary is a whole number (counts, minutes of delay: values tied on
+    integers), a bucket's mass is spread over the integers it spans, not over the interval:
+    the interval reading puts part of a tied value's mass into its neighbour's common bucket,
+    by an amount that depends on where the quantiles fell, which made two samples of the same
+    integer feature look different (the issue 23 measurements: docs/jobs/validate.md).
     """
     hp, hq = histogram(base), histogram(new)
     if hp is None or hq is None:
@@ -480,9 +549,10 @@ def numeric_distributions(base, new) -> tuple[np.ndarray, np.ndarray, np.ndarray
     edges = edges[np.isfinite(edges)]
     if len(edges) == 1:
         return edges, np.ones(1), np.ones(1)
+    discrete = bool(np.all(edges == np.round(edges)))
     cells = []
     for h in (hp, hq):
-        below = _cdf(h, np.nextafter(edges, -np.inf))  # strictly below each boundary
+        below = _mass_below(h, edges, discrete)
         cum = np.append(below[1:], 1.0)  # below the next boundary; the last one closed
         cells.append(np.diff(np.concatenate([[0.0], cum])))
     p, q = (np.clip(c, 0.0, None) for c in cells)

@@ -379,6 +379,10 @@ class FeatureSet:
       timestamp is a data error (default 1900-01-01 to 2201-01-01).
     - `references`: reference tables joined as of each event (ReferenceTable); their columns
       are appended to `example_fields` when the feature set is built.
+    - `calendar_fields`: raw or derived fields that follow the calendar of the event time
+      (year, month, day, hour of the event): a span of time has its own values of them, so
+      validation never compares their distributions (as the timestamps'); their other checks
+      (type, presence) still run.
     """
 
     name: str
@@ -402,6 +406,7 @@ class FeatureSet:
     allow_non_finite: tuple[str, ...] = ()
     timestamp_range: tuple[str, str] = DEFAULT_TIMESTAMP_RANGE
     references: tuple[ReferenceTable, ...] = ()
+    calendar_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.name.endswith(RESERVED_NAME_ENDINGS) and ":" not in self.name:
@@ -525,7 +530,7 @@ class FeatureSet:
 
     def _check_job_settings(self) -> None:
         """The typed settings the jobs read: example key, split, baseline, validation."""
-        for name in ("keys", "example_key", "allow_non_finite", "timestamp_range"):
+        for name in ("keys", "example_key", "allow_non_finite", "timestamp_range", "calendar_fields"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (tuple, list)):
                 raise FeatureSetError(f"{name} must be a tuple of names, got {value!r}")
@@ -573,6 +578,15 @@ class FeatureSet:
                 raise FeatureSetError(
                     f"baseline field {self.baseline.field!r} is not an example field"
                 )
+        _check_unique("calendar field", list(self.calendar_fields))
+        for name in self.calendar_fields:
+            if name not in known:
+                raise FeatureSetError(
+                    f"calendar_fields: {name!r} is not a raw or derived field (declare the fields "
+                    "that follow the event time's calendar, e.g. its month or hour)"
+                )
+            if name == self.label:
+                raise FeatureSetError(f"calendar_fields: {name!r} is the label")
         for name in self.allow_non_finite:
             if name not in known or known[name].type != "float":
                 raise FeatureSetError(f"allow_non_finite: {name!r} is not a float field")

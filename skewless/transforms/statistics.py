@@ -37,6 +37,10 @@ _QUANTILES_MAX_ELEMENTS = 1 << 32
 # deciles, the median and the equal-width histogram come from them.
 _FINE_QUANTILES = 1000
 HISTOGRAM_BUCKETS = 10
+# A second, finer quantiles histogram (every tenth fine quantile: 100 equal-mass buckets) is
+# what the drift check compares (anomalies.histogram): deciles cannot tell a shift of a sixth
+# of the values by an hour from a season's normal change. Viewers show the deciles.
+DRIFT_BUCKETS = 200
 TOP_VALUES = 100
 # Misra-Gries counts are exact while a feature has at most this many distinct values, so
 # small domains (airports, carriers) get exact counts and the schema can list every value.
@@ -332,10 +336,11 @@ class _Feature:
         return _quantiles_histogram(points, float(self.num_non_missing))
 
     def _numeric(self, stats: statistics_pb2.NumericStatistics, integers: bool) -> None:
-        """Moments, median and histograms of the finite values; min and max of all but NaN.
-        Both histograms count NaN in num_nan and an infinity in a zero-width bucket at its
-        end ([-inf, -inf] first, [inf, inf] last), so what is not finite is counted where
-        the format has room for it; with no finite value, they hold only those."""
+        """Moments, median and histograms of the finite values (equal-width, deciles and
+        DRIFT_BUCKETS equal-mass buckets); min and max of all but NaN. Each histogram counts
+        NaN in num_nan and an infinity in a zero-width bucket at its end ([-inf, -inf] first,
+        [inf, inf] last), so what is not finite is counted where the format has room for it;
+        with no finite value, the first two hold only those."""
         if self.count:
             stats.mean = self.mean
             stats.std_dev = math.sqrt(max(self.m2, 0.0) / self.count)
@@ -343,17 +348,22 @@ class _Feature:
             stats.min = self.min
             stats.max = self.max
         stats.num_zeros = self.num_zeros
-        standard = statistics_pb2.Histogram(type=statistics_pb2.Histogram.STANDARD)
-        quantiles = statistics_pb2.Histogram(type=statistics_pb2.Histogram.QUANTILES)
+        histograms = [
+            statistics_pb2.Histogram(type=statistics_pb2.Histogram.STANDARD),
+            statistics_pb2.Histogram(type=statistics_pb2.Histogram.QUANTILES),
+        ]
         if self.count:
             values, ranks = _fine_quantiles(self.quantiles)
             stats.median = float(values[_FINE_QUANTILES // 2])
-            standard = _standard_histogram(values, ranks, float(self.count), integers)
-            deciles = values[:: _FINE_QUANTILES // HISTOGRAM_BUCKETS]
-            quantiles = _quantiles_histogram(deciles, float(self.count))
+            count = float(self.count)
+            histograms = [
+                _standard_histogram(values, ranks, count, integers),
+                _quantiles_histogram(values[:: _FINE_QUANTILES // HISTOGRAM_BUCKETS], count),
+                _quantiles_histogram(values[:: _FINE_QUANTILES // DRIFT_BUCKETS], count),
+            ]
         elif not (self.num_nan or self.num_neg_inf or self.num_pos_inf):
             return
-        for histogram in (standard, quantiles):
+        for histogram in histograms:
             histogram.num_nan = self.num_nan
             stats.histograms.append(_with_infinities(histogram, self.num_neg_inf, self.num_pos_inf))
 

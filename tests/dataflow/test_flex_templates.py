@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from google.cloud.dataflow_v1beta3 import ParameterType, TemplateMetadata
 
 from skewless.beam_pipelines.io.bigquery import parse_query_parameter, validate_table_name
+from skewless.transforms.drift_calibration import parse_span
 from skewless.transforms.featureset import load_feature_set
 from skewless.transforms.record_checks import to_epoch_ms
 from templates.render import job_flags, text_of
@@ -61,6 +62,7 @@ SAMPLES = {
     ),
     "feature_set": (["flights", "tests.support.toy_featureset:CLICKS"], ["flights:", "my module:X", "pkg.mod", "pkg.:X"]),
     "eval_fraction": (["0.2", "0", "1", "1.0", ".25"], ["1.5", "-0.1", "abc", "20%", ""]),
+    "drift_span": (["month", "30d", "2w", "12h", "3600", "0", "none"], ["1mo", "-1", "1.5d", "30 d", ""]),
     "positive": (["1", "8192", "7"], ["0", "-1", "1.5", "abc", "01"]),
     "allowed_lateness_s": (["0", "600"], ["-1", "1.5", "ten", "0600"]),
     "model_poll_s": (["30", "30.0", "0.5", ".5"], ["-1", "abc", "1e3", ""]),
@@ -181,6 +183,11 @@ def test_regexes_agree_with_the_jobs_own_validators():
         to_epoch_ms(instant)
     for spec in samples("feature_set")[0]:
         load_feature_set(spec)
+    for span in samples("drift_span")[0]:
+        parse_span(span)
+    for span in samples("drift_span")[1]:
+        with pytest.raises(ValueError):
+            parse_span(span)
 
 
 @pytest.mark.timeout(120)

@@ -35,7 +35,6 @@ from skewless.transforms.consistency import plain
 from skewless.transforms.statistics import common_stats
 from tests.support.flights_data import real_flights, write_jsonl
 
-BASELINE_MONTHS = (1, 2, 3)
 HELD_OUT = 12
 SHIFTED_CARRIER = "UA"
 WEATHER = "skewless.examples.weather:WEATHER"
@@ -65,18 +64,16 @@ def month_rows(month: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
-    """prepare on Jan-Mar (about 80,000 flights), then the schema edit a monthly validation
-    needs: `month` is a calendar field, a held-out month never overlaps the baseline's."""
-    rows = [r for m in BASELINE_MONTHS for r in month_rows(m)]
-    root = tmp_path_factory.mktemp("baseline")
-    out = root / "prepared"
-    run_prepare("--input", str(write_rows(root / "q1.csv", rows)), "--output_dir", str(out), "--eval_fraction", "0.2")  # fmt: skip
-    inferred = read_schema(schema_path(str(out)))
-    write_schema(str(root / "inferred.pbtxt"), inferred)
-    for feature in inferred.feature:
-        if feature.name == "month":
-            feature.ClearField("drift_comparator")
-    write_schema(schema_path(str(out)), inferred)
+    """prepare on the bundled year as a user runs it: the time split keeps November and
+    December out of the train statistics (the baseline), the drift thresholds are calibrated
+    on the ten train months, and month, day, hour are the feature set's calendar fields.
+
+    Until issue 23 this was prepare on Jan-Mar with the month's drift comparator cleared by
+    hand: the thresholds were the 0.1 default, which the finer drift measure no longer suits
+    (December against three winter months drifts in `flight` by 0.115), and a three-month
+    calibration is tighter than December's normal change."""
+    out = tmp_path_factory.mktemp("baseline") / "prepared"
+    run_prepare("--output_dir", str(out))
     return out
 
 
@@ -142,16 +139,36 @@ def test_a_clean_held_out_month_passes(baseline, december, tmp_path):
     assert "No blocking anomaly" in report
 
 
+def shifted(rows: list[dict], minutes: int, carrier: str = SHIFTED_CARRIER) -> list[dict]:
+    """The rows with one carrier's departure and arrival delays `minutes` later."""
+    out = [dict(r) for r in rows]
+    for r in out:
+        if r["carrier"] == carrier:
+            for delay in ("dep_delay", "arr_delay"):
+                if r[delay] is not None:
+                    r[delay] += minutes
+    return out
+
+
 @pytest.mark.timeout(300)
 def test_the_schema_edit_is_honoured(baseline, december, tmp_path):
-    """With the inferred schema (month still compared), the same month is refused."""
-    path = write_rows(tmp_path / "dec.csv", december)
-    inferred = baseline.parent / "inferred.pbtxt"
-    code, anomalies, _ = validate(
-        tmp_path, baseline, "--input", str(path), "--baseline_schema", str(inferred)
-    )
+    """The month with a carrier's delays shifted is refused with prepare's schema and passes
+    with a copy whose dep_delay threshold a user raised. (Before issue 23: the month itself
+    drifted with the inferred schema; month is now a calendar field, never compared.)"""
+    path = write_rows(tmp_path / "shifted.csv", shifted(december, 30))
+    code, anomalies, _ = validate(tmp_path, baseline, "--input", str(path), name="calibrated")
     assert code == 3
-    assert blocking(anomalies) == [(1, "month", "distribution_drift")]
+    assert blocking(anomalies) == [(1, "dep_delay", "distribution_drift")]
+    edited = read_schema(schema_path(str(baseline)))
+    dep_delay = next(f for f in edited.feature if f.name == "dep_delay")
+    dep_delay.drift_comparator.jensen_shannon_divergence.threshold = 0.5
+    write_schema(str(tmp_path / "edited.pbtxt"), edited)
+    code, anomalies, out = validate(
+        tmp_path, baseline, "--input", str(path), "--baseline_schema", str(tmp_path / "edited.pbtxt"),
+        name="edited",
+    )  # fmt: skip
+    assert code == 0 and blocking(anomalies) == []
+    assert "schema (edited; calibration gave" in (out / "report.html").read_text()
 
 
 @pytest.mark.timeout(300)
@@ -166,7 +183,10 @@ def test_a_delay_shift_for_one_carrier_is_drift(baseline, december, tmp_path):
     assert code == 3
     assert blocking(anomalies) == [(1, "dep_delay", "distribution_drift")]
     (drift,) = [a for a in anomalies if a["feature"] == "dep_delay"]
-    assert drift["value"] > drift["threshold"] == DEFAULT_DRIFT_THRESHOLD
+    # The threshold prepare calibrated on the ten train months (below the 0.1 default).
+    calibrated = json.loads((baseline / "statistics" / "drift_thresholds.json").read_text())
+    assert drift["value"] > drift["threshold"] == calibrated["features"]["dep_delay"]["threshold"]
+    assert drift["threshold"] < DEFAULT_DRIFT_THRESHOLD
     report = (out / "report.html").read_text()
     assert "<h3>dep_delay</h3><svg" in report and "exit code 3" in report
 
@@ -235,8 +255,13 @@ def test_a_new_airport_code_in_five_percent_of_rows_is_an_unseen_category(
         tmp_path, baseline, "--input", str(write_rows(tmp_path / "new_code.csv", rows))
     )
     assert code == 3
-    assert blocking(anomalies) == [(1, "origin", "unseen_categories")]
-    (unseen,) = [a for a in anomalies if a["feature"] == "origin"]
+    # 5 % of the values moved to a new code is also drift past origin's calibrated threshold
+    # (about 0.04: its months differ by up to 0.026).
+    assert blocking(anomalies) == [
+        (1, "origin", "distribution_drift"),
+        (1, "origin", "unseen_categories"),
+    ]
+    (unseen,) = [a for a in anomalies if a["kind"] == "unseen_categories"]
     assert unseen["value"] == pytest.approx(0.05, abs=0.001) and "'XNA'" in unseen["description"]
 
 

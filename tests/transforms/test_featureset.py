@@ -149,3 +149,25 @@ def test_load_feature_set_by_bundled_name_and_by_module_path():
 def test_load_feature_set_errors_are_clear(spec, message):
     with pytest.raises(FeatureSetError, match=message):
         load_feature_set(spec)
+
+
+@pytest.mark.parametrize(
+    "calendar, message",
+    [
+        (("month", "nope"), "calendar_fields: 'nope' is not a raw or derived field"),
+        (("month", "month"), "duplicate calendar field name 'month'"),
+        (("label",), "calendar_fields: 'label' is the label"),
+        ("month", "calendar_fields must be a tuple of names"),
+    ],
+)
+def test_calendar_fields_must_be_known_fields_once(calendar, message):
+    with pytest.raises(FeatureSetError, match=message):
+        dataclasses.replace(FLIGHTS, calendar_fields=calendar)
+
+
+def test_calendar_fields_of_the_bundled_sets_follow_the_event_time():
+    from skewless.examples.weather import WEATHER
+
+    assert FLIGHTS.calendar_fields == ("year", "month", "day", "hour")
+    assert WEATHER.calendar_fields == ("year", "month", "day", "hour")
+    assert dataclasses.replace(FLIGHTS, calendar_fields=["month"]).calendar_fields == ("month",)

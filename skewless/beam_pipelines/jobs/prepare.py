@@ -50,14 +50,22 @@ from skewless.beam_pipelines.validation.baseline import (
     FEATURES,
     Baseline,
     load_baseline,
+    not_compared,
     validation_outcome,
 )
-from skewless.beam_pipelines.validation.files import read_schema, schema_path, statistics_path
+from skewless.beam_pipelines.validation.files import (
+    drift_thresholds_path,
+    read_schema,
+    schema_path,
+    statistics_path,
+)
 from skewless.beam_pipelines.validation.steps import (
     CheckAgainstBaseline,
     WriteSchema,
     WriteStatistics,
+    WriteText,
 )
+from skewless.transforms.drift_calibration import Span, calibrate, parse_span
 from skewless.transforms.example_schema import (
     features_arrow_schema,
     tft_tensor_adapter_config,
@@ -68,7 +76,7 @@ from skewless.transforms.featureset import FeatureSet, load_feature_set
 from skewless.transforms.record_checks import CheckRecords, ms_to_datetime
 from skewless.transforms.split import Split
 from skewless.transforms.statistics import infer_schema
-from skewless.transforms.statistics_fn import ComputeStatistics
+from skewless.transforms.statistics_fn import ComputeSpanStatistics, ComputeStatistics
 
 LOG = logging.getLogger("skewless.prepare")
 # Benchmarks only (bench/prepare_statistics.py): SKEWLESS_NO_STATISTICS=1 leaves out the
@@ -98,6 +106,15 @@ class PrepareOptions(PipelineOptions):
             "--schema",
             help="A schema.pbtxt to keep (for example one from an earlier run, edited): copied to "
             "schema/schema.pbtxt instead of inferring a schema from the train statistics.",
+        )
+        parser.add_argument(
+            "--drift_span",
+            help="Calibrate the schema's drift thresholds on spans of this size of the train "
+            "examples' event time: 'month' (calendar months, the default), a duration such as "
+            "30d or 7d, or 0 / none for no calibration. Each span's statistics are measured "
+            "against the whole train statistics as validate measures new data; a threshold is "
+            "1.5 x the largest, at least 0.01 (statistics/drift_thresholds.json says how each "
+            "was set). A --schema is kept as given.",
         )
         parser.add_argument(
             "--validate_against",
@@ -154,6 +171,7 @@ class PrepareConfig:
     references: dict[str, beam.PTransform]
     schema: schema_pb2.Schema | None
     statistics: bool
+    drift_span: Span | None
     baseline: Baseline | None
     validate_against: str | None
     allow_anomalies: bool
@@ -186,6 +204,7 @@ class PrepareConfig:
                 references=reference_sources(options, fs),
                 schema=read_schema(opts.schema) if opts.schema else None,
                 statistics=statistics,
+                drift_span=parse_span(opts.drift_span),
                 baseline=load_baseline(opts.validate_against) if opts.validate_against else None,
                 validate_against=opts.validate_against,
                 allow_anomalies=opts.allow_anomalies,
@@ -270,11 +289,18 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
 
 def write_statistics_and_schema(p, config: PrepareConfig, examples, splits) -> None:
     """statistics/ of the train and eval examples, the schema (given, or inferred from the
-    train statistics) and, against a baseline, validation/ of all examples."""
+    train statistics, its drift thresholds calibrated on spans of the train examples with a
+    drift span: statistics/drift_thresholds.json) and, against a baseline, validation/ of
+    all examples."""
     fs, output_dir, schema = config.fs, config.output_dir, config.schema
     statistics, validate_against = config.statistics, config.baseline
+    span = config.drift_span if _calibrates(config) else None  # a given schema is kept as is
     if statistics:
-        train_stats = splits.train | "TrainStatistics" >> ComputeStatistics("train")
+        if span is None:
+            train_stats = splits.train | "TrainStatistics" >> ComputeStatistics("train")
+        else:
+            with_spans = splits.train | "TrainStatistics" >> ComputeSpanStatistics("train", fs, span)
+            train_stats = with_spans | "Whole" >> beam.Map(lambda both: both[0])
         eval_stats = splits.eval | "EvalStatistics" >> ComputeStatistics("eval")
         _ = (
             (train_stats, eval_stats)
@@ -290,12 +316,26 @@ def write_statistics_and_schema(p, config: PrepareConfig, examples, splits) -> N
         )  # fmt: skip
     if schema is not None:
         schemas = p | "GivenSchema" >> beam.Create([schema])
+    elif statistics and span is not None:
+        calibrated = with_spans | "InferSchema" >> beam.Map(_calibrated_schema, fs, span)
+        schemas = calibrated | "Schema" >> beam.Map(lambda both: both[0])
+        _ = (
+            calibrated
+            | "Record" >> beam.Map(lambda both: both[1])
+            | "WriteDriftThresholds"
+            >> WriteText(drift_thresholds_path(output_dir), lambda r: json.dumps(r, indent=1))
+        )
     elif statistics:
         schemas = train_stats | "InferSchema" >> beam.Map(infer_schema)
     else:
         schemas = None
     if schemas is not None:
         _ = schemas | "WriteSchema" >> WriteSchema(schema_path(output_dir))
+
+
+def _calibrated_schema(with_spans, fs: FeatureSet, span: Span) -> tuple[schema_pb2.Schema, dict]:
+    train, spans = with_spans
+    return calibrate(train, spans, infer_schema(train), span, not_compared(fs))
 
 
 def transform_and_write(fs: FeatureSet, splits, output_dir: str, temp_dir: str) -> None:
@@ -425,6 +465,7 @@ def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: flo
         statistics=statistics_path(output_dir) if config.statistics else None,
         schema=schema_path(output_dir) if config.statistics or config.schema else None,
         schema_source=_schema_source(config),
+        drift_thresholds=drift_thresholds_path(output_dir) if _calibrates(config) else None,
         elapsed_seconds=elapsed_seconds,
         versions=library_versions(),
         **config.input_desc,
@@ -440,6 +481,10 @@ def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: flo
     if FileSystems.exists(temp_dir):
         FileSystems.delete([temp_dir])
     return summary
+
+
+def _calibrates(config: PrepareConfig) -> bool:
+    return config.statistics and config.schema is None and config.drift_span is not None
 
 
 def _schema_source(config: PrepareConfig) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
@@ -17,6 +17,7 @@ from skewless.beam_pipelines.validation.files import (
     REPORT_FILE,
     SchemaFileError,
     StatisticsFileError,
+    drift_thresholds_path,
     read_anomalies,
     read_schema,
     read_statistics,
@@ -24,7 +25,7 @@ from skewless.beam_pipelines.validation.files import (
     statistics_path,
 )
 from skewless.beam_pipelines.validation.report import render_report
-from skewless.transforms.anomalies import NO_FEATURE, blocking, find_anomalies
+from skewless.transforms.anomalies import NO_FEATURE, blocking, drift_measures, find_anomalies
 from skewless.transforms.featureset import FeatureSet, load_feature_set
 
 LOG = logging.getLogger("skewless.validate")
@@ -42,6 +43,7 @@ class Baseline:
     schema: schema_pb2.Schema
     schema_path: str
     summary: dict
+    drift_thresholds: dict = field(default_factory=dict)  # prepare's record, if any
 
 
 def load_baseline(directory: str, schema_file: str | None = None) -> Baseline:
@@ -70,14 +72,23 @@ def load_baseline(directory: str, schema_file: str | None = None) -> Baseline:
     summary = {}
     if storage.exists(summary_file):
         summary = json.loads(storage.read_bytes(summary_file).decode())
-    return Baseline(directory, statistics, schema, schema_file, summary)
+    thresholds_file = drift_thresholds_path(directory)
+    thresholds = {}
+    if storage.exists(thresholds_file):
+        thresholds = json.loads(storage.read_bytes(thresholds_file).decode())
+    return Baseline(directory, statistics, schema, schema_file, summary, thresholds)
 
 
-def time_columns(fs: FeatureSet) -> set[str]:
-    """Columns holding instants (the event time, timestamps): a later period never overlaps
-    the baseline's, so their distributions are not compared."""
+def not_compared(fs: FeatureSet) -> dict[str, str]:
+    """Columns whose drift validation never compares, with why: time columns (instants: a
+    later period never overlaps the baseline's) and the feature set's calendar fields (a span
+    of time has its own months, days, hours)."""
     fields = (*fs.schema, *fs.example_fields)
-    return {f.name for f in fields if f.type == "timestamp"} | {fs.event_time}
+    out = {f.name: "time column: not compared for drift" for f in fields if f.type == "timestamp"}
+    out[fs.event_time] = "time column: not compared for drift"
+    for name in fs.calendar_fields:
+        out.setdefault(name, "calendar field: not compared for drift")
+    return out
 
 
 def source_view(
@@ -85,7 +96,8 @@ def source_view(
 ) -> tuple[schema_pb2.Schema, list | None, list]:
     """(the schema as a source is checked against, its expected columns, its known columns).
 
-    - time columns lose their drift comparator (see time_columns);
+    - time columns and calendar fields lose their drift comparator
+      (not_compared): a span of time has its own instants, months, days;
     - raw records (files, BigQuery) carry the feature set's raw fields, not the aggregates:
       those fields are expected and known, and a field the raw schema declares nullable may be
       missing in any fraction of records (a cancelled event has no outcome), so its presence
@@ -95,7 +107,7 @@ def source_view(
     """
     view = schema_pb2.Schema()
     view.CopyFrom(schema)
-    times = time_columns(fs)
+    times = not_compared(fs)
     nullable = {f.name for f in fs.schema if f.nullable}
     for feature in view.feature:
         if feature.name in times:
@@ -128,7 +140,42 @@ def check_statistics(
         known_columns=sorted(known),
     )
     anomalies = [a.to_dict() for a in found]
-    return anomalies, render_report(anomalies, baseline.statistics, new, title)
+    checks = drift_checks(baseline, view, new, fs)
+    return anomalies, render_report(anomalies, baseline.statistics, new, title, checks)
+
+
+def drift_checks(
+    baseline: Baseline,
+    view: schema_pb2.Schema,
+    new: statistics_pb2.DatasetFeatureStatistics,
+    fs: FeatureSet,
+) -> list[dict]:
+    """One row per feature of both statistics for the report: its drift, the threshold and
+    where the threshold comes from (prepare's calibration, or the schema), or why it is not
+    compared (a time column, a calendar field)."""
+    calibrated = baseline.drift_thresholds.get("features", {})
+    rows = []
+    for m in drift_measures(baseline.statistics, view, new):
+        entry = calibrated.get(m.feature, {})
+        if entry.get("threshold") == m.threshold:
+            source = f"calibrated: {entry['derived']}"
+        elif "threshold" in entry:
+            source = f"schema (edited; calibration gave {entry['threshold']:g})"
+        else:
+            source = "schema" + (f" ({entry['not_calibrated']})" if entry else "")
+        rows.append(
+            {"feature": m.feature, "measure": m.measure, "value": m.distance,
+             "threshold": m.threshold, "blocking": m.drifted, "source": source}
+        )  # fmt: skip
+    fresh = {f.name for f in new.features}
+    base = {f.name for f in baseline.statistics.features}
+    for name, why in sorted(not_compared(fs).items()):
+        if name in fresh and name in base:
+            rows.append(
+                {"feature": name, "measure": None, "value": None, "threshold": None,
+                 "blocking": False, "source": why}
+            )  # fmt: skip
+    return rows
 
 
 def validation_outcome(validation_dir: str, against: str, allow: bool) -> dict:

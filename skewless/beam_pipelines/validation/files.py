@@ -15,6 +15,8 @@ from skewless.beam_pipelines.io import storage
 
 STATISTICS_FILE = os.path.join("statistics", "statistics.pb")
 SCHEMA_FILE = os.path.join("schema", "schema.pbtxt")
+# How prepare derived the schema's drift thresholds from the data (drift_calibration.py).
+DRIFT_THRESHOLDS_FILE = os.path.join("statistics", "drift_thresholds.json")
 # What `skewless validate` writes under its --output_dir.
 ANOMALIES_FILE = "anomalies.json"
 REPORT_FILE = "report.html"
@@ -38,6 +40,11 @@ def statistics_path(output_dir: str) -> str:
 def schema_path(output_dir: str) -> str:
     """Where a prepare run under output_dir keeps its schema (inferred, or the user's copy)."""
     return storage.join(output_dir, SCHEMA_FILE)
+
+
+def drift_thresholds_path(output_dir: str) -> str:
+    """Where a prepare run under output_dir records its calibrated drift thresholds."""
+    return storage.join(output_dir, DRIFT_THRESHOLDS_FILE)
 
 
 def features_glob(prepared_dir: str) -> str:

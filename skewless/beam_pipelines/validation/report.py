@@ -24,8 +24,10 @@ def render_report(
     baseline: statistics_pb2.DatasetFeatureStatistics,
     new: statistics_pb2.DatasetFeatureStatistics,
     title: str,
+    drift_checks: list[dict] = (),
 ) -> str:
-    """The report's HTML text."""
+    """The report's HTML text; `drift_checks` (baseline.drift_checks) lists every feature's
+    drift next to its threshold and where the threshold comes from."""
     blocking = [a for a in anomalies if a["blocking"]]
     verdict = (
         f"<p class=bad>{len(blocking)} blocking anomal{'y' if len(blocking) == 1 else 'ies'}: "
@@ -53,6 +55,23 @@ def render_report(
         if anomalies
         else "<p>No anomalies.</p>"
     )
+    checks = "".join(
+        "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+            " class=block" if c["blocking"] else "",
+            html.escape(c["feature"]),
+            html.escape(c["measure"] or ""),
+            _fmt(c["value"]),
+            _fmt(c["threshold"]),
+            html.escape(c["source"]),
+        )
+        for c in drift_checks
+    )
+    checks_table = (
+        "<table><tr><th>feature</th><th>measure</th><th>value</th><th>threshold</th>"
+        f"<th>threshold from</th></tr>{checks}</table>"
+        if drift_checks
+        else "<p>None.</p>"
+    )
     base = {f.name: f for f in baseline.features}
     fresh = {f.name: f for f in new.features}
     charts = []
@@ -74,6 +93,8 @@ tr.block td {{ background: #fde0dc }} .bad {{ color: #b00; font-weight: bold }} 
 {verdict}
 <h2>Anomalies</h2>
 {table}
+<h2>Drift checks</h2>
+{checks_table}
 <h2>Drifted features</h2>
 <p class=legend><span style="background:{_BASE}"></span>baseline<span style="background:{_NEW}"></span>new data</p>
 {"".join(charts) or "<p>None.</p>"}
