@@ -191,6 +191,34 @@ def test_a_delay_shift_for_one_carrier_is_drift(baseline, december, tmp_path):
     assert "<h3>dep_delay</h3><svg" in report and "exit code 3" in report
 
 
+TRAINING_MONTHS = range(1, 11)  # prepare's time split: eval from 2013-11-01
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("month", TRAINING_MONTHS)
+def test_each_training_month_alone_passes_and_real_drift_in_it_blocks(baseline, month, tmp_path):
+    """Issue 23's acceptance: a month of the bundled training period, validated alone
+    against prepare's baseline (its raw CSV lines as they are), exits 0; the same month with
+    distance in km, or with a carrier's delays an hour later, exits 3 naming the feature.
+    (Before: every month exited 3 on `month`, and summer months on dep_delay too.)"""
+    from tests.support.flights_data import flights_csv_lines
+
+    path = tmp_path / f"2013-{month:02d}.csv"
+    flights_csv_lines(path, (month,))
+    code, anomalies, out = validate(tmp_path, baseline, "--input", str(path), name="as_is")
+    assert code == 0 and blocking(anomalies) == [], anomalies
+    assert "calendar field: not compared for drift" in (out / "report.html").read_text()
+    rows = month_rows(month)
+    km = [{**r, "distance": round(r["distance"] * 1.609344, 1)} for r in rows]
+    code, anomalies, _ = validate(tmp_path, baseline, "--input", str(write_rows(tmp_path / "km.csv", km)), name="km")  # fmt: skip
+    assert code == 3 and blocking(anomalies) == [(1, "distance", "distribution_drift")]
+    later = shifted(rows, 60)
+    code, anomalies, _ = validate(tmp_path, baseline, "--input", str(write_rows(tmp_path / "late.csv", later)), name="late")  # fmt: skip
+    assert code == 3 and blocking(anomalies) == [(1, "dep_delay", "distribution_drift")]
+    (drift,) = [a for a in anomalies if a["feature"] == "dep_delay"]
+    assert drift["value"] > 1.25 * drift["threshold"]  # clearly, not by a hair
+
+
 @pytest.mark.timeout(300)
 def test_a_renamed_column_is_missing_and_unexpected(baseline, december, tmp_path):
     rows = [
@@ -487,6 +515,42 @@ def test_ints_are_accepted_as_floats_and_a_small_unseen_share_does_not_block():
         ("c", "unseen_categories", False),  # 0.5 % is within the default 1 %
         ("d", "unseen_categories", True),  # the schema tolerates none
     ]
+
+
+def test_a_calendar_field_never_drifts_and_another_field_still_does(tmp_path):
+    """month is one of FLIGHTS' calendar fields: a month of data has its own month. The same
+    change in a field that is not declared one (and month, undeclared) is drift."""
+    import dataclasses
+
+    from skewless.beam_pipelines.validation.baseline import (
+        FEATURES,
+        Baseline,
+        check_statistics,
+        source_view,
+    )
+    from skewless.examples.flights import FLIGHTS
+
+    int_ = statistics_pb2.FeatureNameStatistics.INT
+    base = dataset(100, numeric("month", [1] * 50 + [2] * 50, int_), numeric("minute", list(range(100))))
+    new = dataset(100, numeric("month", [12] * 100, int_), numeric("minute", [v + 50 for v in range(100)]))
+    schema = schema_of(
+        """
+        feature { name: "month" type: INT drift_comparator { jensen_shannon_divergence { threshold: 0.1 } } }
+        feature { name: "minute" type: FLOAT drift_comparator { jensen_shannon_divergence { threshold: 0.1 } } }
+        """
+    )  # fmt: skip
+    view, _, _ = source_view(schema, FLIGHTS, FEATURES)
+    drifted = [(a.feature, a.kind) for a in find_anomalies(base, view, new) if a.blocking]
+    assert drifted == [("minute", "distribution_drift")]
+    undeclared = dataclasses.replace(FLIGHTS, calendar_fields=("year",))
+    view, _, _ = source_view(schema, undeclared, FEATURES)
+    drifted = [(a.feature, a.kind) for a in find_anomalies(base, view, new) if a.blocking]
+    assert drifted == [("minute", "distribution_drift"), ("month", "distribution_drift")]
+    # The report lists the compared feature with its threshold, and month as not compared.
+    held = Baseline(str(tmp_path), base, schema, str(tmp_path / "schema.pbtxt"), {})
+    _, report = check_statistics(new, held, FLIGHTS, FEATURES, "t")
+    assert "<td>month</td><td></td><td></td><td></td><td>calendar field: not compared for drift" in report
+    assert "<td>minute</td><td>Jensen-Shannon divergence</td>" in report
 
 
 def test_expected_and_known_columns_limit_questions_2_and_3():
