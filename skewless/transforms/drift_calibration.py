@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +57,7 @@ def parse_span(value: str | None) -> Span | None:
 
 
 def describe_span(span: Span) -> str:
+    """A span in words: "a calendar month", "30 days", "3600 s"."""
     if span == MONTH:
         return "a calendar month"
     days, rest = divmod(int(span), 86_400)
@@ -66,14 +67,12 @@ def describe_span(span: Span) -> str:
 def span_keys(fs: FeatureSet, batch: pa.RecordBatch, span: Span) -> np.ndarray:
     """The span of each example of `batch` by its event time: a month number (year * 12 +
     month - 1) or the index of its span of seconds since the epoch."""
-    times = batch.column(fs.event_time)
-    if not pa.types.is_timestamp(times.type):
-        times = pc.cast(times, pa.timestamp("ms", tz="UTC"))
+    times = pc.cast(batch.column(fs.event_time), pa.timestamp("ms", tz="UTC"))
     if span == MONTH:
         keys = pc.add(pc.multiply(pc.year(times), 12), pc.subtract(pc.month(times), 1))
         return keys.to_numpy(zero_copy_only=False).astype(np.int64)
-    ms = pc.cast(pc.cast(times, pa.timestamp("ms", tz="UTC")), pa.int64())
-    return np.floor_divide(ms.to_numpy(zero_copy_only=False), int(span) * 1000)
+    ms = pc.cast(times, pa.int64()).to_numpy(zero_copy_only=False)
+    return np.floor_divide(ms, int(span) * 1000)
 
 
 def split_by_span(
@@ -103,7 +102,7 @@ def calibrate(
     spans: Mapping[str, statistics_pb2.DatasetFeatureStatistics],
     schema: schema_pb2.Schema,
     span: Span,
-    skip: Mapping[str, str] | Collection[str] = (),
+    skip: Mapping[str, str] | None = None,
 ) -> tuple[schema_pb2.Schema, dict]:
     """(the schema with calibrated drift thresholds, the record of how each was derived).
 
@@ -131,7 +130,7 @@ def calibrate(
         "calibrated": len(kept) >= MIN_SPANS,
         "features": {},
     }
-    reasons = dict(skip) if isinstance(skip, Mapping) else {n: "not compared for drift" for n in skip}
+    reasons = dict(skip or {})
     base = {f.name: f for f in train.features}
     per_span = {label: {f.name: f for f in spans[label].features} for label in kept}
     for feature in out.feature:

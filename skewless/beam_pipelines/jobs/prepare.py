@@ -316,7 +316,7 @@ def write_statistics_and_schema(p, config: PrepareConfig, examples, splits) -> N
         )  # fmt: skip
     if schema is not None:
         schemas = p | "GivenSchema" >> beam.Create([schema])
-    elif statistics and span is not None:
+    elif span is not None:  # statistics, no given schema
         calibrated = with_spans | "InferSchema" >> beam.Map(_calibrated_schema, fs, span)
         schemas = calibrated | "Schema" >> beam.Map(lambda both: both[0])
         _ = (
