@@ -183,4 +183,3 @@ def _derivation(largest: float, threshold: float, n: int, span: Span) -> str:
     if threshold == MIN_DRIFT_THRESHOLD and DRIFT_MARGIN * largest < MIN_DRIFT_THRESHOLD:
         return f"the minimum {MIN_DRIFT_THRESHOLD:g} (max over {spans}: {largest:.4f})"
     return f"{DRIFT_MARGIN:g} x max over {spans} ({largest:.4f})"
-

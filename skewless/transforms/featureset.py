@@ -530,7 +530,13 @@ class FeatureSet:
 
     def _check_job_settings(self) -> None:
         """The typed settings the jobs read: example key, split, baseline, validation."""
-        for name in ("keys", "example_key", "allow_non_finite", "timestamp_range", "calendar_fields"):
+        for name in (
+            "keys",
+            "example_key",
+            "allow_non_finite",
+            "timestamp_range",
+            "calendar_fields",
+        ):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (tuple, list)):
                 raise FeatureSetError(f"{name} must be a tuple of names, got {value!r}")

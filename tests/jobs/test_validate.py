@@ -531,8 +531,12 @@ def test_a_calendar_field_never_drifts_and_another_field_still_does(tmp_path):
     from skewless.examples.flights import FLIGHTS
 
     int_ = statistics_pb2.FeatureNameStatistics.INT
-    base = dataset(100, numeric("month", [1] * 50 + [2] * 50, int_), numeric("minute", list(range(100))))
-    new = dataset(100, numeric("month", [12] * 100, int_), numeric("minute", [v + 50 for v in range(100)]))
+    base = dataset(
+        100, numeric("month", [1] * 50 + [2] * 50, int_), numeric("minute", list(range(100)))
+    )
+    new = dataset(
+        100, numeric("month", [12] * 100, int_), numeric("minute", [v + 50 for v in range(100)])
+    )
     schema = schema_of(
         """
         feature { name: "month" type: INT drift_comparator { jensen_shannon_divergence { threshold: 0.1 } } }
@@ -549,7 +553,8 @@ def test_a_calendar_field_never_drifts_and_another_field_still_does(tmp_path):
     # The report lists the compared feature with its threshold, and month as not compared.
     held = Baseline(str(tmp_path), base, schema, str(tmp_path / "schema.pbtxt"), {})
     _, report = check_statistics(new, held, FLIGHTS, FEATURES, "t")
-    assert "<td>month</td><td></td><td></td><td></td><td>calendar field: not compared for drift" in report
+    not_compared = "<td>month</td><td></td><td></td><td></td><td>calendar field: not compared"
+    assert not_compared in report
     assert "<td>minute</td><td>Jensen-Shannon divergence</td>" in report
 
 

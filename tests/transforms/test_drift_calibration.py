@@ -87,7 +87,11 @@ def test_a_batch_is_split_at_calendar_months_and_at_fixed_spans():
     week = 7 * 86_400
     weeks = {span_label(k, week): part.num_rows for k, part in split_by_span(FLIGHTS, batch, week)}
     # Fixed spans start at the Unix epoch (a Thursday), so 2013-01-31 starts one.
-    assert weeks == {"2013-01-31T00:00:00Z": 2, "2013-02-28T00:00:00Z": 1, "2013-12-26T00:00:00Z": 1}
+    assert weeks == {
+        "2013-01-31T00:00:00Z": 2,
+        "2013-02-28T00:00:00Z": 1,
+        "2013-12-26T00:00:00Z": 1,
+    }
     one = events([at(2013, 3, 1), at(2013, 3, 2)], x=[1, 2])
     ((key, part),) = split_by_span(FLIGHTS, one, MONTH)
     assert part is one and span_label(key, MONTH) == "2013-03"  # one span: not copied

@@ -299,7 +299,9 @@ def write_statistics_and_schema(p, config: PrepareConfig, examples, splits) -> N
         if span is None:
             train_stats = splits.train | "TrainStatistics" >> ComputeStatistics("train")
         else:
-            with_spans = splits.train | "TrainStatistics" >> ComputeSpanStatistics("train", fs, span)
+            with_spans = splits.train | "TrainStatistics" >> ComputeSpanStatistics(
+                "train", fs, span
+            )
             train_stats = with_spans | "Whole" >> beam.Map(lambda both: both[0])
         eval_stats = splits.eval | "EvalStatistics" >> ComputeStatistics("eval")
         _ = (
