@@ -37,7 +37,7 @@ _QUANTILES_MAX_ELEMENTS = 1 << 32
 # deciles, the median and the equal-width histogram come from them.
 _FINE_QUANTILES = 1000
 HISTOGRAM_BUCKETS = 10
-# A second, finer quantiles histogram (every tenth fine quantile: 100 equal-mass buckets) is
+# A second, finer quantiles histogram (every fifth fine quantile: 200 equal-mass buckets) is
 # what the drift check compares (anomalies.histogram): deciles cannot tell a shift of a sixth
 # of the values by an hour from a season's normal change. Viewers show the deciles.
 DRIFT_BUCKETS = 200
