@@ -53,7 +53,7 @@ CLICKS = FeatureSet(
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict:
-    """A fresh virtualenv with skewless installed from a wheel of the repository, and an empty
+    """A fresh virtualenv with skewless installed (not editable) from the repository, and an empty
     working directory outside the repository."""
     root = tmp_path_factory.mktemp("installed")
     venv = root / "venv"
@@ -73,9 +73,11 @@ def installed(tmp_path_factory) -> dict:
     return {"python": python, "skewless": venv / "bin" / "skewless", "cwd": work, "env": env}
 
 
-def _run(installed: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(
+    installed: dict, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(a) for a in args], cwd=installed["cwd"], env=installed["env"],
+        [str(a) for a in args], cwd=installed["cwd"], env=env or installed["env"],
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -118,10 +120,9 @@ def test_a_user_feature_set_in_a_file_next_to_the_data_runs(installed):
     (work / "clicks.csv").write_text("\n".join(lines) + "\n")
     out = work / "clicks_prepared"
     env = {**installed["env"], "PYTHONPATH": str(work)}  # the user's module, not the repository
-    run = subprocess.run(
-        [str(installed["skewless"]), "prepare", "--feature_set", "my_features:CLICKS",
-         "--input", str(work / "clicks.csv"), "--output_dir", str(out)],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    run = _run(
+        installed, installed["skewless"], "prepare", "--feature_set", "my_features:CLICKS",
+        "--input", work / "clicks.csv", "--output_dir", out, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
