@@ -2,7 +2,7 @@
 
 The contract a feature set is written against, in one place:
 
-    from skewless import Aggregate, Baseline, FeatureSet, Field, ReferenceTable
+    from skewless import Aggregate, Baseline, FeatureSet, Field, PredictionCache, ReferenceTable
     from skewless.operations import Count, Mean, ...
 
 The bundled feature sets (`skewless.examples`) are written the same way.
@@ -14,6 +14,7 @@ from skewless.transforms.featureset import (
     FeatureSet,
     FeatureSetError,
     Field,
+    PredictionCache,
     ReferenceTable,
     load_feature_set,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "FeatureSet",
     "FeatureSetError",
     "Field",
+    "PredictionCache",
     "ReferenceTable",
     "load_feature_set",
 ]

@@ -54,6 +54,9 @@ def _give_run_inference_its_resource_module() -> None:
 
 _give_run_inference_its_resource_module()
 MODEL_VERSION = "model_version"
+SOURCE = "source"  # where a streaming prediction came from:
+SOURCE_MODEL = "model"
+SOURCE_CACHE = "cache"
 
 
 @dataclass(frozen=True)
@@ -129,24 +132,28 @@ class ToPredictionBatch:
 
 class ToPredictionDict:
     """Postprocess fn: PredictionResult of one example dict -> {key fields, event time
-    (ISO-8601 UTC), probability, model_version}."""
+    (ISO-8601 UTC), probability, model_version, source} (source: "model"; the streaming
+    scorer's prediction cache makes the same dict with "cache")."""
 
     def __init__(self, fs: FeatureSet):
         by_name = fs.fields_by_name
         self.fields = [(n, by_name[n].type == "timestamp") for n in prediction_fields(fs)]
 
-    def __call__(self, result: PredictionResult) -> dict:
-        example = result.example
+    def format(self, example: dict, probability: float, version: int, source: str) -> dict:
         out = {}
         for name, is_time in self.fields:
             value = example.get(name)
             out[name] = (
                 ms_to_datetime(value).isoformat() if is_time and value is not None else value
             )
-        out[PROBABILITY] = float(result.inference)
-        out[MODEL_VERSION] = int(result.model_id)
-        Metrics.counter(NAMESPACE, "examples_scored").inc()
+        out[PROBABILITY] = float(probability)
+        out[MODEL_VERSION] = int(version)
+        out[SOURCE] = source
         return out
+
+    def __call__(self, result: PredictionResult) -> dict:
+        Metrics.counter(NAMESPACE, "examples_scored").inc()
+        return self.format(result.example, result.inference, result.model_id, SOURCE_MODEL)
 
 
 # --- the example check ---------------------------------------------------------------------------

@@ -211,12 +211,47 @@ class LoadedModel:
         self.version = version
 
 
+# Rows per call are padded to a multiple of this (see `predict`).
+ROW_BLOCK = 8
+
+
 def predict(model: LoadedModel, feed: Mapping[str, np.ndarray]) -> np.ndarray:
-    """One call of the serving signature on whole arrays -> probabilities, float32 array."""
+    """One call of the serving signature on whole arrays -> probabilities, float32 array.
+
+    The same example gets the same probability, bit for bit, whatever batch it is scored in:
+    TensorFlow's CPU matrix kernels take one code path for full blocks of rows and another
+    for a remainder, so an example's float32 result depended on its batch's size (up to
+    1.8e-7 apart on the bundled model, in 1,424 of 2,000 examples scored one at a time).
+    Padding every call to a multiple of ROW_BLOCK rows (copies of the first example; list
+    inputs get empty lists) sends every row down the full-block path. Batch and streaming
+    scoring, the prediction cache and the audit's re-scoring then agree exactly.
+    """
     import tensorflow as tf
 
-    tensors = {k: tf.constant(v) for k, v in feed.items()}
-    return model.signature(**tensors)[OUTPUT].numpy()
+    padded, n = pad_rows(feed, ROW_BLOCK)
+    tensors = {k: tf.constant(v) for k, v in padded.items()}
+    return model.signature(**tensors)[OUTPUT].numpy()[:n]
+
+
+def pad_rows(feed: Mapping[str, np.ndarray], block: int) -> tuple[dict[str, np.ndarray], int]:
+    """A feed padded to a multiple of `block` examples, and its example count. Per-example
+    arrays repeat their first example; a list input's `__lengths` gets zeros (empty lists),
+    its flat values stay as they are."""
+    flat = {k[: -len(LENGTHS_SUFFIX)] for k in feed if k.endswith(LENGTHS_SUFFIX)}
+    per_example = [k for k in feed if k not in flat]
+    n = len(feed[per_example[0]]) if per_example else 0
+    extra = (-n) % block
+    if not n or not extra:
+        return dict(feed), n
+    out = dict(feed)
+    for key in per_example:
+        values = feed[key]
+        if key.endswith(LENGTHS_SUFFIX):
+            fill = np.zeros(extra, dtype=values.dtype)
+        else:
+            fill = np.repeat(values[:1], extra, axis=0)
+        out[key] = np.concatenate([values, fill])
+    return out, n
 
 
 class SkewlessModelHandler(ModelHandler[Example, PredictionResult, LoadedModel]):

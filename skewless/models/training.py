@@ -396,6 +396,9 @@ def export(config: TrainConfig, data: Prepared, model, kinds, metrics: dict, sta
     )
     metrics["serving_signature_eval_auc"] = roc_auc(data.eval_rows.column(fs.label).to_numpy(), served)
     numeric, categorical = kinds
+    from skewless.models.dependencies import inputs_read, transform_dependencies
+
+    dependencies = transform_dependencies(data.transform_dir)
     metadata = {
         "feature_set": fs.name,
         "feature_set_spec": data.fs_spec,
@@ -405,6 +408,10 @@ def export(config: TrainConfig, data: Prepared, model, kinds, metrics: dict, sta
         "example_key": list(fs.example_key),
         "event_time": fs.event_time,
         "transformed_features": {"numeric": numeric, "categorical": categorical},
+        # The raw inputs the model's features are computed from (a prediction cache needs
+        # them all in its key), and per transformed feature.
+        "reads_inputs": inputs_read(dependencies, [*numeric, *categorical]),
+        "transform_dependencies": dependencies,
         "transform_fingerprint": transform_fingerprint(data.transform_dir),
         "prepared_dir": os.path.abspath(config.prepared_dir),
         "training_data": {

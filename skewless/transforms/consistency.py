@@ -7,7 +7,7 @@ path's example of the same key (`compare_example`) and sums the comparisons (`au
 
 A serving log record is one JSON object:
     {"example_key": {field: value}, "event_time": ms, "features": {column: value, ...},
-     "model_version": int, "prediction": float}
+     "model_version": int, "prediction": float, "source": "model" | "cache"}
 `features` holds every example column of the feature set under the names of prepare's
 features/ schema (raw example fields, aggregate columns, reference-table columns);
 timestamps are epoch milliseconds, lists are JSON arrays, a null is null.
@@ -67,7 +67,7 @@ def is_sampled(key: tuple, fraction: float) -> bool:
 
 
 def serving_log_record(
-    fs: FeatureSet, example: dict, prediction: float, model_version: int
+    fs: FeatureSet, example: dict, prediction: float, model_version: int, source: str = "model"
 ) -> dict:
     """The log record of one scored example (the format in the module docstring)."""
     return {
@@ -76,6 +76,7 @@ def serving_log_record(
         "features": {c.name: plain(example.get(c.name)) for c in example_columns(fs)},
         "model_version": int(model_version),
         "prediction": float(prediction),
+        "source": source,
     }
 
 

@@ -18,7 +18,10 @@ MS = 1000  # event times, window sizes and window ends are integer epoch millise
 DEFAULT_TIMESTAMP_RANGE = ("1900-01-01T00:00:00+00:00", "2201-01-01T00:00:00+00:00")
 FIELD_TYPES = ("string", "int", "float", "bool", "timestamp")
 UNEXPECTED_FIELD_POLICIES = ("reject", "ignore")
-RESERVED_NAME_ENDINGS = ("_ref", "_static")
+# Bigtable families of a feature set's reference tables and prediction cache: `{name}_ref`,
+# `{name}_static`, `{name}_predictions` (no feature set may be named like one).
+RESERVED_NAME_ENDINGS = ("_ref", "_static", "_predictions")
+CACHE_KEY_TYPES = ("string", "int", "bool")
 
 
 class FeatureSetError(ValueError):
@@ -350,6 +353,50 @@ class Baseline:
 
 @checked_settings
 @dataclass(frozen=True)
+class PredictionCache:
+    """Precomputed predictions served by key (hybrid serving): `skewless precompute` scores the
+    `top_n` most frequent keys of a period once per model version and writes them to Bigtable;
+    the streaming scorer answers a request whose key is there from the cache and sends the
+    rest to the model.
+
+    - `key`: example fields, in this order, whose values make the key: entity ids, or
+      categorical / bucketized request fields computed in `derive` (so training and serving
+      compute them the same way). Strings, ints or bools: a continuous value must be
+      bucketized first, or every request would be its own key.
+    - The cache is exact by construction: precompute refuses a model whose transform graph
+      reads any input outside the key (the dependency map of the graph, recorded with the
+      model), so a cached prediction is what the model returns for any request with that key.
+    - `top_n`: how many keys precompute writes by default (--top_n overrides).
+    - `retention`: the family's GC rule: a version's entries (cell time = the version's
+      training time) are collected this long after it was trained; the scorer then asks the
+      model, as it does for any miss.
+    - `hash_chars`: hexadecimal characters of the key's SHA-256 in the row key (64 bits by
+      default). The key's own text is stored with each entry and compared on every hit, so a
+      collision is a miss, never another key's prediction.
+    """
+
+    key: tuple[str, ...]
+    top_n: int = 10_000
+    retention: int | str = "90d"
+    hash_chars: int = 16
+
+    def __post_init__(self) -> None:
+        key = self.key
+        if isinstance(key, str) or not isinstance(key, (tuple, list)) or not key:
+            raise FeatureSetError(f"prediction cache: key must be a tuple of field names, got {key!r}")
+        object.__setattr__(self, "key", tuple(key))
+        _check_unique("prediction cache key field", list(self.key))
+        for what in ("top_n", "hash_chars"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise FeatureSetError(f"prediction cache: {what} must be a positive whole number, got {value!r}")
+        if self.hash_chars > 64:
+            raise FeatureSetError(f"prediction cache: hash_chars is at most 64 (SHA-256), got {self.hash_chars}")
+        object.__setattr__(self, "retention", duration_s(self.retention, "prediction cache: retention"))
+
+
+@checked_settings
+@dataclass(frozen=True)
 class FeatureSet:
     """Everything every job needs to know about one set of features, declared once.
 
@@ -379,6 +426,8 @@ class FeatureSet:
       timestamp is a data error (default 1900-01-01 to 2201-01-01).
     - `references`: reference tables joined as of each event (ReferenceTable); their columns
       are appended to `example_fields` when the feature set is built.
+    - `prediction_cache`: a PredictionCache (hybrid serving: precomputed predictions for
+      the most frequent keys), or None.
     - `calendar_fields`: raw or derived fields that follow the calendar of the event time
       (year, month, day, hour of the event): a span of time has its own values of them, so
       validation never compares their distributions (as the timestamps'); their other checks
@@ -407,6 +456,7 @@ class FeatureSet:
     timestamp_range: tuple[str, str] = DEFAULT_TIMESTAMP_RANGE
     references: tuple[ReferenceTable, ...] = ()
     calendar_fields: tuple[str, ...] = ()
+    prediction_cache: PredictionCache | None = None
 
     def __post_init__(self) -> None:
         if self.name.endswith(RESERVED_NAME_ENDINGS) and ":" not in self.name:
@@ -414,7 +464,7 @@ class FeatureSet:
             # set's reference tables (reference.py): the two could not share a table.
             raise FeatureSetError(
                 f"feature set name {self.name!r}: names ending in {RESERVED_NAME_ENDINGS} are "
-                f"reserved for reference-table families"
+                f"reserved for the Bigtable families of reference tables and prediction caches"
             )
         _check_unique("schema field", [f.name for f in self.schema])
         _check_unique("derived field", [f.name for f in self.derived_fields])
@@ -596,11 +646,33 @@ class FeatureSet:
         for name in self.allow_non_finite:
             if name not in known or known[name].type != "float":
                 raise FeatureSetError(f"allow_non_finite: {name!r} is not a float field")
+        self._check_prediction_cache(examples)
         if len(self.timestamp_range) != 2:
             raise FeatureSetError("timestamp_range must be (start, end)")
         start, end = (_parse_instant("timestamp_range", t) for t in self.timestamp_range)
         if start >= end:
             raise FeatureSetError(f"timestamp_range {self.timestamp_range}: start must be < end")
+
+    def _check_prediction_cache(self, examples: dict[str, Field]) -> None:
+        cache = self.prediction_cache
+        if cache is None:
+            return
+        if not isinstance(cache, PredictionCache):
+            raise FeatureSetError("prediction_cache must be a PredictionCache(key=...)")
+        for name in cache.key:
+            found = examples.get(name)
+            if found is None:
+                raise FeatureSetError(
+                    f"prediction cache key field {name!r} is not an example field (the scorer "
+                    f"computes the key from the example it serves)"
+                )
+            if name == self.label:
+                raise FeatureSetError(f"prediction cache key field {name!r} is the label")
+            if found.type not in CACHE_KEY_TYPES:
+                raise FeatureSetError(
+                    f"prediction cache key field {name!r} is a {found.type}: a key takes "
+                    f"{', '.join(CACHE_KEY_TYPES)} fields (bucketize a continuous value in derive)"
+                )
 
     def resolve_default_input(self) -> str | None:
         """The default input path (calling `default_input` if it is a function), or None."""

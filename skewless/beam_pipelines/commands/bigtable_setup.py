@@ -18,6 +18,10 @@ written by `skewless publish-reference`):
   age).
 - `{feature set}_static` (static tables): one version, no age limit (its cells are stamped 0).
 
+A feature set that declares a prediction cache also gets `{feature set}_predictions`
+(written by `skewless precompute`): one version, and the max age the PredictionCache declares
+(`retention`), counted from the cells' time, the model version's training time.
+
 Re-runs never shorten what a table keeps by accident: a family's max age only grows unless
 `--allow_shorter_retention` is given (a shorter --retention_s without it is an error; without
 --retention_s a longer existing max age is kept). Every family's rule before and after is
@@ -51,6 +55,7 @@ from skewless.beam_pipelines.runtime.options import (
 from skewless.beam_pipelines.runtime.parsing import parse_job_options
 from skewless.beam_pipelines.runtime.process import configure_logging
 from skewless.transforms.featureset import FeatureSet, load_feature_set
+from skewless.transforms.prediction_cache import cache_family
 from skewless.transforms.reference import reference_family
 
 LOG = logging.getLogger("skewless.bigtable_setup")
@@ -60,9 +65,10 @@ DESCRIPTION = (
     "GC rule of one version and a max age of the largest window + the allowed lateness + the "
     "retention; and, if the feature set declares reference tables, their families: "
     "<feature set>_ref (every version up to the retention counted from valid_from, and always "
-    "the newest) and <feature set>_static (one version). Safe to re-run: an existing table is "
-    "kept and a family's max age only grows (see --allow_shorter_retention); each family's "
-    "rule before and after is printed."
+    "the newest) and <feature set>_static (one version); with a prediction cache, "
+    "<feature set>_predictions (one version, the cache's declared retention). Safe to "
+    "re-run: an existing table is kept and a family's max age only grows (see "
+    "--allow_shorter_retention); each family's rule before and after is printed."
 )
 
 
@@ -109,6 +115,10 @@ def wanted_rules(fs: FeatureSet, allowed_lateness_s: int, retention_s: int) -> d
     """{family: GC rule} for the feature set: its cells family and its reference families."""
     rules = {fs.name: gc_rule(max_age_s(fs, allowed_lateness_s, retention_s))}
     rules.update(reference_gc_rules(fs, retention_s))
+    if fs.prediction_cache is not None:
+        # Cached predictions: one version, collected the declared retention after the model
+        # version was trained (their cells' time), whatever --retention_s says.
+        rules[cache_family(fs)] = gc_rule(fs.prediction_cache.retention)
     return rules
 
 
@@ -179,6 +189,14 @@ def ensure_table(
                 "tables": [ref.name for ref in refs],
             }
             for name, refs in tables_of.items()
+        }
+    if fs.prediction_cache is not None:
+        name = cache_family(fs)
+        summary["prediction_cache_family"] = {
+            "name": name,
+            "created": changes[name]["action"] == "created",
+            "max_age_s": int(gc_max_age_s(rules[name])),
+            "max_versions": 1,
         }
     return summary
 

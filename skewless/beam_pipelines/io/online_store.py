@@ -26,9 +26,16 @@ import time
 from collections.abc import Iterable
 
 from skewless.beam_pipelines.io.bigtable import decode_value
+from skewless.beam_pipelines.io.prediction_cache import KEY, MARKER, PROBABILITY
 from skewless.transforms.aggregations import attach_aggregates, parse_row_key, row_key
 from skewless.transforms.featureset import FeatureSet, ReferenceTable
 from skewless.transforms.partials import CellKey, entity_value
+from skewless.transforms.prediction_cache import (
+    cache_family,
+    entry_row_key,
+    key_text,
+    marker_row_key,
+)
 from skewless.transforms.reference import join_references, reference_family, reference_row_key
 
 DEFAULT_CACHE_TTL_S = 60.0
@@ -37,6 +44,8 @@ DEFAULT_CACHE_TTL_S = 60.0
 # of its events, then reads each key about once a day of event time instead of every batch.
 DEFAULT_READ_AHEAD_MS = 24 * 3_600_000
 NEVER = -(2**62)
+# Where an example answered from the prediction cache carries (probability, model version).
+CACHED = "__prediction_cache"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -133,7 +142,12 @@ class OnlineLookup:
             "cells_missing": 0,
             "reference_reads": 0,
             "reference_cache_hits": 0,
+            "prediction_cache_hits": 0,
+            "prediction_cache_misses": 0,
+            "prediction_cache_version_not_ready": 0,
+            "prediction_cache_collisions": 0,
         }
+        self._ready_versions: set[int] = set()  # prediction cache versions whose marker exists
 
     # -- the requests of a batch ---------------------------------------------------------------
 
@@ -151,7 +165,7 @@ class OnlineLookup:
 
     # -- the read ------------------------------------------------------------------------------
 
-    def _filter(self, span: tuple[int, int] | None):
+    def _filter(self, span: tuple[int, int] | None, predictions: bool = False):
         from google.cloud.bigtable import row_filters as rf
 
         def family(name: str):
@@ -163,6 +177,8 @@ class OnlineLookup:
         # emulator evaluates it per cell: 1.9 s for a year of hourly weather, 20 ms this way).
         latest = rf.CellsColumnLimitFilter(1)
         branches = [rf.RowFilterChain([latest, family(self.fs.name)])]
+        if predictions:
+            branches.append(rf.RowFilterChain([latest, family(cache_family(self.fs))]))
         families = {reference_family(self.fs, t) for t in self.fs.references}
         for name in sorted(families):
             if name.endswith("_static"):
@@ -181,7 +197,7 @@ class OnlineLookup:
                 )
         return branches[0] if len(branches) == 1 else rf.RowFilterUnion(branches)
 
-    def _read(self, row_keys: Iterable[str], span: tuple[int, int] | None):
+    def _read(self, row_keys: Iterable[str], span: tuple[int, int] | None, predictions: bool = False):
         from google.cloud.bigtable.row_set import RowSet
 
         keys = sorted(set(row_keys))
@@ -190,7 +206,9 @@ class OnlineLookup:
         row_set = RowSet()
         for key in keys:
             row_set.add_row_key(key.encode("utf-8"))
-        return list(self.table.read_rows(row_set=row_set, filter_=self._filter(span)))
+        return list(
+            self.table.read_rows(row_set=row_set, filter_=self._filter(span, predictions))
+        )
 
     def _store(
         self, table: ReferenceTable, key: str, columns: dict, span: tuple | None, now: float
@@ -211,10 +229,58 @@ class OnlineLookup:
         with self._lock:
             self._cache[(table.name, key)] = _Entry(versions, lo, hi, now + self.cache_ttl_s)
 
-    def examples(self, events: list[dict]) -> list[dict]:
-        """The events with their as-of aggregates and reference columns."""
+    # -- the prediction cache --------------------------------------------------------------------
+
+    def _cache_requests(self, events: list[dict], version: int | None) -> tuple[list, list[str]]:
+        """(per event: its key text, or None when it is not looked up; the row keys to read).
+        Before the version's marker was seen, only the marker is read: no entry of a version
+        precompute has not finished is served."""
+        if version is None:
+            return [None] * len(events), []
+        if version not in self._ready_versions:
+            self.stats["prediction_cache_version_not_ready"] += len(events)
+            return [None] * len(events), [marker_row_key(self.fs, version)]
+        texts, keys = [], []
+        for event in events:
+            text = None
+            if all(event.get(name) is not None for name in self.fs.prediction_cache.key):
+                text = key_text(self.fs, event)
+                keys.append(entry_row_key(self.fs, version, text))
+            texts.append(text)
+        return texts, keys
+
+    def _serve_cached(self, examples: list[dict], texts: list, version: int | None, rows) -> None:
+        """Attach (probability, version) under CACHED to each example whose entry was read and
+        holds its own key text (another text: a hash collision, a miss)."""
+        if version is None:
+            return
+        family = cache_family(self.fs)
+        by_key = {row.row_key.decode("utf-8"): row.cells.get(family) for row in rows}
+        by_key = {k: v for k, v in by_key.items() if v}
+        if version not in self._ready_versions:
+            if marker_row_key(self.fs, version) in by_key:
+                self._ready_versions.add(version)
+            return
+        stats = self.stats
+        for example, text in zip(examples, texts, strict=True):
+            columns = by_key.get(entry_row_key(self.fs, version, text)) if text else None
+            if columns is None or KEY not in columns or PROBABILITY not in columns:
+                stats["prediction_cache_misses"] += 1
+                continue
+            if columns[KEY][0].value.decode("utf-8") != text:
+                stats["prediction_cache_collisions"] += 1
+                stats["prediction_cache_misses"] += 1
+                continue
+            stats["prediction_cache_hits"] += 1
+            example[CACHED] = (float(decode_value(columns[PROBABILITY][0].value)), version)
+
+    def examples(self, events: list[dict], cache_version: int | None = None) -> list[dict]:
+        """The events with their as-of aggregates and reference columns; with `cache_version`
+        (the model version serving now), an example whose key that version's prediction cache
+        holds also carries its cached (probability, version) under CACHED."""
         fs = self.fs
         now = self.clock()
+        texts, cache_keys = self._cache_requests(events, cache_version)
         wanted_cells = [cell_keys(fs, e) for e in events]
         requests = self._reference_requests(events) if fs.references else {}
         tables = {t.name: t for t in fs.references}
@@ -233,7 +299,7 @@ class OnlineLookup:
         span = (min(changing), max(changing)) if changing else None
         row_keys = [row_key(*k) for keys in wanted_cells for k in keys]
         row_keys += [reference_row_key(tables[name], key) for name, key in missing]
-        rows = self._read(row_keys, span)
+        rows = self._read(row_keys + cache_keys, span, predictions=bool(cache_keys))
         self.stats["reference_reads"] += bool(missing)
         cells = cells_from_rows(rows, fs.name)
         seen: set[tuple[str, str]] = set()
@@ -250,11 +316,13 @@ class OnlineLookup:
         self.stats["cells_found"] += found
         self.stats["cells_missing"] += sum(map(len, wanted_cells)) - found
         indexes = self._indexes(requests)
-        return [
+        examples = [
             join_references(fs, attach_aggregates(fs, e, cells.get), indexes) if fs.references
             else attach_aggregates(fs, e, cells.get)
             for e in events
         ]  # fmt: skip
+        self._serve_cached(examples, texts, cache_version, rows)
+        return examples
 
     def _indexes(self, requests) -> list[dict]:
         """Per table (feature set order): {key: (times, rows)} of the versions known now."""

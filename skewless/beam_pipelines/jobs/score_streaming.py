@@ -34,7 +34,7 @@ from skewless.beam_pipelines.io.bigtable import (
     check_table,
     open_table,
 )
-from skewless.beam_pipelines.io.online_store import OnlineLookup
+from skewless.beam_pipelines.io.online_store import CACHED, OnlineLookup
 from skewless.beam_pipelines.io.pubsub import (
     DEFAULT_TIMESTAMP_ATTRIBUTE,
     EventTimeOptions,
@@ -62,6 +62,8 @@ from skewless.beam_pipelines.score_core import (
     MODEL_ERRORS,
     MODEL_VERSION,
     PROBABILITY,
+    SOURCE,
+    SOURCE_CACHE,
     LoadedVersion,
     ScoreWithModel,
     ToPredictionDict,
@@ -76,6 +78,7 @@ from skewless.transforms.consistency import (
     serving_log_record,
 )
 from skewless.transforms.featureset import FeatureSet
+from skewless.transforms.prediction_cache import cache_family, cache_of
 from skewless.transforms.record_checks import NAMESPACE, CheckRecords
 
 LOG = logging.getLogger("skewless.score_streaming")
@@ -109,6 +112,13 @@ class ScoreStreamingOptions(PipelineOptions):
             type=float,
             default=DEFAULT_MODEL_POLL_S,
             help="How often the scorer looks for a higher model version under --model_dir.",
+        )
+        parser.add_argument(
+            "--prediction_cache",
+            action="store_true",
+            help="Hybrid serving: answer a request whose key `skewless precompute` wrote for "
+            "the model version serving now from Bigtable (same read as the aggregates), and "
+            "only the rest with the model. Needs a feature set that declares a prediction cache.",
         )
 
 
@@ -157,21 +167,40 @@ class _LookupAggregatesFn(beam.DoFn):
     outage delays predictions instead of scoring events with made-up empty windows.
     """
 
-    def __init__(self, fs: FeatureSet, open_cells: Callable[[], object]):
+    def __init__(
+        self,
+        fs: FeatureSet,
+        open_cells: Callable[[], object],
+        cache_handler: SkewlessModelHandler | None = None,
+    ):
         self.fs = fs
         self.open_cells = open_cells
+        self.cache_handler = cache_handler
 
     def setup(self) -> None:
         self._lookup = _shared_lookup(self.fs, self.open_cells)
         self._counters = {
             name: Metrics.counter(NAMESPACE, name)
-            for name in ("cells_found", "cells_missing", "reference_reads", "reference_cache_hits")
+            for name in (
+                "cells_found",
+                "cells_missing",
+                "reference_reads",
+                "reference_cache_hits",
+                *(PREDICTION_CACHE_COUNTERS if self.cache_handler is not None else ()),
+            )
         }
+
+    def _serving_version(self) -> int | None:
+        """The version the model step serves now (the process's one loaded model, shared with
+        RunInference), whose cache entries alone may be served."""
+        if self.cache_handler is None:
+            return None
+        return self.cache_handler.load_model().version
 
     def process(self, events: list[dict]) -> Iterator[list[dict]]:
         lookup = self._lookup
         before = dict(lookup.stats)
-        examples = lookup.examples(events)
+        examples = lookup.examples(events, self._serving_version())
         for name, counter in self._counters.items():
             delta = lookup.stats[name] - before[name]
             if delta:
@@ -204,23 +233,37 @@ class LookupAggregates(beam.PTransform):
     `read_rows(row_set=..., filter_=...)`.
     """
 
-    def __init__(self, fs: FeatureSet, open_cells: Callable[[], object], max_batch: int = LOOKUP_BATCH):
+    def __init__(
+        self,
+        fs: FeatureSet,
+        open_cells: Callable[[], object],
+        max_batch: int = LOOKUP_BATCH,
+        cache_handler: SkewlessModelHandler | None = None,
+    ):
         super().__init__()
         self.fs = fs
         self.open_cells = open_cells
         self.max_batch = max_batch
+        self.cache_handler = cache_handler
 
     @classmethod
     def from_bigtable(
-        cls, fs: FeatureSet, project: str, instance: str, table: str, max_batch: int = LOOKUP_BATCH
+        cls,
+        fs: FeatureSet,
+        project: str,
+        instance: str,
+        table: str,
+        max_batch: int = LOOKUP_BATCH,
+        cache_handler: SkewlessModelHandler | None = None,
     ) -> LookupAggregates:
-        return cls(fs, _TableOpener(project, instance, table), max_batch)
+        return cls(fs, _TableOpener(project, instance, table), max_batch, cache_handler)
 
     def expand(self, events):
         return (
             events
             | "Batch" >> beam.BatchElements(min_batch_size=self.max_batch, max_batch_size=self.max_batch)
-            | "ReadCells" >> beam.ParDo(_LookupAggregatesFn(self.fs, self.open_cells))
+            | "ReadCells"
+            >> beam.ParDo(_LookupAggregatesFn(self.fs, self.open_cells, self.cache_handler))
         )
 
 
@@ -246,6 +289,43 @@ class _TableOpener:
 
 
 SERVING_LOG = "serving_log"  # the tag, and the key a sampled prediction carries its record in
+PREDICTION_CACHE_COUNTERS = (
+    "prediction_cache_hits",
+    "prediction_cache_misses",
+    "prediction_cache_version_not_ready",
+    "prediction_cache_collisions",
+)
+CACHE_HITS = "cache_hits"
+
+
+class ServeFromCache(beam.DoFn):
+    """Batches of examples -> the batch of misses (main, for the model) and, to CACHE_HITS,
+    the prediction dict of every example the lookup found in the prediction cache (`source`
+    "cache", the version whose entry it is; with the serving log's record when sampled)."""
+
+    def __init__(self, fs: FeatureSet, log_sample: float | None = None):
+        self.fs = fs
+        self.log_sample = log_sample
+
+    def setup(self) -> None:
+        self._format = ToPredictionDict(self.fs)
+
+    def process(self, examples: list[dict]) -> Iterator:
+        misses = []
+        for example in examples:
+            cached = example.pop(CACHED, None) if CACHED in example else None
+            if cached is None:
+                misses.append(example)
+                continue
+            probability, version = cached
+            out = self._format.format(example, probability, version, SOURCE_CACHE)
+            if self.log_sample is not None and is_sampled(example_key(self.fs, example), self.log_sample):
+                out[SERVING_LOG] = serving_log_record(
+                    self.fs, example, probability, version, SOURCE_CACHE
+                )
+            yield beam.pvalue.TaggedOutput(CACHE_HITS, out)
+        if misses:
+            yield misses
 
 
 class ToLoggedPredictionDict(ToPredictionDict):
@@ -263,7 +343,7 @@ class ToLoggedPredictionDict(ToPredictionDict):
         example = result.example
         if is_sampled(example_key(self.fs, example), self.sample):
             out[SERVING_LOG] = serving_log_record(
-                self.fs, example, out[PROBABILITY], out[MODEL_VERSION]
+                self.fs, example, out[PROBABILITY], out[MODEL_VERSION], out[SOURCE]
             )
         return out
 
@@ -344,10 +424,13 @@ def build_pipeline(
     dead_letters: beam.PTransform,
     serving_log: WriteServingLog | None = None,
     timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
+    prediction_cache: bool = False,
 ) -> None:
     """Wire streaming scoring. `source` yields PubsubMessages, `lookup` turns events into
     batches (lists) of examples (LookupAggregates), `sink` takes prediction dicts,
     `dead_letters` dead-letter dicts, `serving_log` (optional) the log records of its sample.
+    With `prediction_cache` (the lookup built with the handler as its `cache_handler`), the
+    examples the lookup found in the cache are answered from it and only the rest is scored.
     Messages are read as the aggregate job reads them (ParseMessages: the event time of the
     `timestamp_attribute`, which must agree with the payload's), so both jobs accept and
     reject the same messages."""
@@ -356,7 +439,14 @@ def build_pipeline(
     events, invalid = payloads | "Validate" >> CheckRecords(fs)
     batches = events | "LookupAggregates" >> lookup
     sample = serving_log.sample if serving_log is not None else None
+    if prediction_cache:
+        split = batches | "ServeFromCache" >> beam.ParDo(
+            ServeFromCache(fs, sample)
+        ).with_outputs(CACHE_HITS, main="misses")
+        batches = split.misses
     predictions, failed = batches | "Score" >> ScoreEvents(fs, handler, sample)
+    if prediction_cache:
+        predictions = (predictions, split[CACHE_HITS]) | "ModelAndCache" >> beam.Flatten()
     if serving_log is not None:
         split = predictions | "SplitServingLog" >> beam.ParDo(SplitServingLog()).with_outputs(
             SERVING_LOG, main="predictions"
@@ -399,6 +489,7 @@ class ScoreStreamingConfig:
     serving_log: WriteServingLog | None
     serving_log_path: str | None
     serving_log_sample: float
+    prediction_cache: bool = False
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> ScoreStreamingConfig:
@@ -422,8 +513,12 @@ class ScoreStreamingConfig:
                 serving_log = WriteServingLog(
                     log_opts.serving_log, log_opts.serving_log_sample, log_opts.serving_log_window_s
                 )
+            families = [model.fs.name]
+            if opts.prediction_cache:
+                cache_of(model.fs)  # one line if the feature set declares none
+                families.append(cache_family(model.fs))
             if not options.view_as(TableCheckOptions).skip_table_check:
-                check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, model.fs.name)
+                check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, families)
         except (*MODEL_ERRORS, BigtableSetupError, ValueError) as exc:
             raise _fail(str(exc)) from None
         return cls(
@@ -440,6 +535,7 @@ class ScoreStreamingConfig:
             serving_log=serving_log,
             serving_log_path=log_opts.serving_log,
             serving_log_sample=log_opts.serving_log_sample,
+            prediction_cache=opts.prediction_cache,
         )
 
     def describe(self) -> dict:
@@ -455,6 +551,7 @@ class ScoreStreamingConfig:
             "hot_swap": isinstance(handler, WatchingModelHandler),
             "serving_log": self.serving_log_path,
             "serving_log_sample": self.serving_log_sample if self.serving_log_path else None,
+            "prediction_cache": self.prediction_cache,
         }
 
 
@@ -485,12 +582,18 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         config.model.handler,
         ReadFromPubSub(subscription=config.subscription, with_attributes=True),
         LookupAggregates.from_bigtable(
-            fs, config.project, config.instance, config.table, max_batch=config.max_batch
+            fs,
+            config.project,
+            config.instance,
+            config.table,
+            max_batch=config.max_batch,
+            cache_handler=config.model.handler if config.prediction_cache else None,
         ),
         WritePredictions(config.output_topic),
         PublishDeadLetters(config.dead_letter_topic),
         config.serving_log,
         timestamp_attribute=config.timestamp_attribute,
+        prediction_cache=config.prediction_cache,
     )
     return p, config.describe()
 
