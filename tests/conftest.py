@@ -57,6 +57,15 @@ def trained(tmp_path_factory) -> dict:
     return prepared_and_trained_once(_run_wide_temp(tmp_path_factory) / "trained")
 
 
+@pytest.fixture(scope="session")
+def schedule_trained(tmp_path_factory) -> dict:
+    """The flights_schedule model (two weeks of October, tests/support/schedule.py), trained
+    once per test run: {root, prepared, model_dir, result}. Read it, never write into it."""
+    from tests.support.schedule import schedule_model_once
+
+    return schedule_model_once(_run_wide_temp(tmp_path_factory) / "schedule")
+
+
 def _run_wide_temp(tmp_path_factory) -> Path:
     """The temporary directory of the whole run: a worker's basetemp is a child of it."""
     base = tmp_path_factory.getbasetemp()

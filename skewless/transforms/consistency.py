@@ -231,6 +231,7 @@ def audit_report(
     compared = logged = other_version = 0
     logged_only: list[tuple] = []
     prediction_diffs: list[float] = []
+    by_source: dict[str, list[float]] = {}  # a prediction from the model, or the cache
     unknown: set[str] = set()
     for record, batch in pairs:
         if record is None:  # the audit scores only logged keys: nothing to compare
@@ -248,6 +249,7 @@ def audit_report(
         unknown.update(result["unknown"])
         if result["prediction"] is not None:
             prediction_diffs.append(result["prediction"])
+            by_source.setdefault(record.get("source", "model"), []).append(result["prediction"])
         served = record.get("features") or {}
         for name, (outcome, diff) in result["features"].items():
             tallies[name].add(
@@ -278,6 +280,11 @@ def audit_report(
         "feature_mismatches": feature_mismatches,
         "features": features,
         "prediction": prediction,
+        # The same comparison per `source` of the served prediction: a cached prediction must
+        # be the model's too.
+        "prediction_by_source": {
+            source: _prediction_summary(diffs) for source, diffs in sorted(by_source.items())
+        },
         "clean": feature_mismatches == 0
         and prediction["mismatches"] == 0
         and not logged_only

@@ -321,7 +321,9 @@ def test_a_clean_replay_audits_with_no_mismatch(audited):
             "features",
             "model_version",
             "prediction",
+            "source",
         ]
+        assert record["source"] == "model"
         assert set(record["features"]) == {c.name for c in example_columns(FLIGHTS)}
     report = run["report"]
     assert report["clean"] is True, json.dumps(report, indent=1)[:3000]

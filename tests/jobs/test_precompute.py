@@ -22,7 +22,7 @@ from skewless.transforms.example_schema import features_arrow_schema
 from skewless.transforms.prediction_cache import cache_family, key_text
 from tests.support.flights_data import write_csv
 from tests.support.pipelines import typed_events
-from tests.support.schedule import NOVEMBER_WEEK, requests_of, schedule_model
+from tests.support.schedule import NOVEMBER_WEEK, requests_of
 
 pytestmark = [pytest.mark.emulator, pytest.mark.timeout(600)]
 FS = FLIGHTS_SCHEDULE
@@ -30,8 +30,8 @@ BAD_LINE = "2013,11,1,,,,,,,,,,,,,,,,"  # a record without its required fields: 
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> dict:
-    return schedule_model(tmp_path_factory.mktemp("schedule"))
+def model(schedule_trained) -> dict:
+    return schedule_trained
 
 
 def _table(bt) -> list[str]:

@@ -186,7 +186,8 @@ def test_streaming_and_batch_scoring_give_the_same_probability_for_every_flight(
     np.testing.assert_allclose(
         [by_key[_key(b)]["probability"] for b in batch], [b["probability"] for b in batch], rtol=0, atol=1e-6
     )
-    assert sorted(streamed[0]) == sorted([*KEY, "event_time", "probability", "model_version"])
+    assert sorted(streamed[0]) == sorted([*KEY, "event_time", "probability", "model_version", "source"])
+    assert {s["source"] for s in streamed} == {"model"}
     counters = both_scorers["counters"]
     # The lookup really read cells (a table of empty windows would also agree with nothing).
     assert counters["cells_found"] > 0

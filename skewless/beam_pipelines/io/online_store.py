@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 
 from skewless.beam_pipelines.io.bigtable import decode_value
-from skewless.beam_pipelines.io.prediction_cache import KEY, MARKER, PROBABILITY
+from skewless.beam_pipelines.io.prediction_cache import KEY, PROBABILITY
 from skewless.transforms.aggregations import attach_aggregates, parse_row_key, row_key
 from skewless.transforms.featureset import FeatureSet, ReferenceTable
 from skewless.transforms.partials import CellKey, entity_value
@@ -147,7 +147,6 @@ class OnlineLookup:
             "prediction_cache_version_not_ready": 0,
             "prediction_cache_collisions": 0,
         }
-        self._ready_versions: set[int] = set()  # prediction cache versions whose marker exists
 
     # -- the requests of a batch ---------------------------------------------------------------
 
@@ -232,15 +231,11 @@ class OnlineLookup:
     # -- the prediction cache --------------------------------------------------------------------
 
     def _cache_requests(self, events: list[dict], version: int | None) -> tuple[list, list[str]]:
-        """(per event: its key text, or None when it is not looked up; the row keys to read).
-        Before the version's marker was seen, only the marker is read: no entry of a version
-        precompute has not finished is served."""
+        """(per event: its key text, or None when it is not looked up; the row keys to read:
+        the entries of the events' keys and the version's marker, in the batch's one read)."""
         if version is None:
             return [None] * len(events), []
-        if version not in self._ready_versions:
-            self.stats["prediction_cache_version_not_ready"] += len(events)
-            return [None] * len(events), [marker_row_key(self.fs, version)]
-        texts, keys = [], []
+        texts, keys = [], [marker_row_key(self.fs, version)]
         for event in events:
             text = None
             if all(event.get(name) is not None for name in self.fs.prediction_cache.key):
@@ -251,17 +246,18 @@ class OnlineLookup:
 
     def _serve_cached(self, examples: list[dict], texts: list, version: int | None, rows) -> None:
         """Attach (probability, version) under CACHED to each example whose entry was read and
-        holds its own key text (another text: a hash collision, a miss)."""
+        holds its own key text (another text: a hash collision, a miss). Nothing is served
+        from a version whose marker the same read did not find: precompute has not finished
+        it (or its cells were collected)."""
         if version is None:
             return
         family = cache_family(self.fs)
         by_key = {row.row_key.decode("utf-8"): row.cells.get(family) for row in rows}
         by_key = {k: v for k, v in by_key.items() if v}
-        if version not in self._ready_versions:
-            if marker_row_key(self.fs, version) in by_key:
-                self._ready_versions.add(version)
-            return
         stats = self.stats
+        if marker_row_key(self.fs, version) not in by_key:
+            stats["prediction_cache_version_not_ready"] += len(examples)
+            return
         for example, text in zip(examples, texts, strict=True):
             columns = by_key.get(entry_row_key(self.fs, version, text)) if text else None
             if columns is None or KEY not in columns or PROBABILITY not in columns:
