@@ -17,6 +17,7 @@ from google.cloud.dataflow_v1beta3 import ParameterType, TemplateMetadata
 from skewless.beam_pipelines.io.bigquery import parse_query_parameter, validate_table_name
 from skewless.transforms.drift_calibration import parse_span
 from skewless.transforms.featureset import load_feature_set
+from skewless.beam_pipelines.jobs.score_streaming import on_off
 from skewless.transforms.record_checks import to_epoch_ms
 from templates.render import job_flags, text_of
 from tests.support import REPO_ROOT
@@ -65,6 +66,8 @@ SAMPLES = {
     "drift_span": (["month", "30d", "2w", "12h", "3600", "0", "none"], ["1mo", "-1", "1.5d", "30 d", ""]),
     "positive": (["1", "8192", "7"], ["0", "-1", "1.5", "abc", "01"]),
     "allowed_lateness_s": (["0", "600"], ["-1", "1.5", "ten", "0600"]),
+    "top_n": (["0", "10000", "1"], ["-1", "1.5", "ten", "010", ""]),
+    "prediction_cache": (["true", "false"], ["", "yes", "True", "1", "on"]),
     "model_poll_s": (["30", "30.0", "0.5", ".5"], ["-1", "abc", "1e3", ""]),
     "serving_log_sample": (["0.01", "1.0", "1", "0", ".5"], ["1.5", "-0.1", "2", "abc", "", "1e-3"]),
     "subscription": (
@@ -108,7 +111,10 @@ def all_parameters():
 def test_there_is_a_template_per_declared_job_and_its_metadata_is_the_declaration_s():
     """The metadata files are rendered from the job declarations (templates/render.py): a
     declaration changed without rendering again fails here."""
-    assert sorted(JOBS) == ["aggregate", "audit", "prepare", "publish_reference", "score", "score_streaming", "validate"]
+    assert sorted(JOBS) == [
+        "aggregate", "audit", "precompute", "prepare", "publish_reference", "score",
+        "score_streaming", "validate",
+    ]  # fmt: skip
     assert sorted(p.parent.name for p in (ROOT / "templates").glob("*/metadata.json")) == sorted(JOBS)
     for name, job in JOBS.items():
         assert job.metadata_path.read_text() == text_of(name), f"{name}: run templates/render.py"
@@ -188,6 +194,8 @@ def test_regexes_agree_with_the_jobs_own_validators():
     for span in samples("drift_span")[1]:
         with pytest.raises(ValueError):
             parse_span(span)
+    for value in samples("prediction_cache")[0]:
+        on_off(value)
 
 
 @pytest.mark.timeout(120)
@@ -252,7 +260,7 @@ def test_parameters_parse_in_the_form_flex_templates_pass_them(name):
         for pname, value in expected.items():
             if hasattr(view, pname):
                 got = getattr(view, pname)
-                if flags[pname].type in (int, float):
+                if flags[pname].type not in (None, str):  # int, float, on_off
                     value = flags[pname].type(value)
                 if isinstance(flags[pname], argparse._AppendAction):
                     value = [value]
@@ -399,6 +407,23 @@ def test_score_streaming_builds_for_dataflow_as_a_streaming_job(trained, dataflo
     steps = step_names(job)
     assert {s for s in steps if "/" not in s and not s.startswith("ref_")} == SCORE_STREAM_STEPS
     assert "Score/RunInference" in steps and "LookupAggregates/ReadCells" in steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_precompute_builds_for_dataflow_as_a_batch_job(schedule_trained, dataflow_jobs, tmp_path):
+    argv = template_argv(
+        "precompute",
+        {"model_dir": str(schedule_trained["model_dir"]), "output_dir": str(tmp_path / "out"),
+         "input": str(schedule_trained["root"] / "flights.csv"), "top_n": "1000", **BIGTABLE},
+    )  # fmt: skip
+    assert run_job(JOBS["precompute"], [*argv, "--skip_table_check", *DATAFLOW]) is None
+    (job,) = dataflow_jobs
+    assert job.proto.type.name == "JOB_TYPE_BATCH"
+    steps = step_names(job)
+    for step in ("Requests/Read", "Key", "PerKey", "Top", "OnePerHash", "Score/RunInference",
+                 "Write", "Marker", "DeadLetters"):  # fmt: skip
+        assert any(s == step or s.startswith(step + "/") for s in steps), step
 
 
 @pytest.mark.timeout(120)

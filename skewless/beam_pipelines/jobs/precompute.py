@@ -52,6 +52,7 @@ from skewless.beam_pipelines.runtime.options import (
     FeatureSetOptions,
     ModelOptions,
     OutputDirOptions,
+    PeriodOptions,
     ServingLogOptions,
     SourceOptions,
     TableCheckOptions,
@@ -91,7 +92,8 @@ DESCRIPTION = (
 
 
 class PrecomputeOptions(PipelineOptions):
-    """precompute's own flags; the source, model, serving log and Bigtable ones are shared."""
+    """precompute's own flag; the period, source, model, serving log and Bigtable ones are
+    shared."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -101,16 +103,11 @@ class PrecomputeOptions(PipelineOptions):
             help="How many of the most frequent keys to precompute (default: the feature set's "
             "PredictionCache.top_n; 0: every key of the period).",
         )
-        parser.add_argument(
-            "--start", help="Read only requests with event time >= this ISO-8601 instant."
-        )
-        parser.add_argument(
-            "--end", help="Read only requests with event time < this ISO-8601 instant."
-        )
 
 
 GROUPS = (
     PrecomputeOptions,
+    PeriodOptions,
     ModelOptions,
     SourceOptions,
     ServingLogOptions,
@@ -494,7 +491,8 @@ class PrecomputeConfig:
             model_opts = options.view_as(ModelOptions)
             bt = options.view_as(BigtableOptions)
             log = options.view_as(ServingLogOptions).serving_log
-            period = tuple(_instant(v, f) for v, f in ((opts.start, "--start"), (opts.end, "--end")))
+            span = options.view_as(PeriodOptions)
+            period = tuple(_instant(v, f) for v, f in ((span.start, "--start"), (span.end, "--end")))
             if None not in period and period[0] >= period[1]:
                 raise _fail("--start must be before --end")
             try:

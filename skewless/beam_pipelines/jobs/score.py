@@ -34,6 +34,7 @@ from skewless.beam_pipelines.runtime.options import (
     DeadLetterDirOptions,
     FeatureSetOptions,
     ModelOptions,
+    PeriodOptions,
     SourceOptions,
 )
 from skewless.beam_pipelines.runtime.parsing import (
@@ -68,8 +69,8 @@ DESCRIPTION = (
 
 
 class ScoreOptions(PipelineOptions):
-    """The batch scorer's own flags; --model_dir, the batch sizes, the source flags,
-    --dead_letter_dir and --feature_set are shared (options.py)."""
+    """The batch scorer's own flags; --model_dir, the batch sizes, the source flags, the
+    period (--start/--end), --dead_letter_dir and --feature_set are shared (options.py)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -87,13 +88,9 @@ class ScoreOptions(PipelineOptions):
             default="load",
             help="How --output_table is written: load jobs (batch) or streaming inserts.",
         )
-        parser.add_argument(
-            "--start", help="Score only examples with event time >= this ISO-8601 instant."
-        )
-        parser.add_argument("--end", help="Score only examples with event time < this ISO-8601 instant.")
 
 
-GROUPS = (ScoreOptions, DeadLetterDirOptions, ModelOptions, SourceOptions, FeatureSetOptions)
+GROUPS = (ScoreOptions, PeriodOptions, DeadLetterDirOptions, ModelOptions, SourceOptions, FeatureSetOptions)
 
 
 JOB = Job(
@@ -261,7 +258,8 @@ class ScoreConfig:
                 dead_dir = os.path.join(opts.output, "dead_letters")
             if not dead_dir:
                 raise SystemExit("skewless score: --output_table needs --dead_letter_dir")
-            start_ms, end_ms = _instant(opts.start, "--start"), _instant(opts.end, "--end")
+            period = options.view_as(PeriodOptions)
+            start_ms, end_ms = _instant(period.start, "--start"), _instant(period.end, "--end")
             if start_ms is not None and end_ms is not None and start_ms >= end_ms:
                 raise SystemExit("skewless score: --start must be before --end")
             try:
@@ -277,8 +275,8 @@ class ScoreConfig:
             config = cls(
                 model=model,
                 model_dir=model_opts.model_dir,
-                start=opts.start,
-                end=opts.end,
+                start=period.start,
+                end=period.end,
                 start_ms=start_ms,
                 end_ms=end_ms,
                 source=read_source(options, model.fs),

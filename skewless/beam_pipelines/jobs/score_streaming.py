@@ -115,11 +115,26 @@ class ScoreStreamingOptions(PipelineOptions):
         )
         parser.add_argument(
             "--prediction_cache",
-            action="store_true",
+            nargs="?",
+            const=True,
+            default=False,
+            type=on_off,
             help="Hybrid serving: answer a request whose key `skewless precompute` wrote for "
             "the model version serving now from Bigtable (same read as the aggregates), and "
-            "only the rest with the model. Needs a feature set that declares a prediction cache.",
+            "only the rest with the model. Needs a feature set that declares a prediction "
+            "cache. `--prediction_cache` alone or =true (a Flex Template passes a value).",
         )
+
+
+def on_off(text: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off) -> bool, for a flag a Flex Template passes with a
+    value."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
 
 
 GROUPS = (

@@ -107,6 +107,17 @@ class DeadLetterDirOptions(PipelineOptions):
         )
 
 
+class PeriodOptions(PipelineOptions):
+    """The period of events a batch job reads: score scores it, precompute counts its requests."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--start", help="Only events with event time >= this ISO-8601 instant."
+        )
+        parser.add_argument("--end", help="Only events with event time < this ISO-8601 instant.")
+
+
 class SourceOptions(PipelineOptions):
     """Where batch jobs read raw records: files (default: the bundled input) or BigQuery."""
 
