@@ -37,6 +37,7 @@ from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
     FeatureSetOptions,
     OutputDirOptions,
+    PeriodOptions,
     SourceOptions,
     feature_set_spec,
 )
@@ -103,14 +104,6 @@ class PrepareOptions(PipelineOptions):
             "goes to eval/. Overrides the time split.",
         )
         parser.add_argument(
-            "--start",
-            help="Keep only examples with event time >= this ISO-8601 instant (earlier events "
-            "still feed the aggregates of the examples kept).",
-        )
-        parser.add_argument(
-            "--end", help="Keep only examples with event time < this ISO-8601 instant."
-        )
-        parser.add_argument(
             "--schema",
             help="A schema.pbtxt to keep (for example one from an earlier run, edited): copied to "
             "schema/schema.pbtxt instead of inferring a schema from the train statistics.",
@@ -151,7 +144,7 @@ JOB = Job(
     "preprocessing_fn, and write features/ (Parquet), train/ and eval/ (gzip TFRecords), "
     "transform/, statistics/ (of the train and eval examples), schema/, dead_letters/ and "
     "summary.json under --output_dir.",
-    groups=(PrepareOptions, OutputDirOptions, SourceOptions, FeatureSetOptions),
+    groups=(PrepareOptions, PeriodOptions, OutputDirOptions, SourceOptions, FeatureSetOptions),
     required=("output_dir",),
     template=Template(
         "prepare",
@@ -208,7 +201,9 @@ class PrepareConfig:
                 feature_set_spec=spec,
                 output_dir=output_dir,
                 split=Split.from_settings(fs, opts.eval_start, opts.eval_fraction),
-                period=parse_period(opts.start, opts.end),
+                period=parse_period(
+                    options.view_as(PeriodOptions).start, options.view_as(PeriodOptions).end
+                ),
                 source=read_source(options, fs),
                 input_desc=describe_source(options, fs),
                 references=reference_sources(options, fs),

@@ -32,6 +32,7 @@ from skewless.beam_pipelines.runtime.options import (
     DeadLetterDirOptions,
     FeatureSetOptions,
     ModelOptions,
+    PeriodOptions,
     SourceOptions,
 )
 from skewless.beam_pipelines.runtime.parsing import (
@@ -85,13 +86,16 @@ class ScoreOptions(PipelineOptions):
             default="load",
             help="How --output_table is written: load jobs (batch) or streaming inserts.",
         )
-        parser.add_argument(
-            "--start", help="Score only examples with event time >= this ISO-8601 instant."
-        )
-        parser.add_argument("--end", help="Score only examples with event time < this ISO-8601 instant.")
 
 
-GROUPS = (ScoreOptions, DeadLetterDirOptions, ModelOptions, SourceOptions, FeatureSetOptions)
+GROUPS = (
+    ScoreOptions,
+    PeriodOptions,
+    DeadLetterDirOptions,
+    ModelOptions,
+    SourceOptions,
+    FeatureSetOptions,
+)
 
 
 JOB = Job(
@@ -234,7 +238,8 @@ class ScoreConfig:
                 dead_dir = os.path.join(opts.output, "dead_letters")
             if not dead_dir:
                 raise SystemExit("skewless score: --output_table needs --dead_letter_dir")
-            start_ms, end_ms = _instant(opts.start, "--start"), _instant(opts.end, "--end")
+            period = options.view_as(PeriodOptions)
+            start_ms, end_ms = _instant(period.start, "--start"), _instant(period.end, "--end")
             if start_ms is not None and end_ms is not None and start_ms >= end_ms:
                 raise SystemExit("skewless score: --start must be before --end")
             try:
@@ -250,8 +255,8 @@ class ScoreConfig:
             config = cls(
                 model=model,
                 model_dir=model_opts.model_dir,
-                start=opts.start,
-                end=opts.end,
+                start=period.start,
+                end=period.end,
                 start_ms=start_ms,
                 end_ms=end_ms,
                 source=read_source(options, model.fs),

@@ -192,6 +192,22 @@ class ServingLogOptions(PipelineOptions):
         )
 
 
+class PeriodOptions(PipelineOptions):
+    """--start/--end of the batch jobs that keep the examples of a period (score, prepare):
+    applied to examples, after the join, so earlier events still feed their aggregates."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--start",
+            help="Only examples with event time >= this ISO-8601 instant (earlier events still "
+            "feed the aggregates of the examples kept).",
+        )
+        parser.add_argument(
+            "--end", help="Only examples with event time < this ISO-8601 instant."
+        )
+
+
 class OutputDirOptions(PipelineOptions):
     """--output_dir of the batch jobs that write a directory of outputs (prepare, validate, audit)."""
 
