@@ -102,6 +102,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_references_from_bigquery.py": 49,
     "tests/packaging/test_installed_package.py": 49,
     "tests/jobs/test_aggregate_parity.py": 39,
+    "tests/jobs/test_prepare_period.py": 50,
     "tests/jobs/test_prepare.py": 39,
     "tests/transforms/test_drift_calibration.py": 37,
     "tests/jobs/test_prepare_runners.py": 35,
