@@ -57,9 +57,18 @@ def test_a_better_candidate_is_promoted_with_its_evaluation(promoted, trained):
     # Both models measured on the same slice: the window's last 4 days, held out of training.
     slice_ = evaluation["slice"]
     assert slice_["end"].startswith("2013-01-22T")  # just after the latest event (UTC)
-    assert evaluation["candidate"]["examples"] == evaluation["serving"]["examples"] == slice_["examples"] > 2000
+    assert (
+        evaluation["candidate"]["examples"]
+        == evaluation["serving"]["examples"]
+        == slice_["examples"]
+        > 2000
+    )
     meta = json.loads((model_dir / "2" / versions.MODEL_FILE).read_text())
-    assert meta["training_data"]["train"]["last"] < slice_["start"] <= meta["training_data"]["eval"]["first"]
+    assert (
+        meta["training_data"]["train"]["last"]
+        < slice_["start"]
+        <= meta["training_data"]["eval"]["first"]
+    )
     assert not evaluation["serving"]["saw_the_slice"]
     # Better for real: above the rule baseline, and above the serving version on both metrics.
     candidate, serving = evaluation["candidate"], evaluation["serving"]
@@ -78,13 +87,17 @@ def test_a_better_candidate_is_promoted_with_its_evaluation(promoted, trained):
     assert Path(serving_meta["prepared_dir"]).samefile(trained["prepared"])
     assert meta["prepared_dir"] == evaluation["prepared_dir"]
     summary = json.loads((Path(meta["prepared_dir"]) / "summary.json").read_text())
-    assert summary["validation"]["blocking"] == [] and summary["period"]["start"].startswith("2013-01-02T")
+    assert summary["validation"]["blocking"] == [] and summary["period"]["start"].startswith(
+        "2013-01-02T"
+    )
     assert summary["examples_outside_period"] > 0  # the first day: before the 20-day window
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_candidate_trained_on_shuffled_labels_is_refused_and_never_served(promoted, window_csv, tmp_path):
+def test_a_candidate_trained_on_shuffled_labels_is_refused_and_never_served(
+    promoted, window_csv, tmp_path
+):
     model_dir = tmp_path / "models"
     for number in (1, 2):
         shutil.copytree(promoted["model_dir"] / str(number), model_dir / str(number))
@@ -104,7 +117,11 @@ def test_a_candidate_trained_on_shuffled_labels_is_refused_and_never_served(prom
     assert evaluation["serving"]["version"] == 2
     assert evaluation["slice"]["start"] == "2013-01-18T00:00:00+00:00"
     failed = {c["name"] for c in evaluation["checks"] if not c["passed"]}
-    assert {"auc_above_rule_baseline", "auc_not_lower_than_serving", "log_loss_not_higher_than_serving"} <= failed
+    assert {
+        "auc_above_rule_baseline",
+        "auc_not_lower_than_serving",
+        "log_loss_not_higher_than_serving",
+    } <= failed
     assert versions.check_version_dir(str(refused))  # a complete model, kept to be looked at
     # The watcher keeps serving version 2: a refused candidate never gets a number.
     assert live.check_now() is False and live.version == 2
@@ -112,7 +129,9 @@ def test_a_candidate_trained_on_shuffled_labels_is_refused_and_never_served(prom
 
     shown = report.run(["--model_dir", str(model_dir)])
     (listed,) = shown["refused_candidates"]
-    assert listed["name"] == refused.name and listed["evaluation"]["reasons"] == evaluation["reasons"]
+    assert (
+        listed["name"] == refused.name and listed["evaluation"]["reasons"] == evaluation["reasons"]
+    )
     assert shown["promotion"]["serving"]["version"] == 1  # version 2 came through the gate
 
 
@@ -140,11 +159,16 @@ def test_the_gate_without_a_serving_version_applies_the_floors_only():
     baselines = {"majority": {"auc": 0.5}, "rule": {"auc": 0.8, "label": "dep_delay rule"}}
     better = gate.decide({"auc": 0.85, "log_loss": 0.3}, None, baselines, gate.Thresholds())
     assert better["decision"] == gate.PROMOTED
-    assert [c["name"] for c in better["checks"]] == ["auc_above_rule_baseline", "auc_above_majority_baseline"]
+    assert [c["name"] for c in better["checks"]] == [
+        "auc_above_rule_baseline",
+        "auc_above_majority_baseline",
+    ]
     assert "no serving version: only the floors (baselines) apply" in better["reasons"]
     below_rule = gate.decide({"auc": 0.8, "log_loss": 0.3}, None, baselines, gate.Thresholds())
     assert below_rule["decision"] == gate.REFUSED  # equal to the rule is not beating it
-    only_majority = gate.decide({"auc": 0.6, "log_loss": 0.3}, None, {"majority": {"auc": 0.5}}, gate.Thresholds())
+    only_majority = gate.decide(
+        {"auc": 0.6, "log_loss": 0.3}, None, {"majority": {"auc": 0.5}}, gate.Thresholds()
+    )
     assert only_majority["decision"] == gate.PROMOTED
 
 
@@ -152,15 +176,19 @@ def test_the_change_thresholds_allow_exactly_the_declared_slack():
     baselines = {"majority": {"auc": 0.5}}
     serving = {"auc": 0.90, "log_loss": 0.30}
     slightly_worse = {"auc": 0.895, "log_loss": 0.305}
-    assert gate.decide(slightly_worse, serving, baselines, gate.Thresholds())["decision"] == gate.REFUSED
+    assert (
+        gate.decide(slightly_worse, serving, baselines, gate.Thresholds())["decision"]
+        == gate.REFUSED
+    )
     loose = gate.Thresholds(max_auc_drop=0.01, max_log_loss_rise=0.01)
     assert gate.decide(slightly_worse, serving, baselines, loose)["decision"] == gate.PROMOTED
     only_auc = gate.Thresholds(max_auc_drop=0.01)
     refused = gate.decide(slightly_worse, serving, baselines, only_auc)
     assert refused["decision"] == gate.REFUSED
     assert [r.split(":")[0] for r in refused["reasons"]] == ["log_loss_not_higher_than_serving"]
+    # Not worse is enough, as TFX's "not worse than serving".
     same = gate.decide(dict(serving), serving, baselines, gate.Thresholds())
-    assert same["decision"] == gate.PROMOTED  # not worse is enough, as TFX's "not worse than serving"
+    assert same["decision"] == gate.PROMOTED
     with pytest.raises(ValueError, match="--max_auc_drop must be >= 0"):
         gate.Thresholds(max_auc_drop=-0.1)
 

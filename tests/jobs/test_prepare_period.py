@@ -17,7 +17,9 @@ START, END = "2013-01-02T12:00:00Z", "2013-01-03T12:00:00Z"
 
 def _features(directory):
     table = pq.read_table(directory / "features")
-    return table.sort_by([("event_time", "ascending"), ("carrier", "ascending"), ("flight", "ascending")])
+    return table.sort_by(
+        [("event_time", "ascending"), ("carrier", "ascending"), ("flight", "ascending")]
+    )
 
 
 @pytest.mark.timeout(300)
@@ -38,9 +40,14 @@ def test_a_period_keeps_its_examples_with_the_aggregates_of_the_whole_run(tmp_pa
     assert kept.equals(expected)
     assert period["examples_outside_period"] == everything.num_rows - kept.num_rows
     assert period["examples_train"] + period["examples_eval"] == kept.num_rows
-    assert period["period"] == {"start": "2013-01-02T12:00:00+00:00", "end": "2013-01-03T12:00:00+00:00"}
+    assert period["period"] == {
+        "start": "2013-01-02T12:00:00+00:00",
+        "end": "2013-01-03T12:00:00+00:00",
+    }
     assert whole["period"] == {"start": None, "end": None} and whole["examples_outside_period"] == 0
-    assert json.loads((tmp_path / "period" / "summary.json").read_text())["period"] == period["period"]
+    assert (
+        json.loads((tmp_path / "period" / "summary.json").read_text())["period"] == period["period"]
+    )
 
 
 @pytest.mark.parametrize(

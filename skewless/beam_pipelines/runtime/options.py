@@ -203,9 +203,7 @@ class PeriodOptions(PipelineOptions):
             help="Only examples with event time >= this ISO-8601 instant (earlier events still "
             "feed the aggregates of the examples kept).",
         )
-        parser.add_argument(
-            "--end", help="Only examples with event time < this ISO-8601 instant."
-        )
+        parser.add_argument("--end", help="Only examples with event time < this ISO-8601 instant.")
 
 
 class OutputDirOptions(PipelineOptions):
