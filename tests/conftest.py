@@ -97,6 +97,7 @@ def dataflow_jobs(monkeypatch) -> list:
 MODULE_SECONDS = {
     "tests/jobs/test_audit.py": 187,
     "tests/jobs/test_aggregate_faults.py": 175,
+    "tests/commands/test_retrain.py": 147,  # alone, building the `trained` fixture too
     "tests/test_local_recipe.py": 143,
     "tests/jobs/test_score_streaming_references.py": 102,
     "tests/jobs/test_validate.py": 95,
@@ -107,6 +108,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_weather_feature_set.py": 63,
     "tests/jobs/test_aggregate_poison_messages.py": 53,
     "tests/contract/test_hostile_inputs.py": 52,
+    "tests/jobs/test_prepare_period.py": 50,
     "tests/jobs/test_references_from_bigquery.py": 49,
     "tests/packaging/test_installed_package.py": 49,
     "tests/jobs/test_aggregate_parity.py": 39,

@@ -14,6 +14,12 @@ import os
 import numpy as np
 
 from skewless.models import versions
+from skewless.models.gate import (
+    format_promotion,
+    format_refused,
+    read_evaluation,
+    refused_candidates,
+)
 from skewless.models.metrics import binary_metrics
 
 SKEW_AUC_TOLERANCE = 1e-4
@@ -37,7 +43,7 @@ def labelled_predictions(score_dir: str, prepared_dir: str | None, key: list[str
 
 def report(
     model_dir: str,
-    score_dir: str,
+    score_dir: str | None,
     prepared_dir: str | None = None,
     chart_path: str | None = None,
     model_version: int | None = None,
@@ -49,15 +55,21 @@ def report(
     The example key and the label are the model's (model.json, else its feature set);
     `feature_set` may only name the feature set the model was trained on. `compare_model_dir`:
     another model (its highest version), e.g. one trained without some features, whose
-    trainer metrics on its eval split are shown next to this one's."""
+    trainer metrics on its eval split are shown next to this one's. Without `score_dir`: the
+    model, its baselines and the refused retrain candidates only."""
     model = versions.resolve(model_dir, model_version)
     metrics = _load_json(os.path.join(model.path, versions.METRICS_FILE))
-    summary_path = os.path.join(score_dir, "summary.json")
-    summary = _load_json(summary_path) if os.path.exists(summary_path) else {}
+    summary_path = os.path.join(score_dir, "summary.json") if score_dir else ""
+    summary = _load_json(summary_path) if summary_path and os.path.exists(summary_path) else {}
     fs = model.feature_set(feature_set)
     key = list(model.metadata.get("example_key") or fs.example_key)
     label = model.metadata.get("label") or fs.label
-    predictions = labelled_predictions(score_dir, prepared_dir, key, label)
+    if score_dir:
+        predictions = labelled_predictions(score_dir, prepared_dir, key, label)
+    else:
+        import pandas as pd
+
+        predictions = pd.DataFrame({"probability": []})
     out = {
         "model_version": model.version,
         "counts": {
@@ -77,6 +89,8 @@ def report(
         "baselines": metrics["baselines"],
         "compared_with": metrics["compared_with"],
         "beats_baseline": metrics["beats_baseline"],
+        "promotion": read_evaluation(model.path),
+        "refused_candidates": refused_candidates(model_dir),
     }
     labelled = predictions.dropna(subset=[label]) if label in predictions else predictions.iloc[:0]
     if len(labelled):
@@ -90,7 +104,7 @@ def report(
             }
     if compare_model_dir:
         out["compared_model"] = compared_model(compare_model_dir, metrics["model"])
-    if chart_path:
+    if chart_path and score_dir:
         write_chart(chart_path, predictions, label if len(labelled) else None, model.version)
         out["chart"] = chart_path
     return out
@@ -155,12 +169,10 @@ def format_report(r: dict) -> str:
         return f"  {name:<22} AUC {m['auc']:.4f}  log loss {m['log_loss']:.4f}  accuracy {m['accuracy']:.4f}"
 
     counts = r["counts"]
-    lines = [
-        f"model version {r['model_version']}; period {r.get('period')}",
-        "counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None),
-        "eval split (trainer):",
-        row("model", r["training_eval"]),
-    ]
+    lines = [f"model version {r['model_version']}; period {r.get('period')}"]
+    if any(v is not None for v in counts.values()):
+        lines.append("counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None))
+    lines += ["eval split (trainer):", row("model", r["training_eval"])]
     rule = r["baselines"].get("rule")
     if rule is not None:
         lines.append(row(f"rule: {rule['label']}", rule))
@@ -188,4 +200,6 @@ def format_report(r: dict) -> str:
         lines.append(f"  skew check: AUC difference {check['auc_difference']:+.2e} -> {verdict}")
     if "chart" in r:
         lines.append(f"chart: {r['chart']}")
+    lines += format_promotion(r.get("promotion"))
+    lines += format_refused(r.get("refused_candidates", []))
     return "\n".join(lines)

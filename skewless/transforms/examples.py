@@ -253,3 +253,30 @@ class _SharedKeys(beam.DoFn):
         for key, count in element[1]:
             self._duplicates.inc(count)
             yield key, count
+
+
+class SelectPeriod(beam.DoFn):
+    """Keep the examples with start <= event time < end. Applied to examples, not to events:
+    the events before the period still fed its examples' aggregates (score --start/--end,
+    prepare --start/--end)."""
+
+    def __init__(self, fs: FeatureSet, start_ms: int | None, end_ms: int | None):
+        self.fs = fs
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+
+    def setup(self) -> None:
+        self._outside = Metrics.counter(NAMESPACE, "examples_outside_period")
+
+    def process(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        times = batch.column(self.fs.event_time).cast(pa.int64())
+        keep = None
+        if self.start_ms is not None:
+            keep = pc.greater_equal(times, self.start_ms)
+        if self.end_ms is not None:
+            before = pc.less(times, self.end_ms)
+            keep = before if keep is None else pc.and_(keep, before)
+        selected = batch if keep is None else batch.filter(keep)
+        self._outside.inc(batch.num_rows - selected.num_rows)
+        if selected.num_rows:
+            yield selected

@@ -23,7 +23,7 @@ def test_top_level_help_lists_every_job(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for job in ("prepare", "aggregate", "bigtable-setup", "replay", "train", "score", "report"):
+    for job in ("prepare", "aggregate", "bigtable-setup", "replay", "train", "retrain", "score", "report"):
         assert job in out and job in commands()
 
 
@@ -118,7 +118,8 @@ def test_a_feature_set_module_that_fails_to_load_is_a_one_line_usage_error(
     ("job", "args", "message"),
     [
         ("train", [], "the following arguments are required: --prepared_dir, --model_dir"),
-        ("report", ["--model_dir", "m"], "the following arguments are required: --score_dir"),
+        ("report", ["--model_dir", "m", "--chart", "c.png"], "--chart needs --score_dir (the chart is of the scored predictions)"),
+        ("retrain", ["--model_dir", "m"], "the following arguments are required: --input"),
         ("cells", ["--limit", "many"], "argument --limit: invalid int value: 'many'"),
         ("pubsub-setup", [], "the following arguments are required: --project"),
     ],

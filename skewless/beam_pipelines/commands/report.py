@@ -17,7 +17,8 @@ JOB = Job(
     summary="print a model + scoring report and write a PNG chart",
     description="A short text report and a PNG chart (calibration + score distribution) for a "
     "scored period: the model next to its baselines and, given the prepared data, the period's "
-    "metrics with the labels joined on the model's example key.",
+    "metrics with the labels joined on the model's example key; and the retrain candidates the "
+    "gate refused, with their evaluation.",
     beam=False,
 )
 
@@ -28,7 +29,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--model_version", type=int)
-    parser.add_argument("--score_dir", required=True, help="--output of `skewless score`.")
+    parser.add_argument(
+        "--score_dir",
+        help="--output of `skewless score`. Without it: the model, its baselines and the "
+        "refused retrain candidates under --model_dir.",
+    )
     parser.add_argument("--prepared_dir", help="Output of `skewless prepare` (for the labels).")
     parser.add_argument("--chart", help="Write the PNG chart here.")
     parser.add_argument(
@@ -42,6 +47,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "error).",
     )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.chart and not args.score_dir:
+        parser.error("--chart needs --score_dir (the chart is of the scored predictions)")
     try:
         r = report(
             args.model_dir,

@@ -37,6 +37,7 @@ from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
     FeatureSetOptions,
     OutputDirOptions,
+    PeriodOptions,
     SourceOptions,
     feature_set_spec,
 )
@@ -71,9 +72,9 @@ from skewless.transforms.example_schema import (
     tft_tensor_adapter_config,
     to_tft_record_batch,
 )
-from skewless.transforms.examples import BuildExamples, CountDuplicateKeys
+from skewless.transforms.examples import BuildExamples, CountDuplicateKeys, SelectPeriod
 from skewless.transforms.featureset import FeatureSet, load_feature_set
-from skewless.transforms.record_checks import CheckRecords, ms_to_datetime
+from skewless.transforms.record_checks import CheckRecords, ms_to_datetime, to_epoch_ms
 from skewless.transforms.split import Split
 from skewless.transforms.statistics import infer_schema
 from skewless.transforms.statistics_fn import ComputeSpanStatistics, ComputeStatistics
@@ -143,7 +144,7 @@ JOB = Job(
     "preprocessing_fn, and write features/ (Parquet), train/ and eval/ (gzip TFRecords), "
     "transform/, statistics/ (of the train and eval examples), schema/, dead_letters/ and "
     "summary.json under --output_dir.",
-    groups=(PrepareOptions, OutputDirOptions, SourceOptions, FeatureSetOptions),
+    groups=(PrepareOptions, PeriodOptions, OutputDirOptions, SourceOptions, FeatureSetOptions),
     required=("output_dir",),
     template=Template(
         "prepare",
@@ -166,6 +167,7 @@ class PrepareConfig:
     feature_set_spec: str
     output_dir: str
     split: Split
+    period: tuple[int | None, int | None]
     source: beam.PTransform
     input_desc: dict
     references: dict[str, beam.PTransform]
@@ -199,6 +201,9 @@ class PrepareConfig:
                 feature_set_spec=spec,
                 output_dir=output_dir,
                 split=Split.from_settings(fs, opts.eval_start, opts.eval_fraction),
+                period=parse_period(
+                    options.view_as(PeriodOptions).start, options.view_as(PeriodOptions).end
+                ),
                 source=read_source(options, fs),
                 input_desc=describe_source(options, fs),
                 references=reference_sources(options, fs),
@@ -213,6 +218,20 @@ class PrepareConfig:
             )
             check_output_dir(output_dir, "--output_dir")
         return config
+
+
+def parse_period(start: str | None, end: str | None) -> tuple[int | None, int | None]:
+    """(start, end) in epoch milliseconds, None where not given; ValueError (a usage error)
+    on an instant that does not parse or an empty period."""
+    bounds = []
+    for flag, value in (("--start", start), ("--end", end)):
+        try:
+            bounds.append(to_epoch_ms(value) if value else None)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {value!r} is not an ISO-8601 instant ({exc})") from None
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise ValueError(f"--start {start} must be before --end {end}")
+    return bounds[0], bounds[1]
 
 
 class ToTFTBatches(beam.PTransform):
@@ -272,6 +291,9 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     _ = dead | "DeadLetters" >> WriteDeadLetterFiles(os.path.join(output_dir, "dead_letters", "part"))
 
     examples = events | "BuildExamples" >> BuildExamples(fs, references=indexes)
+    if config.period != (None, None):
+        # After the join: events before --start still feed the aggregates of the kept examples.
+        examples = examples | "SelectPeriod" >> beam.ParDo(SelectPeriod(fs, *config.period))
     _ = (
         examples
         | "DuplicateKeys" >> CountDuplicateKeys(fs)
@@ -464,6 +486,8 @@ def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: flo
         feature_set=fs.name,
         feature_set_spec=config.feature_set_spec,
         split=config.split.describe(),
+        period=_describe_period(config.period),
+        examples_outside_period=counters.get("examples_outside_period", 0),
         statistics=statistics_path(output_dir) if config.statistics else None,
         schema=schema_path(output_dir) if config.statistics or config.schema else None,
         schema_source=_schema_source(config),
@@ -483,6 +507,15 @@ def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: flo
     if FileSystems.exists(temp_dir):
         FileSystems.delete([temp_dir])
     return summary
+
+
+def _describe_period(period: tuple[int | None, int | None]) -> dict:
+    """summary.json's period: ISO-8601 bounds (None where open)."""
+    start, end = period
+    return {
+        "start": ms_to_datetime(start).isoformat() if start is not None else None,
+        "end": ms_to_datetime(end).isoformat() if end is not None else None,
+    }
 
 
 def _calibrates(config: PrepareConfig) -> bool:

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from skewless.beam_pipelines.io.file_sinks import WriteDeadLetterFiles
@@ -51,9 +49,9 @@ from skewless.beam_pipelines.score_core import (
     prediction_schema,
 )
 from skewless.models.handler import SkewlessModelHandler
-from skewless.transforms.examples import BuildExamples
+from skewless.transforms.examples import BuildExamples, SelectPeriod
 from skewless.transforms.featureset import FeatureSet
-from skewless.transforms.record_checks import NAMESPACE, CheckRecords, to_epoch_ms
+from skewless.transforms.record_checks import CheckRecords, to_epoch_ms
 
 LOG = logging.getLogger("skewless.score")
 OUTPUT_FORMATS = ("parquet", "jsonl")
@@ -69,8 +67,8 @@ DESCRIPTION = (
 
 
 class ScoreOptions(PipelineOptions):
-    """The batch scorer's own flags; --model_dir, the batch sizes, the source flags, the
-    period (--start/--end), --dead_letter_dir and --feature_set are shared (options.py)."""
+    """The batch scorer's own flags; --model_dir, the batch sizes, the source flags,
+    --dead_letter_dir and --feature_set are shared (options.py)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -90,7 +88,14 @@ class ScoreOptions(PipelineOptions):
         )
 
 
-GROUPS = (ScoreOptions, PeriodOptions, DeadLetterDirOptions, ModelOptions, SourceOptions, FeatureSetOptions)
+GROUPS = (
+    ScoreOptions,
+    PeriodOptions,
+    DeadLetterDirOptions,
+    ModelOptions,
+    SourceOptions,
+    FeatureSetOptions,
+)
 
 
 JOB = Job(
@@ -101,31 +106,6 @@ JOB = Job(
     required=("model_dir",),
     template=Template("score", not_parameters=dict(EMULATOR_ONLY)),
 )
-
-
-class _SelectPeriod(beam.DoFn):
-    """Keep the examples with start <= event time < end (aggregates were computed before)."""
-
-    def __init__(self, fs: FeatureSet, start_ms: int | None, end_ms: int | None):
-        self.fs = fs
-        self.start_ms = start_ms
-        self.end_ms = end_ms
-
-    def setup(self) -> None:
-        self._outside = Metrics.counter(NAMESPACE, "examples_outside_period")
-
-    def process(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-        times = batch.column(self.fs.event_time).cast(pa.int64())
-        keep = None
-        if self.start_ms is not None:
-            keep = pc.greater_equal(times, self.start_ms)
-        if self.end_ms is not None:
-            before = pc.less(times, self.end_ms)
-            keep = before if keep is None else pc.and_(keep, before)
-        selected = batch if keep is None else batch.filter(keep)
-        self._outside.inc(batch.num_rows - selected.num_rows)
-        if selected.num_rows:
-            yield selected
 
 
 def _rechunk(batch: pa.RecordBatch, max_rows: int) -> Iterator[pa.RecordBatch]:
@@ -211,7 +191,7 @@ def build_pipeline(
         fs, require_label=False, references=indexes
     )
     if start_ms is not None or end_ms is not None:
-        examples = examples | "SelectPeriod" >> beam.ParDo(_SelectPeriod(fs, start_ms, end_ms))
+        examples = examples | "SelectPeriod" >> beam.ParDo(SelectPeriod(fs, start_ms, end_ms))
     predictions, failed = examples | "Score" >> ScoreExamples(fs, handler)
     write_failed = predictions | "Write" >> sink
     _ = (invalid, failed, write_failed) | "AllDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> dead_letters

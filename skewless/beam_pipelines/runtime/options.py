@@ -107,17 +107,6 @@ class DeadLetterDirOptions(PipelineOptions):
         )
 
 
-class PeriodOptions(PipelineOptions):
-    """The period of events a batch job reads: score scores it, precompute counts its requests."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--start", help="Only events with event time >= this ISO-8601 instant."
-        )
-        parser.add_argument("--end", help="Only events with event time < this ISO-8601 instant.")
-
-
 class SourceOptions(PipelineOptions):
     """Where batch jobs read raw records: files (default: the bundled input) or BigQuery."""
 
@@ -201,6 +190,21 @@ class ServingLogOptions(PipelineOptions):
             help="score --streaming: one set of serving log files per this many seconds of "
             "scoring (processing time).",
         )
+
+
+class PeriodOptions(PipelineOptions):
+    """--start/--end of the batch jobs that keep the examples of a period (score, prepare,
+    precompute's requests): applied to examples, after the join, so earlier events still feed
+    their aggregates."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--start",
+            help="Only examples with event time >= this ISO-8601 instant (earlier events still "
+            "feed the aggregates of the examples kept).",
+        )
+        parser.add_argument("--end", help="Only examples with event time < this ISO-8601 instant.")
 
 
 class OutputDirOptions(PipelineOptions):
