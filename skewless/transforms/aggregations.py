@@ -214,9 +214,11 @@ class ComputeAggregates(beam.PTransform):
         allowed_lateness_s: int = 0,
     ):
         super().__init__()
-        if not fs.aggregates:
-            raise ValueError(f"feature set {fs.name!r} declares no aggregates")
-        period_s = fs.aggregates[0].period_s
+        if not fs.aggregates and streaming:
+            raise ValueError(f"feature set {fs.name!r} declares no aggregates to stream")
+        # Without aggregates (batch): no blocks at all, and the examples' day blocks of the
+        # as-of join are still whole days (fs.period_ms is then one second).
+        period_s = fs.period_ms // 1000
         if block_s is None:
             block_s = max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
         if block_s % period_s:
@@ -372,7 +374,7 @@ class AsOfJoin(beam.PTransform):
         self, fs: FeatureSet, *, block_s: int | None = None, references: dict | None = None
     ):
         super().__init__()
-        period_s = fs.aggregates[0].period_s
+        period_s = fs.period_ms // 1000  # one second without aggregates (ComputeAggregates)
         self.fs = fs
         self.references = references or {}
         block_s = block_s or max(period_s, (BATCH_BLOCK_S // period_s) * period_s)
