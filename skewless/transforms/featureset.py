@@ -693,6 +693,7 @@ def load_feature_set(spec: str) -> FeatureSet:
         spec = {
             "flights": "skewless.examples.flights:FLIGHTS",
             "flights_plus": "skewless.examples.flights:FLIGHTS_PLUS",
+            "flights_schedule": "skewless.examples.flights_schedule:FLIGHTS_SCHEDULE",
             "weather": "skewless.examples.weather:WEATHER",
         }.get(spec, spec)
     if ":" not in spec:
