@@ -111,6 +111,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_prepare_period.py": 50,
     "tests/jobs/test_references_from_bigquery.py": 49,
     "tests/packaging/test_installed_package.py": 49,
+    "tests/examples/test_flights_schedule.py": 49,
     "tests/jobs/test_aggregate_parity.py": 39,
     "tests/jobs/test_prepare.py": 39,
     "tests/transforms/test_drift_calibration.py": 37,

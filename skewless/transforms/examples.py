@@ -52,9 +52,26 @@ class BuildExamples(beam.PTransform):
         blocks = events | "Aggregate" >> ComputeAggregates(fs)
         examples = events
         if self.require_label:
-            label = fs.label
-            examples = events | "Examples" >> beam.Filter(lambda e: e.get(label) is not None)
+            examples = events | "Examples" >> beam.ParDo(_Labelled(fs.label))
         return (examples, blocks) | "AsOfJoin" >> AsOfJoin(fs, references=self.references)
+
+
+class _Labelled(beam.DoFn):
+    """Only the events with a label (training examples); the others are counted
+    (`events_unlabeled`: a cancelled booking, a diverted flight), so prepare's summary accounts
+    for every valid event."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def setup(self) -> None:
+        self._unlabeled = Metrics.counter(NAMESPACE, "events_unlabeled")
+
+    def process(self, event: dict) -> Iterator[dict]:
+        if event.get(self.label) is None:
+            self._unlabeled.inc()
+            return
+        yield event
 
 
 DUPLICATE_SAMPLE = 5

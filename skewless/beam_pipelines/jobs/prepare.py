@@ -441,6 +441,7 @@ def summarize(counters: dict[str, int], **extra) -> dict:
         "records_valid": counters.get("records_valid", 0),
         "records_rejected": counters.get("records_rejected", 0),
         "records_not_events": counters.get("records_not_events", 0),
+        "events_unlabeled": counters.get("events_unlabeled", 0),
         "examples": counters.get("examples_joined", 0),
         "examples_train": counters.get("examples_train", 0),
         "examples_eval": counters.get("examples_eval", 0),
