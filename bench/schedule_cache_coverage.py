@@ -1,8 +1,7 @@
 """How much of Nov-Dec a prediction cache keyed like flights_schedule would answer (issue 22).
 
 Every scheduled flight of the bundled year is a booking request, cancelled ones included.
-Its cache key is `CACHE_KEY_FIELDS` (carrier, origin, dest, hour, day_of_week,
-distance_band), computed by the feature set's own record checks and `derive`, as prepare
+Its cache key is `CACHE_KEY_FIELDS` (carrier, origin, dest, hour, distance_band), computed by the feature set's own record checks and `derive`, as prepare
 and the scorers compute it. Prints the distinct keys of Jan-Oct and of Nov-Dec, then the
 share of Nov-Dec requests whose key is among the N most frequent keys, the keys chosen
 (a) from Nov-Dec itself (the schedule is published ahead) and (b) from Sep-Oct (a past
@@ -10,10 +9,11 @@ period), for N = 100, 1,000, 10,000 and all keys; ends with one JSON line of the
 
 With `--scores DIR` (a `skewless score --output DIR` run of a flights_schedule model) it
 also checks that the cache would be exact: every request of one key got the same
-probability (the largest spread within a key is printed). `--key_fields` measures the coverage of a
-shorter key instead (e.g. without day_of_week: a model that does not read it).
+probability (the largest spread within a key is printed). `--key_fields` measures the coverage of
+another key instead (e.g. with day_of_week, which the model does not read). `--png` draws the
+share of Nov-Dec answered against N, for both choices of period (log scale).
 
-    .venv/bin/python bench/schedule_cache_coverage.py [--scores out/scores]
+    .venv/bin/python bench/schedule_cache_coverage.py [--scores out/scores] [--png coverage.png]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from skewless.examples.flights_schedule import CACHE_KEY_FIELDS, FLIGHTS_SCHEDUL
 from skewless.transforms.record_checks import RecordChecker
 
 TOP_N = (100, 1_000, 10_000)
+FIELDS = (*CACHE_KEY_FIELDS, "day_of_week")  # the key's, and a field the key could take
 EVAL_START = "2013-11-01T00:00:00+00:00"
 PAST_START = "2013-09-01T00:00:00+00:00"
 
@@ -40,8 +41,8 @@ def requests(path: str) -> pd.DataFrame:
     rows = []
     for record in raw.astype(object).where(raw.notna(), None).to_dict("records"):
         event = checker.derive(checker.typed(record))
-        rows.append((*(event[k] for k in CACHE_KEY_FIELDS), event["flight"], event["event_time"]))
-    return pd.DataFrame(rows, columns=[*CACHE_KEY_FIELDS, "flight", "event_time"])
+        rows.append((*(event[k] for k in FIELDS), event["flight"], event["event_time"]))
+    return pd.DataFrame(rows, columns=[*FIELDS, "flight", "event_time"])
 
 
 def ms(instant: str) -> int:
@@ -81,6 +82,37 @@ def prediction_spread(scores_dir: str, frame: pd.DataFrame) -> dict:
     }
 
 
+def curve(served: pd.Series, chosen_from: pd.Series) -> tuple[list[int], list[float]]:
+    """Share of `served` answered by the N most frequent keys of `chosen_from`, every N."""
+    counts = served.value_counts()
+    ranked = [k for k, _ in sorted(Counter(chosen_from).items(), key=lambda kv: (-kv[1], kv[0]))]
+    answered = counts.reindex(ranked, fill_value=0).cumsum() / len(served)
+    return list(range(1, len(ranked) + 1)), answered.tolist()
+
+
+def draw_curves(path: str, served: pd.Series, periods: dict[str, pd.Series]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, chosen_from in periods.items():
+        n, share = curve(served, chosen_from)
+        ax.plot(n, share, label=label)
+    for n in TOP_N:
+        ax.axvline(n, color="0.85", lw=0.8, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("keys precomputed (the N most frequent)")
+    ax.set_ylabel("share of Nov-Dec requests answered")
+    ax.set_ylim(0, 1)
+    ax.set_title("flights_schedule prediction cache: Nov-Dec served from the cache")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", default=FLIGHTS_SCHEDULE.resolve_default_input())
@@ -88,13 +120,14 @@ def main() -> None:
     parser.add_argument(
         "--key_fields",
         default=",".join(CACHE_KEY_FIELDS),
-        help="the coverage of another key: some of the six fields, comma-separated",
+        help=f"the coverage of another key: some of {', '.join(FIELDS)}, comma-separated",
     )
+    parser.add_argument("--png", help="draw the coverage curves (N = 1 .. all keys) to this PNG")
     args = parser.parse_args()
     key_fields = args.key_fields.split(",")
-    unknown = sorted(set(key_fields) - set(CACHE_KEY_FIELDS))
+    unknown = sorted(set(key_fields) - set(FIELDS))
     if unknown:
-        parser.error(f"--key_fields: {unknown} not among {', '.join(CACHE_KEY_FIELDS)}")
+        parser.error(f"--key_fields: {unknown} not among {', '.join(FIELDS)}")
     started = time.monotonic()
     frame = requests(args.input)
     key = frame[key_fields].astype(str).agg("|".join, axis=1)
@@ -115,6 +148,10 @@ def main() -> None:
     }
     if args.scores:
         figures["exactness"] = prediction_spread(args.scores, frame)
+    if args.png:
+        draw_curves(args.png, served, {"keys from Nov-Dec (the schedule, known ahead)": served,
+                                       "keys from Sep-Oct (a past period)": past})  # fmt: skip
+        figures["png"] = args.png
     figures["elapsed_seconds"] = round(time.monotonic() - started, 1)
     for name, value in figures.items():
         print(f"{name}: {value}")
