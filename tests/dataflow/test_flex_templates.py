@@ -64,6 +64,8 @@ SAMPLES = {
     "eval_fraction": (["0.2", "0", "1", "1.0", ".25"], ["1.5", "-0.1", "abc", "20%", ""]),
     "drift_span": (["month", "30d", "2w", "12h", "3600", "0", "none"], ["1mo", "-1", "1.5d", "30 d", ""]),
     "positive": (["1", "8192", "7"], ["0", "-1", "1.5", "abc", "01"]),
+    "label_window": (["6h", "90m", "2d", "3600", "1w"], ["0", "6 h", "-1h", "1.5h", "6hours", ""]),
+    "label_time_field": (["label_time", "arrived_at", "_t"], ["", "1t", "label time", "a-b"]),
     "allowed_lateness_s": (["0", "600"], ["-1", "1.5", "ten", "0600"]),
     "model_poll_s": (["30", "30.0", "0.5", ".5"], ["-1", "abc", "1e3", ""]),
     "serving_log_sample": (["0.01", "1.0", "1", "0", ".5"], ["1.5", "-0.1", "2", "abc", "", "1e-3"]),
@@ -93,6 +95,7 @@ SAMPLE_OF = {
     "write_retry_s": "model_poll_s",
     "serving_log_window_s": "positive", "serving_log": "gs",
     "baseline": "gs", "baseline_schema": "gs", "prepared_dir": "gs", "validate_against": "gs",
+    "label_files": "gs", "label_bigquery_table": "bigquery_table",
 }  # fmt: skip
 
 
@@ -108,7 +111,10 @@ def all_parameters():
 def test_there_is_a_template_per_declared_job_and_its_metadata_is_the_declaration_s():
     """The metadata files are rendered from the job declarations (templates/render.py): a
     declaration changed without rendering again fails here."""
-    assert sorted(JOBS) == ["aggregate", "audit", "prepare", "publish_reference", "score", "score_streaming", "validate"]
+    assert sorted(JOBS) == [
+        "aggregate", "audit", "label_join", "prepare", "publish_reference", "score", "score_streaming",
+        "validate",
+    ]  # fmt: skip
     assert sorted(p.parent.name for p in (ROOT / "templates").glob("*/metadata.json")) == sorted(JOBS)
     for name, job in JOBS.items():
         assert job.metadata_path.read_text() == text_of(name), f"{name}: run templates/render.py"

@@ -425,6 +425,11 @@ class LabelJoinConfig:
                     "--allow_duplicate_example_keys does not apply: the join groups by example "
                     "key, so every example of its output has its own"
                 )
+            if options.view_as(SourceOptions).reference:
+                raise _fail(
+                    "--reference does not apply: the served features already hold the "
+                    "reference tables' columns"
+                )
             fs = load_feature_set(spec)
             window_ms = label_window_ms(opts.label_window)
             if not is_dry_run(options) and not FileSystems.match([log_glob(log)])[0].metadata_list:
