@@ -244,59 +244,111 @@ def _at(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_a_label_file_with_the_edge_cases_joins_as_the_brute_force_does(served):
+@pytest.fixture(scope="module")
+def edge_cases(served) -> dict:
+    """Labels of every logged example an hour after serving, but: one exactly at the window's
+    end, one 10 ms past it, two for one example (both on time), none for one example, one for
+    an example never served."""
     records = served["records"]
-    key_of = lambda r: _key(r["example_key"])  # noqa: E731
-    at_end, past_end, twice, never = records[10], records[20], records[30], records[40]
+    picks = {"at_end": records[10], "past_end": records[20], "twice": records[30],
+             "never": records[40]}  # fmt: skip
     rows, labels = [], []
 
     def label(key, arrival, value):
         carrier, flight, origin, scheduled = key
         rows.append({"carrier": carrier, "flight": flight, "origin": origin,
-                     "scheduled_departure": _at(scheduled), "label": value,
-                     "label_time": _at(arrival), "note": "ignored"})  # fmt: skip
+                     "scheduled_departure": scheduled, "label": value, "label_time": arrival})  # fmt: skip
         labels.append((key, arrival, value))
 
     for record in records:
-        if record is never:
+        if record is picks["never"]:
             continue
-        key, served_at = key_of(record), record["event_time"]
-        if record is at_end:
+        key, served_at = _key(record["example_key"]), record["event_time"]
+        if record is picks["at_end"]:
             label(key, served_at + WINDOW_MS, 1)
-        elif record is past_end:
+        elif record is picks["past_end"]:
             label(key, served_at + WINDOW_MS + 10, 1)
-        elif record is twice:
+        elif record is picks["twice"]:
             label(key, served_at + 3_600_000, 1)
             label(key, served_at + 7_200_000, 0)  # the latest on time: kept
         else:
             label(key, served_at + 3_600_000, key_bucket(key) % 2)
     label(("ZZ", 1, "JFK", records[0]["event_time"]), records[0]["event_time"], 1)  # not served
+    expected, counts = brute_force(records, labels, WINDOW_MS)
+    return {"rows": rows, "labels": labels, "picks": picks, "expected": expected,
+            "counts": counts}  # fmt: skip
+
+
+def _check_edge_cases(edge_cases, out, summary) -> None:
+    got = _output(out)
+    assert got == edge_cases["expected"]
+    for name, count in edge_cases["counts"].items():
+        assert summary[name] == count, name
+    key_of = {name: _key(r["example_key"]) for name, r in edge_cases["picks"].items()}
+    assert got[key_of["at_end"]]["label"] == 1
+    assert key_of["past_end"] not in got and key_of["never"] not in got
+    assert got[key_of["twice"]]["label"] == 0
+    assert summary["labels_late"] == 1 and summary["examples_labelled_late"] == 1
+    assert summary["labels_duplicate"] == 1 and summary["examples_not_yet_labelled"] == 1
+    assert summary["labels_without_prediction"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_label_file_with_the_edge_cases_joins_as_the_brute_force_does(served, edge_cases):
+    rows = [
+        {**r, "scheduled_departure": _at(r["scheduled_departure"]),
+         "label_time": _at(r["label_time"]), "note": "ignored"}
+        for r in edge_cases["rows"]
+    ]  # fmt: skip
     path = write_jsonl(served["root"] / "labels.jsonl", rows, ['{"carrier": "UA"}'])
     out = served["root"] / "joined_file"
     summary = label_join.run(
         [f"--serving_log={served['log']}", f"--label_files={path}", f"--label_window={WINDOW}",
          f"--output_dir={out}", "--eval_fraction=0.2", "--drift_span=none"]
     )  # fmt: skip
-    expected, counts = brute_force(records, labels, WINDOW_MS)
-    got = _output(out)
-    assert got == expected
-    for name, count in counts.items():
-        assert summary[name] == count, name
-    assert got[key_of(at_end)]["label"] == 1
-    assert key_of(past_end) not in got and key_of(never) not in got
-    assert got[key_of(twice)]["label"] == 0
-    assert summary["labels_late"] == 1 and summary["examples_labelled_late"] == 1
-    assert summary["labels_duplicate"] == 1 and summary["examples_not_yet_labelled"] == 1
-    assert summary["labels_without_prediction"] == 1
+    _check_edge_cases(edge_cases, out, summary)
     assert (summary["labels_read"], summary["labels_rejected"]) == (len(rows) + 1, 1)
+    assert summary["label_files"] == str(path)
     dead = [
         json.loads(line)
         for name in os.listdir(out / "dead_letters")
         for line in open(out / "dead_letters" / name)
     ]
     assert len(dead) == 1 and "flight" in dead[0]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+@pytest.mark.timeout(600)
+def test_a_bigquery_label_table_joins_as_the_label_file_does(served, edge_cases, bq_emulator):
+    import pyarrow as pa
+
+    rows = edge_cases["rows"]
+    columns = {name: [r[name] for r in rows] for name in rows[0]}
+    table = pa.table(
+        {
+            **columns,
+            "scheduled_departure": pa.array(columns["scheduled_departure"], pa.int64()).cast(
+                pa.timestamp("ms", tz="UTC")
+            ),
+            "label_time": pa.array(columns["label_time"], pa.int64()).cast(
+                pa.timestamp("ms", tz="UTC")
+            ),
+            "arrived_by": pa.array(["radio"] * len(rows)),  # another column: ignored
+        }
+    )
+    dataset = bq_emulator.create_dataset()
+    table_id = bq_emulator.create_table(dataset, "labels", table)
+    out = served["root"] / "joined_bigquery"
+    summary = label_join.run(
+        [f"--serving_log={served['log']}", f"--label_bigquery_table={table_id}",
+         f"--label_window={WINDOW}", f"--output_dir={out}", "--eval_fraction=0.2",
+         "--drift_span=none", *bq_emulator.args()]
+    )  # fmt: skip
+    _check_edge_cases(edge_cases, out, summary)
+    assert (summary["labels_read"], summary["labels_rejected"]) == (len(rows), 0)
+    assert summary["label_bigquery_table"] == table_id
 
 
 @pytest.mark.timeout(120)
