@@ -78,6 +78,19 @@ def test_label_window_values():
             label_window_ms(bad)
 
 
+def test_the_flights_label_arrives_at_departure_plus_air_time_and_label_time_is_checked():
+    import dataclasses
+
+    from skewless.transforms.featureset import FeatureSetError
+
+    (event,) = typed_events(FLIGHTS, real_flights(month=1, day=1)[:1])
+    assert event["air_time"] > 0 and event["label"] is not None
+    assert FLIGHTS.label_time(event) == event["event_time"] + round(event["air_time"] * 60_000)
+    assert FLIGHTS.label_time({**event, "label": None}) is None  # diverted: never labelled
+    with pytest.raises(FeatureSetError, match="label_time must be a function"):
+        dataclasses.replace(FLIGHTS, label_time="arrival")
+
+
 # --- the job on real flights -------------------------------------------------------------------
 
 
@@ -368,3 +381,107 @@ def test_errors_before_the_run_are_one_line(tmp_path, capsys):
     assert "give one label source" in capsys.readouterr().err
     assert run_job("label-join", [*base, "--label_window=6h", "--feature_set=weather"]) == 2
     assert "declares no label_time" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_label_join_builds_for_dataflow_from_its_template_parameters(
+    served, dataflow_jobs, tmp_path
+):
+    """The Flex Template's parameters reach the job; the join and prepare's writing steps are
+    steps of the Dataflow job (a dry run: nothing is submitted or written)."""
+    from tests.support.dataflow import DATAFLOW, JOBS, step_names, template_argv
+    from tests.support.dataflow import run_job as run_template
+
+    argv = template_argv(
+        "label_join",
+        {"serving_log": str(served["log"]), "label_window": "6h",
+         "input": str(served["labels_csv"]), "output_dir": str(tmp_path / "out"),
+         "eval_fraction": "0.2"},
+    )  # fmt: skip
+    assert run_template(JOBS["label_join"], [*argv, *DATAFLOW]) is None
+    (job,) = dataflow_jobs
+    assert job.proto.type.name == "JOB_TYPE_BATCH"
+    steps = step_names(job)
+    for step in ("ReadLog", "KeyLog", "ReadLabels", "Join", "LabelJoin", "WriteFeatures",
+                 "AnalyzeAndTransform", "WriteTrain", "WriteEval", "WriteSchema", "DeadLetters"):  # fmt: skip
+        assert any(s == step or s.startswith(step + "/") for s in steps), (step, sorted(steps))
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# --- a real serving log: the streaming scorer on the emulators -----------------------------------
+
+
+def _served_vs_prepared(out_dir, prepared_dir) -> tuple[int, Counter]:
+    """(examples compared, mismatching values per column) of label-join's features/ against
+    prepare's features/ of the same events (the audit's tolerance: 1e-6, relative above 1)."""
+    from skewless.transforms.consistency import compare_value
+
+    prepared = {
+        _key(row): row for row in pq.read_table(os.path.join(prepared_dir, "features")).to_pylist()
+    }
+    joined = _output(out_dir)
+    assert joined and set(joined) <= set(prepared)
+    mismatches = Counter()
+    for key, row in joined.items():
+        for name in NAMES:
+            if compare_value(row[name], prepared[key][name])[0] != "equal":
+                mismatches[name] += 1
+    return len(joined), mismatches
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+@pytest.mark.timeout(1200)
+def test_a_real_serving_log_gives_prepares_examples_and_a_wrong_serving_delay_does_not(
+    trained, tmp_path, pubsub_emulator, bigtable_emulator
+):
+    """Real flights through the aggregate job into the Bigtable emulator and the streaming
+    scorer with a serving log (every event logged); label-join of that log with the flights'
+    labels gives, event by event, prepare's features and labels: a model trained on either is
+    trained on the same data. A scorer whose lookup uses a serving delay 15 minutes off logs
+    other aggregates, and the same comparison fails on them."""
+    import dataclasses
+
+    from skewless.beam_pipelines.commands.bigtable_setup import ensure_table
+    from skewless.beam_pipelines.commands.replay import ReplayStats, order_events
+    from skewless.transforms.example_schema import aggregate_column_names
+    from skewless.transforms.record_checks import to_epoch_ms
+    from tests.jobs.test_audit import (
+        INPUT_END,
+        INPUT_START,
+        RETENTION_S,
+        SCORE_END,
+        SCORE_START,
+        _serve,
+    )
+    from tests.support.streaming_jobs import write_cells_with_the_aggregate_job
+
+    ps, bt = pubsub_emulator, bigtable_emulator
+    raws = [dict(r) for r in trained["rows"] if INPUT_START <= r["time_hour"] < INPUT_END]
+    start, end = to_epoch_ms(SCORE_START), to_epoch_ms(SCORE_END)
+    to_score = [r for t, r in order_events(FLIGHTS, raws, ReplayStats()) if start <= t < end]
+    flights_path = write_jsonl(tmp_path / "flights.jsonl", raws)
+    table_id = bt.table_name()
+    ensure_table(bt.project, bt.instance, table_id, FLIGHTS, 600, RETENTION_S)
+    assert write_cells_with_the_aggregate_job(bt, table_id, FLIGHTS, raws)["cells_written"] > 0
+    wrong_d = dataclasses.replace(FLIGHTS, serving_delay_s=FLIGHTS.serving_delay_s + 900)
+    results = {}
+    for name, lookup_fs in (("clean", None), ("wrong_d", wrong_d)):
+        log_dir = tmp_path / f"log_{name}"
+        _, logged, _, expected = _serve(
+            ps, bt, table_id, trained["model_dir"], to_score, log_dir, 1.0, lookup_fs
+        )
+        assert len(logged) == expected == len(to_score)
+        out = tmp_path / f"joined_{name}"
+        summary = label_join.run(
+            [f"--serving_log={log_dir}", f"--input={flights_path}", "--label_window=8h",
+             f"--output_dir={out}", "--drift_span=none"]
+        )  # fmt: skip
+        assert summary["examples_served"] == len(to_score)
+        assert summary["examples_labelled"] > 0.9 * len(to_score)
+        results[name] = _served_vs_prepared(out, trained["prepared"])
+    compared, mismatches = results["clean"]
+    assert compared > 100 and not mismatches, mismatches
+    compared, mismatches = results["wrong_d"]
+    assert compared > 100 and mismatches["origin_departures_1h"] > 0.3 * compared
+    assert set(mismatches) <= set(aggregate_column_names(FLIGHTS)), mismatches
