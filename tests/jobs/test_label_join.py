@@ -91,6 +91,47 @@ def test_the_flights_label_arrives_at_departure_plus_air_time_and_label_time_is_
         dataclasses.replace(FLIGHTS, label_time="arrival")
 
 
+@pytest.mark.timeout(120)
+def test_bad_log_records_and_served_values_of_the_wrong_type_are_dead_letters():
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from skewless.transforms.label_join import served_example
+    from skewless.transforms.record_checks import DEAD
+
+    good = served_example(FLIGHTS, _record(t=5), 1)
+    wrong = {**good, "flight": "not a number"}
+    no_time = {k: v for k, v in _record().items() if k != "event_time"}
+    with TestPipeline(runner="FnApiRunner") as p:
+        keyed = (
+            p
+            | "Log" >> beam.Create([_record(t=7), no_time, "[1, 2]"])
+            | "Key" >> beam.ParDo(label_join._KeyServed(FLIGHTS)).with_outputs(DEAD, main="served")
+        )
+        batches = (
+            p
+            | "Examples" >> beam.Create([[good, wrong, good]])
+            | "Batches"
+            >> beam.ParDo(label_join._ToRecordBatches(FLIGHTS)).with_outputs(DEAD, main="batches")
+        )
+        assert_that(keyed.served | beam.Map(lambda kv: kv[1]["event_time"]), equal_to([7]))
+        assert_that(
+            keyed[DEAD] | "Reasons" >> beam.Map(lambda d: (d["stage"], d["reason"][:30])),
+            equal_to([
+                ("serving_log", "serving log record has no inte"),
+                ("serving_log", "a serving log line is a str, e"),
+            ]),
+            label="LogDead",
+        )  # fmt: skip
+        assert_that(batches.batches | beam.Map(lambda b: b.num_rows), equal_to([2]), label="Rows")
+        assert_that(
+            batches[DEAD] | "Flights" >> beam.Map(lambda d: d["record"]["flight"]),
+            equal_to(["not a number"]),
+            label="TypeDead",
+        )
+
+
 # --- the job on real flights -------------------------------------------------------------------
 
 
@@ -383,6 +424,7 @@ def test_errors_before_the_run_are_one_line(tmp_path, capsys):
     assert "declares no label_time" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_label_join_builds_for_dataflow_from_its_template_parameters(
     served, dataflow_jobs, tmp_path
