@@ -569,6 +569,15 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     p = beam.Pipeline(options=options)
     build_pipeline(p, config)
     summary = run_and_summarise(p, options, functools.partial(finish, config), LOG)
+    if summary is not None and summary["examples"]:
+        for split in ("train", "eval"):
+            if not summary[f"examples_{split}"]:
+                LOG.warning(
+                    "no %s examples: the split %s puts every joined example in the other one; "
+                    "train needs both (--eval_start / --eval_fraction choose another split)",
+                    split,
+                    json.dumps(summary["split"]),
+                )
     if summary is not None and summary.get("validation", {}).get("refused"):
         LOG.error(
             "REFUSED: %d blocking anomalies against %s (--allow_anomalies to accept): %s",
