@@ -66,6 +66,17 @@ def derive_departure(record: dict) -> dict | None:
     return record
 
 
+def arrival_time(record: dict) -> int | None:
+    """When a departure's label becomes known: its arrival, approximated as the actual
+    departure (event_time) plus air_time minutes (taxi-in not counted: arr_time is local
+    time at the destination, in an unknown time zone). None when the flight has no label
+    (diverted: no arrival delay) or no air time."""
+    air_time = record.get("air_time")
+    if record.get("label") is None or air_time is None:
+        return None
+    return record["event_time"] + int(round(air_time * MINUTE_MS))
+
+
 # One window each, in this order (the example columns keep it): origin_departures_1h,
 # origin_mean_dep_delay_1h, carrier_mean_dep_delay_1h, origin_departures_15m; period 5 min.
 AGGREGATES = (
@@ -295,6 +306,8 @@ FLIGHTS = FeatureSet(
     baseline=Baseline(field="dep_delay", threshold=15.0, name="dep_delay rule"),
     # The scheduled date and hour: a month of departures has its own month, days and year.
     calendar_fields=("year", "month", "day", "hour"),
+    # skewless label-join: labels from the raw events become known at the arrival.
+    label_time=arrival_time,
 )
 
 

@@ -432,6 +432,9 @@ class FeatureSet:
       (year, month, day, hour of the event): a span of time has its own values of them, so
       validation never compares their distributions (as the timestamps'); their other checks
       (type, presence) still run.
+    - `label_time`: typed, derived record -> the epoch ms at which its label becomes known
+      (a flight's arrival), or None when it never does; `skewless label-join` reads labels
+      from the raw events with it when no label files or table are given. Default None.
     """
 
     name: str
@@ -457,6 +460,7 @@ class FeatureSet:
     references: tuple[ReferenceTable, ...] = ()
     calendar_fields: tuple[str, ...] = ()
     prediction_cache: PredictionCache | None = None
+    label_time: Callable[[Record], int | None] | None = None
 
     def __post_init__(self) -> None:
         if self.name.endswith(RESERVED_NAME_ENDINGS) and ":" not in self.name:
@@ -502,6 +506,8 @@ class FeatureSet:
             raise FeatureSetError(f"all aggregates must share one period, got {sorted(periods)}")
         if not callable(self.preprocessing_fn):
             raise FeatureSetError("preprocessing_fn must be callable")
+        if self.label_time is not None and not callable(self.label_time):
+            raise FeatureSetError("label_time must be a function of a derived record, or None")
         self._check_job_settings()
 
     def _check_references(self) -> dict[str, Field]:

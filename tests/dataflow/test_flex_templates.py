@@ -65,6 +65,8 @@ SAMPLES = {
     "eval_fraction": (["0.2", "0", "1", "1.0", ".25"], ["1.5", "-0.1", "abc", "20%", ""]),
     "drift_span": (["month", "30d", "2w", "12h", "3600", "0", "none"], ["1mo", "-1", "1.5d", "30 d", ""]),
     "positive": (["1", "8192", "7"], ["0", "-1", "1.5", "abc", "01"]),
+    "label_window": (["6h", "90m", "2d", "3600", "1w"], ["0", "6 h", "-1h", "1.5h", "6hours", ""]),
+    "label_time_field": (["label_time", "arrived_at", "_t"], ["", "1t", "label time", "a-b"]),
     "allowed_lateness_s": (["0", "600"], ["-1", "1.5", "ten", "0600"]),
     "top_n": (["0", "10000", "1"], ["-1", "1.5", "ten", "010", ""]),
     "prediction_cache": (["true", "false"], ["", "yes", "True", "1", "on"]),
@@ -96,6 +98,7 @@ SAMPLE_OF = {
     "write_retry_s": "model_poll_s",
     "serving_log_window_s": "positive", "serving_log": "gs",
     "baseline": "gs", "baseline_schema": "gs", "prepared_dir": "gs", "validate_against": "gs",
+    "label_files": "gs", "label_bigquery_table": "bigquery_table",
 }  # fmt: skip
 
 
@@ -112,7 +115,7 @@ def test_there_is_a_template_per_declared_job_and_its_metadata_is_the_declaratio
     """The metadata files are rendered from the job declarations (templates/render.py): a
     declaration changed without rendering again fails here."""
     assert sorted(JOBS) == [
-        "aggregate", "audit", "precompute", "prepare", "publish_reference", "score",
+        "aggregate", "audit", "label_join", "precompute", "prepare", "publish_reference", "score",
         "score_streaming", "validate",
     ]  # fmt: skip
     assert sorted(p.parent.name for p in (ROOT / "templates").glob("*/metadata.json")) == sorted(JOBS)
