@@ -10,6 +10,11 @@ join's own rule (`skewless.transforms.reference.join_references` / `row_as_of`):
 with valid_from <= t - D_ref. (Beam's Bigtable enrichment handler reads only the latest cell:
 a replayed or late event would see a row that was not valid yet.)
 
+With a prediction cache (hybrid serving), the same read also fetches the entry row of each
+event's key for the model version serving now and that version's completion marker; an entry
+is served only if the marker came back in the same read and the entry holds the event's own
+key text (skewless.beam_pipelines.io.prediction_cache).
+
 So one read knows every version that can apply to an as-of time in the span, and nothing
 newer than its end. The in-process cache keeps, per (table, key), the versions and the span
 [lo, hi] they are complete for; it answers an as-of time only inside that span, so it can

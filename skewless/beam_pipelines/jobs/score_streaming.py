@@ -328,7 +328,7 @@ class ServeFromCache(beam.DoFn):
     def process(self, examples: list[dict]) -> Iterator:
         misses = []
         for example in examples:
-            cached = example.pop(CACHED, None) if CACHED in example else None
+            cached = example.get(CACHED)  # (probability, version) of a hit; misses have none
             if cached is None:
                 misses.append(example)
                 continue
