@@ -57,7 +57,8 @@ class TableCheckOptions(PipelineOptions):
         parser.add_argument(
             "--skip_table_check",
             action="store_true",
-            help="Do not check at start that the Bigtable table and column family exist.",
+            help="Do not check at start that the Bigtable table and column family exist (score "
+            "--streaming: nor create or check --output_table, which must then exist).",
         )
 
 
