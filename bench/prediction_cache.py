@@ -230,20 +230,21 @@ def run_scorer(topics, env, table_id, model_dir, events, rate, seconds, cache, l
                                   env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)  # fmt: skip
     try:
-        warm = [(request_key(raw), raw) for _, raw in events[:WARM]]
-        for key, raw in warm:
-            topics.publisher.publish(events_topic, to_message(fs, raw)).result(timeout=30)
+        warm = [(request_key(raw), raw, t) for t, raw in events[:WARM]]
+        for key, raw, t in warm:
+            topics.publisher.publish(events_topic, to_message(fs, raw), event_time=str(t)).result(timeout=30)
             if receiver.wait_for([key], 0.5):
                 break
         if not receiver.wait_for([warm[0][0]], 240):
             raise SystemExit(f"the scorer never answered; see {log_path}")
-        receiver.wait_for([k for k, _ in warm], 30)
+        receiver.wait_for([k for k, _, _ in warm], 30)
         time.sleep(2)
         before = json.loads(Path(counters_path).read_text()) if Path(counters_path).exists() else {}
         n = int(rate * seconds)
-        items = [(request_key(raw), raw) for _, raw in events[WARM : WARM + n]]
+        items = [(request_key(raw), raw, t) for t, raw in events[WARM : WARM + n]]
         cpu_before = cpu_seconds(scorer.pid)
-        sent = publish_paced(topics.publisher, events_topic, items, rate, lambda it: (to_message(fs, it[1]), {}))
+        sent = publish_paced(topics.publisher, events_topic, items, rate,
+                             lambda it: (to_message(fs, it[1]), {"event_time": str(it[2])}))  # fmt: skip
         receiver.wait_for(list(sent), max(30.0, 3 * seconds))
         cpu = cpu_seconds(scorer.pid) - cpu_before
         time.sleep(2.5)  # the counters of the last bundles

@@ -103,6 +103,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_score_streaming_references.py": 102,
     "tests/jobs/test_validate.py": 95,
     "tests/commands/test_replay_parity.py": 86,
+    "tests/jobs/test_score_streaming_bigquery.py": 80,
     "tests/jobs/test_score_streaming.py": 78,
     "tests/dataflow/test_flex_templates.py": 75,
     "tests/transforms/test_reference_join.py": 69,

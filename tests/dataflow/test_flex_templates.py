@@ -401,6 +401,7 @@ def test_score_streaming_builds_for_dataflow_as_a_streaming_job(trained, dataflo
         "score_streaming",
         {"subscription": "projects/fake-project/subscriptions/events",
          "output_topic": "projects/fake-project/topics/predictions",
+         "output_table": "fake-project:predictions.flights",
          "dead_letter_topic": "projects/fake-project/topics/dead-letters",
          "model_dir": str(trained["model_dir"]), **BIGTABLE},
     )  # fmt: skip
@@ -410,6 +411,9 @@ def test_score_streaming_builds_for_dataflow_as_a_streaming_job(trained, dataflo
     steps = step_names(job)
     assert {s for s in steps if "/" not in s and not s.startswith("ref_")} == SCORE_STREAM_STEPS
     assert "Score/RunInference" in steps and "LookupAggregates/ReadCells" in steps
+    # Both outputs: the Pub/Sub steps keep their names, the rows BigQuery refuses are published.
+    for step in ("Write/ToMessage", "Write/Publish", "Write/Insert/Insert", "Write/RefusedRows/Publish"):
+        assert step in steps, step
 
 
 @pytest.mark.slow

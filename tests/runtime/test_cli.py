@@ -208,10 +208,12 @@ def test_score_streaming_help_lists_only_its_own_flags(capsys):
         main(["score", "--streaming", "--help"])
     out = capsys.readouterr().out
     assert "--output_topic" in out and "--subscription" in out and "--model_dir" in out
+    assert "--output_table" in out and "--bigquery_endpoint" in out  # predictions to BigQuery
     for other in (
         "--allowed_lateness_s",
         "--source_timestamps",
         "--write_retry_s",
-        "--output_table",
+        "--output_method",
+        "--input",
     ):
         assert other not in out, other

@@ -161,3 +161,155 @@ class WriteArrowToBigQuery(beam.PTransform):
             _WriteBatches(self.table, self.schema, self.project, self.endpoint, self.method)
         ).with_outputs(DEAD, main="written")
         return results[DEAD]
+
+
+# --- streaming inserts of row dicts (score --streaming) ------------------------------------------
+
+
+class OutputTableError(ValueError):
+    """A table a job cannot write its rows to: its dataset is missing, or it exists with
+    columns that cannot take them."""
+
+
+def ensure_table(table: str, fields: list, endpoint: str | None = None) -> None:
+    """Create `table` with `fields` (SchemaFields) if it is missing; if it exists, its columns
+    must take our rows: each of ours present with the same type (a REQUIRED one of ours may be
+    NULLABLE there, not the other way round), and none of its other columns REQUIRED (we
+    would leave them empty). Raises OutputTableError, or a google.api_core error from the
+    API."""
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    project, dataset, table_id = validate_table_name(table)
+    client = _client(project, endpoint)
+    try:
+        # Asked first: creating a table in a missing dataset is a 404 on BigQuery, a retried
+        # 500 on the emulator.
+        try:
+            client.get_dataset(f"{project}.{dataset}", timeout=API_TIMEOUT_S)
+        except NotFound:
+            raise OutputTableError(
+                f"BigQuery dataset {project}.{dataset} not found: the table {table} is created "
+                "if missing, its dataset is not"
+            ) from None
+        found = client.create_table(
+            bigquery.Table(f"{project}.{dataset}.{table_id}", schema=fields),
+            exists_ok=True,
+            timeout=API_TIMEOUT_S,
+        )
+    finally:
+        client.close()
+    theirs = {f.name: f for f in found.schema}
+    problems = []
+    for ours in fields:
+        other = theirs.pop(ours.name, None)
+        if other is None:
+            problems.append(f"no column {ours.name}")
+        elif _standard_type(other.field_type) != _standard_type(ours.field_type):
+            problems.append(f"{ours.name} is {other.field_type}, expected {ours.field_type}")
+        elif other.mode == "REQUIRED" and ours.mode != "REQUIRED" or other.mode == "REPEATED":
+            problems.append(f"{ours.name} is {other.mode}, expected {ours.mode}")
+    problems += [f"extra REQUIRED column {f.name}" for f in theirs.values() if f.mode == "REQUIRED"]
+    if problems:
+        raise OutputTableError(f"BigQuery table {table} exists and does not fit the rows: {'; '.join(problems)}")
+
+
+_STANDARD_TYPES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
+
+
+def _standard_type(name: str) -> str:
+    return _STANDARD_TYPES.get(name.upper(), name.upper())
+
+
+def _refusal(errors: list[dict]) -> str:
+    """insertErrors' entries for one row -> one line."""
+    parts = []
+    for error in errors:
+        where = f" ({error['location']})" if error.get("location") else ""
+        parts.append(f"{error.get('reason', 'invalid')}{where}: {error.get('message', '')}".strip())
+    return "; ".join(parts) or "refused without a reason"
+
+
+def _row_id(row: dict) -> str:
+    """BigQuery's insertId: the same row inserted again (a retried bundle) is the same id, so
+    BigQuery's best-effort de-duplication drops it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class _InsertRows(beam.DoFn):
+    """Lists of row dicts -> one streaming insert request per list.
+
+    BigQuery answers per row: the rows it refuses (insertErrors; with skipInvalidRows the
+    others are written) and the rows of a request it refuses as a whole (400 Bad Request, 404
+    Not Found: the table is gone) go to DEAD with BigQuery's reason. Any other failure (a 5xx,
+    403/429 quota, the network, a timeout) raises, so the runner retries the bundle: an
+    outage delays rows, it does not turn them into dead letters.
+    """
+
+    def __init__(self, table: str, endpoint: str | None, feature_set: str):
+        self.table = table
+        self.endpoint = endpoint
+        self.feature_set = feature_set
+
+    def setup(self) -> None:
+        self._client = _client(self.table.split(".")[0], self.endpoint)
+        self._written = Metrics.counter(NAMESPACE, "rows_written")
+        self._failed = Metrics.counter(NAMESPACE, "rows_write_failed")
+
+    def teardown(self) -> None:
+        if getattr(self, "_client", None) is not None:
+            self._client.close()
+
+    def process(self, rows: list[dict]) -> Iterator[TaggedOutput]:
+        from google.api_core import exceptions as gexc
+
+        try:
+            errors = self._client.insert_rows_json(
+                self.table,
+                rows,
+                row_ids=[_row_id(r) for r in rows],
+                skip_invalid_rows=True,
+                timeout=API_TIMEOUT_S,
+            )
+        except (gexc.BadRequest, gexc.NotFound) as exc:
+            whole = [{"reason": type(exc).__name__, "message": exc.message}]
+            errors = [{"index": i, "errors": whole} for i in range(len(rows))]
+        refused = {e["index"]: _refusal(e.get("errors", [])) for e in errors}
+        self._written.inc(len(rows) - len(refused))
+        if refused:
+            self._failed.inc(len(refused))
+        for index, reason in sorted(refused.items()):
+            letter = dead_letter("write", f"BigQuery refused the row: {reason}", rows[index], self.feature_set)
+            yield TaggedOutput(DEAD, letter)
+
+
+class InsertRowsToBigQuery(beam.PTransform):
+    """Row dicts (JSON values: ISO-8601 text for timestamps) -> streaming inserts into an
+    existing BigQuery table (`ensure_table` makes it); returns the dead letters of the rows
+    BigQuery refused, with its reason. Counts rows_written and rows_write_failed.
+
+    Rows travel in lists of up to INSERT_CHUNK_ROWS, one per bundle and request (fixed-size
+    BatchElements, as the streaming scorer's lookup). Each row has a stable insertId (a hash of
+    its content), so a retried bundle's rows are de-duplicated by BigQuery (best effort).
+    """
+
+    def __init__(self, table: str, *, endpoint: str | None = None, feature_set: str = ""):
+        super().__init__()
+        project, dataset, table_id = validate_table_name(table)  # a bad name fails when built
+        self.table = f"{project}.{dataset}.{table_id}"
+        self.endpoint = endpoint
+        self.feature_set = feature_set
+
+    def expand(self, rows):
+        results = (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=INSERT_CHUNK_ROWS, max_batch_size=INSERT_CHUNK_ROWS)
+            | "Insert"
+            >> beam.ParDo(_InsertRows(self.table, self.endpoint, self.feature_set)).with_outputs(
+                DEAD, main="written"
+            )
+        )
+        return results[DEAD]

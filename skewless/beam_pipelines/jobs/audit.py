@@ -39,6 +39,7 @@ from skewless.beam_pipelines.runtime.inputs import (
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     FeatureSetOptions,
     ModelOptions,
     OutputDirOptions,
@@ -88,7 +89,14 @@ DESCRIPTION = (
 
 # The audit's flags are all shared (options.py): --output_dir, --serving_log*, --model_dir /
 # --model_version, the source flags and --feature_set.
-GROUPS = (OutputDirOptions, ServingLogOptions, ModelOptions, SourceOptions, FeatureSetOptions)
+GROUPS = (
+    OutputDirOptions,
+    ServingLogOptions,
+    ModelOptions,
+    SourceOptions,
+    BigQueryEndpointOptions,
+    FeatureSetOptions,
+)
 
 
 JOB = Job(

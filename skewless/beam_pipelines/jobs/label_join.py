@@ -46,6 +46,7 @@ from skewless.beam_pipelines.runtime.inputs import bigquery_source, describe_sou
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     FeatureSetOptions,
     OutputDirOptions,
     ServingLogOptions,
@@ -144,6 +145,7 @@ JOB = Job(
         OutputDirOptions,
         ServingLogOptions,
         SourceOptions,
+        BigQueryEndpointOptions,
         FeatureSetOptions,
     ),
     required=("serving_log", "label_window", "output_dir"),

@@ -49,6 +49,7 @@ from skewless.beam_pipelines.runtime.inputs import describe_source, read_source
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     FeatureSetOptions,
     ModelOptions,
     OutputDirOptions,
@@ -59,7 +60,12 @@ from skewless.beam_pipelines.runtime.options import (
 )
 from skewless.beam_pipelines.runtime.parsing import parse_job_options, run_and_summarise
 from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging
-from skewless.beam_pipelines.score_core import MODEL_ERRORS, LoadedVersion, ScoreWithModel, load_model
+from skewless.beam_pipelines.score_core import (
+    MODEL_ERRORS,
+    LoadedVersion,
+    ScoreWithModel,
+    load_model,
+)
 from skewless.models.versions import ModelVersion
 from skewless.transforms.aggregations import attach_aggregates
 from skewless.transforms.featureset import FeatureSet, FeatureSetError
@@ -111,6 +117,7 @@ GROUPS = (
     ModelOptions,
     SourceOptions,
     ServingLogOptions,
+    BigQueryEndpointOptions,
     FeatureSetOptions,
     BigtableOptions,
     BigtableWriteOptions,

@@ -35,6 +35,7 @@ from skewless.beam_pipelines.runtime.inputs import (
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     FeatureSetOptions,
     OutputDirOptions,
     PeriodOptions,
@@ -144,7 +145,14 @@ JOB = Job(
     "preprocessing_fn, and write features/ (Parquet), train/ and eval/ (gzip TFRecords), "
     "transform/, statistics/ (of the train and eval examples), schema/, dead_letters/ and "
     "summary.json under --output_dir.",
-    groups=(PrepareOptions, PeriodOptions, OutputDirOptions, SourceOptions, FeatureSetOptions),
+    groups=(
+        PrepareOptions,
+        PeriodOptions,
+        OutputDirOptions,
+        SourceOptions,
+        BigQueryEndpointOptions,
+        FeatureSetOptions,
+    ),
     required=("output_dir",),
     template=Template(
         "prepare",

@@ -49,6 +49,7 @@ from skewless.beam_pipelines.runtime.inputs import reference_table_source
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     DeadLetterDirOptions,
     FeatureSetOptions,
     SourceOptions,
@@ -102,6 +103,7 @@ GROUPS = (
     PublishReferenceOptions,
     DeadLetterDirOptions,
     SourceOptions,
+    BigQueryEndpointOptions,
     BigtableOptions,
     BigtableWriteOptions,
     FeatureSetOptions,

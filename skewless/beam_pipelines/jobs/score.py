@@ -29,10 +29,12 @@ from skewless.beam_pipelines.runtime.inputs import (
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     DeadLetterDirOptions,
     FeatureSetOptions,
     ModelOptions,
     PeriodOptions,
+    PredictionTableOptions,
     SourceOptions,
 )
 from skewless.beam_pipelines.runtime.parsing import (
@@ -79,7 +81,6 @@ class ScoreOptions(PipelineOptions):
             default="parquet",
             help="Format of the prediction files under --output: Parquet or JSON lines.",
         )
-        parser.add_argument("--output_table", help="Write predictions to this BigQuery table instead.")
         parser.add_argument(
             "--output_method",
             choices=("load", "insert"),
@@ -91,9 +92,11 @@ class ScoreOptions(PipelineOptions):
 GROUPS = (
     ScoreOptions,
     PeriodOptions,
+    PredictionTableOptions,
     DeadLetterDirOptions,
     ModelOptions,
     SourceOptions,
+    BigQueryEndpointOptions,
     FeatureSetOptions,
 )
 
@@ -231,7 +234,8 @@ class ScoreConfig:
         with before_run():
             opts = options.view_as(ScoreOptions)
             model_opts = options.view_as(ModelOptions)
-            if bool(opts.output) == bool(opts.output_table):
+            output_table = options.view_as(PredictionTableOptions).output_table
+            if bool(opts.output) == bool(output_table):
                 raise SystemExit("skewless score: give exactly one of --output or --output_table")
             dead_dir = options.view_as(DeadLetterDirOptions).dead_letter_dir
             if not dead_dir and opts.output:
@@ -263,7 +267,7 @@ class ScoreConfig:
                 references=reference_sources(options, model.fs),
                 sink=prediction_sink(options, prediction_schema(model.fs)),
                 output=opts.output,
-                output_table=opts.output_table,
+                output_table=output_table,
                 dead_letter_dir=dead_dir,
                 options=options,
             )
@@ -276,15 +280,16 @@ class ScoreConfig:
 def prediction_sink(options: PipelineOptions, schema: pa.Schema) -> beam.PTransform:
     """Where the predictions go: files under --output, or the --output_table BigQuery table."""
     opts = options.view_as(ScoreOptions)
-    if opts.output_table:
+    output_table = options.view_as(PredictionTableOptions).output_table
+    if output_table:
         from skewless.beam_pipelines.io.bigquery_sink import WriteArrowToBigQuery
 
         source_opts = options.view_as(SourceOptions)
         return WriteArrowToBigQuery(
-            opts.output_table,
+            output_table,
             schema,
             project=source_opts.bigquery_project or options.view_as(GoogleCloudOptions).project,
-            endpoint=source_opts.bigquery_endpoint,
+            endpoint=options.view_as(BigQueryEndpointOptions).bigquery_endpoint,
             method=opts.output_method,
         )
     return WritePredictionFiles(

@@ -1,4 +1,4 @@
-"""The score job (streaming): Pub/Sub events -> validate -> Bigtable as-of aggregates -> RunInference -> Pub/Sub.
+"""The score job (streaming): Pub/Sub events -> validate -> Bigtable as-of aggregates -> RunInference -> Pub/Sub and/or BigQuery.
 
 The aggregates an event sees are the cells the aggregate job wrote, looked up by the exact row
 key of the as-of rule (`skewless.transforms.aggregations.attach_aggregates`, the same function the
@@ -13,6 +13,11 @@ price per bundle and step (a pickle round trip of the DoFn, its setup and teardo
 bundles included), so setups are cheap (the Bigtable table is opened once per process, the
 model kept loaded) and the local runner gets the patches of skewless.beam_pipelines.runtime.local_runner.
 bench/score_streaming.py measures it.
+
+Predictions go to --output_topic (JSON messages), --output_table (BigQuery streaming inserts,
+the batch scorer's columns plus `source`) or both (WritePredictions fans out). The table is
+created at start if missing and an existing one must take the rows (TableCheckOptions skips
+both); a row BigQuery refuses is a dead letter (stage `write`) with BigQuery's reason.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from skewless.beam_pipelines.io.pubsub import (
     PublishDeadLetters,
 )
 from skewless.beam_pipelines.io.serving_log import WriteServingLog
-from skewless.beam_pipelines.runtime.job import FLAG_ONLY, Job, Template
+from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.local_runner import (
     LOCAL_STREAMING_RUNNER,
@@ -50,8 +55,10 @@ from skewless.beam_pipelines.runtime.local_runner import (
     prepare_local_runner,
 )
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     FeatureSetOptions,
     ModelOptions,
+    PredictionTableOptions,
     ServingLogOptions,
     SubscriptionOptions,
     TableCheckOptions,
@@ -89,8 +96,10 @@ DESCRIPTION = (
     "from --subscription, validate them, look up their as-of aggregates in the Bigtable table "
     "the aggregate job writes (absent row = empty window), score them with the highest model "
     "version under --model_dir (a newly published version is picked up without a restart; "
-    "--model_version pins one) and publish one JSON prediction per event to --output_topic. "
-    "Bad messages and failed inferences go to --dead_letter_topic with their stage and reason. "
+    "--model_version pins one) and publish one JSON prediction per event to --output_topic "
+    "and/or insert it as a row into the BigQuery table --output_table (created if missing; "
+    "the batch scorer's columns plus source). Bad messages, failed inferences and rows "
+    "BigQuery refuses go to --dead_letter_topic with their stage and reason. "
     "The feature set is the one recorded with the model version. With --serving_log, a "
     "sample of the scored events (--serving_log_sample, by a stable hash of the example key) "
     "is logged with its served features and prediction as JSON lines, for `skewless audit`."
@@ -105,7 +114,8 @@ class ScoreStreamingOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
-            "--output_topic", help="projects/P/topics/T for JSON predictions (required with --streaming)."
+            "--output_topic",
+            help="projects/P/topics/T for JSON predictions (this and/or --output_table).",
         )
         parser.add_argument(
             "--model_poll_s",
@@ -139,6 +149,7 @@ def on_off(text: str) -> bool:
 
 GROUPS = (
     ScoreStreamingOptions,
+    PredictionTableOptions,
     ModelOptions,
     SubscriptionOptions,
     TableCheckOptions,
@@ -146,6 +157,7 @@ GROUPS = (
     FeatureSetOptions,
     ServingLogOptions,
     EventTimeOptions,
+    BigQueryEndpointOptions,
 )
 
 
@@ -158,7 +170,6 @@ JOB = Job(
     required=(
         "model_dir",
         "subscription",
-        "output_topic",
         "bigtable_project",
         "bigtable_instance",
         "bigtable_table",
@@ -167,11 +178,14 @@ JOB = Job(
     template=Template(
         "score_streaming",
         fixed_args=("--streaming",),
-        not_parameters={"skip_table_check": FLAG_ONLY},
+        not_parameters={
+            "skip_table_check": FLAG_ONLY,
+            "bigquery_endpoint": EMULATOR_ONLY["bigquery_endpoint"],
+        },
     ),
 )
 # The batch scorer's flags: given with --streaming they would be silently ignored.
-BATCH_ONLY_FLAGS = ("output", "output_table", "output_format", "output_method", "start", "end", "dead_letter_dir")
+BATCH_ONLY_FLAGS = ("output", "output_format", "output_method", "start", "end", "dead_letter_dir")
 
 
 class _LookupAggregatesFn(beam.DoFn):
@@ -412,21 +426,89 @@ class _ToMessage(beam.DoFn):
         yield to_prediction_message(prediction)
 
 
-class WritePredictions(beam.PTransform):
-    """Prediction dicts -> JSON messages on a Pub/Sub topic (attribute `model_version`)."""
+SOURCE = "source"  # where a prediction comes from: "model" (or "cache", once there is one)
 
-    def __init__(self, topic: str):
+
+def prediction_row_fields(fs: FeatureSet) -> list:
+    """The BigQuery columns of a streamed prediction: the batch scorer's (the example key,
+    the event time, probability, model_version; io/bigquery_sink.bigquery_schema of
+    score_core.prediction_schema), then `source` (STRING, REQUIRED)."""
+    from google.cloud import bigquery
+
+    from skewless.beam_pipelines.io.bigquery_sink import bigquery_schema
+    from skewless.beam_pipelines.score_core import prediction_schema
+
+    return [
+        *bigquery_schema(prediction_schema(fs)),
+        bigquery.SchemaField(SOURCE, "STRING", mode="REQUIRED"),
+    ]
+
+
+class _ToRow(beam.DoFn):
+    """Prediction dict -> the row of prediction_row_fields (a DoFn class: see _ToMessage).
+    Timestamps stay the ISO-8601 text of the prediction dict, which BigQuery takes."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def process(self, prediction: dict) -> Iterator[dict]:
+        row = {name: prediction.get(name) for name in self.names}
+        row[SOURCE] = prediction.get(SOURCE, "model")
+        yield row
+
+
+@dataclass(frozen=True)
+class PredictionTable:
+    """Where --output_table rows go: the table, the REST endpoint (emulators), the feature set
+    (its columns and the dead letters' feature_set)."""
+
+    table: str
+    fs: FeatureSet
+    endpoint: str | None = None
+
+
+class WritePredictions(beam.PTransform):
+    """Prediction dicts -> JSON messages on a Pub/Sub topic (attribute `model_version`) and/or
+    rows of a BigQuery table (streaming inserts); the rows BigQuery refuses go to
+    `dead_letters` (default: counted and logged). The Pub/Sub steps keep their labels
+    (ToMessage, Publish) whether or not a table is written: Dataflow's update matches steps by
+    name."""
+
+    def __init__(
+        self,
+        topic: str | None = None,
+        table: PredictionTable | None = None,
+        dead_letters: beam.PTransform | None = None,
+    ):
         super().__init__()
+        if topic is None and table is None:
+            raise ValueError("WritePredictions needs a topic, a table or both")
         self.topic = topic
+        self.table = table
+        self.dead_letters = dead_letters
 
     def expand(self, predictions):
-        from apache_beam.io.gcp.pubsub import WriteToPubSub
+        published = None
+        if self.topic is not None:
+            from apache_beam.io.gcp.pubsub import WriteToPubSub
 
-        return (
+            published = (
+                predictions
+                | "ToMessage" >> beam.ParDo(_ToMessage())
+                | "Publish" >> WriteToPubSub(self.topic, with_attributes=True)
+            )
+        if self.table is None:
+            return published
+        from skewless.beam_pipelines.io.bigquery_sink import InsertRowsToBigQuery
+
+        t = self.table
+        names = [f.name for f in prediction_row_fields(t.fs) if f.name != SOURCE]
+        refused = (
             predictions
-            | "ToMessage" >> beam.ParDo(_ToMessage())
-            | "Publish" >> WriteToPubSub(self.topic, with_attributes=True)
+            | "ToRow" >> beam.ParDo(_ToRow(names))
+            | "Insert" >> InsertRowsToBigQuery(t.table, endpoint=t.endpoint, feature_set=t.fs.name)
         )
+        return refused | "RefusedRows" >> (self.dead_letters or PublishDeadLetters(None))
 
 
 def build_pipeline(
@@ -489,12 +571,13 @@ def _batch_only(argv: Sequence[str]) -> list[str]:
 class ScoreStreamingConfig:
     """The streaming scorer resolved from its options before the job starts (every error
     here is a one-line usage error): the model (watched for new versions unless pinned), the
-    Bigtable table (checked), the topics and the optional serving log."""
+    Bigtable table (checked), the topics, the BigQuery table (created if missing, checked)
+    and the optional serving log."""
 
     model: LoadedVersion
     model_dir: str
     subscription: str
-    output_topic: str
+    output_topic: str | None
     dead_letter_topic: str | None
     project: str
     instance: str
@@ -505,6 +588,8 @@ class ScoreStreamingConfig:
     serving_log_path: str | None
     serving_log_sample: float
     prediction_cache: bool = False
+    output_table: str | None = None
+    bigquery_endpoint: str | None = None
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> ScoreStreamingConfig:
@@ -513,6 +598,11 @@ class ScoreStreamingConfig:
         pubsub = options.view_as(SubscriptionOptions)
         bt = options.view_as(BigtableOptions)
         log_opts = options.view_as(ServingLogOptions)
+        output_table = options.view_as(PredictionTableOptions).output_table
+        endpoint = options.view_as(BigQueryEndpointOptions).bigquery_endpoint
+        skip_checks = options.view_as(TableCheckOptions).skip_table_check
+        if not opts.output_topic and not output_table:
+            raise _fail("give --output_topic, --output_table or both: where the predictions go")
         try:
             model = load_model(
                 model_opts.model_dir,
@@ -532,8 +622,10 @@ class ScoreStreamingConfig:
             if opts.prediction_cache:
                 cache_of(model.fs)  # one line if the feature set declares none
                 families.append(cache_family(model.fs))
-            if not options.view_as(TableCheckOptions).skip_table_check:
+            if not skip_checks:
                 check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, families)
+            if output_table:
+                _check_output_table(output_table, model.fs, endpoint, create=not skip_checks)
         except (*MODEL_ERRORS, BigtableSetupError, ValueError) as exc:
             raise _fail(str(exc)) from None
         return cls(
@@ -551,7 +643,16 @@ class ScoreStreamingConfig:
             serving_log_path=log_opts.serving_log,
             serving_log_sample=log_opts.serving_log_sample,
             prediction_cache=opts.prediction_cache,
+            output_table=output_table,
+            bigquery_endpoint=endpoint,
         )
+
+    def sink(self) -> WritePredictions:
+        """The predictions' sink: the topic and/or the table, refused rows to the dead letters."""
+        table = None
+        if self.output_table:
+            table = PredictionTable(self.output_table, self.model.fs, self.bigquery_endpoint)
+        return WritePredictions(self.output_topic, table, PublishDeadLetters(self.dead_letter_topic))
 
     def describe(self) -> dict:
         """What the job reads, writes and serves, for its start-up log line."""
@@ -559,6 +660,7 @@ class ScoreStreamingConfig:
         return {
             "subscription": self.subscription,
             "output_topic": self.output_topic,
+            "output_table": self.output_table,
             "dead_letter_topic": self.dead_letter_topic,
             "model_dir": self.model_dir,
             "model_version": handler.version,
@@ -570,6 +672,26 @@ class ScoreStreamingConfig:
         }
 
 
+def _check_output_table(table: str, fs: FeatureSet, endpoint: str | None, create: bool) -> None:
+    """The table's name (always), and unless `create` is False: the table, created with
+    prediction_row_fields if missing, or an existing one whose columns take the rows. Raises
+    ValueError with one line a user can act on."""
+    from skewless.beam_pipelines.io.bigquery import validate_table_name
+    from skewless.beam_pipelines.io.bigquery_sink import ensure_table
+
+    validate_table_name(table)
+    if not create:
+        return
+    from google.api_core.exceptions import GoogleAPIError
+    from google.auth.exceptions import GoogleAuthError
+
+    try:
+        ensure_table(table, prediction_row_fields(fs), endpoint)
+    except (GoogleAPIError, GoogleAuthError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise ValueError(f"--output_table {table}: {type(exc).__name__}: {message}") from None
+
+
 def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     """Parse options, check the model and the table, and build (not run) the job."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -577,7 +699,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
     if batch_only:
         raise _fail(
             f"batch-only option(s) {', '.join(batch_only)}: streaming predictions go to "
-            "--output_topic and dead letters to --dead_letter_topic"
+            "--output_topic and/or --output_table and dead letters to --dead_letter_topic"
         )
     options = parse_job_options(argv, JOB, default_runner=LOCAL_STREAMING_RUNNER)
     std = options.view_as(StandardOptions)
@@ -604,7 +726,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
             max_batch=config.max_batch,
             cache_handler=config.model.handler if config.prediction_cache else None,
         ),
-        WritePredictions(config.output_topic),
+        config.sink(),
         PublishDeadLetters(config.dead_letter_topic),
         config.serving_log,
         timestamp_attribute=config.timestamp_attribute,

@@ -19,6 +19,7 @@ from skewless.beam_pipelines.io.serving_log import ReadServingLog, log_glob
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.options import (
+    BigQueryEndpointOptions,
     FeatureSetOptions,
     OutputDirOptions,
     ServingLogOptions,
@@ -93,7 +94,14 @@ JOB = Job(
     in_process="skewless.beam_pipelines.validation.in_process",
     summary="batch: new data's statistics vs a prepared baseline",
     description=DESCRIPTION,
-    groups=(ValidateOptions, OutputDirOptions, SourceOptions, ServingLogOptions, FeatureSetOptions),
+    groups=(
+        ValidateOptions,
+        OutputDirOptions,
+        SourceOptions,
+        BigQueryEndpointOptions,
+        ServingLogOptions,
+        FeatureSetOptions,
+    ),
     required=("baseline", "output_dir"),
     template=Template(
         "validate",
@@ -155,7 +163,7 @@ def new_data_source(
         query=src.bigquery_query,
         query_parameters=[parse_query_parameter(p) for p in src.bigquery_query_param],
         project=src.bigquery_project or options.view_as(GoogleCloudOptions).project,
-        bigquery_endpoint=src.bigquery_endpoint,
+        bigquery_endpoint=options.view_as(BigQueryEndpointOptions).bigquery_endpoint,
         storage_endpoint=src.bigquery_storage_endpoint,
         temp_dataset=src.bigquery_temp_dataset,
     )

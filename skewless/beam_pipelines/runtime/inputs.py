@@ -7,7 +7,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from skewless.beam_pipelines.io.file_sources import ReadRawFiles
 from skewless.beam_pipelines.io.files import check_input
-from skewless.beam_pipelines.runtime.options import SourceOptions
+from skewless.beam_pipelines.runtime.options import BigQueryEndpointOptions, SourceOptions
 from skewless.beam_pipelines.runtime.parsing import is_dry_run
 from skewless.transforms.featureset import FeatureSet, ReferenceTable
 from skewless.transforms.reference import (
@@ -50,6 +50,7 @@ def bigquery_source(
 
     opts = options.view_as(SourceOptions)
     project = opts.bigquery_project or options.view_as(GoogleCloudOptions).project
+    endpoint = options.view_as(BigQueryEndpointOptions).bigquery_endpoint
     source = ReadFromBigQueryStorage(
         table=table,
         query=query,
@@ -57,12 +58,12 @@ def bigquery_source(
         if query
         else [],
         project=project,
-        bigquery_endpoint=opts.bigquery_endpoint,
+        bigquery_endpoint=endpoint,
         storage_endpoint=opts.bigquery_storage_endpoint,
         temp_dataset=opts.bigquery_temp_dataset,
     )
     if table and not is_dry_run(options):
-        check_table_schema(table, fs, project, opts.bigquery_endpoint)
+        check_table_schema(table, fs, project, endpoint)
     return source
 
 

@@ -57,7 +57,8 @@ class TableCheckOptions(PipelineOptions):
         parser.add_argument(
             "--skip_table_check",
             action="store_true",
-            help="Do not check at start that the Bigtable table and column family exist.",
+            help="Do not check at start that the Bigtable table and column family exist (score "
+            "--streaming: nor create or check --output_table, which must then exist).",
         )
 
 
@@ -143,9 +144,6 @@ class SourceOptions(PipelineOptions):
             "Default: BigQuery's anonymous result table. Needed on the BigQuery emulator.",
         )
         parser.add_argument(
-            "--bigquery_endpoint", help="BigQuery REST endpoint override (emulators)."
-        )
-        parser.add_argument(
             "--bigquery_storage_endpoint", help="BigQuery Storage Read gRPC host:port (emulators)."
         )
         parser.add_argument(
@@ -156,6 +154,31 @@ class SourceOptions(PipelineOptions):
             "Parquet or JSON lines, local or gs://), or NAME=bigquery:PROJECT.DATASET.TABLE from "
             "that BigQuery table (same --bigquery_* endpoint and project options), instead of "
             "its default_input; repeatable.",
+        )
+
+
+class BigQueryEndpointOptions(PipelineOptions):
+    """--bigquery_endpoint: every job that talks to BigQuery's REST API, to read (the
+    SourceOptions jobs) or to write (score's --output_table, batch and streaming)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--bigquery_endpoint", help="BigQuery REST endpoint override (emulators)."
+        )
+
+
+class PredictionTableOptions(PipelineOptions):
+    """--output_table of both scorers: the BigQuery table their predictions go to."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output_table",
+            help="BigQuery table (project.dataset.table or project:dataset.table) for the "
+            "predictions, created with the prediction schema if missing. score: instead of "
+            "--output; score --streaming: instead of or as well as --output_topic "
+            "(streaming inserts, with a `source` column).",
         )
 
 
