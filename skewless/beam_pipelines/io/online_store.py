@@ -51,6 +51,7 @@ DEFAULT_READ_AHEAD_MS = 24 * 3_600_000
 NEVER = -(2**62)
 # Where an example answered from the prediction cache carries (probability, model version).
 CACHED = "__prediction_cache"
+MAX_MEMO_KEYS = 200_000  # (version, key) -> (key text, row key) remembered per process
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -142,6 +143,8 @@ class OnlineLookup:
         self.clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.Lock()
+        self._key_fields = fs.prediction_cache.key if fs.prediction_cache is not None else ()
+        self._keys: dict[tuple, tuple[str, str]] = {}
         self.stats = {
             "cells_found": 0,
             "cells_missing": 0,
@@ -235,21 +238,35 @@ class OnlineLookup:
 
     # -- the prediction cache --------------------------------------------------------------------
 
+    def _cache_key(self, event: dict, version: int) -> tuple[str, str] | None:
+        """(key text, entry row key) of an event's key for `version`, None when a key field is
+        null (never cached). Memoised per process: a peaked key space repeats, and the key's
+        JSON and its hash cost more than the rest of a hit (bench/prediction_cache.py)."""
+        values = tuple(event.get(name) for name in self._key_fields)
+        if None in values:
+            return None
+        memo = (version, values)
+        found = self._keys.get(memo)
+        if found is None:
+            text = key_text(self.fs, event)
+            found = (text, entry_row_key(self.fs, version, text))
+            if len(self._keys) >= MAX_MEMO_KEYS:
+                self._keys.clear()
+            self._keys[memo] = found
+        return found
+
     def _cache_requests(self, events: list[dict], version: int | None) -> tuple[list, list[str]]:
-        """(per event: its key text, or None when it is not looked up; the row keys to read:
-        the entries of the events' keys and the version's marker, in the batch's one read)."""
+        """(per event: its (key text, row key), or None when it is not looked up; the row keys
+        to read: the entries of the events' keys and the version's marker, in the batch's one
+        read)."""
         if version is None:
             return [None] * len(events), []
-        texts, keys = [], [marker_row_key(self.fs, version)]
-        for event in events:
-            text = None
-            if all(event.get(name) is not None for name in self.fs.prediction_cache.key):
-                text = key_text(self.fs, event)
-                keys.append(entry_row_key(self.fs, version, text))
-            texts.append(text)
-        return texts, keys
+        keys = [self._cache_key(event, version) for event in events]
+        rows = {found[1] for found in keys if found is not None}
+        rows.add(marker_row_key(self.fs, version))
+        return keys, list(rows)
 
-    def _serve_cached(self, examples: list[dict], texts: list, version: int | None, rows) -> None:
+    def _serve_cached(self, examples: list[dict], keys: list, version: int | None, rows) -> None:
         """Attach (probability, version) under CACHED to each example whose entry was read and
         holds its own key text (another text: a hash collision, a miss). Nothing is served
         from a version whose marker the same read did not find: precompute has not finished
@@ -257,23 +274,30 @@ class OnlineLookup:
         if version is None:
             return
         family = cache_family(self.fs)
-        by_key = {row.row_key.decode("utf-8"): row.cells.get(family) for row in rows}
-        by_key = {k: v for k, v in by_key.items() if v}
+        entries = {}
+        for row in rows:
+            columns = row.cells.get(family)
+            if columns:
+                entries[row.row_key.decode("utf-8")] = columns
         stats = self.stats
-        if marker_row_key(self.fs, version) not in by_key:
+        if marker_row_key(self.fs, version) not in entries:
             stats["prediction_cache_version_not_ready"] += len(examples)
             return
-        for example, text in zip(examples, texts, strict=True):
-            columns = by_key.get(entry_row_key(self.fs, version, text)) if text else None
+        hits = misses = collisions = 0
+        for example, found in zip(examples, keys, strict=True):
+            columns = entries.get(found[1]) if found is not None else None
             if columns is None or KEY not in columns or PROBABILITY not in columns:
-                stats["prediction_cache_misses"] += 1
+                misses += 1
                 continue
-            if columns[KEY][0].value.decode("utf-8") != text:
-                stats["prediction_cache_collisions"] += 1
-                stats["prediction_cache_misses"] += 1
+            if columns[KEY][0].value.decode("utf-8") != found[0]:
+                collisions += 1
                 continue
-            stats["prediction_cache_hits"] += 1
-            example[CACHED] = (float(decode_value(columns[PROBABILITY][0].value)), version)
+            hits += 1
+            # precompute writes the probability as the text of a float (encode_value)
+            example[CACHED] = (float(columns[PROBABILITY][0].value), version)
+        stats["prediction_cache_hits"] += hits
+        stats["prediction_cache_misses"] += misses + collisions
+        stats["prediction_cache_collisions"] += collisions
 
     def examples(self, events: list[dict], cache_version: int | None = None) -> list[dict]:
         """The events with their as-of aggregates and reference columns; with `cache_version`
@@ -281,7 +305,7 @@ class OnlineLookup:
         holds also carries its cached (probability, version) under CACHED."""
         fs = self.fs
         now = self.clock()
-        texts, cache_keys = self._cache_requests(events, cache_version)
+        cache_keys_of_events, cache_rows = self._cache_requests(events, cache_version)
         wanted_cells = [cell_keys(fs, e) for e in events]
         requests = self._reference_requests(events) if fs.references else {}
         tables = {t.name: t for t in fs.references}
@@ -300,7 +324,7 @@ class OnlineLookup:
         span = (min(changing), max(changing)) if changing else None
         row_keys = [row_key(*k) for keys in wanted_cells for k in keys]
         row_keys += [reference_row_key(tables[name], key) for name, key in missing]
-        rows = self._read(row_keys + cache_keys, span, predictions=bool(cache_keys))
+        rows = self._read(row_keys + cache_rows, span, predictions=bool(cache_rows))
         self.stats["reference_reads"] += bool(missing)
         cells = cells_from_rows(rows, fs.name)
         seen: set[tuple[str, str]] = set()
@@ -322,7 +346,7 @@ class OnlineLookup:
             else attach_aggregates(fs, e, cells.get)
             for e in events
         ]  # fmt: skip
-        self._serve_cached(examples, texts, cache_version, rows)
+        self._serve_cached(examples, cache_keys_of_events, cache_version, rows)
         return examples
 
     def _indexes(self, requests) -> list[dict]:
