@@ -15,9 +15,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from google.cloud.dataflow_v1beta3 import ParameterType, TemplateMetadata
 
 from skewless.beam_pipelines.io.bigquery import parse_query_parameter, validate_table_name
+from skewless.beam_pipelines.jobs.score_streaming import on_off
 from skewless.transforms.drift_calibration import parse_span
 from skewless.transforms.featureset import load_feature_set
-from skewless.beam_pipelines.jobs.score_streaming import on_off
 from skewless.transforms.record_checks import to_epoch_ms
 from templates.render import job_flags, text_of
 from tests.support import REPO_ROOT

@@ -12,8 +12,7 @@ import pyarrow as pa
 import pytest
 
 from skewless.beam_pipelines.commands import bigtable_setup
-from skewless.beam_pipelines.io.bigtable import open_table
-from skewless.beam_pipelines.io.bigtable import gc_max_age_s
+from skewless.beam_pipelines.io.bigtable import gc_max_age_s, open_table
 from skewless.beam_pipelines.io.prediction_cache import read_marker, version_timestamp_ms
 from skewless.beam_pipelines.jobs import precompute
 from skewless.examples.flights_schedule import FLIGHTS_SCHEDULE

@@ -17,7 +17,7 @@ from skewless.beam_pipelines.jobs import audit, precompute, score_streaming
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights_schedule import FLIGHTS_SCHEDULE
 from skewless.models import versions
-from tests.support.flights_data import write_csv, write_jsonl
+from tests.support.flights_data import write_csv
 from tests.support.schedule import requests_of
 from tests.support.streaming_jobs import wait_for
 

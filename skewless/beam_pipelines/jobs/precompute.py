@@ -231,7 +231,10 @@ class KeyStats(beam.CombineFn):
         if a is None or b is None:
             return a if b is None else b
         ta, tb = a.get(self.event_time), b.get(self.event_time)
-        return a if (ta, json.dumps(a, sort_keys=True, default=str)) <= (tb, json.dumps(b, sort_keys=True, default=str)) else b
+        if ta != tb:
+            return a if ta < tb else b
+        # The same time: the smaller text, so the choice does not depend on the order of input.
+        return a if json.dumps(a, sort_keys=True, default=str) <= json.dumps(b, sort_keys=True, default=str) else b
 
     def add_input(self, acc, example):
         return acc[0] + 1, self._earlier(acc[1], example)

@@ -426,9 +426,6 @@ class _ToMessage(beam.DoFn):
         yield to_prediction_message(prediction)
 
 
-SOURCE = "source"  # where a prediction comes from: "model" (or "cache", once there is one)
-
-
 def prediction_row_fields(fs: FeatureSet) -> list:
     """The BigQuery columns of a streamed prediction: the batch scorer's (the example key,
     the event time, probability, model_version; io/bigquery_sink.bigquery_schema of
@@ -453,7 +450,7 @@ class _ToRow(beam.DoFn):
 
     def process(self, prediction: dict) -> Iterator[dict]:
         row = {name: prediction.get(name) for name in self.names}
-        row[SOURCE] = prediction.get(SOURCE, "model")
+        row[SOURCE] = prediction[SOURCE]  # "model" or "cache": every prediction dict has it
         yield row
 
 
