@@ -96,3 +96,44 @@ def test_a_hash_collision_is_a_miss_never_another_keys_prediction(bigtable_emula
     collided = sum(key_text(fs, e) not in stored for e in events)
     assert collided > 0
     assert lookup.stats["prediction_cache_collisions"] == collided
+
+
+class _RecordingTable:
+    """The emulator's table, recording the row keys each read asks for."""
+
+    def __init__(self, table):
+        self.table = table
+        self.reads: list[set[bytes]] = []
+
+    def read_rows(self, row_set, filter_=None):
+        self.reads.append(set(row_set.row_keys))
+        return self.table.read_rows(row_set=row_set, filter_=filter_)
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_ready_versions_entries_are_read_once_per_ttl_and_served_from_the_process(bigtable_emulator):
+    fs = FLIGHTS_KEYED
+    table = _table(bigtable_emulator, "tests.support.cache_feature_sets:FLIGHTS_KEYED")
+    events = _events(fs, 150)
+    texts = sorted({key_text(fs, e) for e in events})
+    _write(table, fs, 1, [{"key": t, "probability": 0.125, "requests": 1} for t in texts[::2]])
+    write_marker(table, fs, 1, STAMP_MS, {})
+    recording, clock = _RecordingTable(table), _Clock()
+    lookup = OnlineLookup(fs, recording, clock=clock)
+    first = lookup.examples(events, cache_version=1)
+    entry_rows = {entry_row_key(fs, 1, t).encode() for t in texts}
+    assert entry_rows <= recording.reads[-1], "the first batch reads every key's entry"
+    second = lookup.examples(events, cache_version=1)
+    assert not entry_rows & recording.reads[-1], "a ready version's entries come from the process"
+    assert [CACHED in e for e in first] == [CACHED in e for e in second]
+    assert sum(CACHED in e for e in second) > 0
+    clock.now += 61  # past cache_ttl_s: read again (a key precompute added since is seen)
+    lookup.examples(events, cache_version=1)
+    assert entry_rows <= recording.reads[-1]

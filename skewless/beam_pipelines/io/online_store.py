@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable
 
 from skewless.beam_pipelines.io.bigtable import decode_value
-from skewless.beam_pipelines.io.prediction_cache import KEY, PROBABILITY
+from skewless.beam_pipelines.io.prediction_cache import KEY, MARKER, PROBABILITY
 from skewless.transforms.aggregations import attach_aggregates, parse_row_key, row_key
 from skewless.transforms.featureset import FeatureSet, ReferenceTable
 from skewless.transforms.partials import CellKey, entity_value
@@ -51,7 +51,7 @@ DEFAULT_READ_AHEAD_MS = 24 * 3_600_000
 NEVER = -(2**62)
 # Where an example answered from the prediction cache carries (probability, model version).
 CACHED = "__prediction_cache"
-MAX_MEMO_KEYS = 200_000  # (version, key) -> (key text, row key) remembered per process
+MAX_MEMO_KEYS = 200_000  # keys (and entries) of the prediction cache remembered per process
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -145,6 +145,10 @@ class OnlineLookup:
         self._lock = threading.Lock()
         self._key_fields = fs.prediction_cache.key if fs.prediction_cache is not None else ()
         self._keys: dict[tuple, tuple[str, str]] = {}
+        # (version, entry row key) -> (key text or None: no entry, probability, expiry); and
+        # version -> until when its marker counts as seen. See _cache_requests.
+        self._entries: dict[tuple[int, str], tuple[str | None, float | None, float]] = {}
+        self._ready: dict[int, float] = {}
         self.stats = {
             "cells_found": 0,
             "cells_missing": 0,
@@ -255,46 +259,75 @@ class OnlineLookup:
             self._keys[memo] = found
         return found
 
-    def _cache_requests(self, events: list[dict], version: int | None) -> tuple[list, list[str]]:
-        """(per event: its (key text, row key), or None when it is not looked up; the row keys
-        to read: the entries of the events' keys and the version's marker, in the batch's one
-        read)."""
+    def _cache_requests(
+        self, events: list[dict], version: int | None, now: float
+    ) -> tuple[list, list[str]]:
+        """(per event: its (key text, row key), or None when it is not looked up; the rows to
+        read). A version whose marker this process has seen recently reads only the entries
+        it does not hold (an entry of a version never changes: precompute writes the same
+        cells again); before that, the version's marker and every entry the batch needs, in
+        the batch's one read, so the batch that finds the marker is served."""
         if version is None:
             return [None] * len(events), []
         keys = [self._cache_key(event, version) for event in events]
-        rows = {found[1] for found in keys if found is not None}
-        rows.add(marker_row_key(self.fs, version))
-        return keys, list(rows)
+        wanted = {found[1] for found in keys if found is not None}
+        if self._ready.get(version, 0.0) > now:
+            entries = self._entries
+            return keys, [
+                k for k in wanted if (e := entries.get((version, k))) is None or e[2] <= now
+            ]
+        wanted.add(marker_row_key(self.fs, version))
+        return keys, list(wanted)
 
-    def _serve_cached(self, examples: list[dict], keys: list, version: int | None, rows) -> None:
-        """Attach (probability, version) under CACHED to each example whose entry was read and
-        holds its own key text (another text: a hash collision, a miss). Nothing is served
-        from a version whose marker the same read did not find: precompute has not finished
-        it (or its cells were collected)."""
+    def _serve_cached(
+        self, examples: list[dict], keys: list, version: int | None, rows, read: list[str],
+        now: float,
+    ) -> None:  # fmt: skip
+        """Attach (probability, version) under CACHED to each example whose entry holds its own
+        key text (another text: a hash collision, a miss). Nothing is served from a version
+        whose marker neither this read found nor this process saw within `cache_ttl_s`:
+        precompute has not finished it (or its cells were collected). What was read for a
+        ready version is kept for `cache_ttl_s`, a key without an entry too (a re-run of
+        precompute that adds keys is seen within that time)."""
         if version is None:
             return
         family = cache_family(self.fs)
-        entries = {}
+        found_rows = {}
         for row in rows:
             columns = row.cells.get(family)
-            if columns:
-                entries[row.row_key.decode("utf-8")] = columns
+            if columns and KEY in columns and PROBABILITY in columns:
+                found_rows[row.row_key.decode("utf-8")] = (
+                    columns[KEY][0].value.decode("utf-8"),
+                    # precompute writes the probability as the text of a float (encode_value)
+                    float(columns[PROBABILITY][0].value),
+                )
+            elif columns and MARKER in columns:
+                found_rows[row.row_key.decode("utf-8")] = MARKER
         stats = self.stats
-        if marker_row_key(self.fs, version) not in entries:
+        if found_rows.get(marker_row_key(self.fs, version)) is MARKER:
+            self._ready[version] = now + self.cache_ttl_s
+        elif self._ready.get(version, 0.0) <= now:
             stats["prediction_cache_version_not_ready"] += len(examples)
             return
+        entries = self._entries
+        if len(entries) + len(read) > MAX_MEMO_KEYS:
+            entries.clear()
+        expires = now + self.cache_ttl_s
+        for row_key in read:
+            entry = found_rows.get(row_key)
+            if entry is not MARKER:
+                text, probability = entry if entry is not None else (None, None)
+                entries[(version, row_key)] = (text, probability, expires)
         hits = misses = collisions = 0
         for example, found in zip(examples, keys, strict=True):
-            columns = entries.get(found[1]) if found is not None else None
-            if columns is None or KEY not in columns or PROBABILITY not in columns:
+            entry = entries.get((version, found[1])) if found is not None else None
+            if entry is None or entry[0] is None:
                 misses += 1
-                continue
-            if columns[KEY][0].value.decode("utf-8") != found[0]:
+            elif entry[0] != found[0]:
                 collisions += 1
-                continue
-            hits += 1
-            # precompute writes the probability as the text of a float (encode_value)
-            example[CACHED] = (float(columns[PROBABILITY][0].value), version)
+            else:
+                hits += 1
+                example[CACHED] = (entry[1], version)
         stats["prediction_cache_hits"] += hits
         stats["prediction_cache_misses"] += misses + collisions
         stats["prediction_cache_collisions"] += collisions
@@ -305,7 +338,7 @@ class OnlineLookup:
         holds also carries its cached (probability, version) under CACHED."""
         fs = self.fs
         now = self.clock()
-        cache_keys_of_events, cache_rows = self._cache_requests(events, cache_version)
+        cache_keys_of_events, cache_rows = self._cache_requests(events, cache_version, now)
         wanted_cells = [cell_keys(fs, e) for e in events]
         requests = self._reference_requests(events) if fs.references else {}
         tables = {t.name: t for t in fs.references}
@@ -346,7 +379,7 @@ class OnlineLookup:
             else attach_aggregates(fs, e, cells.get)
             for e in events
         ]  # fmt: skip
-        self._serve_cached(examples, cache_keys_of_events, cache_version, rows)
+        self._serve_cached(examples, cache_keys_of_events, cache_version, rows, cache_rows, now)
         return examples
 
     def _indexes(self, requests) -> list[dict]:

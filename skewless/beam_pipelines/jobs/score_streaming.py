@@ -242,15 +242,27 @@ _LOOKUPS_LOCK = threading.Lock()
 
 
 def _shared_lookup(fs: FeatureSet, open_cells: Callable[[], object]) -> OnlineLookup:
-    """One lookup (and its reference cache) per feature set and table in a process: the local
-    runner calls setup for every bundle."""
-    key = (id(fs), fs.name, getattr(open_cells, "args", id(open_cells)))
+    """One lookup (its reference and prediction caches) per feature set and table in a
+    process: the local runner calls setup for every bundle, on a DoFn unpickled for the
+    bundle, so its feature set is a new object each time; the declaration's text (what the
+    lookup reads of it) says whether it is the same feature set. (Keyed by the object, as it
+    was, every bundle got a new lookup and its caches were never reused.)"""
+    key = (fs.name, _declaration(fs), getattr(open_cells, "args", id(open_cells)))
     table = open_cells()  # before taking the lock: the opener takes _TABLES_LOCK itself
     with _LOOKUPS_LOCK:
         found = _LOOKUPS.get(key)
-        if found is None or found.fs is not fs or found.table is not table:
+        if found is None or found.table is not table:
             found = _LOOKUPS[key] = OnlineLookup(fs, table)
         return found
+
+
+def _declaration(fs: FeatureSet) -> str:
+    """What the online lookup reads of a feature set, as text (stable across unpickling:
+    module functions keep their identity)."""
+    return repr(
+        (fs.event_time, fs.serving_delay_s, fs.keys, fs.aggregates, fs.references,
+         fs.example_fields, fs.prediction_cache)
+    )  # fmt: skip
 
 
 class LookupAggregates(beam.PTransform):
