@@ -99,7 +99,7 @@ def test_the_readme_recipe_shows_cells_and_streaming_predictions(tmp_path):
     for prediction in predictions:
         assert set(prediction) == {
             "carrier", "flight", "origin", "scheduled_departure", "event_time", "probability",
-            "model_version",
+            "model_version", "source",
         }  # fmt: skip
         assert 0.0 <= prediction["probability"] <= 1.0
         assert prediction["model_version"] == 1

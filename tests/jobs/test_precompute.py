@@ -18,7 +18,7 @@ from skewless.beam_pipelines.jobs import precompute
 from skewless.examples.flights_schedule import FLIGHTS_SCHEDULE
 from skewless.models.handler import SkewlessModelHandler, arrow_to_feed, predict
 from skewless.transforms.example_schema import features_arrow_schema
-from skewless.transforms.prediction_cache import cache_family, key_text
+from skewless.transforms.prediction_cache import cache_family, key_hash, key_text
 from tests.support.flights_data import write_csv
 from tests.support.pipelines import typed_events
 from tests.support.schedule import NOVEMBER_WEEK, requests_of
@@ -129,3 +129,36 @@ def test_a_model_that_reads_outside_the_key_is_refused_naming_the_inputs(trained
         assert name in message
     assert "(carrier, origin, dest)" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_keys_that_share_a_hash_keep_the_most_frequent_and_dead_letter_the_others(
+    model, bigtable_emulator, tmp_path
+):
+    """One hexadecimal character of hash: 16 rows for every key of the week; each row keeps the
+    key asked most often, and every other key is a dead letter naming the one it lost to."""
+    bt = bigtable_emulator
+    flags = _table(bt)
+    rows = requests_of(NOVEMBER_WEEK)
+    source = write_csv(tmp_path / "week.csv", rows)
+    summary = precompute.run(
+        ["--model_dir", str(model["model_dir"]), "--input", str(source), "--top_n", "0",
+         "--feature_set", "tests.support.cache_feature_sets:SCHEDULE_ONE_HEX",
+         "--output_dir", str(tmp_path / "out"), *flags]
+    )  # fmt: skip
+    counts = collections.Counter(key_text(FS, r) for r in typed_events(FS, rows))
+    by_hash: dict[str, list] = {}
+    for text, n in counts.items():
+        by_hash.setdefault(key_hash(text, 1), []).append((n, text))
+    winners = {max(keys) for keys in by_hash.values()}
+    counters = summary["counters"]
+    assert counters["prediction_cache_entries_written"] == len(by_hash) == 16
+    assert counters["key_hash_collisions"] == len(counts) - 16
+    assert summary["requests_covered"] == sum(n for n, _ in winners)
+    cells = _all_cells(bt, flags)
+    stored = {v[0][0].decode() for (k, f, c), v in cells.items() if c == b"key"}
+    assert stored == {text for _, text in winners}
+    letters = [json.loads(line) for path in (tmp_path / "out" / "dead_letters").glob("part*")
+               for line in open(path)]  # fmt: skip
+    assert len(letters) == len(counts) - 16
+    assert all(letter["stage"] == "key" and "collides with the more frequent key" in letter["reason"]
+               for letter in letters)  # fmt: skip
