@@ -28,14 +28,32 @@ from skewless.transforms.record_checks import NAMESPACE
 EXAMPLE, PREDICTION = "example", "prediction"
 
 
-def load_monitor_reference(prepared_dir: str, fs: FeatureSet) -> MonitorReference:
+def load_monitor_reference(
+    prepared_dir: str, fs: FeatureSet, prediction_mean: float | None = None
+) -> MonitorReference:
     """The reference of a model version's prepared dir (its statistics, its schema with the
-    thresholds prepare calibrated): ValueError naming the file when it is missing or broken."""
+    thresholds prepare calibrated) and its mean eval probability (metrics.json, None: not
+    recorded): ValueError naming the file when one is missing or broken."""
     from skewless.beam_pipelines.validation.baseline import load_baseline, not_compared
     from skewless.transforms.monitoring import monitor_reference
 
     baseline = load_baseline(prepared_dir)
-    return monitor_reference(baseline.statistics, baseline.schema, fs, not_compared(fs))
+    return monitor_reference(
+        baseline.statistics, baseline.schema, fs, not_compared(fs), prediction_mean
+    )
+
+
+def eval_mean_probability(model_path: str) -> float | None:
+    """The model version's mean probability on its eval split (metrics.json `model`), or None
+    when training did not record it."""
+    from skewless.beam_pipelines.io import storage
+    from skewless.models.versions import METRICS_FILE
+
+    path = storage.join(model_path, METRICS_FILE)
+    if not storage.exists(path):
+        return None
+    value = json.loads(storage.read_bytes(path).decode()).get("model", {}).get("mean_probability")
+    return None if value is None or value != value else float(value)
 
 
 def _event_seconds(value) -> float | None:

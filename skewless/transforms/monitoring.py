@@ -15,9 +15,13 @@ sampling noise alone reaches with probability NOISE_ALPHA at the window's count 
 bound for Jensen-Shannon, a normal bound for L-infinity, binomial bounds for missing and unseen
 shares); windows with fewer than MIN_WINDOW_EXAMPLES examples are counted, not compared.
 
-The prediction is compared as the mean served probability against the training label rate
-(the eval predictions are not in the prepared dir): `prediction_drift`, threshold at least
-DEFAULT_PREDICTION_THRESHOLD (Vertex AI's default 0.3 for a per-feature threshold).
+The prediction is compared as the mean served probability against the model's mean
+probability on its eval split (metrics.json `model.mean_probability`, which training records):
+`prediction_drift`, threshold at least DEFAULT_PREDICTION_THRESHOLD (Vertex AI's default 0.3
+for a per-feature threshold). Not against the training label rate: a model that is not
+calibrated (the tests' one-epoch model predicts 0.8 on average where 23 % are delayed) would
+raise it in every window, drift or not. A version trained before training recorded it has
+no prediction check.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class MonitorReference:
     numeric: dict[str, NumericReference]
     categorical: dict[str, CategoricalReference]
     missing: dict[str, float]
-    label_rate: float | None
+    prediction_mean: float | None
     not_compared: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -112,6 +116,7 @@ def monitor_reference(
     schema: schema_pb2.Schema,
     fs: FeatureSet,
     not_compared: Mapping[str, str],
+    prediction_mean: float | None = None,
 ) -> MonitorReference:
     """The reference of the served example columns (the label, time columns and calendar
     fields left out; `not_compared` says why: validation.baseline.not_compared)."""
@@ -152,7 +157,7 @@ def monitor_reference(
                 drift_threshold(feature, L_INF),
                 round(1.0 - mass, 12),
             )
-    return MonitorReference(numeric, categorical, missing, _label_rate(base.get(fs.label)), skipped)  # fmt: skip
+    return MonitorReference(numeric, categorical, missing, prediction_mean, skipped)
 
 
 def _numeric_reference(stats, feature) -> NumericReference | None:
@@ -169,16 +174,6 @@ def _numeric_reference(stats, feature) -> NumericReference | None:
     below = _mass_below(fine, edges, discrete)
     mass = np.diff(np.concatenate([[0.0], below, [1.0]]))
     return NumericReference(edges, np.clip(mass, 0.0, None), drift_threshold(feature, JS))
-
-
-def _label_rate(stats) -> float | None:
-    if (
-        stats is None
-        or not stats.HasField("num_stats")
-        or not stats.num_stats.HasField("common_stats")
-    ):
-        return None
-    return float(stats.num_stats.mean)
 
 
 class WindowCounts:
@@ -384,18 +379,19 @@ def window_anomalies(
                 f"{name!r} is missing in {share:.2%} of the served examples, training "
                 f"{rate:.2%} (tolerated: {bound:.2%})",
             ))  # fmt: skip
-    if reference.label_rate is not None and counts.predictions >= min_examples:
+    if reference.prediction_mean is not None and counts.predictions >= min_examples:
         mean = counts.probability_sum / counts.predictions
-        distance = abs(mean - reference.label_rate)
+        expected = reference.prediction_mean
+        distance = abs(mean - expected)
         noise = NormalDist().inv_cdf(1 - NOISE_ALPHA / 2) * math.sqrt(
-            reference.label_rate * (1 - reference.label_rate) / counts.predictions
+            expected * (1 - expected) / counts.predictions
         )
         threshold = max(prediction_threshold, noise)
         if distance > threshold:
             found.append(MonitorAnomaly(
                 "prediction", "prediction_drift", round(distance, 6), round(threshold, 6),
                 counts.predictions,
-                f"the mean served probability {mean:.4f} is {distance:.4f} from the training "
-                f"label rate {reference.label_rate:.4f} (threshold {threshold:.4f})",
+                f"the mean served probability {mean:.4f} is {distance:.4f} from the model's "
+                f"mean probability on its eval split {expected:.4f} (threshold {threshold:.4f})",
             ))  # fmt: skip
     return found

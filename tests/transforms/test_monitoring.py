@@ -15,7 +15,11 @@ import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 
-from skewless.beam_pipelines.monitoring import MonitorServedTraffic, load_monitor_reference
+from skewless.beam_pipelines.monitoring import (
+    MonitorServedTraffic,
+    eval_mean_probability,
+    load_monitor_reference,
+)
 from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.monitoring import (
@@ -35,7 +39,10 @@ HOUR_S = 3600
 
 @pytest.fixture(scope="module")
 def reference(trained):
-    return load_monitor_reference(str(trained["prepared"]), FLIGHTS)
+    version = trained["model_dir"] / "1"
+    return load_monitor_reference(
+        str(trained["prepared"]), FLIGHTS, eval_mean_probability(str(version))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +78,13 @@ def test_the_reference_compares_no_time_calendar_label_or_aggregate_column(refer
     dep = reference.numeric["dep_delay"]
     assert math.isclose(float(dep.mass.sum()), 1.0, abs_tol=1e-9)
     assert len(dep.mass) == len(dep.edges) + 1 >= 8
-    assert 0.2 < reference.label_rate < 0.3
+    assert 0.0 < reference.prediction_mean < 1.0  # the model's eval mean, from metrics.json
 
 
 def test_a_clean_hour_of_real_flights_raises_nothing(reference, hours):
     compared = 0
     for examples in hours.values():
-        counts = _counts(reference, examples, probability=reference.label_rate)
+        counts = _counts(reference, examples, probability=reference.prediction_mean)
         assert window_anomalies(reference, counts) == [], examples[0]["event_time"]
         compared += counts.examples >= MIN_WINDOW_EXAMPLES
     assert compared >= 100  # a week: most hours hold enough flights to compare
@@ -88,7 +95,7 @@ def test_dep_delay_in_seconds_is_named_in_every_hour_and_nothing_else(reference,
     for examples in hours.values():
         if len(examples) < MIN_WINDOW_EXAMPLES:
             continue
-        found = window_anomalies(reference, _counts(reference, examples, scale=60, probability=reference.label_rate))  # fmt: skip
+        found = window_anomalies(reference, _counts(reference, examples, scale=60, probability=reference.prediction_mean))  # fmt: skip
         assert [(a.feature, a.kind) for a in found] == [("dep_delay", "distribution_drift")]
         assert found[0].value > found[0].threshold >= reference.numeric["dep_delay"].threshold
         raised += 1
@@ -105,7 +112,8 @@ def test_small_windows_are_counted_not_compared(reference, hours):
 def test_missing_values_unseen_categories_and_predictions_are_named(reference, hours):
     examples = max(hours.values(), key=len)
     broken = [dict(e, distance=None, dest="XXX") for e in examples]
-    found = window_anomalies(reference, _counts(reference, broken, probability=0.95))
+    wrong = 1.0 if reference.prediction_mean < 0.5 else 0.0
+    found = window_anomalies(reference, _counts(reference, broken, probability=wrong))
     kinds = {(a.feature, a.kind) for a in found}
     assert ("distance", "missing_rate") in kinds
     assert ("dest", "unseen_categories") in kinds
@@ -149,11 +157,11 @@ def _batches(examples, scale=1.0, size=10):
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def _predictions(examples, version=1):
+def _predictions(examples, probability, version=1):
     from skewless.transforms.record_checks import ms_to_datetime
 
     return [
-        {"event_time": ms_to_datetime(e["event_time"]).isoformat(), "probability": 0.25,
+        {"event_time": ms_to_datetime(e["event_time"]).isoformat(), "probability": probability,
          "model_version": version}
         for e in examples
     ]  # fmt: skip
@@ -175,7 +183,10 @@ def test_windows_close_on_the_watermark_with_one_record_per_anomaly(reference, h
             [beam.window.TimestampedValue(("b", b), start_s) for b in _batches(second, 60)]
         )  # fmt: skip
         .add_elements(
-            [beam.window.TimestampedValue(("p", p), start_s) for p in _predictions(first + second)]
+            [
+                beam.window.TimestampedValue(("p", p), start_s)
+                for p in _predictions(first + second, reference.prediction_mean)
+            ]
         )  # fmt: skip
         .advance_watermark_to((h1 + 1) * HOUR_S)
         .advance_watermark_to_infinity()
