@@ -99,6 +99,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_aggregate_faults.py": 175,
     "tests/commands/test_retrain.py": 147,  # alone, building the `trained` fixture too
     "tests/test_local_recipe.py": 143,
+    "tests/jobs/test_score_streaming_monitor.py": 125,  # waits for a window to close
     "tests/jobs/test_score_streaming_references.py": 102,
     "tests/jobs/test_validate.py": 95,
     "tests/commands/test_replay_parity.py": 86,
@@ -120,6 +121,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_aggregate.py": 31,
     "tests/io/test_online_store.py": 29,
     "tests/examples/test_flights_preprocessing.py": 25,
+    "tests/transforms/test_monitoring.py": 25,
     "tests/io/test_tfrecord_sink.py": 24,
     "tests/jobs/test_prepare_duplicate_keys.py": 23,
     "tests/runtime/test_cli.py": 22,
