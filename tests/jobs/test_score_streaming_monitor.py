@@ -12,6 +12,7 @@ time the feature set derives moves with it, as it would with that upstream bug).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -133,3 +134,26 @@ def test_a_clean_replay_raises_nothing_and_dep_delay_in_seconds_is_named_in_its_
     assert counters["clean"]["monitor_windows"] == 1 and counters["clean"].get("monitor_anomalies", 0) == 0  # fmt: skip
     assert counters["seconds"]["monitor_anomalies"] == 1
     assert counters["seconds"]["monitor_examples"] == len(seconds)
+
+
+@pytest.mark.timeout(120)
+def test_a_model_version_without_training_statistics_is_a_one_line_error(trained, tmp_path):
+    """--monitor_topic reads the version's prepared dir before the job starts: a version whose
+    prepared dir is gone is refused with a line naming the missing statistics."""
+    models = tmp_path / "models"
+    shutil.copytree(trained["model_dir"] / "1", models / "1")
+    record = json.loads((models / "1" / "model.json").read_text())
+    record["prepared_dir"] = str(tmp_path / "gone")
+    (models / "1" / "model.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as exc:
+        score_streaming.make_pipeline(
+            [
+                "--streaming", "--subscription=projects/p/subscriptions/s",
+                "--output_topic=projects/p/topics/out", "--bigtable_project=p",
+                "--bigtable_instance=i", "--bigtable_table=t", "--skip_table_check",
+                f"--model_dir={models}", "--monitor_topic=projects/p/topics/monitor",
+            ]
+        )  # fmt: skip
+    message = str(exc.value)
+    assert message.startswith("skewless score --streaming: ") and "\n" not in message
+    assert "gone" in message and "run prepare" in message

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from skewless.beam_pipelines.monitoring import (
     MonitorServedTraffic,
@@ -167,6 +168,11 @@ def _predictions(examples, probability, version=1):
     ]  # fmt: skip
 
 
+class _PaneTiming(beam.DoFn):
+    def process(self, record, pane=beam.DoFn.PaneInfoParam):
+        yield (record["feature"], pane.timing)
+
+
 @pytest.mark.timeout(240)
 def test_windows_close_on_the_watermark_with_one_record_per_anomaly(reference, hours):
     """Two hours of real flights, the second with dep_delay in seconds, arrive as the scorer's
@@ -206,6 +212,12 @@ def test_windows_close_on_the_watermark_with_one_record_per_anomaly(reference, h
             lambda r: (r["feature"], r["kind"], r["window_start"], r["count"], r["model_version"])
         ),  # fmt: skip
         equal_to([("dep_delay", "distribution_drift", expected_start, len(second), 1)]),
+    )
+    # Fired once, when the watermark passed the window's end: the on-time pane.
+    assert_that(
+        records | beam.ParDo(_PaneTiming()),
+        equal_to([("dep_delay", PaneInfoTiming.ON_TIME)]),
+        label="OnTime",
     )
     result = p.run()
     result.wait_until_finish()
