@@ -11,9 +11,16 @@ them), and never the time columns or calendar fields (validation.baseline.not_co
 differs is the sample size: an hour of flights is ~40 examples, where validate compares months.
 A 40-value histogram on validate's 200 buckets is mostly noise, so a window is counted on the
 training deciles (10 buckets, the outer two open-ended), and every threshold is at least what
-sampling noise alone reaches with probability NOISE_ALPHA at the window's count (chi-square
-bound for Jensen-Shannon, a normal bound for L-infinity, binomial bounds for missing and unseen
-shares); windows with fewer than MIN_WINDOW_EXAMPLES examples are counted, not compared.
+sampling noise alone reaches with probability NOISE_ALPHA at the window's count (simulated
+from the training buckets for Jensen-Shannon, a normal bound for L-infinity, binomial bounds
+for missing and unseen shares), times NOISE_MARGIN; windows with fewer than
+MIN_WINDOW_EXAMPLES examples are counted, not compared. Aggregate columns are not compared
+for drift here (AGGREGATE_NOT_COMPARED).
+
+Measured on the tests' week of real January flights (113 hours with at least 20 flights, the
+hours of the prepared features/): the largest divergence of a clean hour is 1.21 times its noise
+bound (`minute`; dep_delay 0.95, carrier 0.83): no anomaly with the margin; dep_delay x60 (in
+seconds) raises dep_delay in all 113 hours, at 1.18 to 3.9 times its threshold.
 
 The prediction is compared as the mean served probability against the model's mean
 probability on its eval split (metrics.json `model.mean_probability`, which training records):
@@ -58,7 +65,7 @@ NOISE_ALPHA = 1e-4
 DEFAULT_PREDICTION_THRESHOLD = 0.3
 MONITOR_BUCKETS = 10  # the training deciles
 # Hours are not random samples of the training period (evenings have more delay, flights
-# leave on the hour and half-hour): a clean week of real flights reaches up to 1.34 times the
+# leave on the hour and half-hour): a clean week of real flights reaches up to 1.21 times the
 # noise bound in an hour (the docstring's measurement); the bound is raised by this margin,
 # prepare's calibration margin (drift_calibration.DRIFT_MARGIN).
 NOISE_MARGIN = DRIFT_MARGIN
