@@ -97,9 +97,9 @@ def dataflow_jobs(monkeypatch) -> list:
 MODULE_SECONDS = {
     "tests/jobs/test_audit.py": 187,
     "tests/jobs/test_aggregate_faults.py": 175,
+    "tests/jobs/test_score_streaming_monitor.py": 150,  # waits for a window to close
     "tests/commands/test_retrain.py": 147,  # alone, building the `trained` fixture too
     "tests/test_local_recipe.py": 143,
-    "tests/jobs/test_score_streaming_monitor.py": 125,  # waits for a window to close
     "tests/jobs/test_score_streaming_references.py": 102,
     "tests/jobs/test_validate.py": 95,
     "tests/commands/test_replay_parity.py": 86,
