@@ -98,6 +98,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_label_join.py": 297,
     "tests/jobs/test_audit.py": 187,
     "tests/jobs/test_aggregate_faults.py": 175,
+    "tests/jobs/test_score_streaming_monitor.py": 150,  # waits for a window to close
     "tests/commands/test_retrain.py": 147,  # alone, building the `trained` fixture too
     "tests/test_local_recipe.py": 143,
     "tests/jobs/test_score_streaming_references.py": 102,
@@ -122,6 +123,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_aggregate.py": 31,
     "tests/io/test_online_store.py": 29,
     "tests/examples/test_flights_preprocessing.py": 25,
+    "tests/transforms/test_monitoring.py": 25,
     "tests/io/test_tfrecord_sink.py": 24,
     "tests/jobs/test_prepare_duplicate_keys.py": 23,
     "tests/runtime/test_cli.py": 22,

@@ -41,6 +41,8 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
         "accuracy": accuracy(labels, np.asarray(probabilities) >= threshold),
         "examples": int(len(labels)),
         "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
+        # What streaming monitoring compares a window's mean served probability with.
+        "mean_probability": float(np.mean(probabilities)) if len(labels) else float("nan"),
     }
 
 

@@ -97,6 +97,7 @@ SAMPLE_OF = {
     "output_table": "bigquery_table", "output_topic": "topic", "dead_letter_topic": "topic",
     "write_retry_s": "model_poll_s",
     "serving_log_window_s": "positive", "serving_log": "gs",
+    "monitor_topic": "topic", "monitor_window_s": "positive", "monitor_allowed_lateness_s": "allowed_lateness_s",
     "baseline": "gs", "baseline_schema": "gs", "prepared_dir": "gs", "validate_against": "gs",
     "label_files": "gs", "label_bigquery_table": "bigquery_table",
 }  # fmt: skip

@@ -47,6 +47,12 @@ from skewless.beam_pipelines.io.pubsub import (
     PublishDeadLetters,
 )
 from skewless.beam_pipelines.io.serving_log import WriteServingLog
+from skewless.beam_pipelines.monitoring import (
+    MonitorServedTraffic,
+    PublishAnomalies,
+    eval_mean_probability,
+    load_monitor_reference,
+)
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.local_runner import (
@@ -85,6 +91,7 @@ from skewless.transforms.consistency import (
     serving_log_record,
 )
 from skewless.transforms.featureset import FeatureSet
+from skewless.transforms.monitoring import DEFAULT_WINDOW_S
 from skewless.transforms.prediction_cache import cache_family, cache_of
 from skewless.transforms.record_checks import NAMESPACE, CheckRecords
 
@@ -133,6 +140,25 @@ class ScoreStreamingOptions(PipelineOptions):
             "the model version serving now from Bigtable (same read as the aggregates), and "
             "only the rest with the model. Needs a feature set that declares a prediction "
             "cache. `--prediction_cache` alone or =true (a Flex Template passes a value).",
+        )
+        parser.add_argument(
+            "--monitor_topic",
+            help="projects/P/topics/T: monitor the served features and predictions against "
+            "the model's training statistics (its prepared dir) per window of event time and "
+            "publish one JSON anomaly record per anomaly when a window closes.",
+        )
+        parser.add_argument(
+            "--monitor_window_s",
+            type=int,
+            default=DEFAULT_WINDOW_S,
+            help="Monitoring window in seconds of event time (default one hour).",
+        )
+        parser.add_argument(
+            "--monitor_allowed_lateness_s",
+            type=int,
+            default=0,
+            help="Examples up to this late (behind the watermark) still count in their "
+            "window until it closes; later ones are dropped.",
         )
 
 
@@ -531,6 +557,7 @@ def build_pipeline(
     serving_log: WriteServingLog | None = None,
     timestamp_attribute: str = DEFAULT_TIMESTAMP_ATTRIBUTE,
     prediction_cache: bool = False,
+    monitor: beam.PTransform | None = None,
 ) -> None:
     """Wire streaming scoring. `source` yields PubsubMessages, `lookup` turns events into
     batches (lists) of examples (LookupAggregates), `sink` takes prediction dicts,
@@ -539,11 +566,12 @@ def build_pipeline(
     examples the lookup found in the cache are answered from it and only the rest is scored.
     Messages are read as the aggregate job reads them (ParseMessages: the event time of the
     `timestamp_attribute`, which must agree with the payload's), so both jobs accept and
-    reject the same messages."""
+    reject the same messages. `monitor` (optional, MonitorServedTraffic and its sink) takes
+    (every served example's batch, the predictions), cache hits included."""
     messages = p | "Read" >> source
     payloads, bad_timestamps = messages | "EventTime" >> ParseMessages(timestamp_attribute, fs)
     events, invalid = payloads | "Validate" >> CheckRecords(fs)
-    batches = events | "LookupAggregates" >> lookup
+    batches = served = events | "LookupAggregates" >> lookup
     sample = serving_log.sample if serving_log is not None else None
     if prediction_cache:
         split = batches | "ServeFromCache" >> beam.ParDo(
@@ -560,6 +588,8 @@ def build_pipeline(
         predictions = split.predictions
         _ = split[SERVING_LOG] | "ServingLog" >> serving_log
     _ = predictions | "Write" >> sink
+    if monitor is not None:
+        _ = (served, predictions) | "Monitor" >> monitor
     _ = (
         (bad_timestamps, invalid, failed)
         | "AllDeadLetters" >> beam.Flatten()
@@ -599,6 +629,8 @@ class ScoreStreamingConfig:
     prediction_cache: bool = False
     output_table: str | None = None
     bigquery_endpoint: str | None = None
+    monitor: beam.PTransform | None = None
+    monitor_topic: str | None = None
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> ScoreStreamingConfig:
@@ -635,6 +667,7 @@ class ScoreStreamingConfig:
                 check_table(bt.bigtable_project, bt.bigtable_instance, bt.bigtable_table, families)
             if output_table:
                 _check_output_table(output_table, model.fs, endpoint, create=not skip_checks)
+            monitor = _monitor(opts, model) if opts.monitor_topic else None
         except (*MODEL_ERRORS, BigtableSetupError, ValueError) as exc:
             raise _fail(str(exc)) from None
         return cls(
@@ -654,6 +687,8 @@ class ScoreStreamingConfig:
             prediction_cache=opts.prediction_cache,
             output_table=output_table,
             bigquery_endpoint=endpoint,
+            monitor=monitor,
+            monitor_topic=opts.monitor_topic,
         )
 
     def sink(self) -> WritePredictions:
@@ -678,6 +713,7 @@ class ScoreStreamingConfig:
             "serving_log": self.serving_log_path,
             "serving_log_sample": self.serving_log_sample if self.serving_log_path else None,
             "prediction_cache": self.prediction_cache,
+            "monitor_topic": self.monitor_topic,
         }
 
 
@@ -699,6 +735,35 @@ def _check_output_table(table: str, fs: FeatureSet, endpoint: str | None, create
     except (GoogleAPIError, GoogleAuthError) as exc:
         message = getattr(exc, "message", None) or str(exc)
         raise ValueError(f"--output_table {table}: {type(exc).__name__}: {message}") from None
+
+
+class _Monitor(beam.PTransform):
+    """MonitorServedTraffic, its records published to the monitoring topic."""
+
+    def __init__(self, monitor: MonitorServedTraffic, topic: str):
+        super().__init__()
+        self.monitor = monitor
+        self.topic = topic
+
+    def expand(self, inputs):
+        return inputs | "Windows" >> self.monitor | "Publish" >> PublishAnomalies(self.topic)
+
+
+def _monitor(opts: ScoreStreamingOptions, model: LoadedVersion) -> _Monitor:
+    """The monitoring branch of --monitor_topic, against the training statistics of the model
+    version loaded now (its model.json `prepared_dir`); ValueError when there are none."""
+    version = model.handler.model_version
+    prepared = version.metadata.get("prepared_dir")
+    if not prepared:
+        raise ValueError(
+            f"--monitor_topic: model version {version.version} records no prepared_dir to "
+            "read its training statistics from"
+        )
+    reference = load_monitor_reference(prepared, model.fs, eval_mean_probability(version.path))
+    windows = MonitorServedTraffic(
+        model.fs, reference, opts.monitor_window_s, opts.monitor_allowed_lateness_s
+    )
+    return _Monitor(windows, opts.monitor_topic)
 
 
 def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
@@ -740,6 +805,7 @@ def make_pipeline(argv: Sequence[str] | None) -> tuple[beam.Pipeline, dict]:
         config.serving_log,
         timestamp_attribute=config.timestamp_attribute,
         prediction_cache=config.prediction_cache,
+        monitor=config.monitor,
     )
     return p, config.describe()
 
