@@ -313,11 +313,11 @@ class OnlineLookup:
         if len(entries) + len(read) > MAX_MEMO_KEYS:
             entries.clear()
         expires = now + self.cache_ttl_s
-        for row_key in read:
-            entry = found_rows.get(row_key)
+        for read_key in read:
+            entry = found_rows.get(read_key)
             if entry is not MARKER:
                 text, probability = entry if entry is not None else (None, None)
-                entries[(version, row_key)] = (text, probability, expires)
+                entries[(version, read_key)] = (text, probability, expires)
         hits = misses = collisions = 0
         for example, found in zip(examples, keys, strict=True):
             entry = entries.get((version, found[1])) if found is not None else None
