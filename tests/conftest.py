@@ -96,6 +96,10 @@ def dataflow_jobs(monkeypatch) -> list:
 # table: a module missing from it (or costing less) just runs after the listed ones.
 MODULE_SECONDS = {
     "tests/jobs/test_label_join.py": 297,
+    "tests/jobs/test_score_streaming_cache.py": 170,
+    "tests/jobs/test_precompute.py": 70,
+    "tests/models/test_batch_invariance.py": 15,
+    "tests/io/test_prediction_cache_store.py": 15,
     "tests/jobs/test_audit.py": 187,
     "tests/jobs/test_aggregate_faults.py": 175,
     "tests/jobs/test_score_streaming_monitor.py": 150,  # waits for a window to close
