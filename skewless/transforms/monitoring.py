@@ -1,7 +1,7 @@
 """Served traffic against the model's training statistics, one window at a time (issue 23,
 streaming monitoring): what a window of served examples and predictions keeps (counts on the
 baseline's buckets, not the examples) and the anomaly records it raises when it closes. No Beam
-and no I/O here: skewless.beam_pipelines.monitoring windows and publishes.
+and no I/O here: skewless.beam_pipelines.validation.monitoring windows and publishes.
 
 The comparison is validate's (anomalies.py): Jensen-Shannon divergence of numeric features on
 the training histogram's buckets (its mass spread over integers for whole-number features),
@@ -19,8 +19,9 @@ for drift here (AGGREGATE_NOT_COMPARED).
 
 Measured on the tests' week of real January flights (113 hours with at least 20 flights, the
 hours of the prepared features/): the largest divergence of a clean hour is 1.21 times its noise
-bound (`minute`; dep_delay 0.95, carrier 0.83): no anomaly with the margin; dep_delay x60 (in
-seconds) raises dep_delay in all 113 hours, at 1.18 to 3.9 times its threshold.
+bound (the scheduled minute; the departure delay 0.95, the airline 0.83): no anomaly with the
+margin; the departure delay x60 (in seconds) raises that feature in all 113 hours, at 1.18 to
+3.9 times its threshold.
 
 The prediction is compared as the mean served probability against the model's mean
 probability on its eval split (metrics.json `model.mean_probability`, which training records):

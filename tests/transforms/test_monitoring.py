@@ -1,7 +1,7 @@
 """Streaming monitoring's comparison (skewless.transforms.monitoring) on real flights: the
 `trained` fixture's prepared dir (a week of real January flights) is the training reference,
 its features/ (the very example columns the scorer serves) cut into hours are the served
-windows; and the Beam step (skewless.beam_pipelines.monitoring) fed by TestStream."""
+windows; and the Beam step (skewless.beam_pipelines.validation.monitoring) fed by TestStream."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from skewless.beam_pipelines.monitoring import (
+from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.beam_pipelines.validation.monitoring import (
     MonitorServedTraffic,
     eval_mean_probability,
     load_monitor_reference,
 )
-from skewless.beam_pipelines.runtime.parsing import metric_counters
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.monitoring import (
     AGGREGATE_NOT_COMPARED,

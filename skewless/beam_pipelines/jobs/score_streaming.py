@@ -47,12 +47,6 @@ from skewless.beam_pipelines.io.pubsub import (
     PublishDeadLetters,
 )
 from skewless.beam_pipelines.io.serving_log import WriteServingLog
-from skewless.beam_pipelines.monitoring import (
-    MonitorServedTraffic,
-    PublishAnomalies,
-    eval_mean_probability,
-    load_monitor_reference,
-)
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
 from skewless.beam_pipelines.runtime.local_runner import (
@@ -81,6 +75,12 @@ from skewless.beam_pipelines.score_core import (
     ScoreWithModel,
     ToPredictionDict,
     load_model,
+)
+from skewless.beam_pipelines.validation.monitoring import (
+    MonitorServedTraffic,
+    PublishAnomalies,
+    eval_mean_probability,
+    load_monitor_reference,
 )
 from skewless.models.handler import SkewlessModelHandler
 from skewless.models.watch import WatchingModelHandler
