@@ -6,7 +6,7 @@ column (identifiers and the event time too), so the signature's inputs say nothi
 transform graph's outputs are computed from does. tf.Transform computes exactly that map
 when it applies a graph to fewer inputs than it was built with (it walks the graph from each
 output back to the input placeholders, control dependencies aside): `SavedModelLoader`'s
-`_output_to_inputs_map`. It is private API of the pinned tf.Transform (1.17); a change of it
+`_output_to_inputs_map`. It is private API of the pinned tf.Transform (1.21); a change of it
 fails the tests of this module, not silently.
 """
 
