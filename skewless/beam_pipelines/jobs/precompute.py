@@ -57,6 +57,7 @@ from skewless.beam_pipelines.runtime.options import (
     ServingLogOptions,
     SourceOptions,
     TableCheckOptions,
+    parse_period,
 )
 from skewless.beam_pipelines.runtime.parsing import parse_job_options, run_and_summarise
 from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging
@@ -76,7 +77,7 @@ from skewless.transforms.prediction_cache import (
     key_text,
     uncovered_inputs,
 )
-from skewless.transforms.record_checks import NAMESPACE, CheckRecords, dead_letter, to_epoch_ms
+from skewless.transforms.record_checks import NAMESPACE, CheckRecords, dead_letter
 
 LOG = logging.getLogger("skewless.precompute")
 SUMMARY = "summary.json"
@@ -502,9 +503,10 @@ class PrecomputeConfig:
             bt = options.view_as(BigtableOptions)
             log = options.view_as(ServingLogOptions).serving_log
             span = options.view_as(PeriodOptions)
-            period = tuple(_instant(v, f) for v, f in ((span.start, "--start"), (span.end, "--end")))
-            if None not in period and period[0] >= period[1]:
-                raise _fail("--start must be before --end")
+            try:
+                period = parse_period(span.start, span.end)
+            except ValueError as exc:
+                raise _fail(str(exc)) from None
             try:
                 model = load_model(
                     model_opts.model_dir,
@@ -544,15 +546,6 @@ class PrecomputeConfig:
                 output_dir=output_dir,
                 retry_s=options.view_as(BigtableWriteOptions).write_retry_s,
             )
-
-
-def _instant(value: str | None, flag: str) -> int | None:
-    if not value:
-        return None
-    try:
-        return to_epoch_ms(value)
-    except ValueError as exc:
-        raise _fail(f"{flag} {value!r} is not an ISO-8601 instant ({exc})") from None
 
 
 COUNTED = (

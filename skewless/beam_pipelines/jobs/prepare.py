@@ -41,6 +41,7 @@ from skewless.beam_pipelines.runtime.options import (
     PeriodOptions,
     SourceOptions,
     feature_set_spec,
+    parse_period,
 )
 from skewless.beam_pipelines.runtime.parsing import (
     parse_job_options,
@@ -75,7 +76,7 @@ from skewless.transforms.example_schema import (
 )
 from skewless.transforms.examples import BuildExamples, CountDuplicateKeys, SelectPeriod
 from skewless.transforms.featureset import FeatureSet, load_feature_set
-from skewless.transforms.record_checks import CheckRecords, ms_to_datetime, to_epoch_ms
+from skewless.transforms.record_checks import CheckRecords, ms_to_datetime
 from skewless.transforms.split import Split
 from skewless.transforms.statistics import infer_schema
 from skewless.transforms.statistics_fn import ComputeSpanStatistics, ComputeStatistics
@@ -226,20 +227,6 @@ class PrepareConfig:
             )
             check_output_dir(output_dir, "--output_dir")
         return config
-
-
-def parse_period(start: str | None, end: str | None) -> tuple[int | None, int | None]:
-    """(start, end) in epoch milliseconds, None where not given; ValueError (a usage error)
-    on an instant that does not parse or an empty period."""
-    bounds = []
-    for flag, value in (("--start", start), ("--end", end)):
-        try:
-            bounds.append(to_epoch_ms(value) if value else None)
-        except ValueError as exc:
-            raise ValueError(f"{flag} {value!r} is not an ISO-8601 instant ({exc})") from None
-    if None not in bounds and bounds[0] >= bounds[1]:
-        raise ValueError(f"--start {start} must be before --end {end}")
-    return bounds[0], bounds[1]
 
 
 class ToTFTBatches(beam.PTransform):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from skewless.transforms.record_checks import to_epoch_ms
+
 DEFAULT_FEATURE_SET = "flights"  # of the jobs that read raw events; the others follow the model
 DEFAULT_ALLOWED_LATENESS_S = 600
 
@@ -228,6 +230,20 @@ class PeriodOptions(PipelineOptions):
             "feed the aggregates of the examples kept).",
         )
         parser.add_argument("--end", help="Only examples with event time < this ISO-8601 instant.")
+
+
+def parse_period(start: str | None, end: str | None) -> tuple[int | None, int | None]:
+    """PeriodOptions' (start, end) in epoch milliseconds, None where not given; ValueError (a
+    usage error) on an instant that does not parse or an empty period."""
+    bounds = []
+    for flag, value in (("--start", start), ("--end", end)):
+        try:
+            bounds.append(to_epoch_ms(value) if value else None)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {value!r} is not an ISO-8601 instant ({exc})") from None
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise ValueError(f"--start {start} must be before --end {end}")
+    return bounds[0], bounds[1]
 
 
 class OutputDirOptions(PipelineOptions):
