@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.score_streaming import Laps, Topics, cpu_seconds, summarize  # noqa: E402
+from bench.score_streaming import Laps, Topics, cpu_seconds, stop_process_group, summarize  # noqa: E402
 from tests.support.emulators import pubsub_and_bigtable  # noqa: E402
 from tests.support.traffic import Receiver, publish_paced  # noqa: E402
 
@@ -264,13 +263,7 @@ def run_scorer(topics, env, table_id, model_dir, events, rate, seconds, cache, l
         return result
     finally:
         receiver.close()
-        try:
-            os.killpg(scorer.pid, signal.SIGTERM)
-            scorer.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(scorer.pid, signal.SIGKILL)
+        stop_process_group(scorer)
 
 
 def main() -> None:

@@ -360,13 +360,18 @@ def run_scorer(topics, env, table_id, model_dir, events, rate, seconds, pull, lo
                 scorer.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(scorer.pid, signal.SIGTERM)
-            scorer.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(scorer.pid, signal.SIGKILL)
+        stop_process_group(scorer)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group of a child started with start_new_session; SIGKILL after 20 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def cpu_seconds(pid: int) -> float:
