@@ -116,6 +116,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_aggregate_poison_messages.py": 53,
     "tests/contract/test_hostile_inputs.py": 52,
     "tests/jobs/test_prepare_period.py": 50,
+    "tests/jobs/test_prepare_examples.py": 50,
     "tests/jobs/test_references_from_bigquery.py": 49,
     "tests/packaging/test_installed_package.py": 49,
     "tests/examples/test_flights_schedule.py": 49,

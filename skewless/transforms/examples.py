@@ -275,7 +275,8 @@ class _SharedKeys(beam.DoFn):
 class SelectPeriod(beam.DoFn):
     """Keep the examples with start <= event time < end. Applied to examples, not to events:
     the events before the period still fed its examples' aggregates (score --start/--end,
-    prepare --start/--end)."""
+    prepare --start/--end). Elements are RecordBatches, or (source, RecordBatch) pairs kept as
+    pairs (prepare --examples, before KeepFirstSource)."""
 
     def __init__(self, fs: FeatureSet, start_ms: int | None, end_ms: int | None):
         self.fs = fs
@@ -285,7 +286,8 @@ class SelectPeriod(beam.DoFn):
     def setup(self) -> None:
         self._outside = Metrics.counter(NAMESPACE, "examples_outside_period")
 
-    def process(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+    def process(self, element) -> Iterator:
+        source, batch = element if isinstance(element, tuple) else (None, element)
         times = batch.column(self.fs.event_time).cast(pa.int64())
         keep = None
         if self.start_ms is not None:
@@ -296,4 +298,72 @@ class SelectPeriod(beam.DoFn):
         selected = batch if keep is None else batch.filter(keep)
         self._outside.inc(batch.num_rows - selected.num_rows)
         if selected.num_rows:
-            yield selected
+            yield selected if source is None else (source, selected)
+
+
+class KeepFirstSource(beam.PTransform):
+    """(source position, example RecordBatch) pairs from several sources -> RecordBatches in
+    which each example key comes from one source: the first (lowest position) that holds it.
+    The examples of a key in later sources are dropped and counted (`examples_superseded`;
+    `examples_superseded_differing`: those whose columns differ from the kept example's, NaN
+    equal to NaN); several examples of one key within the kept source all stay (prepare's
+    duplicate-key count sees them as before).
+
+    prepare --examples: label-joined directories listed first train on the features as served
+    where they exist and on prepare's elsewhere (log-based bootstrap), and overlapping windows
+    of earlier runs count each example once. One element per example through a GroupByKey:
+    about the cost of the as-of join's shuffle, paid only with more than one source.
+    """
+
+    def __init__(self, fs: FeatureSet, schema: pa.Schema, batch_rows: int = 8192):
+        super().__init__()
+        self.fs = fs
+        self.schema = schema
+        self.batch_rows = batch_rows
+
+    def expand(self, pairs):
+        schema = self.schema
+        return (
+            pairs
+            | "KeyExamples" >> beam.ParDo(_KeyExamples(self.fs))
+            | "ByKey" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.ParDo(_KeepFirst())
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=self.batch_rows, max_batch_size=self.batch_rows)
+            | "ToBatches" >> beam.Map(lambda rows: pa.RecordBatch.from_pylist(rows, schema=schema))
+        )
+
+
+class _KeyExamples(beam.DoFn):
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+
+    def process(self, pair: tuple[int, pa.RecordBatch]) -> Iterator:
+        source, batch = pair
+        names = self.fs.example_key
+        columns = [batch.column(name).cast(pa.int64()) if pa.types.is_timestamp(
+            batch.schema.field(name).type) else batch.column(name) for name in names]  # fmt: skip
+        keys = zip(*(c.to_pylist() for c in columns), strict=True)
+        for key, row in zip(keys, batch.to_pylist(), strict=True):
+            yield key, (source, row)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(x == y or (x != x and y != y) for x, y in zip(a.values(), b.values(), strict=True))
+
+
+class _KeepFirst(beam.DoFn):
+    def setup(self) -> None:
+        self._superseded = Metrics.counter(NAMESPACE, "examples_superseded")
+        self._differing = Metrics.counter(NAMESPACE, "examples_superseded_differing")
+
+    def process(self, keyed: tuple) -> Iterator[dict]:
+        found = list(keyed[1])
+        first = min(source for source, _ in found)
+        kept = [row for source, row in found if source == first]
+        for source, row in found:
+            if source != first:
+                self._superseded.inc()
+                if not _same(row, kept[0]):
+                    self._differing.inc()
+        yield from kept

@@ -155,6 +155,60 @@ def test_a_window_that_fails_validation_stops_before_training(trained, tmp_path)
     assert pq.read_table(prepared / "features").num_rows > 0  # prepare ran; training did not
 
 
+def _examples_by_key(*dirs: Path) -> dict[tuple, int]:
+    """{example key: event time ms} of features/ of the directories, the first holding a key
+    winning (the brute force of prepare --examples' precedence)."""
+    found: dict[tuple, int] = {}
+    for directory in reversed(dirs):
+        table = pq.read_table(directory / "features")
+        for row in table.select(["carrier", "flight", "origin", "scheduled_departure", "event_time"]).to_pylist():
+            key = (row["carrier"], row["flight"], row["origin"], row["scheduled_departure"])
+            found[key] = int(row["event_time"].timestamp() * 1000)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_rolling_window_over_prepared_directories_trains_each_example_once(
+    promoted, trained, tmp_path
+):
+    """The window read from the examples of two earlier runs that overlap (the fixture's week
+    and version 2's window): each example once, the same examples in both runs, the slice and
+    the training part exactly the brute force's."""
+    model_dir = tmp_path / "models"
+    for number in (1, 2):
+        shutil.copytree(promoted["model_dir"] / str(number), model_dir / str(number))
+    newer = Path(json.loads((model_dir / "2" / versions.MODEL_FILE).read_text())["prepared_dir"])
+    older = Path(trained["prepared"])
+    prepared = tmp_path / "prepared"
+    args = ["--examples", f"{newer},{older}", "--model_dir", str(model_dir),
+            "--prepared_dir", str(prepared), "--start", "2013-01-01T00:00:00Z",
+            "--end", "2013-01-22T00:00:00Z", "--epochs", "1", "--holdout", "4d"]  # fmt: skip
+    try:
+        evaluation = retrain.run(args)
+        assert versions.list_versions(str(model_dir)) == [1, 2, 3]
+    except SystemExit as exc:  # one epoch may well not beat version 2: refused is fine here
+        assert exc.code == retrain.EXIT_REFUSED
+        (refused,) = (model_dir / gate.REFUSED_DIR).iterdir()
+        evaluation = json.loads((refused / gate.EVALUATION_FILE).read_text())
+
+    summary = json.loads((prepared / "summary.json").read_text())
+    examples = _examples_by_key(newer, older)
+    slice_start, end = 1358467200000, 1358812800000  # Jan 18 and Jan 22, 2013 UTC
+    in_slice = sum(slice_start <= t < end for t in examples.values())
+    before = sum(t < slice_start for t in examples.values())
+    assert evaluation["slice"]["examples"] == in_slice > 2000
+    assert evaluation["window"]["train_examples"] == before
+    assert summary["examples_from"] == [str(newer), str(older)]
+    older_rows = pq.read_table(older / "features").num_rows
+    newer_rows = pq.read_table(newer / "features").num_rows
+    assert summary["examples_read"] == older_rows + newer_rows
+    assert summary["examples_superseded"] == older_rows + newer_rows - len(examples) > 1000
+    # The two runs prepared the shared days' events alike: not one example differs.
+    assert summary["examples_superseded_differing"] == 0
+    assert summary["validation"]["blocking"] == []  # validated against version 2's data
+
+
 def test_the_gate_without_a_serving_version_applies_the_floors_only():
     baselines = {"majority": {"auc": 0.5}, "rule": {"auc": 0.8, "label": "dep_delay rule"}}
     better = gate.decide({"auc": 0.85, "log_loss": 0.3}, None, baselines, gate.Thresholds())

@@ -85,6 +85,10 @@ SAMPLES = {
     "bigtable_table": (["features", "flights_v1.2", "a"], ["", "bad/name", "bad name", "x" * 51]),
     "timestamp_attribute": (["event_time", "ts"], ["googts", "event time", ""]),
     "table": (["origin_weather", "plane", "dest_airport", "t1"], ["", "a#b", "a b", "1x", "w/x", "x" * 129]),
+    "examples": (
+        ["gs://my-bucket/prepared", "gs://my-bucket/labelled/*,gs://my-bucket/prepared/2013-11"],
+        ["/tmp/out", "gs://my-bucket/a,", "gs://my-bucket/a,/tmp/b", "gs://Bad/x", "", "gs://b/x\ny"],
+    ),
     "reference": (
         ["origin_weather=gs://my-bucket/weather.csv", "plane=gs://b-1.example/planes.parquet"],
         ["origin_weather", "=gs://my-bucket/x", "plane=/tmp/planes.csv", "a b=gs://my-bucket/x"],

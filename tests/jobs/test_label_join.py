@@ -294,6 +294,27 @@ def test_the_output_has_prepares_layout_and_trains(served, from_events, tmp_path
     assert 0.5 < result["model"]["auc"] <= 1.0, result["model"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_served_examples_first_and_prepares_elsewhere_give_prepares_examples(
+    served, from_events, tmp_path
+):
+    """Log-based bootstrap (prepare --examples, as retrain --examples reads): the label-joined
+    examples where they exist, prepare's for the rest; here the same examples, since what was
+    served is what prepare computes."""
+    prepared, joined = served["root"] / "prepared", from_events["out"]
+    summary = prepare.run(
+        ["--examples", f"{joined},{prepared}", "--output_dir", str(tmp_path / "both"),
+         "--eval_fraction", "0.2", "--drift_span", "none"]
+    )  # fmt: skip
+    labelled = from_events["summary"]["examples"]
+    assert summary["examples_read"] == labelled + len(served["examples"])
+    assert summary["examples_superseded"] == labelled > 800
+    assert summary["examples_superseded_differing"] == 0
+    assert summary["examples"] == len(served["examples"])
+    assert _output(tmp_path / "both") == _output(prepared)
+
+
 def _at(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 

@@ -1,4 +1,5 @@
-"""`skewless retrain`: a rolling window of raw events -> a candidate model, promoted to the next
+"""`skewless retrain`: a rolling window of raw events or of examples already built (prepared or
+label-joined) -> a candidate model, promoted to the next
 numbered version only if it passes the gate against the serving version on the same held-out
 slice (skewless.models.gate decides; prepare and the trainer do the work).
 
@@ -76,10 +77,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--input",
-        required=True,
         help="Raw events: a path or glob of CSV, Parquet or JSON-lines files.",
+    )
+    source.add_argument(
+        "--examples",
+        help="Examples already built instead of raw events: comma-separated prepare, label-join "
+        "or retrain output directories (an entry may be a glob, e.g. out/labelled/*), as prepare "
+        "--examples reads them; a key held by several keeps the first directory's example "
+        "(list label-joined ones first: the features as served where they exist).",
     )
     parser.add_argument(
         "--input_format", choices=("csv", "parquet", "jsonl"), help="Override format detection."
@@ -201,6 +209,8 @@ def resolve_window(args: argparse.Namespace, fs) -> dict:
     if args.window and args.start:
         raise ValueError("give --window or --start, not both")
     holdout = duration_ms(args.holdout, "--holdout")
+    if args.examples and args.input_format:
+        raise ValueError("--input_format applies to --input, not to --examples")
     end = instant_ms(args.end, "--end") if args.end else latest_event_ms(args, fs) + 1
     if args.start:
         start = instant_ms(args.start, "--start")
@@ -217,7 +227,17 @@ def resolve_window(args: argparse.Namespace, fs) -> dict:
 
 
 def latest_event_ms(args: argparse.Namespace, fs) -> int:
-    """The latest event time of --input: a small Beam pass (read, check, max as a metric)."""
+    """The latest event time of --input (a small Beam pass: read, check, max as a metric) or
+    of the --examples directories (their event time column)."""
+    if args.examples:
+        from skewless.beam_pipelines.io import prepared_examples
+
+        dirs = prepared_examples.example_dirs(args.examples)
+        prepared_examples.check_example_dirs(dirs, fs)
+        latest = prepared_examples.latest_event_ms(dirs, fs)
+        if latest is None:
+            raise SystemExit(f"skewless retrain: --examples {args.examples!r} holds no example")
+        return latest
     import apache_beam as beam
     from apache_beam.metrics import Metrics
     from apache_beam.metrics.metric import MetricsFilter
@@ -258,7 +278,8 @@ def prepare_window(
     blocking anomaly."""
     from skewless.beam_pipelines.jobs import prepare
 
-    argv = ["--input", args.input, "--output_dir", prepared_dir, "--feature_set", fs_spec,
+    source = ["--examples", args.examples] if args.examples else ["--input", args.input]
+    argv = [*source, "--output_dir", prepared_dir, "--feature_set", fs_spec,
             "--end", iso(window["end_ms"]), "--eval_start", iso(window["holdout_start_ms"])]  # fmt: skip
     if args.input_format:
         argv += ["--input_format", args.input_format]

@@ -25,6 +25,11 @@ from skewless.beam_pipelines.io.file_sinks import (
     WriteFeaturesParquet,
     WriteTFRecords,
 )
+from skewless.beam_pipelines.io.prepared_examples import (
+    ReadPreparedExamples,
+    check_example_dirs,
+    example_dirs,
+)
 from skewless.beam_pipelines.runtime.inputs import (
     ReadReferenceIndexes,
     describe_source,
@@ -74,7 +79,12 @@ from skewless.transforms.example_schema import (
     tft_tensor_adapter_config,
     to_tft_record_batch,
 )
-from skewless.transforms.examples import BuildExamples, CountDuplicateKeys, SelectPeriod
+from skewless.transforms.examples import (
+    BuildExamples,
+    CountDuplicateKeys,
+    KeepFirstSource,
+    SelectPeriod,
+)
 from skewless.transforms.featureset import FeatureSet, load_feature_set
 from skewless.transforms.record_checks import CheckRecords, ms_to_datetime
 from skewless.transforms.split import Split
@@ -85,6 +95,8 @@ LOG = logging.getLogger("skewless.prepare")
 # Benchmarks only (bench/prepare_statistics.py): SKEWLESS_NO_STATISTICS=1 leaves out the
 # statistics and the inferred schema, to measure what they cost.
 NO_STATISTICS_ENV = "SKEWLESS_NO_STATISTICS"
+# summary.json's counts of a run over --examples (ReadPreparedExamples, KeepFirstSource).
+EXAMPLES_READ_COUNTS = ("examples_read", "examples_superseded", "examples_superseded_differing")
 
 
 class PrepareOptions(PipelineOptions):
@@ -138,6 +150,22 @@ class PrepareOptions(PipelineOptions):
         )
 
 
+class ExamplesSourceOptions(PipelineOptions):
+    """prepare's other source: examples already built (label-join reads its own)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--examples",
+            help="Instead of raw events: examples already built, the features/ of earlier "
+            "prepare, label-join or retrain outputs, as comma-separated directories (an entry "
+            "may be a glob of directories, e.g. out/labelled/*). An example key held by several "
+            "keeps the first directory's example: list label-joined ones first to train on the "
+            "features as served where they exist. The tf.Transform pass, statistics and "
+            "validation run on them as on new examples; --start/--end select by event time.",
+        )
+
+
 JOB = Job(
     name="prepare",
     summary="batch: raw events -> training data (TFRecords + transform)",
@@ -148,6 +176,7 @@ JOB = Job(
     "summary.json under --output_dir.",
     groups=(
         PrepareOptions,
+        ExamplesSourceOptions,
         PeriodOptions,
         OutputDirOptions,
         SourceOptions,
@@ -180,6 +209,7 @@ class PrepareConfig:
     source: beam.PTransform
     input_desc: dict
     references: dict[str, beam.PTransform]
+    examples: tuple[str, ...]
     schema: schema_pb2.Schema | None
     statistics: bool
     drift_span: Span | None
@@ -205,6 +235,11 @@ class PrepareConfig:
                 raise ValueError(
                     f"--validate_against needs the statistics ({NO_STATISTICS_ENV} is set)"
                 )
+            given = options.view_as(ExamplesSourceOptions).examples
+            examples = tuple(example_dirs(given)) if given is not None else ()
+            if examples:
+                _no_raw_sources(options)
+                check_example_dirs(list(examples), fs)
             config = cls(
                 fs=fs,
                 feature_set_spec=spec,
@@ -213,9 +248,14 @@ class PrepareConfig:
                 period=parse_period(
                     options.view_as(PeriodOptions).start, options.view_as(PeriodOptions).end
                 ),
-                source=read_source(options, fs),
-                input_desc=describe_source(options, fs),
-                references=reference_sources(options, fs),
+                source=ReadPreparedExamples(list(examples), fs)
+                if examples
+                else read_source(options, fs),
+                input_desc={"examples_from": list(examples)}
+                if examples
+                else describe_source(options, fs),
+                references={} if examples else reference_sources(options, fs),
+                examples=examples,
                 schema=read_schema(opts.schema) if opts.schema else None,
                 statistics=statistics,
                 drift_span=parse_span(opts.drift_span),
@@ -276,19 +316,18 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     statistics and the inferred schema out; `config.baseline` checks the statistics of all
     examples against that baseline (validation/)."""
     fs, output_dir, temp_dir, split = config.fs, config.output_dir, config.temp_dir, config.split
-    references = config.references
-    raw = p | "Read" >> config.source
-    events, dead = raw | "Validate" >> CheckRecords(fs)
-    indexes = None
-    if fs.references:
-        indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
-        dead = (dead, reference_dead) | "AllDeadLetters" >> beam.Flatten()
-    _ = dead | "DeadLetters" >> WriteDeadLetterFiles(os.path.join(output_dir, "dead_letters", "part"))
-
-    examples = events | "BuildExamples" >> BuildExamples(fs, references=indexes)
-    if config.period != (None, None):
-        # After the join: events before --start still feed the aggregates of the kept examples.
-        examples = examples | "SelectPeriod" >> beam.ParDo(SelectPeriod(fs, *config.period))
+    if config.examples:
+        examples = p | "ReadExamples" >> config.source
+        if config.period != (None, None):
+            examples = examples | "SelectPeriod" >> beam.ParDo(SelectPeriod(fs, *config.period))
+        if len(config.examples) > 1:
+            examples = examples | "KeepFirstSource" >> KeepFirstSource(
+                fs, features_arrow_schema(fs)
+            )
+        else:
+            examples = examples | "Batches" >> beam.Values()
+    else:
+        examples = build_examples(p, config)
     _ = (
         examples
         | "DuplicateKeys" >> CountDuplicateKeys(fs)
@@ -302,6 +341,40 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     )
     write_statistics_and_schema(p, config, examples, splits)
     transform_and_write(fs, splits, output_dir, temp_dir)
+
+
+def build_examples(p: beam.Pipeline, config: PrepareConfig):
+    """Raw events -> validated, typed (dead letters written) -> example RecordBatches of the
+    period (the reference tables joined as of each event)."""
+    fs, output_dir, references = config.fs, config.output_dir, config.references
+    raw = p | "Read" >> config.source
+    events, dead = raw | "Validate" >> CheckRecords(fs)
+    indexes = None
+    if fs.references:
+        indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
+        dead = (dead, reference_dead) | "AllDeadLetters" >> beam.Flatten()
+    _ = dead | "DeadLetters" >> WriteDeadLetterFiles(
+        os.path.join(output_dir, "dead_letters", "part")
+    )
+
+    examples = events | "BuildExamples" >> BuildExamples(fs, references=indexes)
+    if config.period != (None, None):
+        # After the join: events before --start still feed the aggregates of the kept examples.
+        examples = examples | "SelectPeriod" >> beam.ParDo(SelectPeriod(fs, *config.period))
+    return examples
+
+
+def _no_raw_sources(options: PipelineOptions) -> None:
+    source = options.view_as(SourceOptions)
+    given = [flag for flag, value in (
+        ("--input", source.input), ("--bigquery_table", source.bigquery_table),
+        ("--bigquery_query", source.bigquery_query), ("--reference", source.reference),
+    ) if value]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"--examples reads examples already built: {given[0]} does not apply (give one or "
+            "the other; reference tables are already joined in the examples)"
+        )
 
 
 def write_statistics_and_schema(p, config: PrepareConfig, examples, splits) -> None:
@@ -475,8 +548,13 @@ def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: flo
     duplicates["duplicate_example_keys_refused"] = bool(
         duplicates["duplicate_example_keys"] and not config.allow_duplicate_example_keys
     )
+    extra = {}
+    if config.examples:  # examples read back instead of raw events
+        extra = {name: counters.get(name, 0) for name in EXAMPLES_READ_COUNTS}
+        extra["examples"] = counters.get("examples_train", 0) + counters.get("examples_eval", 0)
     summary = summarize(
         counters,
+        **extra,
         **duplicates,
         **reference_summary(config.options, fs, counters),
         feature_set=fs.name,
