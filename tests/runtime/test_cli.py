@@ -119,7 +119,7 @@ def test_a_feature_set_module_that_fails_to_load_is_a_one_line_usage_error(
     [
         ("train", [], "the following arguments are required: --prepared_dir, --model_dir"),
         ("report", ["--model_dir", "m", "--chart", "c.png"], "--chart needs --score_dir (the chart is of the scored predictions)"),
-        ("retrain", ["--model_dir", "m"], "one of the arguments --input --examples is required"),
+        ("retrain", ["--model_dir", "m", "--input", "a", "--examples", "b"], "argument --examples: not allowed with argument --input"),
         ("cells", ["--limit", "many"], "argument --limit: invalid int value: 'many'"),
         ("pubsub-setup", [], "the following arguments are required: --project"),
     ],

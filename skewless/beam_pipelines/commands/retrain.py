@@ -77,10 +77,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--input",
-        help="Raw events: a path or glob of CSV, Parquet or JSON-lines files.",
+        help="Raw events: a path or glob of CSV, Parquet or JSON-lines files (default, without "
+        "--examples: the feature set's bundled input, as prepare's).",
     )
     source.add_argument(
         "--examples",
@@ -246,7 +247,7 @@ def latest_event_ms(args: argparse.Namespace, fs) -> int:
     from skewless.beam_pipelines.runtime.inputs import read_source
     from skewless.transforms.record_checks import CheckRecords
 
-    flags = ["--input", args.input] + (
+    flags = (["--input", args.input] if args.input else []) + (
         ["--input_format", args.input_format] if args.input_format else []
     )
     options = PipelineOptions(flags)
@@ -278,7 +279,10 @@ def prepare_window(
     blocking anomaly."""
     from skewless.beam_pipelines.jobs import prepare
 
-    source = ["--examples", args.examples] if args.examples else ["--input", args.input]
+    source = (
+        ["--examples", args.examples] if args.examples
+        else ["--input", args.input] if args.input else []
+    )  # fmt: skip
     argv = [*source, "--output_dir", prepared_dir, "--feature_set", fs_spec,
             "--end", iso(window["end_ms"]), "--eval_start", iso(window["holdout_start_ms"])]  # fmt: skip
     if args.input_format:
