@@ -193,7 +193,7 @@ def runner_ceiling(topics: Topics, events: list[tuple[int, dict]], pull: int, en
     from skewless.examples.flights import FLIGHTS
 
     topic, sub = topics.pair("ceiling")
-    futures = [topics.publisher.publish(topic, to_message(FLIGHTS, raw)) for _, raw in events]
+    futures = [topics.publisher.publish(topic, to_message(FLIGHTS, raw), event_time=str(t)) for t, raw in events]
     for f in futures:
         f.result(timeout=60)
     out = subprocess.run(
@@ -330,20 +330,22 @@ def run_scorer(topics, env, table_id, model_dir, events, rate, seconds, pull, lo
         )
     try:
         started = time.perf_counter()
-        warm = [(flight_key(raw), raw) for _, raw in events[:WARM]]
-        for key, raw in warm:
-            topics.publisher.publish(events_topic, to_message(FLIGHTS, raw)).result(timeout=30)
+        # Every message carries its event time as the attribute the scorer reads (a message
+        # without one is a dead letter, as aggregate's).
+        warm = [(flight_key(raw), raw, t) for t, raw in events[:WARM]]
+        for key, raw, t in warm:
+            topics.publisher.publish(events_topic, to_message(FLIGHTS, raw), event_time=str(t)).result(timeout=30)
             if receiver.wait_for([key], 0.5):
                 break
         if not receiver.wait_for([warm[0][0]], 240):
             raise SystemExit(f"the scorer never answered; see {log_path}")
         startup_s = time.perf_counter() - started
-        receiver.wait_for([k for k, _ in warm], 30)
+        receiver.wait_for([k for k, _, _ in warm], 30)
 
         n = int(rate * seconds)
-        items = [(flight_key(raw), raw) for _, raw in events[WARM : WARM + n]]
+        items = [(flight_key(raw), raw, t) for t, raw in events[WARM : WARM + n]]
         cpu_before = None if profile else cpu_seconds(scorer.pid)
-        sent = publish_paced(topics.publisher, events_topic, items, rate, lambda it: (to_message(FLIGHTS, it[1]), {}))
+        sent = publish_paced(topics.publisher, events_topic, items, rate, lambda it: (to_message(FLIGHTS, it[1]), {"event_time": str(it[2])}))
         receiver.wait_for(list(sent), max(30.0, 3 * seconds))
         result = summarize(sent, receiver.arrived)
         if cpu_before is not None and result["received"]:
