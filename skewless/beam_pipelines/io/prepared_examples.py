@@ -104,7 +104,8 @@ def read_examples(path: str, schema: pa.Schema, batch_rows: int = BATCH_ROWS) ->
     with FileSystems.open(path) as f:
         parquet = pq.ParquetFile(f)
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=schema.names):
-            yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
+            table = pa.Table.from_batches([batch]).select(schema.names)  # the schema's order
+            yield table.cast(schema).combine_chunks().to_batches()[0]
 
 
 class _ReadExampleFile(beam.DoFn):
