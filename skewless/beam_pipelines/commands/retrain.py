@@ -277,7 +277,8 @@ def prepare_window(
     """prepare over the input, keeping the window's examples, its slice as the eval split and
     the window validated against `baseline`; exits EXIT_BLOCKING (nothing trained) on a
     blocking anomaly."""
-    from skewless.beam_pipelines.jobs import prepare
+    from skewless.beam_pipelines.runtime.launch import run_job
+    from skewless.beam_pipelines.validation.baseline import EXIT_BLOCKING as PREPARE_BLOCKED
 
     source = (
         ["--examples", args.examples] if args.examples
@@ -293,18 +294,17 @@ def prepare_window(
         argv += ["--validate_against", baseline]
     else:
         LOG.warning("no serving version and no --baseline: the window is not validated")
-    try:
-        prepare.run(argv)
-    except SystemExit as exc:
-        if exc.code == prepare.EXIT_BLOCKING:
-            report = os.path.join(prepared_dir, "validation", "report.html")
-            print(
-                f"skewless retrain: the window failed validation against {baseline} (blocking "
-                f"anomalies, see {report}); nothing trained",
-                file=sys.stderr,
-            )
-            raise SystemExit(EXIT_BLOCKING) from None
-        raise
+    code = run_job("prepare", argv)  # by name, as the CLI runs it: its errors in one line
+    if code == PREPARE_BLOCKED:
+        report = os.path.join(prepared_dir, "validation", "report.html")
+        print(
+            f"skewless retrain: the window failed validation against {baseline} (blocking "
+            f"anomalies, see {report}); nothing trained",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_BLOCKING)
+    if code:
+        raise SystemExit(code)  # prepare printed why
 
 
 def train_and_gate(args, thresholds, serving, window, prepared_dir, baseline, stamp) -> dict:

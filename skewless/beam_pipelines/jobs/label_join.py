@@ -10,7 +10,8 @@ example with the label that arrived within --label_window of its serving (the ru
 skewless/transforms/label_join.py), and writes what prepare writes: features/ (Parquet, plus
 the prediction and model_version columns), the tf.Transform pass (transform/, train/, eval/),
 statistics/, schema/, dead_letters/ and summary.json, so `skewless train --prepared_dir` and
-`skewless report` read it like prepare's output. prepare's writing code is reused as is.
+`skewless report` read it like prepare's output, written by the same stages as prepare's
+(skewless/beam_pipelines/training_data.py).
 """
 
 from __future__ import annotations
@@ -34,14 +35,6 @@ from skewless.beam_pipelines.io.file_sinks import WriteDeadLetterFiles, WriteFea
 from skewless.beam_pipelines.io.file_sources import ReadRawFiles
 from skewless.beam_pipelines.io.files import check_input
 from skewless.beam_pipelines.io.serving_log import ReadServingLog, log_glob
-from skewless.beam_pipelines.jobs.prepare import (
-    PrepareOptions,
-    _SplitBatch,
-    library_versions,
-    transform_and_write,
-    validation_dir,
-    write_statistics_and_schema,
-)
 from skewless.beam_pipelines.runtime.inputs import bigquery_source, describe_source, read_source
 from skewless.beam_pipelines.runtime.job import EMULATOR_ONLY, FLAG_ONLY, Job, Template
 from skewless.beam_pipelines.runtime.launch import launch
@@ -59,6 +52,14 @@ from skewless.beam_pipelines.runtime.parsing import (
     run_and_summarise,
 )
 from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging
+from skewless.beam_pipelines.training_data import (
+    PrepareOptions,
+    SplitBatch,
+    library_versions,
+    transform_and_write,
+    validation_dir,
+    write_statistics_and_schema,
+)
 from skewless.beam_pipelines.validation.baseline import (
     EXIT_BLOCKING,
     Baseline,
@@ -374,7 +375,7 @@ def build_pipeline(
     # prepare run's, so either validates against the other.
     names = tuple(c.name for c in example_columns(fs))
     examples = batches.batches | "FeatureColumns" >> beam.Map(_feature_columns, names)
-    splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, config.split)).with_outputs(
+    splits = examples | "Split" >> beam.ParDo(SplitBatch(fs, config.split)).with_outputs(
         "eval", main="train"
     )
     write_statistics_and_schema(p, config, examples, splits)

@@ -10,20 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import apache_beam as beam
-import pyarrow as pa
-import pyarrow.compute as pc
-import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     PipelineOptions,
 )
-from apache_beam.pvalue import TaggedOutput
 from tensorflow_metadata.proto.v0 import schema_pb2
 
 from skewless.beam_pipelines.io.file_sinks import (
     WriteDeadLetterFiles,
     WriteFeaturesParquet,
-    WriteTFRecords,
 )
 from skewless.beam_pipelines.io.prepared_examples import (
     ReadPreparedExamples,
@@ -53,12 +48,19 @@ from skewless.beam_pipelines.runtime.parsing import (
     run_and_summarise,
 )
 from skewless.beam_pipelines.runtime.process import before_run, check_output_dir, configure_logging
+from skewless.beam_pipelines.training_data import (
+    PrepareOptions,
+    SplitBatch,
+    calibrates,
+    library_versions,
+    transform_and_write,
+    validation_dir,
+    write_statistics_and_schema,
+)
 from skewless.beam_pipelines.validation.baseline import (
     EXIT_BLOCKING,
-    FEATURES,
     Baseline,
     load_baseline,
-    not_compared,
     validation_outcome,
 )
 from skewless.beam_pipelines.validation.files import (
@@ -67,17 +69,9 @@ from skewless.beam_pipelines.validation.files import (
     schema_path,
     statistics_path,
 )
-from skewless.beam_pipelines.validation.steps import (
-    CheckAgainstBaseline,
-    WriteSchema,
-    WriteStatistics,
-    WriteText,
-)
-from skewless.transforms.drift_calibration import Span, calibrate, parse_span
+from skewless.transforms.drift_calibration import Span, parse_span
 from skewless.transforms.example_schema import (
     features_arrow_schema,
-    tft_tensor_adapter_config,
-    to_tft_record_batch,
 )
 from skewless.transforms.examples import (
     BuildExamples,
@@ -88,8 +82,6 @@ from skewless.transforms.examples import (
 from skewless.transforms.featureset import FeatureSet, load_feature_set
 from skewless.transforms.record_checks import CheckRecords, ms_to_datetime
 from skewless.transforms.split import Split
-from skewless.transforms.statistics import infer_schema
-from skewless.transforms.statistics_fn import ComputeSpanStatistics, ComputeStatistics
 
 LOG = logging.getLogger("skewless.prepare")
 # Benchmarks only (bench/prepare_statistics.py): SKEWLESS_NO_STATISTICS=1 leaves out the
@@ -97,57 +89,6 @@ LOG = logging.getLogger("skewless.prepare")
 NO_STATISTICS_ENV = "SKEWLESS_NO_STATISTICS"
 # summary.json's counts of a run over --examples (ReadPreparedExamples, KeepFirstSource).
 EXAMPLES_READ_COUNTS = ("examples_read", "examples_superseded", "examples_superseded_differing")
-
-
-class PrepareOptions(PipelineOptions):
-    """prepare's own flags; --output_dir, --input/--bigquery_* and --feature_set are in
-    options.py."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--eval_start",
-            help="Time split: examples with event time at or after this ISO-8601 instant go to "
-            "eval/. Default: the feature set's eval_start, else a hashed split of its "
-            "eval_fraction.",
-        )
-        parser.add_argument(
-            "--eval_fraction",
-            type=float,
-            help="Hashed split: this fraction of examples (by a stable hash of the example key) "
-            "goes to eval/. Overrides the time split.",
-        )
-        parser.add_argument(
-            "--schema",
-            help="A schema.pbtxt to keep (for example one from an earlier run, edited): copied to "
-            "schema/schema.pbtxt instead of inferring a schema from the train statistics.",
-        )
-        parser.add_argument(
-            "--drift_span",
-            help="Calibrate the schema's drift thresholds on spans of this size of the train "
-            "examples' event time: 'month' (calendar months, the default), a duration such as "
-            "30d or 7d, or 0 / none for no calibration. Each span's statistics are measured "
-            "against the whole train statistics as validate measures new data; a threshold is "
-            "1.5 x the largest, at least 0.01 (statistics/drift_thresholds.json says how each "
-            "was set). A --schema is kept as given.",
-        )
-        parser.add_argument(
-            "--validate_against",
-            help="A prepared directory (its statistics/ and schema/) to validate this run's "
-            "examples against, as `skewless validate` does: anomalies in validation/; on a blocking "
-            f"one summary.json records the refusal and the job exits {EXIT_BLOCKING}.",
-        )
-        parser.add_argument(
-            "--allow_anomalies",
-            action="store_true",
-            help="With --validate_against: record blocking anomalies without refusing the data.",
-        )
-        parser.add_argument(
-            "--allow_duplicate_example_keys",
-            action="store_true",
-            help="Finish even when examples share an example key (summary.json counts them; "
-            "the report's and the audit's joins by key are then ambiguous). Default: fail.",
-        )
 
 
 class ExamplesSourceOptions(PipelineOptions):
@@ -269,45 +210,6 @@ class PrepareConfig:
         return config
 
 
-class ToTFTBatches(beam.PTransform):
-    """Day-sized example batches -> tf.Transform input batches of about `rows` rows.
-
-    Every tf.Transform batch is one call into the TF graph; a few large batches beat hundreds
-    of small ones.
-    """
-
-    def __init__(self, fs: FeatureSet, batches: int = 32):
-        super().__init__()
-        self.fs = fs
-        self.batches = batches
-
-    def expand(self, pcoll):
-        fs = self.fs
-        return (
-            pcoll
-            | "Group"
-            >> beam.BatchElements(min_batch_size=self.batches, max_batch_size=self.batches)
-            | "Concat"
-            >> beam.Map(lambda bs: pa.Table.from_batches(bs).combine_chunks().to_batches()[0])
-            | "ToListColumns" >> beam.Map(lambda b: to_tft_record_batch(fs, b))
-        )
-
-
-class _SplitBatch(beam.DoFn):
-    def __init__(self, fs: FeatureSet, split: Split):
-        self.fs = fs
-        self.split = split
-
-    def process(self, batch: pa.RecordBatch):
-        is_eval = self.split.is_eval(self.fs, batch)
-        train = batch.filter(pc.invert(is_eval))
-        evaluation = batch.filter(is_eval)
-        if train.num_rows:
-            yield train
-        if evaluation.num_rows:
-            yield TaggedOutput("eval", evaluation)
-
-
 def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     """Wire the prepare job: `config.source` yields raw elements, `config.references` ({table
     name: source}) the rows of the feature set's reference tables; every output lands under
@@ -336,7 +238,7 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
     _ = examples | "WriteFeatures" >> WriteFeaturesParquet(
         os.path.join(output_dir, "features", "part"), features_arrow_schema(fs)
     )
-    splits = examples | "Split" >> beam.ParDo(_SplitBatch(fs, split)).with_outputs(
+    splits = examples | "Split" >> beam.ParDo(SplitBatch(fs, split)).with_outputs(
         "eval", main="train"
     )
     write_statistics_and_schema(p, config, examples, splits)
@@ -375,88 +277,6 @@ def _no_raw_sources(options: PipelineOptions) -> None:
             f"--examples reads examples already built: {given[0]} does not apply (give one or "
             "the other; reference tables are already joined in the examples)"
         )
-
-
-def write_statistics_and_schema(p, config: PrepareConfig, examples, splits) -> None:
-    """statistics/ of the train and eval examples, the schema (given, or inferred from the
-    train statistics, its drift thresholds calibrated on spans of the train examples with a
-    drift span: statistics/drift_thresholds.json) and, against a baseline, validation/ of
-    all examples."""
-    fs, output_dir, schema = config.fs, config.output_dir, config.schema
-    statistics, validate_against = config.statistics, config.baseline
-    span = config.drift_span if _calibrates(config) else None  # a given schema is kept as is
-    if statistics:
-        if span is None:
-            train_stats = splits.train | "TrainStatistics" >> ComputeStatistics("train")
-        else:
-            with_spans = splits.train | "TrainStatistics" >> ComputeSpanStatistics(
-                "train", fs, span
-            )
-            train_stats = with_spans | "Whole" >> beam.Map(lambda both: both[0])
-        eval_stats = splits.eval | "EvalStatistics" >> ComputeStatistics("eval")
-        _ = (
-            (train_stats, eval_stats)
-            | "BothStatistics" >> beam.Flatten()
-            | "WriteStatistics" >> WriteStatistics(statistics_path(output_dir), ("train", "eval"))
-        )
-    if validate_against is not None:
-        # All examples of the run, whatever the split (a time split may put them all in eval).
-        new_stats = examples | "ExampleStatistics" >> ComputeStatistics("examples")
-        _ = new_stats | "ValidateAgainst" >> CheckAgainstBaseline(
-            validate_against, fs, FEATURES, validation_dir(output_dir),
-            f"skewless prepare: {output_dir} against {validate_against.directory}",
-        )  # fmt: skip
-    if schema is not None:
-        schemas = p | "GivenSchema" >> beam.Create([schema])
-    elif span is not None:  # statistics, no given schema
-        calibrated = with_spans | "InferSchema" >> beam.Map(_calibrated_schema, fs, span)
-        schemas = calibrated | "Schema" >> beam.Map(lambda both: both[0])
-        _ = (
-            calibrated
-            | "Record" >> beam.Map(lambda both: both[1])
-            | "WriteDriftThresholds"
-            >> WriteText(drift_thresholds_path(output_dir), lambda r: json.dumps(r, indent=1))
-        )
-    elif statistics:
-        schemas = train_stats | "InferSchema" >> beam.Map(infer_schema)
-    else:
-        schemas = None
-    if schemas is not None:
-        _ = schemas | "WriteSchema" >> WriteSchema(schema_path(output_dir))
-
-
-def _calibrated_schema(with_spans, fs: FeatureSet, span: Span) -> tuple[schema_pb2.Schema, dict]:
-    train, spans = with_spans
-    return calibrate(train, spans, infer_schema(train), span, not_compared(fs))
-
-
-def transform_and_write(fs: FeatureSet, splits, output_dir: str, temp_dir: str) -> None:
-    """tf.Transform analyzed on the train batches and applied to both splits, written as gzip
-    TFRecords under train/ and eval/, with the transform graph under transform/ (the steps
-    keep their top-level names)."""
-    adapter = tft_tensor_adapter_config(fs)
-    with tft_beam.Context(temp_dir=temp_dir):
-        train = splits.train | "TrainToTFT" >> ToTFTBatches(fs)
-        evaluation = splits.eval | "EvalToTFT" >> ToTFTBatches(fs)
-        (train_out, _), transform_fn = (
-            train,
-            adapter,
-        ) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-            fs.preprocessing_fn, output_record_batches=True
-        )
-        eval_out, _ = (
-            (evaluation, adapter),
-            transform_fn,
-        ) | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True)
-        _ = transform_fn | "WriteTransform" >> tft_beam.WriteTransformFn(
-            os.path.join(output_dir, "transform")
-        )
-    _ = train_out | "WriteTrain" >> WriteTFRecords(
-        os.path.join(output_dir, "train", "part"), "examples_train"
-    )
-    _ = eval_out | "WriteEval" >> WriteTFRecords(
-        os.path.join(output_dir, "eval", "part"), "examples_eval"
-    )
 
 
 def duplicate_keys_path(temp_dir: str) -> str:
@@ -518,13 +338,6 @@ def summarize(counters: dict[str, int], **extra) -> dict:
     }
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    names = ("apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl", "pyarrow")
-    return {n: version(n) for n in names}
-
-
 def run(argv: Sequence[str] | None = None) -> dict | None:
     """Parse options, build and run the prepare job; write and return summary.json (None
     after a Dataflow dry run)."""
@@ -565,7 +378,7 @@ def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: flo
         statistics=statistics_path(output_dir) if config.statistics else None,
         schema=schema_path(output_dir) if config.statistics or config.schema else None,
         schema_source=_schema_source(config),
-        drift_thresholds=drift_thresholds_path(output_dir) if _calibrates(config) else None,
+        drift_thresholds=drift_thresholds_path(output_dir) if calibrates(config) else None,
         elapsed_seconds=elapsed_seconds,
         versions=library_versions(),
         **config.input_desc,
@@ -590,10 +403,6 @@ def _describe_period(period: tuple[int | None, int | None]) -> dict:
         "start": ms_to_datetime(start).isoformat() if start is not None else None,
         "end": ms_to_datetime(end).isoformat() if end is not None else None,
     }
-
-
-def _calibrates(config: PrepareConfig) -> bool:
-    return config.statistics and config.schema is None and config.drift_span is not None
 
 
 def _schema_source(config: PrepareConfig) -> str | None:
@@ -621,10 +430,6 @@ def refuse(config: PrepareConfig, summary: dict) -> None:
             summary["validation"]["report"],
         )
         raise SystemExit(EXIT_BLOCKING)
-
-
-def validation_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, "validation")
 
 
 if __name__ == "__main__":
