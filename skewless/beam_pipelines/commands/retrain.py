@@ -1,7 +1,7 @@
 """`skewless retrain`: a rolling window of raw events or of examples already built (prepared or
-label-joined) -> a candidate model, promoted to the next
-numbered version only if it passes the gate against the serving version on the same held-out
-slice (skewless.models.gate decides; prepare and the trainer do the work).
+label-joined) -> a candidate model, promoted to the next numbered version only if it passes
+the gate against the serving version on the same held-out slice (skewless.models.gate decides;
+prepare and the trainer do the work).
 
 One run: resolve the serving version (the highest under --model_dir) -> prepare the window
 (examples of [start, end), the last --holdout of it as the eval split, the window validated
