@@ -12,15 +12,16 @@ shuffled labels is retrained into a copy of the model directory: it must be refu
 Scenario "drift": the same year with `dep_delay` in seconds instead of minutes in every event
 scheduled from 2013-07-01 on (a producer changing a field's unit). The clean scenario's model
 directory as it was on July 1 (before that month's retrain) is copied and the monthly retrains
-continue on the drifted events; July to December are scored on the drifted examples. The
-streaming monitor's Beam step (MonitorServedTraffic, 1-hour windows of event time, the DirectRunner
-in batch) reads July's served examples and the serving version's predictions, drifted and clean:
-the first window naming the drifted feature, counted among the windows with enough examples to
-be compared.
+continue on the drifted events; July to December are scored on the drifted examples (events
+whose dep_delay in seconds exceeds the schema's maximum are dead letters, not examples). The
+streaming monitor's Beam step (MonitorServedTraffic, 1-hour windows of event time, the
+DirectRunner in batch) reads July's served examples and the serving version's predictions,
+drifted and clean: the first window naming the drifted feature, counted among the windows with
+enough examples to be compared.
 
 Prints a table and ends with one JSON line (also written to WORK_DIR/result.json). `--png`
 draws AUC and log loss per month; `--redraw WORK_DIR/result.json --png P` redraws it only.
-About 15 minutes on 2 shared cores at 5 epochs (each retrain 40-50 s).
+About 15 minutes on 2 shared cores at 5 epochs (each retrain 30-50 s).
 
     .venv/bin/python bench/dynamic_training.py [--epochs 5] [--work_dir DIR] \
         [--png docs/dynamic_training.png]
@@ -276,8 +277,7 @@ def draw(path: str, result: dict) -> None:
                         color="tab:blue" if rows is clean else "tab:red")  # fmt: skip
         ax.axvline(x[DRIFT_START] - 0.5, color="tab:red", lw=0.8, ls=":")
         ax.set_ylabel({"auc": "AUC on the month", "log_loss": "log loss on the month"}[metric])
-        worst = max(m["static_log_loss"] for m in drift) / max(m["static_log_loss"] for m in clean)
-        if metric == "log_loss" and worst > 3:
+        if metric == "log_loss" and max(m["static_log_loss"] for m in drift) > 1.0:
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
