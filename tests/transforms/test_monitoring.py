@@ -17,6 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from skewless.beam_pipelines.runtime.parsing import metric_counters
+from skewless.beam_pipelines.validation.baseline import load_baseline, not_compared
 from skewless.beam_pipelines.validation.monitoring import (
     MonitorServedTraffic,
     eval_mean_probability,
@@ -29,8 +30,11 @@ from skewless.transforms.monitoring import (
     NOISE_ALPHA,
     WindowCounts,
     binomial_quantile,
+    calibrate_on_windows,
     chi2_quantile,
     js_noise_bound,
+    monitor_reference,
+    training_windows,
     window_anomalies,
 )
 from tests.support.pipelines import streaming_options
@@ -40,10 +44,21 @@ HOUR_S = 3600
 
 @pytest.fixture(scope="module")
 def reference(trained):
+    """The scorer's reference: calibrated on the week's own hours (its features/)."""
     version = trained["model_dir"] / "1"
     return load_monitor_reference(
         str(trained["prepared"]), FLIGHTS, eval_mean_probability(str(version))
     )
+
+
+@pytest.fixture(scope="module")
+def uncalibrated(trained, reference):
+    """The statistics' reference alone: thresholds from the schema and the noise bounds."""
+    baseline = load_baseline(str(trained["prepared"]))
+    return monitor_reference(
+        baseline.statistics, baseline.schema, FLIGHTS, not_compared(FLIGHTS),
+        reference.prediction_mean,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +97,10 @@ def test_the_reference_compares_no_time_calendar_label_or_aggregate_column(refer
     assert 0.0 < reference.prediction_mean < 1.0  # the model's eval mean, from metrics.json
 
 
-def test_a_clean_hour_of_real_flights_raises_nothing(reference, hours):
+def test_a_clean_hour_of_real_flights_raises_nothing(uncalibrated, hours):
+    """The noise bounds alone (with their margin) hold a clean January week."""
+    reference = uncalibrated
+    assert reference.calibrated_windows == 0
     compared = 0
     for examples in hours.values():
         counts = _counts(reference, examples, probability=reference.prediction_mean)
@@ -97,8 +115,12 @@ def test_dep_delay_in_seconds_is_named_in_every_hour_and_nothing_else(reference,
         if len(examples) < MIN_WINDOW_EXAMPLES:
             continue
         found = window_anomalies(reference, _counts(reference, examples, scale=60, probability=reference.prediction_mean))  # fmt: skip
-        assert [(a.feature, a.kind) for a in found] == [("dep_delay", "distribution_drift")]
-        assert found[0].value > found[0].threshold >= reference.numeric["dep_delay"].threshold
+        assert [(a.feature, a.kind) for a in found] == [
+            ("dep_delay", "distribution_drift"), ("dep_delay", "out_of_range"),
+        ]  # fmt: skip
+        drift, outside = found
+        assert drift.value > drift.threshold >= reference.numeric["dep_delay"].threshold
+        assert outside.value > 0.3 > outside.threshold  # most of them, against a tolerance
         raised += 1
     assert raised >= 100
 
@@ -211,22 +233,62 @@ def test_windows_close_on_the_watermark_with_one_record_per_anomaly(reference, h
         | beam.Map(
             lambda r: (r["feature"], r["kind"], r["window_start"], r["count"], r["model_version"])
         ),  # fmt: skip
-        equal_to([("dep_delay", "distribution_drift", expected_start, len(second), 1)]),
-    )
+        equal_to([
+            ("dep_delay", "distribution_drift", expected_start, len(second), 1),
+            ("dep_delay", "out_of_range", expected_start, len(second), 1),
+        ]),
+    )  # fmt: skip
     # Fired once, when the watermark passed the window's end: the on-time pane.
     assert_that(
         records | beam.ParDo(_PaneTiming()),
-        equal_to([("dep_delay", PaneInfoTiming.ON_TIME)]),
+        equal_to([("dep_delay", PaneInfoTiming.ON_TIME)] * 2),
         label="OnTime",
     )
     result = p.run()
     result.wait_until_finish()
     counters = metric_counters(result)
     assert counters["monitor_windows"] == 2
-    assert counters["monitor_anomalies"] == 1
+    assert counters["monitor_anomalies"] == 2
     assert counters["monitor_anomalies_distribution_drift"] == 1
+    assert counters["monitor_anomalies_out_of_range"] == 1
     assert counters["monitor_examples"] == len(first) + len(second)
     assert counters["monitor_predictions"] == len(first) + len(second)
+
+
+def test_thresholds_calibrated_on_the_first_days_hold_the_next_ones_and_see_seconds(
+    uncalibrated, hours
+):
+    """Calibrated on the hours of Jan 1-4 (as the scorer calibrates on its model's training
+    data), the hours of Jan 5-7 raise nothing, and in seconds they still raise dep_delay;
+    a calibration never lowers a threshold below the noise margin's."""
+    cut = sorted(hours)[len(hours) // 2]
+    earlier = [e for h, e in hours.items() if h < cut]
+    later = [e for h, e in hours.items() if h >= cut and len(e) >= MIN_WINDOW_EXAMPLES]
+    windows = [_counts(uncalibrated, e) for e in earlier]  # the label in place of a prediction
+    calibrated = calibrate_on_windows(uncalibrated, windows)
+    assert calibrated.calibrated_windows == sum(len(e) >= MIN_WINDOW_EXAMPLES for e in earlier) > 40
+    assert calibrated.numeric["dep_delay"].window_ratio > 0 and calibrated.prediction_spread > 0
+    for examples in later:
+        counts = _counts(calibrated, examples, probability=calibrated.prediction_mean)
+        assert window_anomalies(calibrated, counts) == []
+        seconds = _counts(calibrated, examples, scale=60, probability=calibrated.prediction_mean)
+        assert ("dep_delay", "out_of_range") in {(a.feature, a.kind) for a in window_anomalies(calibrated, seconds)}  # fmt: skip
+    assert len(later) > 40
+
+
+def test_the_vectorised_training_windows_count_what_add_example_counts(uncalibrated, hours, trained):
+    table = pq.read_table(trained["prepared"] / "features")
+    vectorised = training_windows(table, uncalibrated, "event_time", "label", HOUR_S)
+    assert len(vectorised) == len(hours)
+    for counts, examples in zip(vectorised, hours.values(), strict=True):
+        one_by_one = _counts(uncalibrated, examples)  # labels as the predictions
+        assert counts.examples == one_by_one.examples and counts.missing == one_by_one.missing
+        assert counts.values == one_by_one.values and counts.outside == one_by_one.outside
+        assert {n: b.tolist() for n, b in counts.buckets.items()} == {
+            n: b.tolist() for n, b in one_by_one.buckets.items()
+        }
+        assert counts.predictions == one_by_one.predictions
+        assert counts.probability_sum == pytest.approx(one_by_one.probability_sum)
 
 
 def test_a_prepared_dir_without_statistics_is_a_one_line_error(tmp_path):

@@ -759,7 +759,9 @@ def _monitor(opts: ScoreStreamingOptions, model: LoadedVersion) -> _Monitor:
             f"--monitor_topic: model version {version.version} records no prepared_dir to "
             "read its training statistics from"
         )
-    reference = load_monitor_reference(prepared, model.fs, eval_mean_probability(version.path))
+    reference = load_monitor_reference(
+        prepared, model.fs, eval_mean_probability(version.path), opts.monitor_window_s
+    )
     windows = MonitorServedTraffic(
         model.fs, reference, opts.monitor_window_s, opts.monitor_allowed_lateness_s
     )
