@@ -23,6 +23,14 @@ bound (the scheduled minute; the departure delay 0.95, the airline 0.83): no ano
 margin; the departure delay x60 (in seconds) raises that feature in all 113 hours, at 1.18 to
 3.9 times its threshold.
 
+Thresholds also come from the data (calibrate_on_windows, as prepare calibrates validate's
+on spans): the model's training examples are counted in the monitor's windows as served
+traffic is (training_windows), and each threshold is raised to the CALIBRATION_QUANTILE of
+what those windows reach, since hours are not samples of a season (July 2013 against a May-June
+model: 240 anomalies in 541 clean hours with the noise bounds alone, 3 calibrated). A unit
+change is caught apart by out_of_range, the share of a number's values outside the training
+range, which a stormy hour does not move.
+
 The prediction is compared as the mean served probability against the model's mean
 probability on its eval split (metrics.json `model.mean_probability`, which training records):
 `prediction_drift`, threshold at least DEFAULT_PREDICTION_THRESHOLD (Vertex AI's default 0.3
