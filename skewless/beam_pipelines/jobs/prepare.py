@@ -114,7 +114,8 @@ JOB = Job(
     "point-in-time-correct windowed aggregates, analyze and apply the tf.Transform "
     "preprocessing_fn, and write features/ (Parquet), train/ and eval/ (gzip TFRecords), "
     "transform/, statistics/ (of the train and eval examples), schema/, dead_letters/ and "
-    "summary.json under --output_dir.",
+    "summary.json under --output_dir. With --examples, the examples of earlier prepare or "
+    "label-join outputs instead of raw events.",
     groups=(
         PrepareOptions,
         ExamplesSourceOptions,
@@ -211,7 +212,8 @@ class PrepareConfig:
 
 
 def build_pipeline(p: beam.Pipeline, config: PrepareConfig) -> None:
-    """Wire the prepare job: `config.source` yields raw elements, `config.references` ({table
+    """Wire the prepare job: `config.source` yields raw elements (or, with `config.examples`,
+    (directory position, example RecordBatch) pairs read back), `config.references` ({table
     name: source}) the rows of the feature set's reference tables; every output lands under
     `config.output_dir`. `config.schema` is written as the run's schema instead of one
     inferred from the train statistics; `statistics=False` (benchmarks only) leaves the
@@ -369,7 +371,7 @@ def finish(config: PrepareConfig, counters: dict[str, int], elapsed_seconds: flo
         counters,
         **extra,
         **duplicates,
-        **reference_summary(config.options, fs, counters),
+        **({} if config.examples else reference_summary(config.options, fs, counters)),
         feature_set=fs.name,
         feature_set_spec=config.feature_set_spec,
         split=config.split.describe(),
