@@ -90,8 +90,8 @@ KINDS = (
     "distribution_drift", "out_of_range", "unseen_categories", "missing_rate", "prediction_drift",
 )  # fmt: skip
 # A number outside the training range [min, max]: the numeric twin of an unseen category. A
-# unit change moves most values out of it (dep_delay in seconds: about 60 % of them), a storm
-# hour almost none; this share may be outside before the binomial noise bound.
+# unit change moves most values out of it (the flights' departure delay in seconds: about 60 %
+# of them), a storm hour almost none; this share may be outside before the binomial bound.
 OUT_OF_RANGE_TOLERANCE = 0.01
 # The thresholds calibrated on the training data's own windows (calibrate_on_windows): the
 # largest multiple of the noise bound that all but this share of its windows stay under.
@@ -514,7 +514,7 @@ def calibrate_on_windows(
     their count, and `prediction_spread` the `quantile` of how far a window's label rate is
     from the whole's. Hours are not samples of a year: summer evenings pile up delays, early
     mornings have none, and the noise bound alone calls every such hour drift (measured on
-    July 2013 against a May-June model: 73 of 541 clean hours named dep_delay, 167 the mean
+    July 2013 against a May-June model: 73 of 541 clean hours named the departure delay, 167 the mean
     prediction). Windows with fewer than `min_examples` examples are left out."""
     import dataclasses
 
