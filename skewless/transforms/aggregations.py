@@ -21,21 +21,14 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from skewless.transforms.example_schema import (
-    aggregate_column_names,
-    example_fields_record_batch,
-    features_arrow_schema,
-    with_aggregate_columns,
-)
+from skewless.transforms.example_schema import example_fields_record_batch, with_aggregate_columns
 from skewless.transforms.featureset import FeatureSet, as_of_window_end
 from skewless.transforms.partials import (
     NAMESPACE,
@@ -330,8 +323,6 @@ class _JoinBlock(beam.DoFn):
     def setup(self) -> None:
         self._examples = Metrics.counter(NAMESPACE, "examples_joined")
         self._specs = key_specs(self.fs)
-        schema = features_arrow_schema(self.fs)
-        self._types = {name: schema.field(name).type for name in aggregate_column_names(self.fs)}
         self._missing = {
             t.name: Metrics.counter(NAMESPACE, f"reference_{t.name}_missing")
             for t in self.fs.references
@@ -348,37 +339,25 @@ class _JoinBlock(beam.DoFn):
             table = join_reference_columns(fs, table, indexes, self._missing)
         blocks = {(b.key_name, b.key_value): b for b in grouped["aggregates"]}
         times = table.column(fs.event_time).cast(pa.int64()).to_numpy()
-        period = fs.period_ms
-        # The as-of rule, vectorised: the same arithmetic as as_of_window_end.
-        window_ends = (times - fs.serving_delay_ms) // period * period
-        first = int(window_ends.min())
-        slots = int(window_ends.max() - first) // period + 1
+        window_ends = (
+            (times - fs.serving_delay_ms) // fs.period_ms * fs.period_ms
+        ).tolist()  # the as-of rule, vectorised: same arithmetic as as_of_window_end
         columns = {}
         for spec in self._specs:
-            # One cell per distinct (key, W) of the block's examples, then taken per example:
-            # the examples of a day share a few hundred of them.
-            encoded = pc.dictionary_encode(table.column(spec.key_name)).combine_chunks()
-            codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-            keyed = [blocks.get((spec.key_name, entity_value(v))) for v in encoded.dictionary.to_pylist()]  # fmt: skip
-            pairs, inverse = np.unique(
-                (codes + 1) * slots + (window_ends - first) // period, return_inverse=True
-            )
+            keys = table.column(spec.key_name).to_pylist()
             cells = []
-            for pair in pairs.tolist():
-                code, slot = divmod(pair, slots)
-                block = keyed[code - 1] if code else None
-                cells.append(block.cell(first + slot * period) if block is not None else None)
-            take = pa.array(inverse.reshape(-1))
+            for key, w in zip(keys, window_ends, strict=True):
+                block = blocks.get((spec.key_name, entity_value(key)))
+                cells.append(block.cell(w) if block is not None else None)
             for agg in spec.aggregates:
                 default, name = agg.default, agg.name
                 values = [default if c is None else c[name] for c in cells]
                 if len(agg.columns) == 1:
-                    columns[name] = pa.array(values, type=self._types[name]).take(take)
+                    columns[name] = values
                     continue
                 split = [agg.operation.columns_of(v) for v in values]
                 for j, column in enumerate(agg.columns):
-                    parts = pa.array([p[j] for p in split], type=self._types[column])
-                    columns[column] = parts.take(take)
+                    columns[column] = [parts[j] for parts in split]
         joined = with_aggregate_columns(fs, table, columns)
         self._examples.inc(joined.num_rows)
         yield from joined.to_batches()

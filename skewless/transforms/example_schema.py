@@ -88,15 +88,11 @@ def example_fields_record_batch(
 
 
 def with_aggregate_columns(fs: FeatureSet, table: pa.Table, columns: dict) -> pa.Table:
-    """Example-field table + {aggregate: values (a list, or an Arrow array of the column's
-    type)} -> table of the features/ schema."""
+    """Example-field table + {aggregate: values} -> table of the features/ schema."""
     schema = features_arrow_schema(fs)
     arrays = [table.column(f.name) for f in fs.example_fields]
     for name in aggregate_column_names(fs):
-        values = columns[name]
-        if not isinstance(values, (pa.Array, pa.ChunkedArray)):
-            values = pa.array(values, type=schema.field(name).type)
-        arrays.append(values)
+        arrays.append(pa.array(columns[name], type=schema.field(name).type))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
