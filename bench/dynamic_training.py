@@ -197,7 +197,7 @@ def monitor(rows: pa.Table, model_dir: str, version: int, out: str) -> dict:
     batches = [examples[i : i + 100] for i in range(0, len(examples), 100)]
     predictions = [
         {"event_time": e["event_time"], "probability": float(p), "model_version": version}
-        for e, p in zip(examples, probabilities)
+        for e, p in zip(examples, probabilities, strict=True)
     ]
     shutil.rmtree(out, ignore_errors=True)
     with beam.Pipeline(options=PipelineOptions(["--runner", "DirectRunner"])) as p:
@@ -211,7 +211,7 @@ def monitor(rows: pa.Table, model_dir: str, version: int, out: str) -> dict:
         found += [json.loads(line) for line in Path(shard).read_text().splitlines()]
     hour = rows.column("event_time").to_numpy() // (DEFAULT_WINDOW_S * 1000)
     hours, counts = np.unique(hour, return_counts=True)
-    compared = [int(h) * DEFAULT_WINDOW_S for h, n in zip(hours, counts) if n >= MIN_WINDOW_EXAMPLES]
+    compared = [int(h) * DEFAULT_WINDOW_S for h, n in zip(hours, counts, strict=True) if n >= MIN_WINDOW_EXAMPLES]
     return {"anomalies": found, "compared_window_starts_s": compared}
 
 
@@ -264,7 +264,7 @@ def draw(path: str, result: dict) -> None:
                "blocked": ("s", "stopped by validation")}  # fmt: skip
     fig, axes = plt.subplots(2, 1, figsize=(8.5, 7), sharex=True)
     x = {m["month"]: i for i, m in enumerate(clean)}
-    for ax, metric in zip(axes, ("auc", "log_loss")):
+    for ax, metric in zip(axes, ("auc", "log_loss"), strict=True):
         for rows, style, name in ((clean, "-", "clean"), (drift, "--", "dep_delay in seconds from July")):
             xs = [x[m["month"]] for m in rows]
             ax.plot(xs, [m[f"static_{metric}"] for m in rows], style, color="0.45",
