@@ -355,6 +355,25 @@ def share_bound(rate: float, count: int, alpha: float = NOISE_ALPHA) -> float:
     return binomial_quantile(1.0 - alpha, count, min(max(rate, 0.0), 1.0)) / count
 
 
+def _numeric_distance(ref: NumericReference, seen: np.ndarray | None) -> tuple[float, int]:
+    """(Jensen-Shannon divergence of a window's bucket counts from training, values counted)."""
+    total = int(seen.sum()) if seen is not None else 0
+    if not total:
+        return 0.0, 0
+    return jensen_shannon_divergence(ref.mass, seen / total), total
+
+
+def _categorical_distance(ref: CategoricalReference, seen: Mapping[str, int]) -> tuple[float, int]:
+    """(L-infinity distance of a window's value frequencies from training, values counted)."""
+    total = sum(seen.values())
+    labels = sorted(set(ref.frequencies) | set(seen))
+    if not total or not labels:
+        return 0.0, total
+    p = np.array([ref.frequencies.get(v, 0.0) for v in labels])
+    q = np.array([seen.get(v, 0) / total for v in labels])
+    return float(np.max(np.abs(p - q))), total
+
+
 def window_anomalies(
     reference: MonitorReference,
     counts: WindowCounts,
@@ -367,11 +386,9 @@ def window_anomalies(
     if n < min_examples:
         return found
     for name, ref in sorted(reference.numeric.items()):
-        seen = counts.buckets.get(name)
-        total = int(seen.sum()) if seen is not None else 0
+        distance, total = _numeric_distance(ref, counts.buckets.get(name))
         if total < min_examples:
             continue
-        distance = jensen_shannon_divergence(ref.mass, seen / total)
         threshold = max(
             ref.threshold, max(NOISE_MARGIN, ref.window_ratio) * js_noise_bound(ref.mass, total)
         )
@@ -391,13 +408,9 @@ def window_anomalies(
             ))  # fmt: skip
     for name, ref in sorted(reference.categorical.items()):
         seen = counts.values.get(name, {})
-        total = sum(seen.values())
+        distance, total = _categorical_distance(ref, seen)
         if total < min_examples:
             continue
-        labels = sorted(set(ref.frequencies) | set(seen))
-        p = np.array([ref.frequencies.get(v, 0.0) for v in labels])
-        q = np.array([seen.get(v, 0) / total for v in labels])
-        distance = float(np.max(np.abs(p - q))) if len(labels) else 0.0
         noise = linf_noise_bound(ref.frequencies.values(), total)
         threshold = max(ref.threshold, max(NOISE_MARGIN, ref.window_ratio) * noise)
         if distance > threshold:
@@ -514,28 +527,23 @@ def calibrate_on_windows(
     their count, and `prediction_spread` the `quantile` of how far a window's label rate is
     from the whole's. Hours are not samples of a year: summer evenings pile up delays, early
     mornings have none, and the noise bound alone calls every such hour drift (measured on
-    July 2013 against a May-June model: 73 of 541 clean hours named the departure delay, 167 the mean
-    prediction). Windows with fewer than `min_examples` examples are left out."""
+    July 2013 against a May-June model: 73 of 541 clean hours named the departure delay, 167
+    the mean prediction). Windows with fewer than `min_examples` examples are left out."""
     import dataclasses
 
     ratios: dict[str, list[float]] = {n: [] for n in (*reference.numeric, *reference.categorical)}
     kept = [w for w in windows if w.examples >= min_examples]
     for w in kept:
         for name, ref in reference.numeric.items():
-            seen = w.buckets.get(name)
-            total = int(seen.sum()) if seen is not None else 0
+            distance, total = _numeric_distance(ref, w.buckets.get(name))
             bound = js_noise_bound(ref.mass, total) if total >= min_examples else 0.0
             if bound > 0:
-                ratios[name].append(jensen_shannon_divergence(ref.mass, seen / total) / bound)
+                ratios[name].append(distance / bound)
         for name, ref in reference.categorical.items():
-            seen = w.values.get(name, {})
-            total = sum(seen.values())
+            distance, total = _categorical_distance(ref, w.values.get(name, {}))
             bound = linf_noise_bound(ref.frequencies.values(), total) if total >= min_examples else 0.0
             if bound > 0:
-                labels = sorted(set(ref.frequencies) | set(seen))
-                p = np.array([ref.frequencies.get(v, 0.0) for v in labels])
-                q = np.array([seen.get(v, 0) / total for v in labels])
-                ratios[name].append(float(np.max(np.abs(p - q))) / bound)
+                ratios[name].append(distance / bound)
 
     def high(values: list[float]) -> float:
         return float(np.quantile(values, quantile, method="higher")) if values else 0.0

@@ -147,14 +147,26 @@ class ReadPreparedExamples(beam.PTransform):
         )
 
 
+def read_columns(directory: str, columns: list[str]) -> pa.Table | None:
+    """The named columns of a prepare, label-join or retrain output's features/ (local or
+    gs://), every file in name order; None when it holds no file."""
+    found = FileSystems.match([features_glob(directory)])[0].metadata_list
+    if not found:
+        return None
+    tables = []
+    for m in sorted(found, key=lambda m: m.path):
+        with FileSystems.open(m.path) as f:
+            tables.append(pq.read_table(f, columns=list(dict.fromkeys(columns))))
+    return pa.concat_tables(tables)
+
+
 def latest_event_ms(dirs: list[str], fs: FeatureSet) -> int | None:
     """The latest event time (epoch ms) of the directories' examples; None when they hold none."""
     latest = None
     for directory in dirs:
-        for m in FileSystems.match([features_glob(directory)])[0].metadata_list:
-            with FileSystems.open(m.path) as f:
-                column = pq.read_table(f, columns=[fs.event_time]).column(0)
-            if len(column) - column.null_count:
-                found = pc.max(column.cast(pa.int64())).as_py()
-                latest = found if latest is None else max(latest, found)
+        table = read_columns(directory, [fs.event_time])
+        column = None if table is None else table.column(0)
+        if column is not None and len(column) - column.null_count:
+            found = pc.max(column.cast(pa.int64())).as_py()
+            latest = found if latest is None else max(latest, found)
     return latest

@@ -39,7 +39,7 @@ def load_monitor_reference(
     recorded), its thresholds calibrated on the prepared examples (features/) counted in
     windows of `window_s` seconds (calibrate_on_windows; not calibrated when the dir has no
     features/): ValueError naming the file when one is missing or broken."""
-    from skewless.beam_pipelines.io import storage
+    from skewless.beam_pipelines.io.prepared_examples import read_columns
     from skewless.beam_pipelines.validation.baseline import load_baseline, not_compared
     from skewless.transforms.monitoring import (
         calibrate_on_windows,
@@ -51,29 +51,11 @@ def load_monitor_reference(
     reference = monitor_reference(
         baseline.statistics, baseline.schema, fs, not_compared(fs), prediction_mean
     )
-    columns = [fs.event_time, fs.label, *reference.missing]
-    table = _read_features(storage.join(prepared_dir, "features"), columns)
+    table = read_columns(prepared_dir, [fs.event_time, fs.label, *reference.missing])
     if table is None:
         return reference
     windows = training_windows(table, reference, fs.event_time, fs.label, window_s)
     return calibrate_on_windows(reference, windows)
-
-
-def _read_features(directory: str, columns: list[str]):
-    """The named columns of a features/ directory's Parquet files (local or gs://); None
-    when it holds none."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    found = FileSystems.match([directory.rstrip("/") + "/*.parquet"])[0].metadata_list
-    if not found:
-        return None
-    tables = []
-    for m in sorted(found, key=lambda m: m.path):
-        with FileSystems.open(m.path) as f:
-            tables.append(pq.read_table(f, columns=list(dict.fromkeys(columns))))
-    return pa.concat_tables(tables)
 
 
 def eval_mean_probability(model_path: str) -> float | None:
