@@ -276,13 +276,12 @@ class Floor:
     """Plain Python: pull, parse + validate, per-bucket partials in memory, write cells at W."""
 
     def __init__(self, fs, subscription, table):
-        from skewless.transforms.aggregations import BucketAccumulatorFn, key_specs
+        from skewless.transforms.aggregations import key_specs
         from skewless.transforms.record_checks import RecordChecker
 
         self.fs, self.sub, self.table = fs, subscription, table
         self.validator = RecordChecker(fs)
         self.specs = key_specs(fs)
-        self.acc = BucketAccumulatorFn(fs)
         self.buckets: dict = {}  # (key name, key value) -> {bucket: slot}
         self.read = 0
         self.stop = threading.Event()
@@ -293,6 +292,7 @@ class Floor:
         from skewless.beam_pipelines.io.bigtable import cell_row
         from skewless.beam_pipelines.io.pubsub import HEARTBEAT_ATTRIBUTE
         from skewless.transforms.aggregations import CellKey, entity_value, window_cell
+        from skewless.transforms.partials import add_to_slot, new_slot
 
         sub = pubsub_v1.SubscriberClient()
         period = self.fs.period_ms
@@ -309,13 +309,12 @@ class Floor:
                 self.read += 1
                 event = self.validator.validate(json.loads(m.message.data))
                 t = event[self.fs.event_time]
-                for index, spec in enumerate(self.specs):
+                for spec in self.specs:
                     key = (spec.key_name, entity_value(event[spec.key_name]))
                     bucket = (t // spec.period_ms) * spec.period_ms
-                    self.acc.add_input(
-                        self.buckets.setdefault(key, {}),
-                        (index, bucket, t, tuple(event.get(f) for f in spec.value_fields)),
-                    )
+                    slots = self.buckets.setdefault(key, {})
+                    slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
+                    add_to_slot(slot, [event.get(f) for f in spec.value_fields], t)
             now = int(time.time() * 1000)
             while next_w <= now:
                 rows = []

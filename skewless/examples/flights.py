@@ -12,6 +12,9 @@ import importlib.resources
 import math
 from dataclasses import replace
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from skewless import Aggregate, Baseline, FeatureSet, Field, ReferenceTable
 from skewless.operations import Mean
 
@@ -64,6 +67,22 @@ def derive_departure(record: dict) -> dict | None:
     arr_delay = record["arr_delay"]
     record["label"] = None if arr_delay is None else int(arr_delay > LATE_ARRIVAL_MIN)
     return record
+
+
+def derive_departures(records):
+    """The columnar form of derive_departure (FeatureSet.derive_batch): typed flights (a
+    pyarrow Table, timestamps in epoch ms) -> ({derived field: array}, which are departures).
+    The same arithmetic, rounding half to even as Python's round()."""
+    dep_delay, arr_delay = records.column("dep_delay"), records.column("arr_delay")
+    scheduled = pc.add(records.column("time_hour"), pc.multiply(records.column("minute"), MINUTE_MS))
+    delay_ms = pc.round(pc.multiply(dep_delay, float(MINUTE_MS)), round_mode="half_to_even")
+    label = pc.cast(pc.greater(arr_delay, float(LATE_ARRIVAL_MIN)), pa.int64())
+    derived = {
+        "scheduled_departure": scheduled,
+        "event_time": pc.add(scheduled, pc.cast(delay_ms, pa.int64())),
+        "label": label,
+    }
+    return derived, pc.is_valid(dep_delay)
 
 
 def arrival_time(record: dict) -> int | None:
@@ -292,6 +311,7 @@ FLIGHTS = FeatureSet(
     schema=RAW_SCHEMA,
     derived_fields=DERIVED,
     derive=derive_departure,
+    derive_batch=derive_departures,
     event_time="event_time",
     keys=("origin", "carrier"),
     aggregates=AGGREGATES,

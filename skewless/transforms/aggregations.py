@@ -17,10 +17,12 @@ same function (`partials.window_cell`, exact sums), so batch and streaming are b
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
@@ -28,19 +30,25 @@ from apache_beam.transforms import window
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from skewless.transforms.example_schema import example_fields_record_batch, with_aggregate_columns
+from skewless.transforms.example_schema import (
+    arrow_schema,
+    event_arrow_schema,
+    with_aggregate_columns,
+)
 from skewless.transforms.featureset import FeatureSet, as_of_window_end
 from skewless.transforms.partials import (
     NAMESPACE,
     CellKey,
     add_to_slot,
     cell_columns,
+    copy_slot,
     entity_value,
     key_specs,
     merge_buckets,
     new_slot,
     window_cell,
 )
+from skewless.transforms.record_checks import EVENT_BATCH_ROWS
 from skewless.transforms.reference import join_reference_columns, reference_keys
 from skewless.transforms.tiles import Cell, TiledAggregates
 
@@ -121,52 +129,139 @@ def parse_row_key(key: str | bytes) -> CellKey:
     return CellKey(name, value, int(end))
 
 
-class _ToBlockContributions(beam.DoFn):
-    """Event -> ((key name, key value, block end), (spec index, bucket, time, values)) for each
-    block it feeds (values: one per partial of the key's slot)."""
+class EventBatches(beam.DoFn):
+    """Typed events as RecordBatches of `event_arrow_schema`: batches (CheckRecords with
+    `batches=True`, what the jobs send) pass as they are; event dicts (tests, a user's own
+    source) are gathered per bundle into batches of up to `batch_rows`."""
 
-    def __init__(self, fs: FeatureSet, block_ms: int):
+    def __init__(self, fs: FeatureSet, batch_rows: int = EVENT_BATCH_ROWS):
+        self.fs = fs
+        self.batch_rows = batch_rows
+        self.schema = event_arrow_schema(fs)
+
+    def start_bundle(self) -> None:
+        self._rows: list[dict] = []
+
+    def process(self, element) -> Iterator[pa.RecordBatch]:
+        if isinstance(element, pa.RecordBatch):
+            if element.num_rows:
+                yield element
+            return
+        self._rows.append(element)
+        if len(self._rows) >= self.batch_rows:
+            yield self._batch()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self._rows:
+            yield WindowedValue(self._batch(), MIN_TIMESTAMP, [window.GlobalWindow()])
+
+    def _batch(self) -> pa.RecordBatch:
+        rows, self._rows = self._rows, []
+        return pa.RecordBatch.from_pylist(rows, schema=self.schema)
+
+
+class _BlockPartials(beam.DoFn):
+    """Event RecordBatches -> ((key name, key value, block end), {bucket: slot}) per bundle.
+
+    The events of a bundle are added to per-(entity, bucket) slots here, columnar in, one
+    Python step per event and key: the shuffle then carries one element per (entity, block)
+    and bundle instead of one per event, key and block (a combiner lifted before the shuffle
+    did that work per element, and copied every slot once more). A bucket feeds the windows ending in
+    [bucket + P, bucket + S]: its slot goes to the one or two blocks holding them (a copy to
+    the second, so no slot is shared). `max_buffered`: events per flush within a bundle.
+    """
+
+    def __init__(self, fs: FeatureSet, block_ms: int, max_buffered: int = 200_000):
         self.fs = fs
         self.block_ms = block_ms
+        self.max_buffered = max_buffered
 
     def setup(self) -> None:
         self._specs = key_specs(self.fs)
         self._null_keys = Metrics.counter(NAMESPACE, "aggregate_events_without_key")
 
-    def process(self, event: dict) -> Iterator:
-        t = event[self.fs.event_time]
-        block = self.block_ms
-        for index, spec in enumerate(self._specs):
-            key_value = entity_value(event.get(spec.key_name))
-            if key_value is None:
-                self._null_keys.inc()
-                continue
+    def start_bundle(self) -> None:
+        self._buckets: list[dict] = [{} for _ in self._specs]  # per spec: key -> {bucket: slot}
+        self._buffered = 0
+
+    def process(self, batch: pa.RecordBatch) -> Iterator:
+        n = batch.num_rows
+        times = batch.column(self.fs.event_time).cast(pa.int64()).to_numpy()
+        time_list = times.tolist()
+        for spec, per_key in zip(self._specs, self._buckets, strict=True):
             period = spec.period_ms
-            bucket = (t // period) * period
-            values = tuple(event.get(f) for f in spec.value_fields)
-            # This bucket feeds windows ending in [bucket + P, bucket + S]: those blocks.
-            first_block = -(-(bucket + period) // block) * block
-            last_block = -(-(bucket + spec.max_size_ms) // block) * block
-            for block_end in range(first_block, last_block + 1, block):
-                yield (spec.key_name, key_value, block_end), (index, bucket, t, values)
+            keys = entity_values(batch.column(spec.key_name))
+            buckets = (times // period * period).tolist()
+            columns = [
+                batch.column(f).to_pylist() if f is not None else [None] * n
+                for f in spec.value_fields
+            ]
+            rows = zip(*columns, strict=True) if columns else [()] * n
+            null_keys = 0
+            for key, bucket, t, values in zip(keys, buckets, time_list, rows, strict=True):
+                if key is None:
+                    null_keys += 1
+                    continue
+                slots = per_key.get(key)
+                if slots is None:
+                    slots = per_key[key] = {}
+                slot = slots.get(bucket)
+                if slot is None:
+                    slot = slots[bucket] = new_slot(spec)
+                add_to_slot(slot, values, t)
+            if null_keys:
+                self._null_keys.inc(null_keys)
+        self._buffered += n
+        if self._buffered >= self.max_buffered:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for element in self._flush():
+            yield WindowedValue(element, MIN_TIMESTAMP, [window.GlobalWindow()])
+
+    def _flush(self) -> Iterator[tuple]:
+        per_spec, self._buckets = self._buckets, [{} for _ in self._specs]
+        self._buffered = 0
+        block = self.block_ms
+        for spec, per_key in zip(self._specs, per_spec, strict=True):
+            period, max_size = spec.period_ms, spec.max_size_ms
+            for key, slots in per_key.items():
+                blocks: dict[int, dict] = {}
+                for bucket, slot in slots.items():
+                    first_block = -(-(bucket + period) // block) * block
+                    last_block = -(-(bucket + max_size) // block) * block
+                    for block_end in range(first_block, last_block + 1, block):
+                        into = blocks.get(block_end)
+                        if into is None:
+                            into = blocks[block_end] = {}
+                        into[bucket] = slot if block_end == first_block else copy_slot(slot)
+                for block_end, buckets in blocks.items():
+                    yield (spec.key_name, key, block_end), buckets
+
+
+def entity_values(column: pa.Array) -> list[str | None]:
+    """`entity_value` of every value of a column (text, as row keys hold them)."""
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return column.to_pylist()
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        # Arrow's text of an integer or a boolean is Python's str() (booleans: "true", "false").
+        return column.cast(pa.string()).to_pylist()
+    return [entity_value(v) for v in column.to_pylist()]
 
 
 class BucketAccumulatorFn(beam.CombineFn):
-    """Per (key, block): bucket start -> slot of per-bucket partials (partials.py)."""
-
-    def __init__(self, fs: FeatureSet):
-        self.fs = fs
+    """Per (key, block): bucket start -> slot of per-bucket partials (partials.py). Inputs are
+    {bucket: slot} dicts, merged exactly in any split and order. The batch path groups the
+    per-bundle parts of _BlockPartials by key and merges them with `merge_accumulators`
+    (_ToBlocks): the parts are already combined per bundle, so lifting a combiner before the
+    shuffle would only copy them again."""
 
     def create_accumulator(self) -> dict:
         return {}
 
-    def add_input(self, acc: dict, element: tuple) -> dict:
-        index, bucket, t, values = element
-        slot = acc.get(bucket)
-        if slot is None:
-            slot = acc[bucket] = new_slot(key_specs(self.fs)[index])
-        add_to_slot(slot, values, t)
-        return acc
+    def add_input(self, acc: dict, element: dict) -> dict:
+        return merge_buckets(acc, element)
 
     def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
         accumulators = iter(accumulators)
@@ -189,7 +284,9 @@ class _ToBlocks(beam.DoFn):
         self._blocks = Metrics.counter(NAMESPACE, "aggregate_blocks")
 
     def process(self, element: tuple) -> Iterator[AggregateBlock]:
-        (key_name, key_value, block_end), buckets = element
+        (key_name, key_value, block_end), parts = element
+        # The parts come fresh off the shuffle: the first is adopted, the others merged in.
+        buckets = BucketAccumulatorFn().merge_accumulators(iter(parts))
         self._blocks.inc()
         yield AggregateBlock(
             key_name, key_value, block_end, self.block_ms, buckets, self._specs[key_name]
@@ -237,8 +334,9 @@ class ComputeAggregates(beam.PTransform):
         # key alone is exact, and the per-element window bookkeeping is skipped.
         return (
             events
-            | "ToBlockContributions" >> beam.ParDo(_ToBlockContributions(self.fs, self.block_ms))
-            | "CombineBuckets" >> beam.CombinePerKey(BucketAccumulatorFn(self.fs))
+            | "EventBatches" >> beam.ParDo(EventBatches(self.fs))
+            | "BlockPartials" >> beam.ParDo(_BlockPartials(self.fs, self.block_ms))
+            | "GroupBuckets" >> beam.GroupByKey()
             | "ToBlocks" >> beam.ParDo(_ToBlocks(self.fs, self.block_ms))
         )
 
@@ -269,27 +367,37 @@ def attach_aggregates(fs: FeatureSet, event: dict, lookup) -> dict:
 
 
 class _ExamplesToBlockBatches(beam.DoFn):
-    """Example dicts -> (block end, RecordBatch of example fields), buffered per bundle.
+    """Event RecordBatches -> (block end, RecordBatch of the block's fields), one per block
+    and bundle (or per `max_buffered` examples): each example goes to the block of its
+    as-of window end, columnar."""
 
-    Columnar batches cross the shuffle far cheaper than one pickled dict per example.
-    """
-
-    def __init__(self, fs: FeatureSet, block_ms: int, max_buffered: int = 50_000):
+    def __init__(self, fs: FeatureSet, block_ms: int, max_buffered: int = 200_000):
         self.fs = fs
         self.block_ms = block_ms
         self.max_buffered = max_buffered
-        self.fields = block_fields(fs)
+        self.schema = arrow_schema(block_fields(fs))
 
     def start_bundle(self) -> None:
-        self._buffer: dict[int, list[dict]] = {}
+        self._buffer: dict[int, list[pa.RecordBatch]] = {}
         self._buffered = 0
 
-    def process(self, event: dict) -> Iterator:
+    def process(self, batch: pa.RecordBatch) -> Iterator:
         fs = self.fs
-        w = as_of_window_end(event[fs.event_time], fs.period_ms, fs.serving_delay_ms)
-        block_end = -(-w // self.block_ms) * self.block_ms
-        self._buffer.setdefault(block_end, []).append(event)
-        self._buffered += 1
+        times = batch.column(fs.event_time).cast(pa.int64()).to_numpy()
+        # The as-of rule, vectorised: the same arithmetic as as_of_window_end.
+        w = (times - fs.serving_delay_ms) // fs.period_ms * fs.period_ms
+        block_ends = -(-w // self.block_ms) * self.block_ms
+        fields = pa.RecordBatch.from_arrays(
+            [batch.column(f.name) for f in self.schema], schema=self.schema
+        )
+        order = np.argsort(block_ends, kind="stable")
+        ends = block_ends[order]
+        starts = np.flatnonzero(np.r_[True, ends[1:] != ends[:-1]]) if len(ends) else []
+        bounds = [*np.asarray(starts).tolist(), len(ends)]
+        for start, stop in itertools.pairwise(bounds):
+            rows = fields.take(pa.array(order[start:stop]))
+            self._buffer.setdefault(int(ends[start]), []).append(rows)
+        self._buffered += batch.num_rows
         if self._buffered >= self.max_buffered:
             yield from self._flush()
 
@@ -297,10 +405,11 @@ class _ExamplesToBlockBatches(beam.DoFn):
         for key_and_batch in self._flush():
             yield WindowedValue(key_and_batch, MIN_TIMESTAMP, [window.GlobalWindow()])
 
-    def _flush(self) -> Iterator[tuple[int, object]]:
+    def _flush(self) -> Iterator[tuple[int, pa.RecordBatch]]:
         buffer, self._buffer, self._buffered = self._buffer, {}, 0
-        for block_end, rows in buffer.items():
-            yield block_end, example_fields_record_batch(self.fs, rows, self.fields)
+        for block_end, batches in buffer.items():
+            table = pa.Table.from_batches(batches, schema=self.schema).combine_chunks()
+            yield block_end, table.to_batches()[0]
 
 
 def block_fields(fs: FeatureSet) -> tuple:

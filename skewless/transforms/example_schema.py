@@ -78,6 +78,15 @@ def arrow_schema(fields: Sequence) -> pa.Schema:
     return pa.schema([pa.field(f.name, _ARROW[f.type], nullable=f.nullable) for f in fields])
 
 
+def event_arrow_schema(fs: FeatureSet) -> pa.Schema:
+    """Typed events as Arrow (what the batch jobs carry from validation to the examples): the
+    raw schema's fields, then the derived ones, every one nullable (the validator enforces
+    the declared nullability; a derive may leave a field of a non-event unset)."""
+    return pa.schema(
+        [pa.field(f.name, _ARROW[f.type]) for f in (*fs.schema, *fs.derived_fields)]
+    )
+
+
 def example_fields_record_batch(
     fs: FeatureSet, examples: Sequence[dict], fields: Sequence | None = None
 ) -> pa.RecordBatch:

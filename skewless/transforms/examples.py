@@ -16,13 +16,14 @@ from apache_beam.transforms import window
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from skewless.transforms.aggregations import AsOfJoin, ComputeAggregates
+from skewless.transforms.aggregations import AsOfJoin, ComputeAggregates, EventBatches
 from skewless.transforms.featureset import FeatureSet
 from skewless.transforms.record_checks import NAMESPACE
 
 
 class BuildExamples(beam.PTransform):
-    """Typed events -> flat RecordBatches of examples with their as-of aggregates.
+    """Typed events (RecordBatches, or dicts) -> flat RecordBatches of examples with their
+    as-of aggregates.
 
     The heart of prepare and of batch scoring: the same aggregate transform as the streaming
     job, then the point-in-time join, then columnar batches for the writers and tf.Transform.
@@ -49,6 +50,7 @@ class BuildExamples(beam.PTransform):
 
     def expand(self, events):
         fs = self.fs
+        events = events | "EventBatches" >> beam.ParDo(EventBatches(fs))
         blocks = events | "Aggregate" >> ComputeAggregates(fs)
         examples = events
         if self.require_label:
@@ -67,11 +69,12 @@ class _Labelled(beam.DoFn):
     def setup(self) -> None:
         self._unlabeled = Metrics.counter(NAMESPACE, "events_unlabeled")
 
-    def process(self, event: dict) -> Iterator[dict]:
-        if event.get(self.label) is None:
-            self._unlabeled.inc()
-            return
-        yield event
+    def process(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        labelled = batch.filter(pc.is_valid(batch.column(self.label)))
+        if labelled.num_rows < batch.num_rows:
+            self._unlabeled.inc(batch.num_rows - labelled.num_rows)
+        if labelled.num_rows:
+            yield labelled
 
 
 DUPLICATE_SAMPLE = 5

@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import decimal
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -13,11 +14,16 @@ from functools import lru_cache
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
+from skewless.transforms.example_schema import event_arrow_schema
 from skewless.transforms.featureset import FeatureSet
 from skewless.transforms.records import (
     RawBatch,
@@ -30,6 +36,7 @@ from skewless.transforms.records import (
 VALID = "valid"
 DEAD = "dead"
 NAMESPACE = "skewless"
+LOG = logging.getLogger(__name__)
 
 _UTC = dt.UTC
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
@@ -39,6 +46,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
 # silently turn into an infinity there.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
+# Valid events per RecordBatch when the events are batched (CheckRecordsFn `batches`).
+EVENT_BATCH_ROWS = 20_000
 # Entity key values end up in Bigtable row keys (at most 4 KiB with the key name and W).
 MAX_KEY_BYTES = 1024
 
@@ -406,6 +415,13 @@ class RecordChecker:
             record = fs.derive(record)
             if record is None:
                 return None
+        self.check_derived(record)
+        return record
+
+    def check_derived(self, record: dict) -> None:
+        """The rules of a derived record: an event time in epoch ms, derived values within
+        what the pipeline carries, entity keys short enough for a row key."""
+        fs = self.fs
         event_time = record.get(fs.event_time)
         if event_time is None:
             raise InvalidRecord(f"missing event time {fs.event_time!r}")
@@ -436,10 +452,184 @@ class RecordChecker:
             if type(value) is str and len(value) * 4 > MAX_KEY_BYTES:
                 if len(value.encode("utf-8")) > MAX_KEY_BYTES:
                     raise InvalidRecord(f"entity key {key!r} is longer than {MAX_KEY_BYTES} bytes")
-        return record
 
     def validate(self, raw: dict) -> dict | None:
         return self.derive(self.typed(raw))
+
+
+class BatchChecker:
+    """RecordChecker's type, null and range rules, vectorised over an Arrow batch.
+
+    `typed(batch)` gives the batch typed to the raw schema (timestamps as epoch ms, the
+    rounding of `to_epoch_ms`) and a mask of the rows that pass every rule; a row outside the
+    mask is handed to RecordChecker, which names the rule it breaks (or, for the few values only
+    it can coerce, accepts it). It returns None when a column is of a type it does not type
+    the way RecordChecker would (numbers as text, integers stored as floats, timestamps as
+    text or numbers, a column the feature set rejects as unexpected): such a batch is checked
+    row by row. The rules are RecordChecker's, column by column, so the two accept the same
+    rows with the same values (tests/contract/test_batch_checks.py).
+    """
+
+    def __init__(self, checker: RecordChecker):
+        self.checker = checker
+        fs = checker.fs
+        self._fields = fs.schema
+        self._names = frozenset(f.name for f in fs.schema)
+        self._non_finite_ok = frozenset(fs.allow_non_finite)
+        self._schema = pa.schema(
+            [event_arrow_schema(fs).field(f.name) for f in fs.schema]
+        )
+
+    def typed(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray] | None:
+        if self.checker._reject_unexpected and not self._names.issuperset(batch.schema.names):
+            return None
+        n = batch.num_rows
+        ok = np.ones(n, dtype=bool)
+        arrays = []
+        try:
+            for f in self._fields:
+                index = batch.schema.get_field_index(f.name)
+                column = batch.column(index) if index >= 0 else pa.nulls(n)
+                typed = self._column(f, column, ok)
+                if typed is None:
+                    return None
+                arrays.append(typed)
+        except (pa.ArrowException, ValueError, OverflowError):
+            return None
+        return pa.RecordBatch.from_arrays(arrays, schema=self._schema), ok
+
+    def _column(self, f, column: pa.Array, ok: np.ndarray) -> pa.Array | None:
+        """`column` typed as field `f`, clearing in `ok` the rows that break a rule of `f`;
+        None if its type is not one handled here."""
+        kind, t = f.type, column.type
+        target = self._schema.field(f.name).type
+        if pa.types.is_null(t):
+            column = pa.nulls(len(column), target)
+        elif kind == "int":
+            if not pa.types.is_integer(t) or t == pa.uint64():
+                return None
+            column = column.cast(pa.int64())
+        elif kind == "float":
+            if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
+                return None
+            column = column.cast(pa.float64(), safe=False)
+            values = column.to_numpy(zero_copy_only=False)
+            with np.errstate(invalid="ignore"):
+                finite = np.isfinite(values)
+                if f.name not in self._non_finite_ok:
+                    ok &= finite | np.isnan(values) & ~column.is_valid().to_numpy(
+                        zero_copy_only=False
+                    )
+                ok &= ~finite | (np.abs(values) <= FLOAT32_MAX)
+        elif kind == "bool":
+            if pa.types.is_boolean(t):
+                pass
+            elif pa.types.is_string(t) or pa.types.is_large_string(t):
+                lower = pc.utf8_lower(column)
+                known = pc.is_in(lower, value_set=pa.array(["true", "false", "1", "0"]))
+                # "" is null for a non-string field, as RecordChecker reads it.
+                ok &= pc.or_kleene(known, pc.equal(column, "")).fill_null(True).to_numpy(
+                    zero_copy_only=False
+                )
+                truthy = pc.is_in(lower, value_set=pa.array(["true", "1"]))
+                column = pc.if_else(pc.and_(known, pc.is_valid(column)), truthy, None)
+            else:
+                return None
+        elif kind == "string":
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+                return None
+            column = column.cast(pa.string())
+        elif kind == "timestamp":
+            if pa.types.is_date(t):
+                column = column.cast(pa.timestamp("s"))
+            elif not pa.types.is_timestamp(column.type):
+                return None
+            to_ms = pc.ceil_temporal if f.name in self.checker.round_up else pc.floor_temporal
+            millis = to_ms(column, unit="millisecond").cast(pa.timestamp("ms")).cast(pa.int64())
+            lo, hi = self.checker._ts_lo, self.checker._ts_hi
+            inside = pc.and_(pc.greater_equal(millis, lo), pc.less(millis, hi))
+            ok &= inside.fill_null(True).to_numpy(zero_copy_only=False)
+            column = millis.cast(target)
+        else:
+            return None
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        if not f.nullable:
+            ok &= valid
+        if kind in ("int", "float") and (f.min_value is not None or f.max_value is not None):
+            _within(column, f, ok)
+        return column
+
+
+    def records(self, typed: pa.RecordBatch) -> pa.Table:
+        """Typed records as `derive_batch` and `derive` take them: timestamps as epoch ms."""
+        table = pa.Table.from_batches([typed])
+        for i, field in enumerate(table.schema):
+            if pa.types.is_timestamp(field.type):
+                table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
+        return table
+
+    def derive(self, typed: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+        """Typed records -> (their events as a batch of `event_arrow_schema`, the mask of the
+        records that are events, the mask of those whose derived values pass RecordChecker's
+        `check_derived` rules), by the feature set's `derive_batch`."""
+        fs, checker = self.checker.fs, self.checker
+        derived, is_event = fs.derive_batch(self.records(typed))
+        schema = event_arrow_schema(fs)
+        n = typed.num_rows
+        arrays = list(typed.columns)
+        for f in fs.derived_fields:
+            if f.name not in derived:
+                raise ValueError(f"derive_batch gave no column {f.name!r}")
+            column = pa.array(derived[f.name]) if not isinstance(
+                derived[f.name], (pa.Array, pa.ChunkedArray)) else derived[f.name]  # fmt: skip
+            if isinstance(column, pa.ChunkedArray):
+                column = column.combine_chunks()
+            if len(column) != n:
+                raise ValueError(f"derive_batch gave {len(column)} values of {f.name!r} for {n}")
+            arrays.append(column.cast(schema.field(f.name).type))
+        events = pa.RecordBatch.from_arrays(arrays, schema=schema)
+        if is_event is None:
+            event_mask = np.ones(n, dtype=bool)
+        else:
+            event_mask = pa.array(is_event).fill_null(False).to_numpy(zero_copy_only=False)
+        ok = events.column(fs.event_time).is_valid().to_numpy(zero_copy_only=False)
+        for f in fs.derived_fields:
+            column = events.column(f.name)
+            if f.type == "timestamp":
+                millis = column.cast(pa.int64())
+                inside = pc.and_(
+                    pc.greater_equal(millis, checker._ts_lo), pc.less(millis, checker._ts_hi)
+                )
+                ok &= inside.fill_null(True).to_numpy(zero_copy_only=False)
+            elif f.type == "float":
+                within = pc.less_equal(pc.abs(column), FLOAT32_MAX)  # NaN is not within
+                ok &= within.fill_null(True).to_numpy(zero_copy_only=False)
+        for key in fs.keys:
+            column = events.column(key)
+            if pa.types.is_string(column.type):
+                short = pc.less_equal(pc.binary_length(column), MAX_KEY_BYTES)
+                ok &= short.fill_null(True).to_numpy(zero_copy_only=False)
+        return events, event_mask, ok
+
+
+def _within(column: pa.Array, f, ok: np.ndarray) -> None:
+    """Clear in `ok` the rows of a number column below f.min_value or above f.max_value, as
+    Python compares them (integers against integral bounds exactly)."""
+    lo, hi = f.min_value, f.max_value
+    if f.type == "int":
+        lo = None if lo is None else math.ceil(lo)
+        hi = None if hi is None else math.floor(hi)
+    if lo is not None:
+        ok &= pc.greater_equal(column, lo).fill_null(True).to_numpy(zero_copy_only=False) | _nan(column)
+    if hi is not None:
+        ok &= pc.less_equal(column, hi).fill_null(True).to_numpy(zero_copy_only=False) | _nan(column)
+
+
+def _nan(column: pa.Array) -> np.ndarray:
+    """NaN passes a range check (Python's comparisons with NaN are all false)."""
+    if not pa.types.is_floating(column.type):
+        return np.zeros(len(column), dtype=bool)
+    return pc.is_nan(column).fill_null(False).to_numpy(zero_copy_only=False)
 
 
 def parse_json_payload(payload: str | bytes) -> Any:
@@ -581,7 +771,9 @@ class CheckRecordsFn(beam.DoFn):
 
     Counts every record read, valid, rejected and valid-but-not-an-event. `round_up`: the
     validity-time fields (RecordChecker); `traced`: valid records come as TracedRecords,
-    keeping their original and origin for a later step's dead letter.
+    keeping their original and origin for a later step's dead letter. `batches` (the bounded
+    jobs): valid events come as RecordBatches of `event_arrow_schema`, up to `batch_rows` per
+    batch, gathered over the bundle (global window), so what follows is columnar.
     """
 
     def __init__(
@@ -590,11 +782,17 @@ class CheckRecordsFn(beam.DoFn):
         counters: str = "records",
         round_up: Iterable[str] = (),
         traced: bool = False,
+        batches: bool = False,
+        batch_rows: int = EVENT_BATCH_ROWS,
     ):
+        if traced and batches:
+            raise ValueError("traced records are not batched")
         self.fs = fs
         self.counters = counters
         self.round_up = frozenset(round_up)
         self.traced = traced
+        self.batches = batches
+        self.batch_rows = batch_rows
 
     def setup(self) -> None:
         self._validator = RecordChecker(self.fs, self.round_up)
@@ -603,10 +801,30 @@ class CheckRecordsFn(beam.DoFn):
         self._valid = Metrics.counter(NAMESPACE, f"{prefix}_valid")
         self._rejected = Metrics.counter(NAMESPACE, f"{prefix}_rejected")
         self._not_events = Metrics.counter(NAMESPACE, f"{prefix}_not_events")
+        if self.batches:
+            self._schema = event_arrow_schema(self.fs)
+            self._batch_checker = BatchChecker(self._validator)
+            self._warned = False
+
+    def start_bundle(self) -> None:
+        # Events not yet in a batch: (event, original, origin) or (event, batch, row), and
+        # event batches (derive_batch).
+        self._pending: list[tuple] = []
+        self._batches: list[pa.RecordBatch] = []
+        self._pending_rows = 0
 
     def process(self, element: Any) -> Iterable:
+        if self.batches and isinstance(element, (RawBatch, pa.RecordBatch)):
+            yield from self._columnar(element)
+        else:
+            yield from self._rows(element)
+        if self.batches and self._pending_rows >= self.batch_rows:
+            yield from self._flush()
+
+    def _rows(self, element: Any) -> Iterator:
+        """Record by record (RecordChecker): every element that is not an Arrow batch, and
+        the rows of a batch that BatchChecker does not accept."""
         validator = self._validator
-        name = self.fs.name
         read = valid = rejected = not_events = 0
         stamped = element.event_ms if type(element) is StampedPayload else None
         for stage, raw, where in iter_raw_records(element, self.round_up):
@@ -624,23 +842,16 @@ class CheckRecordsFn(beam.DoFn):
                 if stamped is not None and event is not None:
                     stage = "timestamp"
                     check_stamp(self.fs, event, stamped)
-            except InvalidRecord as exc:
-                rejected += 1
-                original = _original(raw, where)
-                yield TaggedOutput(
-                    DEAD, dead_letter(stage, str(exc), original, name, origin_of(where))
-                )
-                continue
             except Exception as exc:  # noqa: BLE001 - a user's derive() bug must not kill the job
                 rejected += 1
-                reason = f"{type(exc).__name__}: {exc}"
-                original = _original(raw, where)
-                yield TaggedOutput(
-                    DEAD, dead_letter(stage, reason, original, name, origin_of(where))
-                )
+                yield TaggedOutput(DEAD, self._dead(stage, exc, _original(raw, where), where))
                 continue
             if event is None:
                 not_events += 1
+                continue
+            if self.batches:
+                self._pending.append((event, _original(raw, where), origin_of(where)))
+                self._pending_rows += 1
                 continue
             valid += 1
             yield TracedRecord(event, _original(raw, where), origin_of(where)) if self.traced else event
@@ -649,11 +860,152 @@ class CheckRecordsFn(beam.DoFn):
         self._rejected.inc(rejected)
         self._not_events.inc(not_events)
 
+    def _dead(self, stage: str, exc: Exception, original: Any, where: Where | None) -> dict:
+        reason = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
+        return dead_letter(stage, reason, original, self.fs.name, origin_of(where))
+
+    def _columnar(self, element: RawBatch | pa.RecordBatch) -> Iterator:
+        """An Arrow batch checked column by column (BatchChecker); the rows it does not
+        accept go record by record, for their reason. Derived by `derive_batch` where the
+        feature set has one, else by `derive` over the rows."""
+        batch = element.batch if isinstance(element, RawBatch) else element
+        checked = self._batch_checker.typed(batch)
+        if checked is None:
+            yield from self._rows(element)
+            return
+        typed, ok = checked
+        rows = np.arange(batch.num_rows)
+        if not ok.all():
+            yield from self._rows(_take(element, np.flatnonzero(~ok)))
+            typed, rows = typed.filter(pa.array(ok)), rows[ok]
+        self._read.inc(typed.num_rows)
+        if not typed.num_rows:
+            return
+        if self.fs.derive_batch is not None:
+            try:
+                derived = self._batch_checker.derive(typed)
+            except Exception as exc:  # noqa: BLE001 - derive, record by record, names the rows
+                if not self._warned:
+                    LOG.warning("derive_batch failed (%s); deriving record by record", exc)
+                    self._warned = True
+                derived = None
+            if derived is not None:
+                yield from self._derived_batch(element, rows, *derived)
+                return
+        records = self._batch_checker.records(typed).to_pylist()
+        rejected = not_events = 0
+        for record, row in zip(records, rows.tolist(), strict=True):
+            try:
+                event = self._validator.derive(record)
+            except Exception as exc:  # noqa: BLE001 - a user's derive() bug must not kill the job
+                rejected += 1
+                original, where = _source_at(element, row, self.round_up)
+                yield TaggedOutput(DEAD, self._dead("derive", exc, original, where))
+                continue
+            if event is None:
+                not_events += 1
+                continue
+            self._pending.append((event, element, row))
+            self._pending_rows += 1
+        self._rejected.inc(rejected)
+        self._not_events.inc(not_events)
+
+    def _derived_batch(self, element, rows, events, is_event, derived_ok) -> Iterator:
+        keep = is_event & derived_ok
+        self._not_events.inc(int((~is_event).sum()))
+        for i in np.flatnonzero(is_event & ~derived_ok).tolist():
+            record = self._batch_checker.records(events.slice(i, 1)).to_pylist()[0]
+            try:
+                self._validator.check_derived(record)
+            except InvalidRecord as exc:
+                self._rejected.inc()
+                original, where = _source_at(element, int(rows[i]), self.round_up)
+                yield TaggedOutput(DEAD, self._dead("derive", exc, original, where))
+                continue
+            keep[i] = True
+        kept = events.filter(pa.array(keep))
+        if kept.num_rows:
+            self._batches.append(kept)
+            self._pending_rows += kept.num_rows
+
+    def finish_bundle(self) -> Iterator:
+        if not self.batches:
+            return
+        for out in self._flush():
+            tag = out.tag if isinstance(out, TaggedOutput) else None
+            value = out.value if tag else out
+            windowed = WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
+            yield TaggedOutput(tag, windowed) if tag else windowed
+
+    def _flush(self) -> Iterator:
+        """The pending events as one RecordBatch; an event whose derived values do not fit
+        their declared types (a derive() returning text for an int field) is a dead letter."""
+        pending, self._pending = self._pending, []
+        batches, self._batches = self._batches, []
+        self._pending_rows = 0
+        schema = self._schema
+        if pending:
+            try:
+                batches.append(pa.RecordBatch.from_pylist([p[0] for p in pending], schema=schema))
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                rows = []
+                for entry in pending:
+                    try:
+                        pa.RecordBatch.from_pylist([entry[0]], schema=schema)
+                    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+                        self._rejected.inc()
+                        yield TaggedOutput(DEAD, self._unfit(entry, exc))
+                        continue
+                    rows.append(entry[0])
+                batches.append(pa.RecordBatch.from_pylist(rows, schema=schema))
+        if not batches:
+            return
+        batch = batches[0]
+        if len(batches) > 1:
+            batch = pa.Table.from_batches(batches, schema=schema).combine_chunks().to_batches()[0]
+        self._valid.inc(batch.num_rows)
+        if batch.num_rows:
+            yield batch
+
+    def _unfit(self, entry: tuple, exc: Exception) -> dict:
+        """The dead letter of a pending event (event, original, origin) or (event, batch, row)
+        whose values do not fit the declared types."""
+        event, source, detail = entry
+        if isinstance(source, (RawBatch, pa.RecordBatch)):
+            original, where = _source_at(source, detail, self.round_up)
+            origin = origin_of(where)
+        else:
+            original, origin = source, detail
+        reason = f"the derived record does not fit the declared field types: {exc}"
+        return dead_letter("derive", reason, original, self.fs.name, origin)
+
+
+def _take(element: RawBatch | pa.RecordBatch, rows: np.ndarray) -> RawBatch | pa.RecordBatch:
+    """The given rows of a batch, with their positions and original texts."""
+    if isinstance(element, pa.RecordBatch):
+        return element.take(pa.array(rows))
+    texts = element.texts
+    if texts is not None:
+        chunk, starts, ends = texts
+        texts = (chunk, np.asarray(starts)[rows], np.asarray(ends)[rows])
+    positions = np.asarray(element.positions)[rows]
+    return RawBatch(element.batch.take(pa.array(rows)), element.file, positions, element.unit, texts)
+
+
+def _source_at(
+    element: RawBatch | pa.RecordBatch, row: int, round_up: frozenset[str]
+) -> tuple[Any, Where | None]:
+    """What a dead letter of one row of a batch keeps (its original) and its location, as
+    the record-by-record path gives them."""
+    one = _take(element, np.array([row]))
+    (_, raw, where), = iter_raw_records(one, round_up)
+    return _original(raw, where), where
+
 
 class CheckRecords(beam.PTransform):
     """PCollection of raw elements -> (events, dead letters). Used by every job; `counters`
     names the counters (`records_read`, ...; a reference table's rows count apart);
-    `round_up` and `traced` as CheckRecordsFn's."""
+    `round_up`, `traced` and `batches` (events as RecordBatches) as CheckRecordsFn's."""
 
     def __init__(
         self,
@@ -661,15 +1013,17 @@ class CheckRecords(beam.PTransform):
         counters: str = "records",
         round_up: Iterable[str] = (),
         traced: bool = False,
+        batches: bool = False,
     ):
         super().__init__()
         self.fs = fs
         self.counters = counters
         self.round_up = tuple(round_up)
         self.traced = traced
+        self.batches = batches
 
     def expand(self, pcoll):
         results = pcoll | "ValidateAndDerive" >> beam.ParDo(
-            CheckRecordsFn(self.fs, self.counters, self.round_up, self.traced)
+            CheckRecordsFn(self.fs, self.counters, self.round_up, self.traced, self.batches)
         ).with_outputs(DEAD, main=VALID)
         return results[VALID], results[DEAD]

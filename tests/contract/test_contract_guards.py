@@ -691,8 +691,9 @@ RICH = replace(
 
 @pytest.fixture(scope="module")
 def ewr_contributions() -> list[tuple]:
-    """BucketAccumulatorFn inputs of one key (origin EWR) from a day of real flights, with
-    nulls (cancelled and diverted flights, missing tail numbers) and ties in time."""
+    """(spec index, bucket, time, values) of each event of one key (origin EWR) from a day of
+    real flights, with nulls (cancelled and diverted flights, missing tail numbers) and ties
+    in time."""
     events = typed_events(RICH, real_flights(1, 2))
     (spec,) = key_specs(RICH)
     out = []
@@ -730,9 +731,11 @@ def _split(items: list, parts: int, rng: random.Random) -> list[list]:
     return out
 
 
-def _accumulate(fn: BucketAccumulatorFn, elements: list) -> dict:
+def _accumulate(fn: BucketAccumulatorFn, contributions: list) -> dict:
+    """BucketAccumulatorFn over the contributions, one {bucket: slot} input per event (the
+    finest split _BlockPartials could send)."""
     acc = fn.create_accumulator()
-    for element in elements:
+    for element in _tiles(contributions):
         acc = fn.add_input(acc, element)
     return acc
 
@@ -742,7 +745,7 @@ def test_bucket_accumulators_merged_in_any_split_and_order_give_the_same_cells(
     ewr_contributions, seed
 ):
     rng = random.Random(seed)
-    fn = BucketAccumulatorFn(RICH)
+    fn = BucketAccumulatorFn()
     whole = fn.extract_output(_accumulate(fn, ewr_contributions))
     expected = _all_cells(whole)
     parts = _split(ewr_contributions, rng.randint(2, 6), rng)
@@ -761,7 +764,7 @@ def test_bucket_accumulators_merged_in_any_split_and_order_give_the_same_cells(
 
 
 def test_merging_bucket_accumulators_pairwise_in_a_tree_gives_the_same_cells(ewr_contributions):
-    fn = BucketAccumulatorFn(RICH)
+    fn = BucketAccumulatorFn()
     expected = _all_cells(_accumulate(fn, ewr_contributions))
     accumulators = [
         _accumulate(fn, part) for part in _split(ewr_contributions, 8, random.Random(9))
@@ -794,8 +797,8 @@ def test_tile_partials_merged_in_any_split_and_order_give_the_same_cells(ewr_con
     whole = fn.create_accumulator()
     for tile in tiles:
         whole = fn.add_input(whole, to_partials(tile, block_ms))
-    buckets_only = _all_cells(BucketAccumulatorFn(RICH).extract_output(
-        _accumulate(BucketAccumulatorFn(RICH), ewr_contributions)))  # fmt: skip
+    buckets_only = _all_cells(BucketAccumulatorFn().extract_output(
+        _accumulate(BucketAccumulatorFn(), ewr_contributions)))  # fmt: skip
     expected = _all_cells(*whole, block_ms)
     assert expected == buckets_only  # the blocks read off the same cells as the buckets
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -152,17 +153,23 @@ class _KeyRecord(beam.DoFn):
 
 
 class _InSpan(beam.DoFn):
-    """Typed events -> those with event time in [lo, hi]: only they reach a logged example."""
+    """Typed event RecordBatches -> the events with event time in [lo, hi]: only they reach a
+    logged example."""
 
     def __init__(self, fs: FeatureSet, lo: int | None, hi: int | None):
         self.fs = fs
         self.lo = lo
         self.hi = hi
 
-    def process(self, event: dict) -> Iterator[dict]:
-        t = event[self.fs.event_time]
-        if (self.lo is None or t >= self.lo) and (self.hi is None or t <= self.hi):
-            yield event
+    def process(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        times = batch.column(self.fs.event_time).cast(pa.int64())
+        keep = pc.and_(
+            pc.greater_equal(times, self.lo if self.lo is not None else times),
+            pc.less_equal(times, self.hi if self.hi is not None else times),
+        )
+        selected = batch.filter(keep)
+        if selected.num_rows:
+            yield selected
 
 
 class _SelectLogged(beam.DoFn):
@@ -264,7 +271,7 @@ def build_pipeline(
     index = logged | "LogIndex" >> beam.CombineGlobally(LogIndex(fs))
     served = logged | "KeyLog" >> beam.ParDo(_KeyRecord(fs))
 
-    events, invalid = p | "Read" >> source | "Validate" >> CheckRecords(fs)
+    events, invalid = p | "Read" >> source | "Validate" >> CheckRecords(fs, batches=True)
     events = events | "InSpan" >> beam.ParDo(_InSpan(fs, *span))
     indexes = None
     if fs.references:

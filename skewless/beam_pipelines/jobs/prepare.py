@@ -252,7 +252,7 @@ def build_examples(p: beam.Pipeline, config: PrepareConfig):
     period (the reference tables joined as of each event)."""
     fs, output_dir, references = config.fs, config.output_dir, config.references
     raw = p | "Read" >> config.source
-    events, dead = raw | "Validate" >> CheckRecords(fs)
+    events, dead = raw | "Validate" >> CheckRecords(fs, batches=True)
     indexes = None
     if fs.references:
         indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})

@@ -185,7 +185,7 @@ def build_pipeline(
     """Wire the batch score job. `sink` takes prediction RecordBatches and returns dead letters;
     `references` ({table name: source}) reads the feature set's reference tables."""
     raw = p | "Read" >> source
-    events, invalid = raw | "Validate" >> CheckRecords(fs)
+    events, invalid = raw | "Validate" >> CheckRecords(fs, batches=True)
     indexes = None
     if fs.references:
         indexes, reference_dead = p | "References" >> ReadReferenceIndexes(fs, references or {})
