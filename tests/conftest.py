@@ -98,6 +98,7 @@ MODULE_SECONDS = {
     "tests/jobs/test_label_join.py": 297,
     "tests/jobs/test_score_streaming_cache.py": 170,
     "tests/jobs/test_precompute.py": 70,
+    "tests/contract/test_batch_checks.py": 45,
     "tests/models/test_batch_invariance.py": 15,
     "tests/io/test_prediction_cache_store.py": 15,
     "tests/jobs/test_audit.py": 187,
