@@ -39,13 +39,13 @@ from skewless.transforms.featureset import FeatureSet, as_of_window_end
 from skewless.transforms.partials import (
     NAMESPACE,
     CellKey,
-    add_to_slot,
+    add_batch,
     cell_columns,
     copy_slot,
+    entity_codes,
     entity_value,
     key_specs,
     merge_buckets,
-    new_slot,
     window_cell,
 )
 from skewless.transforms.record_checks import EVENT_BATCH_ROWS
@@ -185,33 +185,20 @@ class _BlockPartials(beam.DoFn):
         self._buffered = 0
 
     def process(self, batch: pa.RecordBatch) -> Iterator:
-        n = batch.num_rows
         times = batch.column(self.fs.event_time).cast(pa.int64()).to_numpy()
-        time_list = times.tolist()
         for spec, per_key in zip(self._specs, self._buckets, strict=True):
-            period = spec.period_ms
-            keys = entity_values(batch.column(spec.key_name))
-            buckets = (times // period * period).tolist()
-            columns = [
-                batch.column(f).to_pylist() if f is not None else [None] * n
-                for f in spec.value_fields
-            ]
-            rows = zip(*columns, strict=True) if columns else [()] * n
-            null_keys = 0
-            for key, bucket, t, values in zip(keys, buckets, time_list, rows, strict=True):
-                if key is None:
-                    null_keys += 1
-                    continue
-                slots = per_key.get(key)
-                if slots is None:
-                    slots = per_key[key] = {}
-                slot = slots.get(bucket)
-                if slot is None:
-                    slot = slots[bucket] = new_slot(spec)
-                add_to_slot(slot, values, t)
-            if null_keys:
-                self._null_keys.inc(null_keys)
-        self._buffered += n
+            codes, names = entity_codes(batch.column(spec.key_name))
+            columns = [batch.column(f) if f is not None else None for f in spec.value_fields]
+            keyed = codes >= 0
+            if not keyed.all():  # events without this entity key feed none of its aggregates
+                self._null_keys.inc(int((~keyed).sum()))
+                mask = pa.array(keyed)
+                columns = [c.filter(mask) if c is not None else None for c in columns]
+                codes, times_kept = codes[keyed], times[keyed]
+                add_batch(spec, per_key, (codes, names), times_kept, columns)
+            else:
+                add_batch(spec, per_key, (codes, names), times, columns)
+        self._buffered += batch.num_rows
         if self._buffered >= self.max_buffered:
             yield from self._flush()
 
@@ -237,17 +224,6 @@ class _BlockPartials(beam.DoFn):
                         into[bucket] = slot if block_end == first_block else copy_slot(slot)
                 for block_end, buckets in blocks.items():
                     yield (spec.key_name, key, block_end), buckets
-
-
-def entity_values(column: pa.Array) -> list[str | None]:
-    """`entity_value` of every value of a column (text, as row keys hold them)."""
-    kind = column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return column.to_pylist()
-    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
-        # Arrow's text of an integer or a boolean is Python's str() (booleans: "true", "false").
-        return column.cast(pa.string()).to_pylist()
-    return [entity_value(v) for v in column.to_pylist()]
 
 
 class BucketAccumulatorFn(beam.CombineFn):

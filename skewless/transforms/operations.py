@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
+
 NUMERIC = ("int", "float", "bool")
 SCALAR = ("int", "float", "bool", "string")
 
@@ -48,6 +50,25 @@ def add_exact(m1: int, e1: int, m2: int, e2: int) -> tuple[int, int]:
     if e1 > e2:
         return (m1 << (e1 - e2)) + m2, e2
     return m1 + (m2 << (e2 - e1)), e1
+
+
+def integral_sum(values: np.ndarray, squares: bool = False) -> int | None:
+    """The exact sum of numbers (or of their squares) that are all integers, small enough to
+    sum in int64; None otherwise (the caller then adds them one at a time). Adding integers
+    one at a time with `exact` keeps the exponent 0, so (sum, 0) is the same partial."""
+    if values.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            if not (values == np.trunc(values)).all():  # also false for NaN and infinities
+                return None
+    elif values.dtype.kind not in "iu":
+        return None
+    if not len(values):
+        return 0
+    largest = float(np.abs(values).max())
+    if (largest * largest if squares else largest) * len(values) >= 2.0**62:
+        return None
+    ints = values.astype(np.int64)
+    return int((ints * ints).sum() if squares else ints.sum())
 
 
 def exact_to_float(mantissa: int, exponent: int, divisor: int = 1) -> float:
@@ -101,6 +122,15 @@ class ExactSum(PartialKind):
             p[1] += q[1]
             p[2], p[3] = add_exact(p[2], p[3], q[2], q[3])
 
+    @staticmethod
+    def add_array(p: list, values: np.ndarray) -> bool:
+        total = integral_sum(values)
+        if total is None:
+            return False
+        p[1] += len(values)
+        p[2], p[3] = add_exact(p[2], p[3], total, 0)
+        return True
+
 
 class ExactMoments(PartialKind):
     """[code, n, sum mantissa, exponent, sum of squares mantissa, exponent]."""
@@ -124,6 +154,16 @@ class ExactMoments(PartialKind):
             p[1] += q[1]
             p[2], p[3] = add_exact(p[2], p[3], q[2], q[3])
             p[4], p[5] = add_exact(p[4], p[5], q[4], q[5])
+
+    @staticmethod
+    def add_array(p: list, values: np.ndarray) -> bool:
+        total, squares = integral_sum(values), integral_sum(values, squares=True)
+        if total is None or squares is None:
+            return False
+        p[1] += len(values)
+        p[2], p[3] = add_exact(p[2], p[3], total, 0)
+        p[4], p[5] = add_exact(p[4], p[5], squares, 0)
+        return True
 
 
 class Smallest(PartialKind):
@@ -283,8 +323,13 @@ _KINDS = (ExactSum, ExactMoments, Smallest, Largest, Latest, Earliest, Distinct,
 ADD = [None] * (max(k.code for k in _KINDS) + 1)
 MERGE = list(ADD)
 COPY = list(ADD)
+# `add_array(p, values) -> bool`: many non-null values at once, the same partial as adding
+# them one by one; False when it cannot (then they are added one by one). Kinds without one:
+# None.
+ADD_ARRAY = list(ADD)
 for _kind in _KINDS:
     ADD[_kind.code], MERGE[_kind.code], COPY[_kind.code] = _kind.add, _kind.merge, _kind.copy
+    ADD_ARRAY[_kind.code] = getattr(_kind, "add_array", None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,11 @@ import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+import numpy as np
+import pyarrow as pa
+
 from skewless.transforms.featureset import FeatureSet
-from skewless.transforms.operations import ADD, COPY, MERGE, Operation
+from skewless.transforms.operations import ADD, ADD_ARRAY, COPY, MERGE, Operation
 
 NAMESPACE = "skewless"
 
@@ -142,6 +145,89 @@ def add_to_slot(slot: list, values: Iterable, time_ms: int) -> None:
             p = slot[i]
             ADD[p[0]](p, v, time_ms)
         i += 1
+
+
+def add_batch(
+    spec: _KeySpec, per_key: dict, keys: tuple, times: np.ndarray, columns: list
+) -> None:
+    """Add a batch of events to per-entity slots {key value: {bucket: slot}}, in place: the
+    same slots as `add_to_slot` per event, with a slot looked up once per (entity, bucket)
+    and the values of one group added at once where the partial can (ADD_ARRAY), else one
+    at a time. `keys`: (a code per event, the entity value of each code), as `entity_codes`
+    gives them for events that all have one; `times`: event times (epoch ms); `columns`:
+    the Arrow column of each value field of the slot (None for a partial without a field),
+    all in the same row order."""
+    key_codes, names = keys
+    n = len(key_codes)
+    if not n:
+        return
+    period = spec.period_ms
+    buckets = times // period * period
+    order = np.lexsort((buckets, key_codes))
+    codes_sorted, buckets_sorted = key_codes[order], buckets[order]
+    change = (codes_sorted[1:] != codes_sorted[:-1]) | (buckets_sorted[1:] != buckets_sorted[:-1])
+    starts = np.flatnonzero(np.r_[True, change]).tolist()
+    ends = [*starts[1:], n]
+    taken = pa.array(order)
+    numbers, values = [], []
+    for column in columns:
+        if column is None:
+            numbers.append(None)
+            values.append(None)
+            continue
+        column = column.take(taken)
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            array = column.fill_null(0).to_numpy(zero_copy_only=False)
+            valid = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else None
+            numbers.append((array, valid))
+        else:
+            numbers.append(None)
+        values.append(column)
+    pylists: list = [None] * len(columns)
+    time_list = None
+    codes_list, buckets_list = codes_sorted.tolist(), buckets_sorted.tolist()
+    for start, end in zip(starts, ends, strict=True):
+        key = names[codes_list[start]]
+        slots = per_key.get(key)
+        if slots is None:
+            slots = per_key[key] = {}
+        bucket = buckets_list[start]
+        slot = slots.get(bucket)
+        if slot is None:
+            slot = slots[bucket] = new_slot(spec)
+        slot[0] += end - start
+        for i in range(len(columns)):
+            if values[i] is None:
+                continue
+            partial = slot[i + 1]
+            add_array = ADD_ARRAY[partial[0]]
+            if add_array is not None and numbers[i] is not None:
+                array, valid = numbers[i]
+                group = array[start:end] if valid is None else array[start:end][valid[start:end]]
+                if add_array(partial, group):
+                    continue
+            if pylists[i] is None:
+                pylists[i] = values[i].to_pylist()
+            if time_list is None:
+                time_list = times[order].tolist()
+            add = ADD[partial[0]]
+            for v, t in zip(pylists[i][start:end], time_list[start:end], strict=True):
+                if v is not None:
+                    add(partial, v, t)
+
+
+def entity_codes(column: pa.Array) -> tuple[np.ndarray, list]:
+    """`entity_value` of a column, encoded: (a code per value, -1 for null; the entity value
+    of each code)."""
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_large_string(kind):
+        # Arrow's text of an integer or a boolean is Python's str() ("true", "false").
+        column = column.cast(pa.string())
+    elif not pa.types.is_string(kind):
+        column = pa.array([entity_value(v) for v in column.to_pylist()], pa.string())
+    encoded = column.dictionary_encode()
+    codes = encoded.indices.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
+    return codes, encoded.dictionary.to_pylist()
 
 
 def merge_slot(into: list, other: list) -> None:

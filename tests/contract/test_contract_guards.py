@@ -31,6 +31,7 @@ from apache_beam.testing.util import assert_that
 
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.aggregations import BucketAccumulatorFn, attach_aggregates
+from skewless.transforms.example_schema import event_arrow_schema
 from skewless.transforms.featureset import FeatureSet, Field, WindowedAggregate, as_of_window_end
 from skewless.transforms.operations import (
     Count,
@@ -46,7 +47,16 @@ from skewless.transforms.operations import (
     UniqueCount,
     Variance,
 )
-from skewless.transforms.partials import CellKey, add_to_slot, key_specs, new_slot, window_cell
+from skewless.transforms.partials import (
+    CellKey,
+    add_batch,
+    add_to_slot,
+    entity_codes,
+    entity_value,
+    key_specs,
+    new_slot,
+    window_cell,
+)
 from skewless.transforms.record_checks import (
     DEAD,
     CheckRecordsFn,
@@ -705,6 +715,37 @@ def ewr_contributions() -> list[tuple]:
         out.append((0, bucket, t, tuple(e.get(f) for f in spec.value_fields)))
     assert len(out) > 300 and any(None in values for *_, values in out)
     return out
+
+
+@pytest.mark.parametrize("values", ["as_read", "fractional", "huge"])
+def test_slots_added_by_batch_equal_slots_added_event_by_event(values):
+    """partials.add_batch (the batch path: groups per entity and bucket, integer sums at once)
+    builds exactly the slots of add_to_slot per event, for every operation of RICH: on real
+    flights with nulls and ties, with fractional delays (added one at a time: no exact integer
+    sum), and with delays too large for an int64 sum of squares."""
+    events = typed_events(RICH, real_flights(1, 2))
+    scale = {"as_read": lambda v: v, "fractional": lambda v: v + 0.1, "huge": lambda v: v * 2.0**40}[values]
+    for e in events:
+        for name in ("dep_delay", "arr_delay"):
+            if e.get(name) is not None:
+                e[name] = scale(e[name])
+    (spec,) = key_specs(RICH)
+    one_by_one: dict = {}
+    for e in events:
+        t = e["event_time"]
+        bucket = (t // spec.period_ms) * spec.period_ms
+        slots = one_by_one.setdefault(entity_value(e["origin"]), {})
+        slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
+        add_to_slot(slot, [e.get(f) for f in spec.value_fields], t)
+    batch = pa.RecordBatch.from_pylist(events, schema=event_arrow_schema(RICH))
+    by_batch: dict = {}
+    for start in range(0, batch.num_rows, 700):  # several batches into the same slots
+        part = batch.slice(start, 700)
+        times = part.column("event_time").cast(pa.int64()).to_numpy()
+        columns = [part.column(f) for f in spec.value_fields]
+        add_batch(spec, by_batch, entity_codes(part.column("origin")), times, columns)
+    assert by_batch == one_by_one
+    assert sum(slot[0] for slots in by_batch.values() for slot in slots.values()) == len(events)
 
 
 def _poke(slot: list) -> None:
