@@ -18,6 +18,7 @@ same function (`partials.window_cell`, exact sums), so batch and streaming are b
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from skewless.transforms.example_schema import (
     arrow_schema,
     event_arrow_schema,
+    features_arrow_schema,
     with_aggregate_columns,
 )
 from skewless.transforms.featureset import FeatureSet, as_of_window_end
@@ -50,7 +52,7 @@ from skewless.transforms.partials import (
 )
 from skewless.transforms.record_checks import EVENT_BATCH_ROWS
 from skewless.transforms.reference import join_reference_columns, reference_keys
-from skewless.transforms.tiles import Cell, TiledAggregates
+from skewless.transforms.tiles import Cell, TiledAggregates, to_partials
 
 BATCH_BLOCK_S = 86_400
 
@@ -63,7 +65,9 @@ class AggregateBlock:
     cells of the streaming job and the backfill of the parity tests).
     """
 
-    __slots__ = ("key_name", "key_value", "block_end_ms", "block_ms", "buckets", "spec", "_memo")
+    __slots__ = (
+        "key_name", "key_value", "block_end_ms", "block_ms", "buckets", "spec", "_memo", "_groups"
+    )  # fmt: skip
 
     def __init__(self, key_name, key_value, block_end_ms, block_ms, buckets, spec):
         self.key_name = key_name
@@ -73,6 +77,7 @@ class AggregateBlock:
         self.buckets = buckets  # bucket start (ms) -> slot, see BucketAccumulatorFn
         self.spec = spec  # _KeySpec of the entity key
         self._memo = {}
+        self._groups = None  # (group ms, {group start: merged slot}), made by the first cell
 
     def __reduce__(self):
         return (
@@ -98,11 +103,20 @@ class AggregateBlock:
         return range(self.block_end_ms - self.block_ms + period, self.block_end_ms + 1, period)
 
     def cell(self, w: int) -> dict | None:
-        """{aggregate: value} for the window ending at w, or None if its largest window is empty."""
+        """{aggregate: value} for the window ending at w, or None if its largest window is empty.
+
+        The buckets are also merged in groups of about sqrt(S/P) (as the streaming state's
+        blocks, tiles.py), so a cell merges O(sqrt(S/P)) slots instead of S/P; the cell is the
+        same either way (partials.window_cell)."""
         memo = self._memo
         if w in memo:
             return memo[w]
-        out = memo[w] = window_cell(self.spec, self.buckets, w)
+        if self._groups is None:
+            spec = self.spec
+            group_ms = max(1, math.isqrt(spec.max_size_ms // spec.period_ms)) * spec.period_ms
+            self._groups = (group_ms, to_partials(self.buckets, group_ms)[1])
+        group_ms, groups = self._groups
+        out = memo[w] = window_cell(self.spec, self.buckets, w, groups, group_ms)
         return out
 
     @property
@@ -408,6 +422,7 @@ class _JoinBlock(beam.DoFn):
     def setup(self) -> None:
         self._examples = Metrics.counter(NAMESPACE, "examples_joined")
         self._specs = key_specs(self.fs)
+        self._types = {f.name: f.type for f in features_arrow_schema(self.fs)}
         self._missing = {
             t.name: Metrics.counter(NAMESPACE, f"reference_{t.name}_missing")
             for t in self.fs.references
@@ -424,25 +439,32 @@ class _JoinBlock(beam.DoFn):
             table = join_reference_columns(fs, table, indexes, self._missing)
         blocks = {(b.key_name, b.key_value): b for b in grouped["aggregates"]}
         times = table.column(fs.event_time).cast(pa.int64()).to_numpy()
-        window_ends = (
-            (times - fs.serving_delay_ms) // fs.period_ms * fs.period_ms
-        ).tolist()  # the as-of rule, vectorised: same arithmetic as as_of_window_end
+        # The as-of rule, vectorised: the same arithmetic as as_of_window_end.
+        window_ends = (times - fs.serving_delay_ms) // fs.period_ms * fs.period_ms
+        w_values, w_codes = np.unique(window_ends, return_inverse=True)
+        types = self._types
         columns = {}
         for spec in self._specs:
-            keys = table.column(spec.key_name).to_pylist()
+            # One cell per distinct (entity, W) of the block's examples, then taken per example.
+            codes, names = entity_codes(table.column(spec.key_name).combine_chunks())
+            pairs = (codes + 1) * len(w_values) + w_codes
+            _, first, inverse = np.unique(pairs, return_index=True, return_inverse=True)
             cells = []
-            for key, w in zip(keys, window_ends, strict=True):
-                block = blocks.get((spec.key_name, entity_value(key)))
-                cells.append(block.cell(w) if block is not None else None)
+            for i in first.tolist():
+                code = codes[i]
+                block = blocks.get((spec.key_name, names[code])) if code >= 0 else None
+                cells.append(block.cell(int(window_ends[i])) if block is not None else None)
+            take = pa.array(inverse.reshape(-1))
             for agg in spec.aggregates:
                 default, name = agg.default, agg.name
                 values = [default if c is None else c[name] for c in cells]
                 if len(agg.columns) == 1:
-                    columns[name] = values
+                    columns[name] = pa.array(values, type=types[name]).take(take)
                     continue
                 split = [agg.operation.columns_of(v) for v in values]
                 for j, column in enumerate(agg.columns):
-                    columns[column] = [parts[j] for parts in split]
+                    parts = [p[j] for p in split]
+                    columns[column] = pa.array(parts, type=types[column]).take(take)
         joined = with_aggregate_columns(fs, table, columns)
         self._examples.inc(joined.num_rows)
         yield from joined.to_batches()

@@ -97,11 +97,13 @@ def example_fields_record_batch(
 
 
 def with_aggregate_columns(fs: FeatureSet, table: pa.Table, columns: dict) -> pa.Table:
-    """Example-field table + {aggregate: values} -> table of the features/ schema."""
+    """Example-field table + {aggregate column: values (a list or an Arrow array)} -> table
+    of the features/ schema."""
     schema = features_arrow_schema(fs)
     arrays = [table.column(f.name) for f in fs.example_fields]
     for name in aggregate_column_names(fs):
-        arrays.append(pa.array(columns[name], type=schema.field(name).type))
+        values, kind = columns[name], schema.field(name).type
+        arrays.append(values.cast(kind) if isinstance(values, pa.Array) else pa.array(values, type=kind))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
