@@ -18,7 +18,6 @@ same function (`partials.window_cell`, exact sums), so batch and streaming are b
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -52,7 +51,7 @@ from skewless.transforms.partials import (
 )
 from skewless.transforms.record_checks import EVENT_BATCH_ROWS
 from skewless.transforms.reference import join_reference_columns, reference_keys
-from skewless.transforms.tiles import Cell, TiledAggregates, to_partials
+from skewless.transforms.tiles import Cell, TiledAggregates
 
 BATCH_BLOCK_S = 86_400
 
@@ -65,9 +64,7 @@ class AggregateBlock:
     cells of the streaming job and the backfill of the parity tests).
     """
 
-    __slots__ = (
-        "key_name", "key_value", "block_end_ms", "block_ms", "buckets", "spec", "_memo", "_groups"
-    )  # fmt: skip
+    __slots__ = ("key_name", "key_value", "block_end_ms", "block_ms", "buckets", "spec", "_memo")
 
     def __init__(self, key_name, key_value, block_end_ms, block_ms, buckets, spec):
         self.key_name = key_name
@@ -77,7 +74,6 @@ class AggregateBlock:
         self.buckets = buckets  # bucket start (ms) -> slot, see BucketAccumulatorFn
         self.spec = spec  # _KeySpec of the entity key
         self._memo = {}
-        self._groups = None  # (group ms, {group start: merged slot}), made by the first cell
 
     def __reduce__(self):
         return (
@@ -105,18 +101,12 @@ class AggregateBlock:
     def cell(self, w: int) -> dict | None:
         """{aggregate: value} for the window ending at w, or None if its largest window is empty.
 
-        The buckets are also merged in groups of about sqrt(S/P) (as the streaming state's
-        blocks, tiles.py), so a cell merges O(sqrt(S/P)) slots instead of S/P; the cell is the
-        same either way (partials.window_cell)."""
+        (Merging the buckets in groups of about sqrt(S/P) first, as the streaming state does,
+        was measured slower here: the join needs only some of a block's cells.)"""
         memo = self._memo
         if w in memo:
             return memo[w]
-        if self._groups is None:
-            spec = self.spec
-            group_ms = max(1, math.isqrt(spec.max_size_ms // spec.period_ms)) * spec.period_ms
-            self._groups = (group_ms, to_partials(self.buckets, group_ms)[1])
-        group_ms, groups = self._groups
-        out = memo[w] = window_cell(self.spec, self.buckets, w, groups, group_ms)
+        out = memo[w] = window_cell(self.spec, self.buckets, w)
         return out
 
     @property

@@ -52,23 +52,32 @@ def add_exact(m1: int, e1: int, m2: int, e2: int) -> tuple[int, int]:
     return m1 + (m2 << (e2 - e1)), e1
 
 
-def integral_sum(values: np.ndarray, squares: bool = False) -> int | None:
-    """The exact sum of numbers (or of their squares) that are all integers, small enough to
-    sum in int64; None otherwise (the caller then adds them one at a time). Adding integers
-    one at a time with `exact` keeps the exponent 0, so (sum, 0) is the same partial."""
-    if values.dtype.kind == "f":
-        with np.errstate(invalid="ignore"):
-            if not (values == np.trunc(values)).all():  # also false for NaN and infinities
-                return None
-    elif values.dtype.kind not in "iu":
+def integral_group_sums(
+    values: np.ndarray, valid: np.ndarray | None, starts: np.ndarray
+) -> tuple[list, list, list] | None:
+    """Per group of consecutive values (groups start at `starts`): the number of valid
+    values, their sum and the sum of their squares, exact, when every valid value is an
+    integer small enough for int64 sums of squares; None otherwise (the values are then
+    added one at a time). Adding integers one at a time with `exact` keeps the exponent 0,
+    so (sum, 0) is the same partial."""
+    if values.dtype.kind not in "iuf" or not len(values):
         return None
-    if not len(values):
-        return 0
-    largest = float(np.abs(values).max())
-    if (largest * largest if squares else largest) * len(values) >= 2.0**62:
+    present = values if valid is None else values[valid]
+    if values.dtype.kind == "f" and not (present == np.trunc(present)).all():
+        return None  # a fraction (NaN and infinities never reach an aggregate)
+    largest = float(np.abs(present).max()) if len(present) else 0.0
+    if largest * largest * len(values) >= 2.0**62:
         return None
     ints = values.astype(np.int64)
-    return int((ints * ints).sum() if squares else ints.sum())
+    counted = np.ones(len(values), np.int64)
+    if valid is not None:
+        ints = np.where(valid, ints, 0)
+        counted = valid.astype(np.int64)
+    return (
+        np.add.reduceat(counted, starts).tolist(),
+        np.add.reduceat(ints, starts).tolist(),
+        np.add.reduceat(ints * ints, starts).tolist(),
+    )
 
 
 def exact_to_float(mantissa: int, exponent: int, divisor: int = 1) -> float:
@@ -123,13 +132,10 @@ class ExactSum(PartialKind):
             p[2], p[3] = add_exact(p[2], p[3], q[2], q[3])
 
     @staticmethod
-    def add_array(p: list, values: np.ndarray) -> bool:
-        total = integral_sum(values)
-        if total is None:
-            return False
-        p[1] += len(values)
-        p[2], p[3] = add_exact(p[2], p[3], total, 0)
-        return True
+    def add_sums(p: list, count: int, total: int, squares: int) -> None:
+        if count:
+            p[1] += count
+            p[2], p[3] = add_exact(p[2], p[3], total, 0)
 
 
 class ExactMoments(PartialKind):
@@ -156,14 +162,11 @@ class ExactMoments(PartialKind):
             p[4], p[5] = add_exact(p[4], p[5], q[4], q[5])
 
     @staticmethod
-    def add_array(p: list, values: np.ndarray) -> bool:
-        total, squares = integral_sum(values), integral_sum(values, squares=True)
-        if total is None or squares is None:
-            return False
-        p[1] += len(values)
-        p[2], p[3] = add_exact(p[2], p[3], total, 0)
-        p[4], p[5] = add_exact(p[4], p[5], squares, 0)
-        return True
+    def add_sums(p: list, count: int, total: int, squares: int) -> None:
+        if count:
+            p[1] += count
+            p[2], p[3] = add_exact(p[2], p[3], total, 0)
+            p[4], p[5] = add_exact(p[4], p[5], squares, 0)
 
 
 class Smallest(PartialKind):
@@ -323,13 +326,13 @@ _KINDS = (ExactSum, ExactMoments, Smallest, Largest, Latest, Earliest, Distinct,
 ADD = [None] * (max(k.code for k in _KINDS) + 1)
 MERGE = list(ADD)
 COPY = list(ADD)
-# `add_array(p, values) -> bool`: many non-null values at once, the same partial as adding
-# them one by one; False when it cannot (then they are added one by one). Kinds without one:
-# None.
-ADD_ARRAY = list(ADD)
+# `add_sums(p, count, sum, sum of squares)`: integer values added at once by their exact sums
+# (integral_group_sums), the same partial as adding them one by one. None for the kinds that
+# keep more than sums.
+ADD_SUMS = list(ADD)
 for _kind in _KINDS:
     ADD[_kind.code], MERGE[_kind.code], COPY[_kind.code] = _kind.add, _kind.merge, _kind.copy
-    ADD_ARRAY[_kind.code] = getattr(_kind, "add_array", None)
+    ADD_SUMS[_kind.code] = getattr(_kind, "add_sums", None)
 
 
 # ---------------------------------------------------------------------------------------------

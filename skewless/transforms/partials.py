@@ -23,7 +23,14 @@ import numpy as np
 import pyarrow as pa
 
 from skewless.transforms.featureset import FeatureSet
-from skewless.transforms.operations import ADD, ADD_ARRAY, COPY, MERGE, Operation
+from skewless.transforms.operations import (
+    ADD,
+    ADD_SUMS,
+    COPY,
+    MERGE,
+    Operation,
+    integral_group_sums,
+)
 
 NAMESPACE = "skewless"
 
@@ -152,8 +159,8 @@ def add_batch(
 ) -> None:
     """Add a batch of events to per-entity slots {key value: {bucket: slot}}, in place: the
     same slots as `add_to_slot` per event, with a slot looked up once per (entity, bucket)
-    and the values of one group added at once where the partial can (ADD_ARRAY), else one
-    at a time. `keys`: (a code per event, the entity value of each code), as `entity_codes`
+    and the values of one group added by their exact sums where the partial keeps sums and
+    the column holds integers (ADD_SUMS, one numpy pass per column), else one at a time. `keys`: (a code per event, the entity value of each code), as `entity_codes`
     gives them for events that all have one; `times`: event times (epoch ms); `columns`:
     the Arrow column of each value field of the slot (None for a partial without a field),
     all in the same row order."""
@@ -169,24 +176,25 @@ def add_batch(
     starts = np.flatnonzero(np.r_[True, change]).tolist()
     ends = [*starts[1:], n]
     taken = pa.array(order)
-    numbers, values = [], []
+    group_starts = np.asarray(starts)
+    values, sums = [], []
     for column in columns:
         if column is None:
-            numbers.append(None)
             values.append(None)
+            sums.append(None)
             continue
         column = column.take(taken)
+        values.append(column)
+        group_sums = None
         if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
             array = column.fill_null(0).to_numpy(zero_copy_only=False)
             valid = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else None
-            numbers.append((array, valid))
-        else:
-            numbers.append(None)
-        values.append(column)
+            group_sums = integral_group_sums(array, valid, group_starts)
+        sums.append(group_sums)
     pylists: list = [None] * len(columns)
     time_list = None
     codes_list, buckets_list = codes_sorted.tolist(), buckets_sorted.tolist()
-    for start, end in zip(starts, ends, strict=True):
+    for g, (start, end) in enumerate(zip(starts, ends, strict=True)):
         key = names[codes_list[start]]
         slots = per_key.get(key)
         if slots is None:
@@ -200,12 +208,11 @@ def add_batch(
             if values[i] is None:
                 continue
             partial = slot[i + 1]
-            add_array = ADD_ARRAY[partial[0]]
-            if add_array is not None and numbers[i] is not None:
-                array, valid = numbers[i]
-                group = array[start:end] if valid is None else array[start:end][valid[start:end]]
-                if add_array(partial, group):
-                    continue
+            add_sums = ADD_SUMS[partial[0]]
+            if add_sums is not None and sums[i] is not None:
+                counts, totals, squares = sums[i]
+                add_sums(partial, counts[g], totals[g], squares[g])
+                continue
             if pylists[i] is None:
                 pylists[i] = values[i].to_pylist()
             if time_list is None:
