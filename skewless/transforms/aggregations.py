@@ -42,12 +42,14 @@ from skewless.transforms.partials import (
     CellKey,
     add_batch,
     cell_columns,
+    cells_to_columns,
     copy_slot,
     entity_codes,
     entity_value,
     key_specs,
     merge_buckets,
     window_cell,
+    window_columns,
 )
 from skewless.transforms.record_checks import EVENT_BATCH_ROWS
 from skewless.transforms.reference import join_reference_columns, reference_keys
@@ -108,6 +110,15 @@ class AggregateBlock:
             return memo[w]
         out = memo[w] = window_cell(self.spec, self.buckets, w)
         return out
+
+    def columns_at(self, ws: list[int]) -> dict:
+        """{example column: values, one per window end of `ws`}, the declared defaults for
+        empty windows: read off prefix sums where the key's aggregates allow it
+        (partials.window_columns), else cell by cell."""
+        fast = window_columns(self.spec, self.buckets, ws)
+        if fast is not None:
+            return fast
+        return cells_to_columns(self.spec, [self.cell(w) for w in ws])
 
     @property
     def cells(self) -> dict:
@@ -432,29 +443,31 @@ class _JoinBlock(beam.DoFn):
         # The as-of rule, vectorised: the same arithmetic as as_of_window_end.
         window_ends = (times - fs.serving_delay_ms) // fs.period_ms * fs.period_ms
         w_values, w_codes = np.unique(window_ends, return_inverse=True)
+        n_w = len(w_values)
         types = self._types
         columns = {}
         for spec in self._specs:
-            # One cell per distinct (entity, W) of the block's examples, then taken per example.
+            # The distinct (entity, W) of the block's examples, by entity: each entity's
+            # columns at its W at once, then taken per example.
             codes, names = entity_codes(table.column(spec.key_name).combine_chunks())
-            pairs = (codes + 1) * len(w_values) + w_codes
-            _, first, inverse = np.unique(pairs, return_index=True, return_inverse=True)
-            cells = []
-            for i in first.tolist():
-                code = codes[i]
+            pairs, inverse = np.unique((codes + 1) * n_w + w_codes, return_inverse=True)
+            pair_codes, pair_ws = pairs // n_w - 1, w_values[pairs % n_w]
+            bounds = np.flatnonzero(np.r_[True, pair_codes[1:] != pair_codes[:-1]]).tolist()
+            chunks: dict[str, list] = {}
+            for start, end in itertools.pairwise([*bounds, len(pairs)]):
+                code = int(pair_codes[start])
                 block = blocks.get((spec.key_name, names[code])) if code >= 0 else None
-                cells.append(block.cell(int(window_ends[i])) if block is not None else None)
+                ws = pair_ws[start:end].tolist()
+                values = (
+                    block.columns_at(ws)
+                    if block is not None
+                    else cells_to_columns(spec, [None] * len(ws))
+                )
+                for column, part in values.items():
+                    chunks.setdefault(column, []).append(pa.array(part, type=types[column]))
             take = pa.array(inverse.reshape(-1))
-            for agg in spec.aggregates:
-                default, name = agg.default, agg.name
-                values = [default if c is None else c[name] for c in cells]
-                if len(agg.columns) == 1:
-                    columns[name] = pa.array(values, type=types[name]).take(take)
-                    continue
-                split = [agg.operation.columns_of(v) for v in values]
-                for j, column in enumerate(agg.columns):
-                    parts = [p[j] for p in split]
-                    columns[column] = pa.array(parts, type=types[column]).take(take)
+            for column, parts in chunks.items():
+                columns[column] = pa.concat_arrays(parts).take(take)
         joined = with_aggregate_columns(fs, table, columns)
         self._examples.inc(joined.num_rows)
         yield from joined.to_batches()

@@ -16,7 +16,7 @@ nothing here or in either path changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,7 +28,10 @@ from skewless.transforms.operations import (
     ADD_SUMS,
     COPY,
     MERGE,
+    Count,
+    Mean,
     Operation,
+    Sum,
     integral_group_sums,
 )
 
@@ -317,3 +320,79 @@ def window_cell(
     if not found:
         return None
     return {agg.name: value for agg, value in zip(spec.aggregates, results, strict=True)}
+
+
+# Operations whose window value window_columns reads off prefix sums of exact integer sums.
+_SUMMED = (Count, Sum, Mean)
+
+
+def window_columns(spec: _KeySpec, buckets: dict, ws: Sequence[int]) -> dict | None:
+    """The aggregates of many window ends at once: {aggregate: values, one per W of `ws`},
+    the declared default where `window_cell` gives none (an empty window), or None when this
+    shortcut does not apply (then call window_cell per W).
+
+    It applies to a key whose aggregates are counts, sums and means (exactly those classes)
+    over slots whose sums are integers (exponent 0) below 2**53 in all: each window's count and
+    sum are then differences of int64 prefix sums over the bucket grid, exact, and a sum or
+    mean as float64 is the same correctly rounded float as window_cell's `int / int`."""
+    for agg in spec.aggregates:
+        if type(agg.operation) not in _SUMMED or len(agg.columns) != 1:
+            return None
+    starts = sorted(buckets)
+    n_buckets = len(starts)
+    width = len(spec.operations) + 1
+    grid = np.zeros((n_buckets, 2 * width), dtype=np.int64)  # count, then (n, sum) per partial
+    bound = 0
+    for row, bucket in enumerate(starts):
+        slot = buckets[bucket]
+        grid[row, 0] = slot[0]
+        for i in range(1, width):
+            _, n, m, e = slot[i]
+            if e:
+                return None
+            bound += abs(m)
+            grid[row, 2 * i] = n
+            grid[row, 2 * i + 1] = m
+    if bound >= 2**53:
+        return None
+    prefix = np.vstack([np.zeros((1, 2 * width), np.int64), np.cumsum(grid, axis=0)])
+    ws = np.asarray(ws, dtype=np.int64)
+    bucket_starts = np.asarray(starts, dtype=np.int64)
+    hi = np.searchsorted(bucket_starts, ws, side="left")  # buckets before W
+    sums = {}
+    for size, _ in spec.steps:
+        lo = np.searchsorted(bucket_starts, ws - size * spec.period_ms, side="left")
+        sums[size] = prefix[hi] - prefix[lo]  # per W: the window's count, (n, sum) per partial
+    largest = sums[spec.steps[-1][0]][:, 0] > 0  # window_cell: None when all of it is empty
+    out = {}
+    for agg in spec.aggregates:
+        window = sums[agg.size_ms // spec.period_ms]
+        kind = type(agg.operation)
+        if kind is Count:
+            value, present = window[:, 0], largest
+        else:
+            n, total = window[:, 2 * agg.partial_index], window[:, 2 * agg.partial_index + 1]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                value = total / n if kind is Mean else total.astype(np.float64)
+            present = largest & (n > 0)
+        if agg.default is None:
+            out[agg.name] = [v if ok else None for v, ok in zip(value.tolist(), present.tolist(), strict=True)]
+        else:
+            out[agg.name] = np.where(present, value, agg.default)
+    return out
+
+
+def cells_to_columns(spec: _KeySpec, cells: Sequence[dict | None]) -> dict:
+    """Cells (window_cell's, None for an empty window) -> {example column: values}, with the
+    declared defaults."""
+    out = {}
+    for agg in spec.aggregates:
+        default, name = agg.default, agg.name
+        values = [default if c is None else c[name] for c in cells]
+        if len(agg.columns) == 1:
+            out[name] = values
+            continue
+        split = [agg.operation.columns_of(v) for v in values]
+        for j, column in enumerate(agg.columns):
+            out[column] = [parts[j] for parts in split]
+    return out

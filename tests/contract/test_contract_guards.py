@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -746,6 +747,54 @@ def test_slots_added_by_batch_equal_slots_added_event_by_event(values):
         add_batch(spec, by_batch, entity_codes(part.column("origin")), times, columns)
     assert by_batch == one_by_one
     assert sum(slot[0] for slots in by_batch.values() for slot in slots.values()) == len(events)
+
+
+@pytest.mark.parametrize("values", ["as_read", "fractional"])
+def test_window_columns_read_off_prefix_sums_equal_window_cell(values):
+    """partials.window_columns (the batch join's shortcut for counts, sums and means: prefix
+    sums of exact integer sums) gives, for every W around three days of real flights, what
+    window_cell gives W by W, defaults included; with fractional delays it declines (None)
+    and the join reads cell by cell."""
+    from skewless.transforms.operations import Sum
+    from skewless.transforms.partials import cells_to_columns, window_columns
+
+    fs = replace(
+        FLIGHTS,
+        name="summed",
+        aggregates=(
+            *FLIGHTS.aggregates,
+            WindowedAggregate("sum_delay_30m", "origin", Sum("dep_delay"), 1800, 300, default=-7.0),
+            WindowedAggregate("n_2h", "carrier", Count(), 7200, 300),
+        ),
+    )
+    events = typed_events(fs, real_flights(1, 2, days=3))
+    for e in events:
+        if values == "fractional" and e.get("dep_delay") is not None:
+            e["dep_delay"] += 0.25
+    checked = declined = 0
+    for spec in key_specs(fs):
+        per_key: dict = {}
+        for e in events:
+            t = e["event_time"]
+            bucket = (t // spec.period_ms) * spec.period_ms
+            slots = per_key.setdefault(entity_value(e[spec.key_name]), {})
+            slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
+            add_to_slot(slot, [e.get(f) for f in spec.value_fields], t)
+        for buckets in per_key.values():
+            first, last = min(buckets), max(buckets) + spec.max_size_ms + spec.period_ms
+            ws = list(range(first - spec.period_ms, last, spec.period_ms))
+            fast = window_columns(spec, buckets, ws)
+            if values == "fractional" and any(f for f in spec.value_fields):
+                assert fast is None
+                declined += 1
+                continue
+            assert fast is not None
+            expected = cells_to_columns(spec, [window_cell(spec, buckets, w) for w in ws])
+            got = {name: list(np.asarray(v).tolist()) for name, v in fast.items()}
+            assert got == expected
+            assert all(type(a) is type(b) for name in got for a, b in zip(got[name], expected[name], strict=True))
+            checked += len(ws)
+    assert checked > 1000 if values == "as_read" else declined > 10
 
 
 def _poke(slot: list) -> None:
