@@ -40,6 +40,7 @@ from skewless.transforms.featureset import FeatureSet, as_of_window_end
 from skewless.transforms.partials import (
     NAMESPACE,
     CellKey,
+    SummedBuckets,
     add_batch,
     cell_columns,
     cells_to_columns,
@@ -48,6 +49,9 @@ from skewless.transforms.partials import (
     entity_value,
     key_specs,
     merge_buckets,
+    merge_summed,
+    summed_batch,
+    to_slots,
     window_cell,
     window_columns,
 )
@@ -73,7 +77,8 @@ class AggregateBlock:
         self.key_value = key_value
         self.block_end_ms = block_end_ms
         self.block_ms = block_ms
-        self.buckets = buckets  # bucket start (ms) -> slot, see BucketAccumulatorFn
+        # bucket start (ms) -> slot (BucketAccumulatorFn), or the same as SummedBuckets
+        self.buckets = buckets
         self.spec = spec  # _KeySpec of the entity key
         self._memo = {}
 
@@ -93,7 +98,7 @@ class AggregateBlock:
     def __repr__(self) -> str:
         return (
             f"AggregateBlock({self.key_name}={self.key_value!r}, block_end={self.block_end_ms}, "
-            f"{len(self.buckets)} buckets)"
+            f"{len(self.slots())} buckets)"
         )
 
     def window_ends(self) -> range:
@@ -108,8 +113,14 @@ class AggregateBlock:
         memo = self._memo
         if w in memo:
             return memo[w]
-        out = memo[w] = window_cell(self.spec, self.buckets, w)
+        out = memo[w] = window_cell(self.spec, self.slots(), w)
         return out
+
+    def slots(self) -> dict:
+        """{bucket start: slot} (converted once from SummedBuckets)."""
+        if isinstance(self.buckets, SummedBuckets):
+            self.buckets = to_slots(self.spec, self.buckets)
+        return self.buckets
 
     def columns_at(self, ws: list[int]) -> dict:
         """{example column: values, one per window end of `ws`}, the declared defaults for
@@ -197,22 +208,27 @@ class _BlockPartials(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._buckets: list[dict] = [{} for _ in self._specs]  # per spec: key -> {bucket: slot}
+        self._summed: list[dict] = [{} for _ in self._specs]  # per spec: key -> [SummedBuckets]
         self._buffered = 0
 
     def process(self, batch: pa.RecordBatch) -> Iterator:
         times = batch.column(self.fs.event_time).cast(pa.int64()).to_numpy()
-        for spec, per_key in zip(self._specs, self._buckets, strict=True):
+        for spec, per_key, summed in zip(self._specs, self._buckets, self._summed, strict=True):
             codes, names = entity_codes(batch.column(spec.key_name))
             columns = [batch.column(f) if f is not None else None for f in spec.value_fields]
             keyed = codes >= 0
+            spec_times = times
             if not keyed.all():  # events without this entity key feed none of its aggregates
                 self._null_keys.inc(int((~keyed).sum()))
                 mask = pa.array(keyed)
                 columns = [c.filter(mask) if c is not None else None for c in columns]
-                codes, times_kept = codes[keyed], times[keyed]
-                add_batch(spec, per_key, (codes, names), times_kept, columns)
-            else:
-                add_batch(spec, per_key, (codes, names), times, columns)
+                codes, spec_times = codes[keyed], times[keyed]
+            arrays = summed_batch(spec, (codes, names), spec_times, columns)
+            if arrays is None:
+                add_batch(spec, per_key, (codes, names), spec_times, columns)
+                continue
+            for key, part in arrays.items():
+                summed.setdefault(key, []).append(part)
         self._buffered += batch.num_rows
         if self._buffered >= self.max_buffered:
             yield from self._flush()
@@ -223,10 +239,24 @@ class _BlockPartials(beam.DoFn):
 
     def _flush(self) -> Iterator[tuple]:
         per_spec, self._buckets = self._buckets, [{} for _ in self._specs]
+        summed_spec, self._summed = self._summed, [{} for _ in self._specs]
         self._buffered = 0
         block = self.block_ms
-        for spec, per_key in zip(self._specs, per_spec, strict=True):
+        for spec, per_key, summed in zip(self._specs, per_spec, summed_spec, strict=True):
             period, max_size = spec.period_ms, spec.max_size_ms
+            for key, parts in summed.items():
+                merged = merge_summed(parts)
+                if merged is None:  # beyond exact int64 sums: as slots
+                    for part in parts:
+                        merge_buckets(per_key.setdefault(key, {}), to_slots(spec, part))
+                    continue
+                first = -(-(merged.starts + period) // block) * block
+                last = -(-(merged.starts + max_size) // block) * block
+                for block_end in range(int(first.min()), int(last.max()) + 1, block):
+                    rows = (first <= block_end) & (block_end <= last)
+                    if rows.any():
+                        part = SummedBuckets(merged.starts[rows], merged.grid[rows])
+                        yield (spec.key_name, key, block_end), part
             for key, slots in per_key.items():
                 blocks: dict[int, dict] = {}
                 for bucket, slot in slots.items():
@@ -276,12 +306,17 @@ class _ToBlocks(beam.DoFn):
 
     def process(self, element: tuple) -> Iterator[AggregateBlock]:
         (key_name, key_value, block_end), parts = element
-        # The parts come fresh off the shuffle: the first is adopted, the others merged in.
-        buckets = BucketAccumulatorFn().merge_accumulators(iter(parts))
+        spec = self._specs[key_name]
+        parts = list(parts)
+        buckets = None
+        if all(isinstance(p, SummedBuckets) for p in parts):
+            buckets = merge_summed(parts)
+        if buckets is None:
+            # The parts come fresh off the shuffle: the first is adopted, the others merged in.
+            slots = [to_slots(spec, p) if isinstance(p, SummedBuckets) else p for p in parts]
+            buckets = BucketAccumulatorFn().merge_accumulators(iter(slots))
         self._blocks.inc()
-        yield AggregateBlock(
-            key_name, key_value, block_end, self.block_ms, buckets, self._specs[key_name]
-        )
+        yield AggregateBlock(key_name, key_value, block_end, self.block_ms, buckets, spec)
 
 
 class ComputeAggregates(beam.PTransform):

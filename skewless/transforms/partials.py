@@ -322,42 +322,125 @@ def window_cell(
     return {agg.name: value for agg, value in zip(spec.aggregates, results, strict=True)}
 
 
-# Operations whose window value window_columns reads off prefix sums of exact integer sums.
+# --- summed buckets: the batch path's columnar form of slots of exact integer sums ------------
+#
+# A key whose aggregates are all counts, sums and means keeps, per bucket, only an event count
+# and (non-null count, exact sum) per partial. When every value is an integer, those fit int64
+# columns: the batch path then carries a key's buckets as two arrays (SummedBuckets) instead
+# of a dict of slots, sums them with numpy and reads its cells off prefix sums.
+
+# Operations a summed key may have (exactly these classes: their read-off is count, sum, mean).
 _SUMMED = (Count, Sum, Mean)
+# The sum of |value| over all of a SummedBuckets stays below this: every int64 sum of it is
+# exact, and so is its conversion to float64.
+EXACT_BOUND = 2**53
 
 
-def window_columns(spec: _KeySpec, buckets: dict, ws: Sequence[int]) -> dict | None:
+class SummedBuckets(NamedTuple):
+    """Per-bucket partials of one entity as arrays: the bucket starts (sorted, distinct) and
+    an int64 grid, per bucket: the event count, then (non-null values, their sum) per partial,
+    then the sum of |value| over all partials (below EXACT_BOUND in all). `to_slots` gives
+    the very slots that add_to_slot builds from the same events."""
+
+    starts: np.ndarray
+    grid: np.ndarray
+
+
+def summable(spec: _KeySpec) -> bool:
+    """A key whose cells are counts, sums and means of exact sums (SummedBuckets)."""
+    return all(type(a.operation) in _SUMMED and len(a.columns) == 1 for a in spec.aggregates)
+
+
+def _groups(key_codes: np.ndarray, times: np.ndarray, period: int):
+    """Events sorted by (entity code, bucket) -> (order, group starts, sorted codes, sorted
+    buckets)."""
+    buckets = times // period * period
+    order = np.lexsort((buckets, key_codes))
+    codes_sorted, buckets_sorted = key_codes[order], buckets[order]
+    change = (codes_sorted[1:] != codes_sorted[:-1]) | (buckets_sorted[1:] != buckets_sorted[:-1])
+    return order, np.flatnonzero(np.r_[True, change]), codes_sorted, buckets_sorted
+
+
+def summed_batch(spec: _KeySpec, keys: tuple, times: np.ndarray, columns: list) -> dict | None:
+    """A batch of events of a summable key -> {entity value: SummedBuckets}: the same
+    partials as add_batch, as arrays; None when a value is not an integer or the sums could
+    leave EXACT_BOUND (then add_batch). Arguments as add_batch's."""
+    key_codes, names = keys
+    n = len(key_codes)
+    if not n or not summable(spec):
+        return None
+    order, starts, codes_sorted, buckets_sorted = _groups(key_codes, times, spec.period_ms)
+    grid = np.empty((len(starts), 2 * len(columns) + 2), dtype=np.int64)
+    grid[:, 0] = np.diff(np.r_[starts, n])
+    magnitude = np.zeros(len(starts), dtype=np.int64)
+    taken = pa.array(order)
+    for i, column in enumerate(columns, start=1):
+        column = column.take(taken)
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            return None
+        values = column.fill_null(0).to_numpy(zero_copy_only=False)
+        if values.dtype.kind == "f" and not (values == np.trunc(values)).all():
+            return None  # a fraction: exact sums need the binary fractions (add_batch)
+        if len(values) and float(np.abs(values).max()) * n >= EXACT_BOUND:
+            return None
+        ints = values.astype(np.int64)
+        present = column.is_valid().to_numpy(zero_copy_only=False).astype(np.int64)
+        grid[:, 2 * i - 1] = np.add.reduceat(present, starts)
+        grid[:, 2 * i] = np.add.reduceat(ints, starts)
+        magnitude += np.add.reduceat(np.abs(ints), starts)
+    grid[:, -1] = magnitude
+    codes = codes_sorted[starts]
+    bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]).tolist()
+    out = {}
+    for start, end in zip(bounds, [*bounds[1:], len(codes)], strict=True):
+        out[names[int(codes[start])]] = SummedBuckets(
+            buckets_sorted[starts[start:end]], grid[start:end]
+        )
+    return out
+
+
+def merge_summed(parts: Sequence[SummedBuckets]) -> SummedBuckets | None:
+    """SummedBuckets of one entity -> one, bucket by bucket (exact, in any order); None when
+    the sum would leave EXACT_BOUND (then merge their slots)."""
+    if len(parts) == 1:
+        return parts[0]
+    if sum(int(p.grid[:, -1].sum()) for p in parts) >= EXACT_BOUND:
+        return None
+    starts = np.concatenate([p.starts for p in parts])
+    grid = np.concatenate([p.grid for p in parts])
+    order = np.argsort(starts, kind="stable")
+    starts, grid = starts[order], grid[order]
+    first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
+    return SummedBuckets(starts[first], np.add.reduceat(grid, first, axis=0))
+
+
+def to_slots(spec: _KeySpec, summed: SummedBuckets) -> dict:
+    """SummedBuckets -> {bucket: slot}, the slots add_to_slot builds from the same events."""
+    out = {}
+    k = len(spec.operations)
+    for bucket, row in zip(summed.starts.tolist(), summed.grid.tolist(), strict=True):
+        out[bucket] = [row[0], *([1, row[2 * i - 1], row[2 * i], 0] for i in range(1, k + 1))]
+    return out
+
+
+def window_columns(spec: _KeySpec, buckets: dict | SummedBuckets, ws: Sequence[int]) -> dict | None:
     """The aggregates of many window ends at once: {aggregate: values, one per W of `ws`},
     the declared default where `window_cell` gives none (an empty window), or None when this
     shortcut does not apply (then call window_cell per W).
 
-    It applies to a key whose aggregates are counts, sums and means (exactly those classes)
-    over slots whose sums are integers (exponent 0) below 2**53 in all: each window's count and
-    sum are then differences of int64 prefix sums over the bucket grid, exact, and a sum or
-    mean as float64 is the same correctly rounded float as window_cell's `int / int`."""
-    for agg in spec.aggregates:
-        if type(agg.operation) not in _SUMMED or len(agg.columns) != 1:
-            return None
-    starts = sorted(buckets)
-    n_buckets = len(starts)
-    width = len(spec.operations) + 1
-    grid = np.zeros((n_buckets, 2 * width), dtype=np.int64)  # count, then (n, sum) per partial
-    bound = 0
-    for row, bucket in enumerate(starts):
-        slot = buckets[bucket]
-        grid[row, 0] = slot[0]
-        for i in range(1, width):
-            _, n, m, e = slot[i]
-            if e:
-                return None
-            bound += abs(m)
-            grid[row, 2 * i] = n
-            grid[row, 2 * i + 1] = m
-    if bound >= 2**53:
+    It applies to a summable key (counts, sums and means) whose sums are integers below
+    EXACT_BOUND in all: each window's count and sum are then differences of int64 prefix sums
+    over the bucket grid, exact, and a sum or mean as float64 is the same correctly rounded
+    float as window_cell's `int / int`."""
+    if not summable(spec):
         return None
-    prefix = np.vstack([np.zeros((1, 2 * width), np.int64), np.cumsum(grid, axis=0)])
+    if not isinstance(buckets, SummedBuckets):
+        buckets = _summed_slots(spec, buckets)
+        if buckets is None:
+            return None
+    bucket_starts, grid = buckets
+    prefix = np.vstack([np.zeros((1, grid.shape[1]), np.int64), np.cumsum(grid, axis=0)])
     ws = np.asarray(ws, dtype=np.int64)
-    bucket_starts = np.asarray(starts, dtype=np.int64)
     hi = np.searchsorted(bucket_starts, ws, side="left")  # buckets before W
     sums = {}
     for size, _ in spec.steps:
@@ -371,7 +454,8 @@ def window_columns(spec: _KeySpec, buckets: dict, ws: Sequence[int]) -> dict | N
         if kind is Count:
             value, present = window[:, 0], largest
         else:
-            n, total = window[:, 2 * agg.partial_index], window[:, 2 * agg.partial_index + 1]
+            i = agg.partial_index
+            n, total = window[:, 2 * i - 1], window[:, 2 * i]
             with np.errstate(invalid="ignore", divide="ignore"):
                 value = total / n if kind is Mean else total.astype(np.float64)
             present = largest & (n > 0)
@@ -380,6 +464,29 @@ def window_columns(spec: _KeySpec, buckets: dict, ws: Sequence[int]) -> dict | N
         else:
             out[agg.name] = np.where(present, value, agg.default)
     return out
+
+
+def _summed_slots(spec: _KeySpec, buckets: dict) -> SummedBuckets | None:
+    """Slots of a summable key -> SummedBuckets, or None if a sum is not an integer or they
+    leave EXACT_BOUND."""
+    starts = sorted(buckets)
+    k = len(spec.operations)
+    grid = np.zeros((len(starts), 2 * k + 2), dtype=np.int64)
+    bound = 0
+    for row, bucket in enumerate(starts):
+        slot = buckets[bucket]
+        grid[row, 0] = slot[0]
+        for i in range(1, k + 1):
+            _, n, m, e = slot[i]
+            if e:
+                return None
+            grid[row, 2 * i - 1] = n
+            grid[row, 2 * i] = m
+            grid[row, -1] += abs(m) if abs(m) < EXACT_BOUND else EXACT_BOUND
+        bound += int(grid[row, -1])
+    if bound >= EXACT_BOUND:
+        return None
+    return SummedBuckets(np.asarray(starts, dtype=np.int64), grid)
 
 
 def cells_to_columns(spec: _KeySpec, cells: Sequence[dict | None]) -> dict:

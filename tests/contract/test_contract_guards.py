@@ -750,6 +750,47 @@ def test_slots_added_by_batch_equal_slots_added_event_by_event(values):
 
 
 @pytest.mark.parametrize("values", ["as_read", "fractional"])
+def test_summed_buckets_hold_the_slots_added_event_by_event(values):
+    """The batch path's SummedBuckets (counts and integer sums as int64 arrays): built per
+    batch (partials.summed_batch), merged in any order (merge_summed), they convert to exactly
+    the slots of add_to_slot per event; with fractional delays summed_batch declines (None)
+    and the slots are added by add_batch."""
+    from skewless.transforms.partials import merge_summed, summed_batch, to_slots
+
+    events = typed_events(FLIGHTS, real_flights(1, 2, days=2))
+    for e in events:
+        if values == "fractional" and e.get("dep_delay") is not None:
+            e["dep_delay"] += 0.5
+    batch = pa.RecordBatch.from_pylist(events, schema=event_arrow_schema(FLIGHTS))
+    rng = random.Random(5)
+    for spec in key_specs(FLIGHTS):
+        one_by_one: dict = {}
+        for e in events:
+            t = e["event_time"]
+            bucket = (t // spec.period_ms) * spec.period_ms
+            slots = one_by_one.setdefault(entity_value(e[spec.key_name]), {})
+            slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
+            add_to_slot(slot, [e.get(f) for f in spec.value_fields], t)
+        parts: dict = {}
+        for start in range(0, batch.num_rows, 500):
+            part = batch.slice(start, 500)
+            times = part.column("event_time").cast(pa.int64()).to_numpy()
+            columns = [part.column(f) for f in spec.value_fields]
+            summed = summed_batch(spec, entity_codes(part.column(spec.key_name)), times, columns)
+            if values == "fractional":
+                assert summed is None
+                break
+            for key, arrays in summed.items():
+                parts.setdefault(key, []).append(arrays)
+        if values == "fractional":
+            continue
+        for chunks in parts.values():
+            rng.shuffle(chunks)
+        merged = {key: to_slots(spec, merge_summed(chunks)) for key, chunks in parts.items()}
+        assert merged == one_by_one
+
+
+@pytest.mark.parametrize("values", ["as_read", "fractional"])
 def test_window_columns_read_off_prefix_sums_equal_window_cell(values):
     """partials.window_columns (the batch join's shortcut for counts, sums and means: prefix
     sums of exact integer sums) gives, for every W around three days of real flights, what
