@@ -54,12 +54,12 @@ def add_exact(m1: int, e1: int, m2: int, e2: int) -> tuple[int, int]:
 
 def integral_group_sums(
     values: np.ndarray, valid: np.ndarray | None, starts: np.ndarray
-) -> tuple[list, list, list] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Per group of consecutive values (groups start at `starts`): the number of valid
-    values, their sum and the sum of their squares, exact, when every valid value is an
-    integer small enough for int64 sums of squares; None otherwise (the values are then
-    added one at a time). Adding integers one at a time with `exact` keeps the exponent 0,
-    so (sum, 0) is the same partial."""
+    values, their sum, the sum of their squares and the sum of their magnitudes, exact, when
+    every valid value is an integer small enough for int64 sums of squares; None otherwise
+    (the values are then added one at a time). Adding integers one at a time with `exact`
+    keeps the exponent 0, so (sum, 0) is the same partial."""
     if values.dtype.kind not in "iuf" or not len(values):
         return None
     present = values if valid is None else values[valid]
@@ -74,9 +74,10 @@ def integral_group_sums(
         ints = np.where(valid, ints, 0)
         counted = valid.astype(np.int64)
     return (
-        np.add.reduceat(counted, starts).tolist(),
-        np.add.reduceat(ints, starts).tolist(),
-        np.add.reduceat(ints * ints, starts).tolist(),
+        np.add.reduceat(counted, starts),
+        np.add.reduceat(ints, starts),
+        np.add.reduceat(ints * ints, starts),
+        np.add.reduceat(np.abs(ints), starts),
     )
 
 

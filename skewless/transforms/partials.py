@@ -171,29 +171,15 @@ def add_batch(
     n = len(key_codes)
     if not n:
         return
-    period = spec.period_ms
-    buckets = times // period * period
-    order = np.lexsort((buckets, key_codes))
-    codes_sorted, buckets_sorted = key_codes[order], buckets[order]
-    change = (codes_sorted[1:] != codes_sorted[:-1]) | (buckets_sorted[1:] != buckets_sorted[:-1])
-    starts = np.flatnonzero(np.r_[True, change]).tolist()
+    order, group_starts, codes_sorted, buckets_sorted = _groups(key_codes, times, spec.period_ms)
+    starts = group_starts.tolist()
     ends = [*starts[1:], n]
     taken = pa.array(order)
-    group_starts = np.asarray(starts)
-    values, sums = [], []
-    for column in columns:
-        if column is None:
-            values.append(None)
-            sums.append(None)
-            continue
-        column = column.take(taken)
-        values.append(column)
-        group_sums = None
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-            array = column.fill_null(0).to_numpy(zero_copy_only=False)
-            valid = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else None
-            group_sums = integral_group_sums(array, valid, group_starts)
-        sums.append(group_sums)
+    values = [None if c is None else c.take(taken) for c in columns]
+    sums = []
+    for column in values:
+        found = None if column is None else _column_sums(column, group_starts)
+        sums.append(None if found is None else [a.tolist() for a in found[:3]])
     pylists: list = [None] * len(columns)
     time_list = None
     codes_list, buckets_list = codes_sorted.tolist(), buckets_sorted.tolist()
@@ -361,6 +347,15 @@ def _groups(key_codes: np.ndarray, times: np.ndarray, period: int):
     return order, np.flatnonzero(np.r_[True, change]), codes_sorted, buckets_sorted
 
 
+def _column_sums(column: pa.Array, starts: np.ndarray) -> tuple | None:
+    """integral_group_sums of a column sorted by group (None unless a number column)."""
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        return None
+    values = column.fill_null(0).to_numpy(zero_copy_only=False)
+    valid = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else None
+    return integral_group_sums(values, valid, starts)
+
+
 def summed_batch(spec: _KeySpec, keys: tuple, times: np.ndarray, columns: list) -> dict | None:
     """A batch of events of a summable key -> {entity value: SummedBuckets}: the same
     partials as add_batch, as arrays; None when a value is not an integer or the sums could
@@ -375,19 +370,14 @@ def summed_batch(spec: _KeySpec, keys: tuple, times: np.ndarray, columns: list) 
     magnitude = np.zeros(len(starts), dtype=np.int64)
     taken = pa.array(order)
     for i, column in enumerate(columns, start=1):
-        column = column.take(taken)
-        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
-            return None
-        values = column.fill_null(0).to_numpy(zero_copy_only=False)
-        if values.dtype.kind == "f" and not (values == np.trunc(values)).all():
+        found = _column_sums(column.take(taken), starts)
+        if found is None:
             return None  # a fraction: exact sums need the binary fractions (add_batch)
-        if len(values) and float(np.abs(values).max()) * n >= EXACT_BOUND:
+        counts, totals, _, magnitudes = found
+        magnitude += magnitudes
+        if int(magnitude.sum()) >= EXACT_BOUND:
             return None
-        ints = values.astype(np.int64)
-        present = column.is_valid().to_numpy(zero_copy_only=False).astype(np.int64)
-        grid[:, 2 * i - 1] = np.add.reduceat(present, starts)
-        grid[:, 2 * i] = np.add.reduceat(ints, starts)
-        magnitude += np.add.reduceat(np.abs(ints), starts)
+        grid[:, 2 * i - 1], grid[:, 2 * i] = counts, totals
     grid[:, -1] = magnitude
     codes = codes_sorted[starts]
     bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]).tolist()
@@ -476,16 +466,18 @@ def _summed_slots(spec: _KeySpec, buckets: dict) -> SummedBuckets | None:
     for row, bucket in enumerate(starts):
         slot = buckets[bucket]
         grid[row, 0] = slot[0]
+        magnitude = 0
         for i in range(1, k + 1):
             _, n, m, e = slot[i]
             if e:
                 return None
+            magnitude += abs(m)
             grid[row, 2 * i - 1] = n
             grid[row, 2 * i] = m
-            grid[row, -1] += abs(m) if abs(m) < EXACT_BOUND else EXACT_BOUND
-        bound += int(grid[row, -1])
-    if bound >= EXACT_BOUND:
-        return None
+        bound += magnitude
+        if bound >= EXACT_BOUND:
+            return None
+        grid[row, -1] = magnitude
     return SummedBuckets(np.asarray(starts, dtype=np.int64), grid)
 
 

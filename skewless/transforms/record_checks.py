@@ -580,10 +580,11 @@ class BatchChecker:
         for f in fs.derived_fields:
             if f.name not in derived:
                 raise ValueError(f"derive_batch gave no column {f.name!r}")
-            column = pa.array(derived[f.name]) if not isinstance(
-                derived[f.name], (pa.Array, pa.ChunkedArray)) else derived[f.name]  # fmt: skip
+            column = derived[f.name]
             if isinstance(column, pa.ChunkedArray):
                 column = column.combine_chunks()
+            elif not isinstance(column, pa.Array):
+                column = pa.array(column)
             if len(column) != n:
                 raise ValueError(f"derive_batch gave {len(column)} values of {f.name!r} for {n}")
             arrays.append(column.cast(schema.field(f.name).type))

@@ -27,16 +27,8 @@ from skewless.examples.flights import FLIGHTS
 from skewless.transforms.example_schema import event_arrow_schema
 from skewless.transforms.record_checks import DEAD, MAX_KEY_BYTES, CheckRecordsFn
 from skewless.transforms.records import RawBatch
-from tests.contract.test_fuzz_inputs import FUZZ, cases, value_strategy, write_case
+from tests.contract.test_fuzz_inputs import FUZZ, _Counter, cases, value_strategy, write_case
 from tests.support.toy_featureset import CLICKS
-
-
-class _Counter:
-    def __init__(self):
-        self.value = 0
-
-    def inc(self, n: int = 1) -> None:
-        self.value += n
 
 
 def check(fs, elements: list, batches: bool) -> tuple[list[str], list[str], dict]:

@@ -718,6 +718,19 @@ def ewr_contributions() -> list[tuple]:
     return out
 
 
+def _slots_event_by_event(spec, events: list[dict]) -> dict:
+    """{entity value: {bucket: slot}} of the events, add_to_slot one event at a time: the
+    reference the batch path's slots and arrays are held to."""
+    out: dict = {}
+    for e in events:
+        t = e["event_time"]
+        bucket = (t // spec.period_ms) * spec.period_ms
+        slots = out.setdefault(entity_value(e[spec.key_name]), {})
+        slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
+        add_to_slot(slot, [e.get(f) for f in spec.value_fields], t)
+    return out
+
+
 @pytest.mark.parametrize("values", ["as_read", "fractional", "huge"])
 def test_slots_added_by_batch_equal_slots_added_event_by_event(values):
     """partials.add_batch (the batch path: groups per entity and bucket, integer sums at once)
@@ -731,13 +744,7 @@ def test_slots_added_by_batch_equal_slots_added_event_by_event(values):
             if e.get(name) is not None:
                 e[name] = scale(e[name])
     (spec,) = key_specs(RICH)
-    one_by_one: dict = {}
-    for e in events:
-        t = e["event_time"]
-        bucket = (t // spec.period_ms) * spec.period_ms
-        slots = one_by_one.setdefault(entity_value(e["origin"]), {})
-        slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
-        add_to_slot(slot, [e.get(f) for f in spec.value_fields], t)
+    one_by_one = _slots_event_by_event(spec, events)
     batch = pa.RecordBatch.from_pylist(events, schema=event_arrow_schema(RICH))
     by_batch: dict = {}
     for start in range(0, batch.num_rows, 700):  # several batches into the same slots
@@ -764,13 +771,7 @@ def test_summed_buckets_hold_the_slots_added_event_by_event(values):
     batch = pa.RecordBatch.from_pylist(events, schema=event_arrow_schema(FLIGHTS))
     rng = random.Random(5)
     for spec in key_specs(FLIGHTS):
-        one_by_one: dict = {}
-        for e in events:
-            t = e["event_time"]
-            bucket = (t // spec.period_ms) * spec.period_ms
-            slots = one_by_one.setdefault(entity_value(e[spec.key_name]), {})
-            slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
-            add_to_slot(slot, [e.get(f) for f in spec.value_fields], t)
+        one_by_one = _slots_event_by_event(spec, events)
         parts: dict = {}
         for start in range(0, batch.num_rows, 500):
             part = batch.slice(start, 500)
@@ -814,13 +815,7 @@ def test_window_columns_read_off_prefix_sums_equal_window_cell(values):
             e["dep_delay"] += 0.25
     checked = declined = 0
     for spec in key_specs(fs):
-        per_key: dict = {}
-        for e in events:
-            t = e["event_time"]
-            bucket = (t // spec.period_ms) * spec.period_ms
-            slots = per_key.setdefault(entity_value(e[spec.key_name]), {})
-            slot = slots.get(bucket) or slots.setdefault(bucket, new_slot(spec))
-            add_to_slot(slot, [e.get(f) for f in spec.value_fields], t)
+        per_key = _slots_event_by_event(spec, events)
         for buckets in per_key.values():
             first, last = min(buckets), max(buckets) + spec.max_size_ms + spec.period_ms
             ws = list(range(first - spec.period_ms, last, spec.period_ms))
