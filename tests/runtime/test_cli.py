@@ -217,3 +217,34 @@ def test_score_streaming_help_lists_only_its_own_flags(capsys):
         "--input",
     ):
         assert other not in out, other
+
+
+def test_job_options_keep_one_view_per_class_over_the_shared_values():
+    import copy
+    import pickle
+
+    from apache_beam.options.pipeline_options import (
+        GoogleCloudOptions,
+        StandardOptions,
+        TypeOptions,
+    )
+
+    from skewless.beam_pipelines.jobs import prepare
+    from skewless.beam_pipelines.runtime.parsing import JobOptions, parse_job_options
+
+    options = parse_job_options(["--output_dir", "/tmp/x", "--project", "p"], prepare.JOB)
+    assert isinstance(options, JobOptions)
+    assert options.view_as(TypeOptions) is options.view_as(TypeOptions)
+    options.view_as(StandardOptions).streaming = True  # written through one view ...
+    assert options.get_all_options()["streaming"] is True  # ... read by every other reader
+    # A copy (as beam.Pipeline makes) has its own views over its own values.
+    copied = copy.deepcopy(options)
+    copied.view_as(StandardOptions).streaming = False
+    assert options.view_as(StandardOptions).streaming is True
+    assert copied.view_as(StandardOptions).streaming is False
+    # Pickling keeps Beam's rule: the impersonated account is not carried to the workers.
+    options.view_as(GoogleCloudOptions).impersonate_service_account = "sa@p"
+    restored = pickle.loads(pickle.dumps(options))
+    assert restored.view_as(GoogleCloudOptions).impersonate_service_account is None
+    assert restored.view_as(GoogleCloudOptions).project == "p"
+    assert options.view_as(GoogleCloudOptions).impersonate_service_account == "sa@p"

@@ -30,6 +30,28 @@ BEAM_OPTION_GROUPS = (
 LOCAL_BATCH_RUNNER = "FnApiRunner"
 
 
+class JobOptions(PipelineOptions):
+    """The options of a job: PipelineOptions whose views are made once per options class.
+
+    Beam builds a fresh view (an argparse parse of every flag) on each `view_as`, and its
+    type checks ask for one on every transform applied: about 3,200 views, 1 s of prepare's
+    start. A view reads and writes the shared values, so one view per class behaves the same.
+    Copies and pickles leave the views behind (a copy makes its own, over its own values).
+    """
+
+    def view_as(self, cls):
+        views = self.__dict__.setdefault("_views", {})
+        view = views.get(cls)
+        if view is None:
+            view = views[cls] = super().view_as(cls)
+        return view
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_views", None)
+        return state
+
+
 def help_parser(
     prog: str, description: str, job_options: type[PipelineOptions]
 ) -> argparse.ArgumentParser:
@@ -87,7 +109,7 @@ def parse_job_options(
         raise SystemExit(0)
     _check_flag_values(parser, argv, job.prog)
     _reject_unknown_flags(job.groups, argv, job.prog)
-    options = PipelineOptions(argv)
+    options = JobOptions(argv)
     values = options.get_all_options()
     missing = [f"--{name}" for name in job.required if not values.get(name)]
     if missing:
