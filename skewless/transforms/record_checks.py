@@ -562,11 +562,7 @@ class BatchChecker:
 
     def records(self, typed: pa.RecordBatch) -> pa.Table:
         """Typed records as `derive_batch` and `derive` take them: timestamps as epoch ms."""
-        table = pa.Table.from_batches([typed])
-        for i, field in enumerate(table.schema):
-            if pa.types.is_timestamp(field.type):
-                table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
-        return table
+        return epoch_ms_table(typed)
 
     def derive(self, typed: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
         """Typed records -> (their events as a batch of `event_arrow_schema`, the mask of the
@@ -611,6 +607,21 @@ class BatchChecker:
                 short = pc.less_equal(pc.binary_length(column), MAX_KEY_BYTES)
                 ok &= short.fill_null(True).to_numpy(zero_copy_only=False)
         return events, event_mask, ok
+
+
+def epoch_ms_table(batch: pa.RecordBatch) -> pa.Table:
+    """A batch of typed records or events as a Table with its timestamps as epoch ms."""
+    table = pa.Table.from_batches([batch])
+    for i, field in enumerate(table.schema):
+        if pa.types.is_timestamp(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
+    return table
+
+
+def event_records(batch: pa.RecordBatch) -> list[dict]:
+    """A batch of `CheckRecords(batches=True)`'s events as the dicts its record-by-record
+    path gives (timestamps as epoch ms), for a step that takes one event at a time."""
+    return epoch_ms_table(batch).to_pylist()
 
 
 def _within(column: pa.Array, f, ok: np.ndarray) -> None:

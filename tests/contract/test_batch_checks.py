@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from skewless.beam_pipelines.io.files import read_file_records
 from skewless.examples.flights import FLIGHTS
 from skewless.transforms.example_schema import event_arrow_schema
-from skewless.transforms.record_checks import DEAD, MAX_KEY_BYTES, CheckRecordsFn
+from skewless.transforms.record_checks import DEAD, MAX_KEY_BYTES, CheckRecordsFn, event_records
 from skewless.transforms.records import RawBatch
 from tests.contract.test_fuzz_inputs import FUZZ, _Counter, cases, value_strategy, write_case
 from tests.support.toy_featureset import CLICKS
@@ -54,7 +54,7 @@ def check(fs, elements: list, batches: bool) -> tuple[list[str], list[str], dict
             continue
         value = getattr(out, "value", out)  # finish_bundle's WindowedValue
         if isinstance(value, pa.RecordBatch):
-            rows = fn._batch_checker.records(value).to_pylist()
+            rows = event_records(value)  # what the jobs that take events one by one get
         else:
             rows = [value]
         events.extend(json.dumps({n: row.get(n) for n in names}, sort_keys=True) for row in rows)

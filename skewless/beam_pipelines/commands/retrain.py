@@ -240,6 +240,8 @@ def latest_event_ms(args: argparse.Namespace, fs) -> int:
             raise SystemExit(f"skewless retrain: --examples {args.examples!r} holds no example")
         return latest
     import apache_beam as beam
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from apache_beam.metrics import Metrics
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -255,11 +257,12 @@ def latest_event_ms(args: argparse.Namespace, fs) -> int:
     latest = Metrics.distribution("skewless", "retrain_latest_event_ms")
     event_time = fs.event_time
 
-    def measure(event):
-        latest.update(int(event[event_time]))
+    def measure(events):  # a batch of events: its latest event time
+        if events.num_rows:
+            latest.update(pc.max(events.column(event_time).cast(pa.int64())).as_py())
 
     p = beam.Pipeline(options=PipelineOptions(["--runner", "DirectRunner"]))
-    events, _ = p | "Read" >> source | "Check" >> CheckRecords(fs)
+    events, _ = p | "Read" >> source | "Check" >> CheckRecords(fs, batches=True)
     _ = events | "Latest" >> beam.Map(measure)
     result = p.run()
     result.wait_until_finish()

@@ -86,7 +86,13 @@ from skewless.transforms.label_join import (
     label_window_ms,
     labels_feature_set,
 )
-from skewless.transforms.record_checks import DEAD, NAMESPACE, CheckRecords, dead_letter
+from skewless.transforms.record_checks import (
+    DEAD,
+    NAMESPACE,
+    CheckRecords,
+    dead_letter,
+    event_records,
+)
 from skewless.transforms.split import Split
 
 LOG = logging.getLogger("skewless.label_join")
@@ -214,8 +220,11 @@ class LabelsFromEvents(beam.PTransform):
         self.source = source
 
     def expand(self, pbegin):
-        events, dead = pbegin | "Read" >> self.source | "Validate" >> CheckRecords(self.fs)
-        return events | "Labels" >> beam.ParDo(_EventLabels(self.fs)), dead
+        checked = pbegin | "Read" >> self.source | "Validate" >> CheckRecords(self.fs, batches=True)
+        events, dead = checked
+        return events | "Events" >> beam.FlatMap(event_records) | "Labels" >> beam.ParDo(
+            _EventLabels(self.fs)
+        ), dead
 
 
 # --- the join ------------------------------------------------------------------------------------

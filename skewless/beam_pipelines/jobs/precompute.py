@@ -77,7 +77,7 @@ from skewless.transforms.prediction_cache import (
     key_text,
     uncovered_inputs,
 )
-from skewless.transforms.record_checks import NAMESPACE, CheckRecords, dead_letter
+from skewless.transforms.record_checks import NAMESPACE, CheckRecords, dead_letter, event_records
 
 LOG = logging.getLogger("skewless.precompute")
 SUMMARY = "summary.json"
@@ -419,8 +419,11 @@ class RequestsFromEvents(beam.PTransform):
         self.source = source
 
     def expand(self, pbegin):
-        events, invalid = pbegin | "Read" >> self.source | "Validate" >> CheckRecords(self.fs)
-        return events | "AsRequests" >> beam.ParDo(_EventRequests(self.fs)), invalid
+        checked = pbegin | "Read" >> self.source | "Validate" >> CheckRecords(self.fs, batches=True)
+        events, invalid = checked
+        return events | "Events" >> beam.FlatMap(event_records) | "AsRequests" >> beam.ParDo(
+            _EventRequests(self.fs)
+        ), invalid
 
 
 class RequestsFromLog(beam.PTransform):
