@@ -10,6 +10,9 @@ feature-set-specific option.
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import tensorflow as tf
 import tensorflow_transform as tft
 
@@ -71,6 +74,28 @@ def derive(record: dict) -> dict:
     else:
         record["poor_conditions"] = int((precip or 0.0) > 0 or (visib is not None and visib < 3))
     return record
+
+
+def derive_observations(records):
+    """The columnar form of derive (FeatureSet.derive_batch): typed observations (a pyarrow
+    Table, timestamps in epoch ms) -> ({derived field: array}, None: every one is an event).
+    The sector by numpy's floor division and modulo, which follow Python's for floats."""
+    direction = records.column("wind_dir")
+    degrees = direction.to_numpy(zero_copy_only=False)  # nulls as NaN
+    known = np.isfinite(degrees)  # a value the checks reject (NaN, inf) leaves no sector
+    quarter = np.mod(np.floor_divide(np.where(known, degrees, 0.0) + 22.5, 45.0), 8.0)
+    sector = pc.take(pa.array(SECTORS), pa.array(quarter.astype(np.int64), mask=~known))
+    precip, visib = records.column("precip"), records.column("visib")
+    poor = pc.or_(  # a null precip counts as 0.0, a null visibility as not under 3 miles
+        pc.fill_null(pc.greater(precip, 0.0), False), pc.fill_null(pc.less(visib, 3.0), False)
+    )
+    unknown = pc.and_(pc.is_null(precip), pc.is_null(visib))
+    derived = {
+        "observed": records.column("time_hour"),
+        "wind_sector": sector,
+        "poor_conditions": pc.if_else(unknown, pa.scalar(None, pa.int64()), pc.cast(poor, pa.int64())),
+    }
+    return derived, None
 
 
 DAY = "1d"
@@ -194,6 +219,7 @@ WEATHER = FeatureSet(
     schema=RAW_SCHEMA,
     derived_fields=DERIVED,
     derive=derive,
+    derive_batch=derive_observations,
     event_time="observed",
     keys=("origin", "wind_sector"),
     aggregates=AGGREGATES,

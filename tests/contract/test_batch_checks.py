@@ -7,7 +7,8 @@ rule rejects the row. For generated files of every format (the fuzz strategies o
 test_fuzz_inputs.py: hostile text, corrupt values, nulls, truncations) and for generated
 typed batches with values at and beyond every declared limit, both paths must give the same
 events (value by value), the same dead letters (stage, reason, original, location) and the
-same counts. The bundled flights derive by `derive_batch`, the toy clicks record by record.
+same counts. The bundled flights and weather derive by `derive_batch`, the toy clicks record
+by record.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 from skewless.beam_pipelines.io.files import read_file_records
 from skewless.examples.flights import FLIGHTS
+from skewless.examples.weather import WEATHER
 from skewless.transforms.example_schema import event_arrow_schema
 from skewless.transforms.record_checks import DEAD, MAX_KEY_BYTES, CheckRecordsFn, event_records
 from skewless.transforms.records import RawBatch
@@ -144,7 +146,7 @@ def typed_batches(draw, fs) -> RawBatch:
     return RawBatch(batch, "gen.parquet", np.arange(n), "row")
 
 
-@pytest.mark.parametrize("fs", [FLIGHTS, CLICKS], ids=lambda fs: fs.name)
+@pytest.mark.parametrize("fs", [FLIGHTS, WEATHER, CLICKS], ids=lambda fs: fs.name)
 @pytest.mark.timeout(600)
 def test_typed_batches_at_every_limit_checked_as_record_by_record(fs):
     @FUZZ
@@ -187,18 +189,34 @@ def test_the_batch_checks_see_the_rejections_they_must():
     assert sorted(json.loads(letter)["row"] for letter in dead) == [1, 2, 3, 4, 5, 6]
 
 
+def _bundled(name: str):
+    from skewless.examples.flights import bundled_flights_path
+    from skewless.examples.weather import weather_path
+
+    if name == "flights":
+        return FLIGHTS, bundled_flights_path()
+    return WEATHER, weather_path()
+
+
+@pytest.mark.parametrize(
+    "name, counts",
+    [
+        ("flights", {"read": 336_776, "valid": 328_521, "rejected": 0, "not_events": 8_255}),
+        ("weather", {"read": 26_115, "valid": 26_115, "rejected": 0, "not_events": 0}),
+    ],
+)
 @pytest.mark.timeout(300)
-def test_derive_and_derive_batch_give_the_same_events_on_the_bundled_year():
-    """The flights' columnar derive (derive_batch) against their per-record derive, on all
-    336,776 flights of 2013: the same events, value by value (the examples are built from the
-    events alone, by the same transforms), and the same counts."""
+def test_derive_and_derive_batch_give_the_same_events_on_the_bundled_data(name, counts):
+    """A bundled feature set's columnar derive (derive_batch) against its per-record derive,
+    on its whole bundled file (the 336,776 flights of 2013; the 26,115 weather observations):
+    the same events, value by value (the examples are built from the events alone, by the
+    same transforms), and the same counts."""
     from dataclasses import replace
 
-    from skewless.examples.flights import bundled_flights_path
-
-    elements = list(read_file_records(bundled_flights_path(), "csv", FLIGHTS))
-    per_record = replace(FLIGHTS, derive_batch=None)
-    events, dead, counts = check(FLIGHTS, elements, batches=True)
-    assert (events, dead, counts) == check(per_record, elements, batches=True)
-    assert counts == {"read": 336_776, "valid": 328_521, "rejected": 0, "not_events": 8_255}
-    assert len(events) == 328_521
+    fs, path = _bundled(name)
+    elements = list(read_file_records(path, "csv", fs))
+    per_record = replace(fs, derive_batch=None)
+    events, dead, counts_seen = check(fs, elements, batches=True)
+    assert (events, dead, counts_seen) == check(per_record, elements, batches=True)
+    assert counts_seen == counts
+    assert len(events) == counts["valid"]
