@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PASSES = ("read", "analyze", "transform")
 
 
-def make_pipeline_parts(fs, rows: int):
+def cut_batches_fn(fs, rows: int):
+    """The DoFn class cutting features/ batches into tf.Transform input of `rows` rows."""
     import apache_beam as beam
     import pyarrow as pa
     from apache_beam.transforms.window import GlobalWindow
@@ -85,7 +86,7 @@ def run_pass(kind: str, fs, files: str, rows: int, transform_dir: str, work: Pat
     def count(batch):
         counted.inc(batch.num_rows)
 
-    cut = make_pipeline_parts(fs, rows)
+    cut = cut_batches_fn(fs, rows)
     started = time.perf_counter()
     p = beam.Pipeline(options=PipelineOptions(["--runner", "FnApiRunner"]))
     batches = (

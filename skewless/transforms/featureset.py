@@ -436,13 +436,13 @@ class FeatureSet:
       (a flight's arrival), or None when it never does; `skewless label-join` reads labels
       from the raw events with it when no label files or table are given. Default None.
     - `derive_batch`: the columnar form of `derive`, for the batch jobs (prepare, score,
-      audit, label-join, precompute), which check and derive whole Arrow batches: typed records (a pyarrow.Table of
-      the raw fields, timestamps as int64 epoch ms) -> (the derived fields {name: array, one
-      value per record}, a boolean array of the records that are events, or None when all
-      are). It must give what `derive` gives record by record (the streaming jobs and serving
-      still derive one record at a time); without it, the batch jobs run `derive` over the
-      rows of each batch: checking and deriving the bundled year then costs 6.9 us per record
-      instead of 0.9 (docs/architecture.md).
+      audit, label-join, precompute), which check and derive whole Arrow batches: typed
+      records (a pyarrow.Table of the raw fields, timestamps as int64 epoch ms) -> (the
+      derived fields {name: array, one value per record}, a boolean array of the records
+      that are events, or None when all are). It must give what `derive` gives record by
+      record (the streaming jobs and serving still derive one record at a time); without
+      it, the batch jobs run `derive` over the rows of each batch: checking and deriving the
+      bundled year then costs 6.9 us per record instead of 0.9 (docs/architecture.md).
     """
 
     name: str

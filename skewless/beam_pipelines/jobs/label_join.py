@@ -220,11 +220,10 @@ class LabelsFromEvents(beam.PTransform):
         self.source = source
 
     def expand(self, pbegin):
-        checked = pbegin | "Read" >> self.source | "Validate" >> CheckRecords(self.fs, batches=True)
-        events, dead = checked
-        return events | "Events" >> beam.FlatMap(event_records) | "Labels" >> beam.ParDo(
-            _EventLabels(self.fs)
-        ), dead
+        read = pbegin | "Read" >> self.source
+        events, dead = read | "Validate" >> CheckRecords(self.fs, batches=True)
+        labels = events | "Events" >> beam.FlatMap(event_records)
+        return labels | "Labels" >> beam.ParDo(_EventLabels(self.fs)), dead
 
 
 # --- the join ------------------------------------------------------------------------------------

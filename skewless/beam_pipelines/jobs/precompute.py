@@ -419,11 +419,10 @@ class RequestsFromEvents(beam.PTransform):
         self.source = source
 
     def expand(self, pbegin):
-        checked = pbegin | "Read" >> self.source | "Validate" >> CheckRecords(self.fs, batches=True)
-        events, invalid = checked
-        return events | "Events" >> beam.FlatMap(event_records) | "AsRequests" >> beam.ParDo(
-            _EventRequests(self.fs)
-        ), invalid
+        read = pbegin | "Read" >> self.source
+        events, invalid = read | "Validate" >> CheckRecords(self.fs, batches=True)
+        requests = events | "Events" >> beam.FlatMap(event_records)
+        return requests | "AsRequests" >> beam.ParDo(_EventRequests(self.fs)), invalid
 
 
 class RequestsFromLog(beam.PTransform):
