@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import tensorflow as tf
 from tensorflow_transform.tf_metadata import schema_utils
@@ -140,6 +141,7 @@ def to_tft_record_batch(fs: FeatureSet, flat: pa.RecordBatch) -> pa.RecordBatch:
     """Flat features batch -> tf.Transform input: one list per cell (empty for null)."""
     arrays = []
     target = tft_arrow_schema(fs)
+    one_each = pa.array(np.arange(flat.num_rows + 1, dtype=np.int64))  # offsets: a value per row
     for col, field in zip(example_columns(fs), target, strict=True):
         values = flat.column(col.name)
         if col.repeated:
@@ -156,6 +158,6 @@ def to_tft_record_batch(fs: FeatureSet, flat: pa.RecordBatch) -> pa.RecordBatch:
             )
             values = pa.compute.filter(values, valid)
         else:
-            offsets = pa.array(range(len(values) + 1), pa.int64())
+            offsets = one_each
         arrays.append(pa.LargeListArray.from_arrays(offsets, values).cast(field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=target)
