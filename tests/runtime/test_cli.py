@@ -248,3 +248,5 @@ def test_job_options_keep_one_view_per_class_over_the_shared_values():
     assert restored.view_as(GoogleCloudOptions).impersonate_service_account is None
     assert restored.view_as(GoogleCloudOptions).project == "p"
     assert options.view_as(GoogleCloudOptions).impersonate_service_account == "sa@p"
+    restored.view_as(StandardOptions).streaming = False  # its views write its own values
+    assert restored.get_all_options()["streaming"] is False
