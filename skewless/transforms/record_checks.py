@@ -560,16 +560,12 @@ class BatchChecker:
         return column
 
 
-    def records(self, typed: pa.RecordBatch) -> pa.Table:
-        """Typed records as `derive_batch` and `derive` take them: timestamps as epoch ms."""
-        return epoch_ms_table(typed)
-
     def derive(self, typed: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
         """Typed records -> (their events as a batch of `event_arrow_schema`, the mask of the
         records that are events, the mask of those whose derived values pass RecordChecker's
         `check_derived` rules), by the feature set's `derive_batch`."""
         fs, checker = self.checker.fs, self.checker
-        derived, is_event = fs.derive_batch(self.records(typed))
+        derived, is_event = fs.derive_batch(epoch_ms_table(typed))
         schema = event_arrow_schema(fs)
         n = typed.num_rows
         arrays = list(typed.columns)
@@ -610,7 +606,8 @@ class BatchChecker:
 
 
 def epoch_ms_table(batch: pa.RecordBatch) -> pa.Table:
-    """A batch of typed records or events as a Table with its timestamps as epoch ms."""
+    """A batch of typed records or events as a Table with its timestamps as epoch ms: as
+    `derive_batch` and `derive` take records."""
     table = pa.Table.from_batches([batch])
     for i, field in enumerate(table.schema):
         if pa.types.is_timestamp(field.type):
@@ -904,7 +901,7 @@ class CheckRecordsFn(beam.DoFn):
             if derived is not None:
                 yield from self._derived_batch(element, rows, *derived)
                 return
-        records = self._batch_checker.records(typed).to_pylist()
+        records = epoch_ms_table(typed).to_pylist()
         rejected = not_events = 0
         for record, row in zip(records, rows.tolist(), strict=True):
             try:
@@ -926,7 +923,7 @@ class CheckRecordsFn(beam.DoFn):
         keep = is_event & derived_ok
         self._not_events.inc(int((~is_event).sum()))
         for i in np.flatnonzero(is_event & ~derived_ok).tolist():
-            record = self._batch_checker.records(events.slice(i, 1)).to_pylist()[0]
+            record = event_records(events.slice(i, 1))[0]
             try:
                 self._validator.check_derived(record)
             except InvalidRecord as exc:

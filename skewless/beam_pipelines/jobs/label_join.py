@@ -222,8 +222,8 @@ class LabelsFromEvents(beam.PTransform):
     def expand(self, pbegin):
         read = pbegin | "Read" >> self.source
         events, dead = read | "Validate" >> CheckRecords(self.fs, batches=True)
-        labels = events | "Events" >> beam.FlatMap(event_records)
-        return labels | "Labels" >> beam.ParDo(_EventLabels(self.fs)), dead
+        one_by_one = events | "Events" >> beam.FlatMap(event_records)
+        return one_by_one | "Labels" >> beam.ParDo(_EventLabels(self.fs)), dead
 
 
 # --- the join ------------------------------------------------------------------------------------

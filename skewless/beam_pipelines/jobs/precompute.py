@@ -421,8 +421,8 @@ class RequestsFromEvents(beam.PTransform):
     def expand(self, pbegin):
         read = pbegin | "Read" >> self.source
         events, invalid = read | "Validate" >> CheckRecords(self.fs, batches=True)
-        requests = events | "Events" >> beam.FlatMap(event_records)
-        return requests | "AsRequests" >> beam.ParDo(_EventRequests(self.fs)), invalid
+        one_by_one = events | "Events" >> beam.FlatMap(event_records)
+        return one_by_one | "AsRequests" >> beam.ParDo(_EventRequests(self.fs)), invalid
 
 
 class RequestsFromLog(beam.PTransform):
